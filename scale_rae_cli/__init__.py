@@ -1,0 +1,1 @@
+"""The `srae` command line: thin Typer commands over scale_rae_core."""

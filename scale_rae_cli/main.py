@@ -1,0 +1,77 @@
+"""The `srae` application: command groups, and the one place user errors become one line + exit 1.
+
+Heavy modules (torch, transformers, the engine) are imported inside command bodies, so `srae --help`
+stays fast. Set SRAE_DEBUG=1 to get the full traceback of an error instead of the one line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from typer.core import TyperGroup
+
+from scale_rae_core import __version__
+from scale_rae_core.errors import SraeError
+
+
+class _SraeGroup(TyperGroup):
+    """Root group: an SraeError anywhere below prints `error: <one line>` and exits with its code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SraeError as err:
+            if os.environ.get("SRAE_DEBUG") == "1":
+                raise
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(
+    cls=_SraeGroup,
+    name="srae",
+    help="Scale-RAE made usable: data, decoder and unified-model training, generation, understanding, test-time scaling.",
+    epilog="Example: srae demo   (the whole pipeline on the embedded shapes world, offline, on CPU)",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"srae {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Scale-RAE made usable."""
+
+
+def _register() -> None:
+    from scale_rae_cli import env, profiles, tpu
+
+    app.add_typer(profiles.app, name="profiles")
+    app.add_typer(tpu.app, name="tpu")
+    app.command("env", epilog=env.EPILOG)(env.env)
+
+
+_register()
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    run()

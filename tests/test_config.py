@@ -1,0 +1,148 @@
+"""Profiles: every shipped profile loads; precedence; strict keys; impossible combinations fail in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scale_rae_core.config import Profile, list_profiles, load_profile, parse_overrides, resolve_profile_path
+from scale_rae_core.errors import BackendError, ConfigError
+
+SHIPPED = ["gpu-1", "gpu-8", "tiny-cpu", "v4-256", "v5e-8", "v5p-128"]
+
+
+def test_the_expected_profiles_ship():
+    assert set(SHIPPED) <= set(list_profiles())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_profile_loads_and_is_consistent(name):
+    p = load_profile(name)
+    assert p.run.name == name.replace("tiny-cpu", "tiny")
+    for stage in ("stage1", "stage2", "decoder_training"):
+        s = getattr(p, stage)
+        assert p.grad_accum(stage) * s.micro_batch_size * p.backend.data_parallel_size == s.global_batch_size
+    if p.backend.kind == "xla":
+        assert p.backend.world_size == p.backend.nodes * p.backend.devices_per_node
+        assert p.backend.procs_per_node == 1
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_key_in_shipped_profiles_is_commented(name):
+    lines = resolve_profile_path(name).read_text().splitlines()
+    assert lines[0].startswith("# "), "each profile opens with a comment saying what it is for"
+    keys = [line for line in lines if "=" in line.split("#")[0] and not line.startswith("#")]
+    assert keys and all("#" in line for line in keys), [line for line in keys if "#" not in line]
+
+
+def test_tpu_profiles_record_the_reference_batch_arithmetic():
+    v4 = load_profile("v4-256")
+    assert (v4.backend.nodes, v4.backend.devices_per_node, v4.backend.world_size) == (32, 4, 128)
+    assert v4.stage1.global_batch_size == 128 * v4.backend.nodes  # 128 per host, as the reference
+    assert v4.stage1.micro_batch_size == 32 and v4.stage1.seq_len == 512 and v4.stage2.seq_len == 1024
+    assert (v4.stage1.lr, v4.stage1.head_lr, v4.stage1.head_betas) == (5.65e-5, 5.65e-4, (0.9, 0.95))
+    v5p = load_profile("v5p-128")
+    assert v5p.stage1.global_batch_size == 128 * v5p.backend.nodes == 2048
+    assert "gcloud compute tpus tpu-vm ssh" in v4.backend.launch and "--worker=all" in v4.backend.launch
+
+
+def test_precedence_set_beats_env_beats_file_beats_default(tmp_path, monkeypatch):
+    f = tmp_path / "p.toml"
+    f.write_text("[stage1]\nlr = 1e-3\nhead_lr = 2e-3\nwarmup_ratio = 0.2\n")
+    monkeypatch.setenv("SRAE_STAGE1__LR", "3e-3")
+    monkeypatch.setenv("SRAE_STAGE1__HEAD_LR", "4e-3")
+    p = load_profile(f, ["stage1.lr=5e-3"])
+    assert p.stage1.lr == 5e-3  # --set
+    assert p.stage1.head_lr == 4e-3  # env
+    assert p.stage1.warmup_ratio == 0.2  # file
+    assert p.stage1.seq_len == Profile().stage1.seq_len  # default
+    assert p.source == str(f)
+
+
+def test_env_profile_selects_the_default(monkeypatch):
+    monkeypatch.setenv("SRAE_PROFILE", "gpu-1")
+    assert load_profile().backend.kind == "cuda"
+
+
+def test_profile_by_path_and_missing_path(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_profile(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="unknown profile 'nope'; choose one of: .*tiny-cpu"):
+        load_profile("nope")
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[run]\nnme = 'x'\n", r"p.toml: key 'run.nme': unknown key 'nme'; known keys in \[run\]: name, out_dir, seed"),
+        ("[bogus]\nx = 1\n", r"unknown key 'bogus'"),
+        ("[stage1]\nlr = 'fast'\n", r"key 'stage1.lr': input should be a valid number.*got 'fast'"),
+        ("[backend]\nkind = 'tpu'\n", r"key 'backend.kind': input should be 'cpu', 'cuda' or 'xla'"),
+        ("[stage1]\nglobal_batch_size = 10\nmicro_batch_size = 4\n", r"stage1.global_batch_size: 10 does not divide evenly.*use a multiple of 4"),
+        (
+            "[backend]\nkind = 'xla'\nnodes = 2\ndevices_per_node = 4\n[backend.mesh]\nfsdp = 3\n",
+            r"backend.mesh: mesh fsdp=3 × tp=1 does not divide the 8 devices",
+        ),
+        ("[backend]\nkind = 'cpu'\ndist_backend = 'nccl'\n", r"nccl needs backend.kind = 'cuda'"),
+        ("[stage1\nlr = 1\n", r"not valid TOML"),
+    ],
+)
+def test_bad_profiles_fail_in_one_line_naming_file_and_key(tmp_path, toml, message):
+    f = tmp_path / "p.toml"
+    f.write_text(toml)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_profile(f)
+    assert "\n" not in str(err.value) and str(f) in str(err.value)
+
+
+def test_global_batch_must_divide_across_processes(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text("[backend]\nprocs_per_node = 3\n[stage1]\nglobal_batch_size = 32\nmicro_batch_size = 8\n")
+    with pytest.raises(ConfigError, match=r"8 × 3 data-parallel ranks; use a multiple of 24"):
+        load_profile(f)
+
+
+def test_errors_name_the_override_or_variable_that_caused_them(tmp_path, monkeypatch):
+    f = tmp_path / "p.toml"
+    f.write_text("")
+    with pytest.raises(ConfigError, match=r"^--set stage1.nope: unknown key 'nope'"):
+        load_profile(f, ["stage1.nope=1"])
+    monkeypatch.setenv("SRAE_STAGE1__LR", "abc")
+    with pytest.raises(ConfigError, match=r"^environment variable SRAE_STAGE1__LR: input should be a valid number"):
+        load_profile(f)
+
+
+def test_parse_overrides_reads_toml_literals():
+    assert parse_overrides(["a.b=1", "a.c=[0.9, 0.95]", "d=bf16", "e='x y'", "f=true"]) == {
+        "a": {"b": 1, "c": [0.9, 0.95]}, "d": "bf16", "e": "x y", "f": True,
+    }
+    with pytest.raises(ConfigError, match="--set 'nokey' is not key.sub=value"):
+        parse_overrides(["nokey"])
+
+
+def test_xla_needs_torch_xla_at_run_time_not_at_load():
+    p = load_profile("v4-256")  # loads and validates without torch_xla
+    with pytest.raises(ConfigError, match=r"v4-256.toml: backend.kind = 'xla' needs torch_xla.*pip install 'srae\[tpu\]'"):
+        p.check_runtime()
+
+
+def test_cuda_profile_without_gpu_and_wrong_world_size(monkeypatch):
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="no CUDA device is visible"):
+            load_profile("gpu-1").check_runtime()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(BackendError, match=r"expects 1 processes .* WORLD_SIZE is 2; launch with torchrun --nproc-per-node 1"):
+        load_profile("tiny-cpu").check_runtime()
+
+
+def test_profiles_resolve_from_an_installed_copy(tmp_path):
+    """`--profile NAME` must not depend on the checkout: resolve from the package data dir."""
+    code = "from scale_rae_core.config import resolve_profile_path as r; print(r('tiny-cpu'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    path = Path(out.stdout.strip())
+    assert path.is_file() and path.parent.name == "profiles" and path.parent.parent.name == "scale_rae_core"
