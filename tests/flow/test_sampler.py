@@ -1,0 +1,165 @@
+"""Samplers: the reference grid, the corrected grid, exactness, guidance arithmetic, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scale_rae_core.errors import ConfigError
+from scale_rae_core.flow.sampler import (
+    FlowSampler,
+    guided_velocity,
+    initial_noise,
+    space_timesteps,
+)
+from scale_rae_core.flow.transport import dimension_shift, shift_time
+from scale_rae_core.models.dit import DiTConfig, LightningDiT
+
+SHIFT = math.sqrt(72)
+
+
+class Counting:
+    """A velocity model that records how often it is called and with how many rows."""
+
+    def __init__(self, velocity: torch.Tensor | None = None) -> None:
+        self.rows: list[int] = []
+        self.velocity = velocity
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        self.rows.append(x.shape[0])
+        if self.velocity is None:
+            return torch.tanh(x) * t.view(-1, 1) + cond
+        return self.velocity.expand_as(x)
+
+
+def _straight_path(batch: int = 2, dim: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, dim, generator=gen), torch.randn(batch, dim, generator=gen)
+
+
+def test_space_timesteps_matches_the_reference_respacing() -> None:
+    used = space_timesteps(1000, 50)
+    assert len(used) == 50
+    assert used[:3] == [0, 20, 41] and used[-3:] == [958, 979, 999]
+
+
+def test_reference_grid_values_and_49_calls() -> None:
+    sampler = FlowSampler("reference", shift=dimension_shift(256, 1152))
+    sampler.set_timesteps(50)
+    t, t_next = sampler.timesteps, sampler.timesteps_next
+    assert len(t) == 49 and sampler.num_model_calls == 49
+    assert t[0].item() == pytest.approx(shift_time(torch.tensor(0.980), SHIFT).item(), abs=1e-6)
+    assert t[0].item() == pytest.approx(0.9976, abs=1e-4)  # pure noise evaluated as if at 0.9976
+    assert t_next[-2].item() == pytest.approx(0.0084, abs=1e-4)  # last integration point, not 0
+    assert t_next[-2].item() == pytest.approx(shift_time(torch.tensor(0.001), SHIFT).item(), abs=1e-6)
+    assert t[-1].item() == t[0].item() and t_next[-1].item() == 1.0  # final re-noising step
+    assert bool((t_next[:-1] < t[:-1]).all()) and torch.equal(t[1:-1], t_next[:-2])
+
+    model = Counting()
+    x, cond = _straight_path()
+    sampler.sample(model, x, cond, steps=50)
+    assert model.rows == [2] * 49
+    model.rows.clear()
+    sampler.sample(model, x, cond, steps=50, guidance=2.0, null_cond=torch.zeros(6))
+    assert model.rows == [4] * 49  # guidance doubles the rows, not the calls
+
+
+def test_corrected_grid_runs_from_one_to_exactly_zero() -> None:
+    euler = FlowSampler("euler", shift=SHIFT)
+    euler.set_timesteps(50)
+    assert euler.timesteps[0].item() == 1.0 and euler.timesteps_next[-1].item() == 0.0
+    assert bool((euler.timesteps_next < euler.timesteps).all())
+    torch.testing.assert_close(euler.timesteps[1:], euler.timesteps_next[:-1])
+    x, cond = _straight_path()
+    model = Counting()
+    euler.sample(model, x, cond, steps=50)
+    assert len(model.rows) == 50 == euler.num_model_calls
+
+    heun = FlowSampler("heun", shift=SHIFT)
+    model = Counting()
+    heun.sample(model, x, cond, steps=10)
+    assert len(model.rows) == 19 == heun.num_model_calls  # the last interval (to t = 0) is an Euler step
+
+
+def test_constant_velocity_recovers_data_exactly_and_reference_does_not() -> None:
+    x0, eps = _straight_path()
+    model = Counting(velocity=eps - x0)  # the straight path's velocity, for every x and t
+    for method in ("euler", "heun"):
+        out = FlowSampler(method, shift=SHIFT).sample(model, eps, None, steps=7)
+        torch.testing.assert_close(out, x0, rtol=0, atol=1e-6)
+    sampler = FlowSampler("reference", shift=SHIFT)
+    out = sampler.sample(model, eps, None, steps=50)
+    travelled = (sampler.timesteps_next - sampler.timesteps).double().sum().item()  # −0.9892 + 0.0024
+    assert travelled == pytest.approx(-(0.9976 - 0.0084) + (1.0 - 0.9976), abs=2e-4)
+    torch.testing.assert_close(out, eps + travelled * (eps - x0), rtol=0, atol=1e-5)
+    assert (out - x0).abs().max().item() > 1e-3
+
+
+def test_state_dependent_straight_path_oracle_never_evaluated_at_t0() -> None:
+    x0, eps = _straight_path()
+
+    def oracle(x: torch.Tensor, t: torch.Tensor, cond: object) -> torch.Tensor:
+        return (x - x0) / t.view(-1, 1)  # equals ε − x₀ on the path; undefined at t = 0
+
+    for method in ("euler", "heun"):
+        out = FlowSampler(method, shift=SHIFT).sample(oracle, eps, None, steps=5)
+        torch.testing.assert_close(out, x0, rtol=0, atol=1e-5)
+
+
+def test_guidance_arithmetic_one_call_and_interval_masking() -> None:
+    cond = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    null = torch.tensor([0.5, 0.0])
+    x = torch.zeros(2, 2)
+    t = torch.tensor([0.2, 0.9])
+
+    def model(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return c + x
+
+    calls: list[int] = []
+    assert torch.equal(guided_velocity(model, x, t, cond, guidance=1.0), cond)
+    assert calls == [2]  # no unconditional rows at w = 1
+    calls.clear()
+    guided = guided_velocity(model, x, t, cond, guidance=3.0, null_cond=null)
+    assert calls == [4]
+    torch.testing.assert_close(guided, null + 3.0 * (cond - null))
+    masked = guided_velocity(model, x, t, cond, guidance=3.0, null_cond=null, interval=(0.5, 1.0))
+    assert torch.equal(masked[0], cond[0]) and torch.equal(masked[1], guided[1])
+    with pytest.raises(ConfigError, match="null_cond"):
+        guided_velocity(model, x, t, cond, guidance=3.0)
+
+
+def test_sampling_a_tiny_dit_with_guidance_is_deterministic_under_a_generator() -> None:
+    cfg = DiTConfig(in_channels=4, grid=2, hidden=32, depth=1, heads=2, cond_dim=16)
+    dit = LightningDiT(cfg).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    cond = torch.randn(2, cfg.num_tokens, cfg.cond_dim, generator=torch.Generator().manual_seed(2))
+    null = dit.null_condition(2).detach()
+    sampler = FlowSampler("heun", shift=2.0)
+
+    def run(seed: int) -> torch.Tensor:
+        noise = initial_noise((2, 4, 2, 2), torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            return sampler.sample(
+                dit, noise, cond, steps=4, guidance=2.5, null_cond=null, interval=(0.0, 0.7)
+            )
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.dtype == torch.float32 and a.shape == (2, 4, 2, 2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_bad_sampler_settings_raise_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown sampler method"):
+        FlowSampler("dpm")
+    with pytest.raises(ConfigError, match="at least 2 steps"):
+        FlowSampler("reference").set_timesteps(1)
+    with pytest.raises(ConfigError, match=">= 1"):
+        FlowSampler("euler").set_timesteps(0)
+    x, cond = _straight_path()
+    with pytest.raises(ConfigError, match="low <= high"):
+        FlowSampler().sample(Counting(), x, cond, steps=2, interval=(0.8, 0.2))
