@@ -1,0 +1,323 @@
+"""Pixel decoder: encoder tokens [B, N, C] -> pixels [B, 3, h*p, w*p] in the encoder's normalised space.
+
+An MAE-style ViT decoder (the RAE / Scale-RAE `GeneralDecoder` architecture):
+
+    tokens (B, N, C) -> Linear C->D -> prepend a trainable CLS (zero init) -> + fixed 2-D sin-cos table
+    -> L x pre-LN block (MHA with qkv bias, exact-GELU MLP) -> LayerNorm -> Linear D->p*p*3
+    -> drop CLS -> unpatchify (channel fastest inside a patch)
+
+The output is what the encoder saw after its mean/std normalisation; `RAE.decode` maps it back to [0, 1]
+with the encoder's mean/std (kept here too, in the config, so a decoder directory is self-contained).
+Released checkpoints (`model.pt` with the reference key names) are read by `convert.py`; our own format is
+`model.safetensors` + `config.json`, written by `save_decoder` and read by `load_decoder`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scale_rae_core.errors import CheckpointError, ConfigError
+
+FORMAT = "srae-decoder"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DecoderConfig:
+    """Sizes of the pixel decoder.
+
+    latent_dim: C, the encoder's hidden size (decoder input width).
+    num_patches: N, tokens per image (a square grid).
+    patch_size: p, pixels per token side; the output is `p * sqrt(N)` pixels square.
+    hidden_size / num_layers / num_heads / mlp_size: D, L, heads and MLP width of the transformer.
+    layer_norm_eps: 1e-12 in every released decoder.
+    attn_impl: "sdpa" (fused kernel) or "eager" (explicit softmax); same maths.
+    encoder_kind / encoder_id: the encoder whose tokens this decoder reads (metadata, checked by `RAE`).
+    pixel_mean / pixel_std: that encoder's pixel normalisation, used to map the output back to [0, 1].
+    preset: the `DECODER_PRESETS` name the sizes came from, if any.
+    """
+
+    latent_dim: int
+    num_patches: int = 256
+    patch_size: int = 16
+    hidden_size: int = 1152
+    num_layers: int = 28
+    num_heads: int = 16
+    mlp_size: int = 4096
+    layer_norm_eps: float = 1e-12
+    attn_impl: str = "sdpa"
+    encoder_kind: str = ""
+    encoder_id: str = ""
+    pixel_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    pixel_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    preset: str = ""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"decoder hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.hidden_size % 4:
+            raise ConfigError(f"decoder hidden_size {self.hidden_size} must be a multiple of 4 (2-D sin-cos)")
+        if math.isqrt(self.num_patches) ** 2 != self.num_patches:
+            raise ConfigError(f"decoder num_patches {self.num_patches} is not a square grid")
+        if self.attn_impl not in ("sdpa", "eager"):
+            raise ConfigError(f"decoder attn_impl {self.attn_impl!r} is unknown; use 'sdpa' or 'eager'")
+
+    @property
+    def grid(self) -> int:
+        return math.isqrt(self.num_patches)
+
+    @property
+    def image_size(self) -> int:
+        return self.grid * self.patch_size
+
+    @classmethod
+    def from_preset(cls, name: str, latent_dim: int, **kwargs: Any) -> DecoderConfig:
+        """Sizes from `DECODER_PRESETS[name]`; everything else from `kwargs`."""
+        if name not in DECODER_PRESETS:
+            raise ConfigError(f"decoder preset {name!r} is unknown; use one of {sorted(DECODER_PRESETS)}")
+        return cls(latent_dim=latent_dim, preset=name, **{**DECODER_PRESETS[name], **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed MAE position table [1 + grid*grid, dim]; row 0 (CLS) is zero.
+
+    Token n = i*grid + j (row i, column j). The first dim/2 channels encode the column j, the last dim/2
+    the row i; each half is [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000^(-k / (dim/4)).
+    """
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
+
+    def one_axis(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega  # (grid*grid, dim/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (grid*grid, dim/2)
+
+    table = torch.cat([one_axis(cols), one_axis(rows)], dim=1)  # (grid*grid, dim)
+    table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0)
+    return table.float()
+
+
+def unpatchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, h*w, p*p*3] -> [B, 3, h*p, w*p] (square grid; channel fastest inside a patch vector)."""
+    B, N, _ = x.shape
+    h = w = math.isqrt(N)
+    p = patch_size
+    x = x.reshape(B, h, w, p, p, 3)  # (B, h, w, p, p, 3)
+    x = x.permute(0, 5, 1, 3, 2, 4)  # (B, 3, h, p, w, p)
+    return x.reshape(B, 3, h * p, w * p)
+
+
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Inverse of `unpatchify`: [B, 3, h*p, w*p] -> [B, h*w, p*p*3]."""
+    B, _, H, W = x.shape
+    p = patch_size
+    x = x.reshape(B, 3, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, 3)
+    return x.reshape(B, (H // p) * (W // p), p * p * 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_impl: str) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.attn_impl = attn_impl
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)  # rows: [query; key; value]
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
+        if self.attn_impl == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            y = scores.softmax(dim=-1) @ v
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block, no dropout / drop-path / layer-scale."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.attn_impl)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.mlp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model
+
+
+class Decoder(nn.Module):
+    """Tokens [B, N, C] -> pixels [B, 3, p*sqrt(N), p*sqrt(N)] in the encoder's normalised pixel space."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.embed = nn.Linear(cfg.latent_dim, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        # Fixed, but saved with the weights: a released checkpoint's table is loaded as-is.
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(D, cfg.grid).unsqueeze(0))  # (1, N+1, D)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.pred = nn.Linear(D, cfg.patch_size**2 * 3)
+
+    def forward_patches(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, N, C] -> per-patch pixels [B, N, p*p*3]."""
+        B, N, C = latents.shape
+        if (N, C) != (self.cfg.num_patches, self.cfg.latent_dim):
+            raise ValueError(
+                f"decoder expects latents [B, {self.cfg.num_patches}, {self.cfg.latent_dim}], got {tuple(latents.shape)}"
+            )
+        x = self.embed(latents)  # (B, N, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, N+1, D)
+        x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        x = self.pred(self.norm(x))  # (B, N+1, p*p*3)
+        return x[:, 1:]  # drop CLS
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return unpatchify(self.forward_patches(latents), self.cfg.patch_size)  # (B, 3, H, W)
+
+
+DECODER_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, mlp_size=128),
+    "B": dict(hidden_size=768, num_layers=12, num_heads=12, mlp_size=3072),
+    "L": dict(hidden_size=1024, num_layers=24, num_heads=16, mlp_size=4096),
+    "XL": dict(hidden_size=1152, num_layers=28, num_heads=16, mlp_size=4096),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# our checkpoint format: <dir>/config.json + <dir>/model.safetensors
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)` then rename onto `path`, so readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_decoder(decoder: Decoder, out_dir: str | os.PathLike[str]) -> Path:
+    """Write `model.safetensors` then `config.json` (the config last: its presence marks a complete dir)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in decoder.state_dict().items()}
+    _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(decoder.cfg)}
+    text = json.dumps(meta, indent=2) + "\n"
+    _atomic_write(out / "config.json", lambda p: Path(p).write_text(text))
+    return out
+
+
+def read_decoder_config(path: str | os.PathLike[str]) -> DecoderConfig:
+    """Our `config.json` -> DecoderConfig; unknown keys and foreign formats are errors."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(
+            f"{path}: missing; a decoder directory needs config.json + model.safetensors"
+        ) from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if raw.pop("format", None) != FORMAT:
+        raise CheckpointError(
+            f"{path}: not an srae decoder config; for a released decoder (config.json + model.pt) run "
+            "`convert_released_decoder` first"
+        )
+    version = raw.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version} is not supported (expected {FORMAT_VERSION})"
+        )
+    known = {f.name for f in dataclasses.fields(DecoderConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown key(s) {unknown}; remove them or upgrade srae")
+    try:
+        return DecoderConfig(**raw)
+    except TypeError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict=True) with a one-line CheckpointError naming the offending keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+                parts.append(f"{label} keys: {shown}")
+        raise CheckpointError(f"{source}: weights do not match the decoder config; " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def load_decoder(model_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Decoder:
+    """Read a directory written by `save_decoder` (strict: every key must match)."""
+    from safetensors.torch import load_file
+
+    root = Path(model_dir)
+    cfg = read_decoder_config(root / "config.json")
+    weights = root / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{weights}: missing; the decoder directory is incomplete, re-save or re-convert it"
+        )
+    decoder = Decoder(cfg)
+    _strict_load(decoder, load_file(weights, device="cpu"), str(weights))
+    return decoder.to(device)

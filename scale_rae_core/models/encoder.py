@@ -1,0 +1,259 @@
+"""Frozen representation encoders: pixels in [0, 1] -> tokens [B, N, C].
+
+Every family is built from its transformers class (no model code lives here); this file only fixes which
+tensor is taken and how it is normalised, because that choice *is* the latent space:
+
+| kind          | transformers class           | tokens kept                              | last norm             |
+|---------------|------------------------------|------------------------------------------|-----------------------|
+| `siglip`      | `SiglipVisionModel`          | last block output (before post_layernorm) | LN, no affine, 1e-6   |
+| `siglip2`     | `SiglipVisionModel` (fixed-resolution SigLIP-2 checkpoints are `siglip` models) | same | same |
+| `dinov2-reg`  | `Dinov2WithRegistersModel`   | drop CLS + `num_register_tokens`          | final LN, no affine   |
+| `webssl-dino` | `Dinov2Model`                | drop CLS                                  | DINOv2's own affine LN |
+| `mae`         | `ViTMAEModel`, mask_ratio 0  | drop CLS, original token order            | final LN, no affine   |
+
+`siglip`/`siglip2` follow Scale-RAE (hidden_states[-1] + parameter-free LN, eps 1e-6); the others follow
+RAE. Pixels are resized (bicubic, no antialias, square) to the encoder's input size only when they differ
+from it, then normalised with the encoder's own mean/std (`preprocessor_config.json`, else family
+defaults). The backbone is frozen and stays in eval mode whatever `.train()` is called with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scale_rae_core.errors import CheckpointError, ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class _Family:
+    model_cls: str  # attribute of `transformers`
+    model_types: tuple[str, ...]  # accepted `config.model_type` values
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    final_norm: str | None  # attribute holding the final LayerNorm that we replace, or None to keep it
+
+
+FAMILIES: dict[str, _Family] = {
+    "siglip": _Family("SiglipVisionModel", ("siglip", "siglip_vision_model"), HALF, HALF, "post_layernorm"),
+    "siglip2": _Family("SiglipVisionModel", ("siglip", "siglip_vision_model"), HALF, HALF, "post_layernorm"),
+    "dinov2-reg": _Family(
+        "Dinov2WithRegistersModel", ("dinov2_with_registers",), IMAGENET_MEAN, IMAGENET_STD, "layernorm"
+    ),
+    "webssl-dino": _Family("Dinov2Model", ("dinov2",), IMAGENET_MEAN, IMAGENET_STD, None),
+    "mae": _Family("ViTMAEModel", ("vit_mae",), IMAGENET_MEAN, IMAGENET_STD, "layernorm"),
+}
+
+SIGLIP_LN_EPS = 1e-6  # Scale-RAE's parameter-free LN on the last SigLIP block output
+
+
+@dataclass
+class EncoderConfig:
+    """Which frozen encoder to load and at what input resolution.
+
+    kind: one of `FAMILIES` (`siglip`, `siglip2`, `dinov2-reg`, `webssl-dino`, `mae`).
+    path_or_repo: a local directory written by `save_pretrained`, or a Hugging Face repo id.
+    input_size: square side the pixels are resized to; None reads the preprocessor config (crop or size),
+        else the model config's `image_size`.
+    revision: hub revision (ignored for local directories).
+    local_files_only: never touch the network (a hub id must then be in the local cache).
+    """
+
+    kind: str
+    path_or_repo: str
+    input_size: int | None = None
+    revision: str | None = None
+    local_files_only: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _read_preprocessor(cfg: EncoderConfig) -> dict[str, Any] | None:
+    """The saved `preprocessor_config.json` as a dict, or None when the checkpoint has none."""
+    local = Path(cfg.path_or_repo)
+    if local.is_dir():
+        path: Path | None = local / "preprocessor_config.json"
+        if not path.is_file():
+            return None
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(
+                hf_hub_download(
+                    cfg.path_or_repo,
+                    "preprocessor_config.json",
+                    revision=cfg.revision,
+                    local_files_only=cfg.local_files_only,
+                )
+            )
+        except Exception:  # no such file in the repo, or offline and not cached: use family defaults
+            return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable preprocessor config ({e}); fix or delete the file") from e
+
+
+def _side(value: Any) -> int | None:
+    """Side length out of a processor `size`/`crop_size` entry (int or {height,width} dict)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict) and "height" in value:
+        return int(value["height"])
+    return None
+
+
+def _load_backbone(cfg: EncoderConfig, family: _Family) -> nn.Module:
+    import transformers
+
+    where = {"revision": cfg.revision, "local_files_only": cfg.local_files_only}
+    try:
+        raw_config, _ = transformers.PretrainedConfig.get_config_dict(cfg.path_or_repo, **where)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"encoder {cfg.path_or_repo!r}: no config.json found ({e}); pass a local directory written by "
+            "save_pretrained, or download the repo with `hf download`"
+        ) from e
+    model_type = raw_config.get("model_type")
+    if model_type not in family.model_types:
+        raise CheckpointError(
+            f"encoder {cfg.path_or_repo!r}: config.json has model_type {model_type!r}, but kind "
+            f"{cfg.kind!r} expects {family.model_types[0]!r}; set the encoder kind to match the checkpoint"
+        )
+    kwargs: dict[str, Any] = dict(where)
+    if cfg.kind in ("siglip", "siglip2"):
+        kwargs["vision_use_head"] = False  # the pooling head is never used; skip building it
+    if cfg.kind == "mae":
+        kwargs["mask_ratio"] = 0.0  # keep every patch
+    model_cls = getattr(transformers, family.model_cls)
+    try:
+        return model_cls.from_pretrained(cfg.path_or_repo, **kwargs)
+    except OSError as e:
+        raise CheckpointError(
+            f"encoder {cfg.path_or_repo!r}: cannot load the {family.model_cls} weights ({e}); "
+            "check that the directory holds the weights next to config.json"
+        ) from e
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the encoder
+
+
+class FrozenEncoder(nn.Module):
+    """A frozen vision encoder mapping pixels [B, 3, H, W] in [0, 1] to tokens [B, N, C]."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        if cfg.kind not in FAMILIES:
+            raise ConfigError(f"encoder kind {cfg.kind!r} is unknown; use one of {sorted(FAMILIES)}")
+        self.cfg = cfg
+        family = FAMILIES[cfg.kind]
+        self.backbone = _load_backbone(cfg, family)
+        mcfg = self.backbone.config
+
+        # The last norm: replaced by an affine-free LN (or removed for SigLIP, whose LN we apply ourselves).
+        if cfg.kind in ("siglip", "siglip2"):
+            self.backbone.post_layernorm = nn.Identity()
+        elif family.final_norm is not None:
+            setattr(
+                self.backbone,
+                family.final_norm,
+                nn.LayerNorm(mcfg.hidden_size, eps=mcfg.layer_norm_eps, elementwise_affine=False),
+            )
+
+        proc = _read_preprocessor(cfg) or {}
+        mean = tuple(proc.get("image_mean", family.mean))
+        std = tuple(proc.get("image_std", family.std))
+        if len(mean) != 3 or len(std) != 3:
+            raise CheckpointError(
+                f"encoder {cfg.path_or_repo!r}: preprocessor_config.json image_mean/image_std must have 3 "
+                "values each; fix the file"
+            )
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+        if cfg.input_size is not None:
+            size = cfg.input_size
+        else:
+            crop = _side(proc.get("crop_size")) if proc.get("do_center_crop", "crop_size" in proc) else None
+            size = crop or _side(proc.get("size")) or int(mcfg.image_size)
+        self.patch_size = int(mcfg.patch_size)
+        if size % self.patch_size:
+            raise ConfigError(
+                f"encoder input_size {size} is not a multiple of the patch size {self.patch_size}; "
+                f"set input_size to a multiple of {self.patch_size}"
+            )
+        self.input_size = size
+        self.grid = (size // self.patch_size, size // self.patch_size)
+        self.num_tokens = self.grid[0] * self.grid[1]
+        self.hidden_size = int(mcfg.hidden_size)
+        # Tokens before the patch tokens: CLS (+ registers); SigLIP has none.
+        if cfg.kind in ("siglip", "siglip2"):
+            self.num_prefix_tokens = 0
+        elif cfg.kind == "dinov2-reg":
+            self.num_prefix_tokens = 1 + int(mcfg.num_register_tokens)
+        else:
+            self.num_prefix_tokens = 1
+        self._interpolate = size != int(mcfg.image_size)
+
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+
+    @property
+    def kind(self) -> str:
+        return self.cfg.kind
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        """The backbone is frozen: it stays in eval mode (no dropout, no drop-path) regardless of `mode`."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> [B, 3, S, S], resized (bicubic) only if needed and normalised."""
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels [B, 3, H, W], got {tuple(pixels.shape)}")
+        S = self.input_size
+        if pixels.shape[-2:] != (S, S):
+            pixels = F.interpolate(pixels, size=(S, S), mode="bicubic", align_corners=False)
+        return (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.backbone.parameters()).dtype
+        x = self.preprocess(pixels.to(self.mean.device, torch.float32)).to(dtype)
+        B = x.shape[0]
+        if self.cfg.kind == "mae":
+            # argsort(arange) is the identity, so with mask_ratio 0 the tokens keep their raster order.
+            noise = torch.arange(self.num_tokens, device=x.device, dtype=torch.float32).expand(B, -1)
+            out = self.backbone(pixel_values=x, noise=noise, interpolate_pos_encoding=self._interpolate)
+        elif self.cfg.kind in ("siglip", "siglip2"):
+            out = self.backbone(pixel_values=x, interpolate_pos_encoding=self._interpolate)
+        else:
+            out = self.backbone(pixel_values=x)  # DINOv2 always interpolates its position table
+        tokens = out.last_hidden_state[:, self.num_prefix_tokens :]  # (B, N, C)
+        if self.cfg.kind in ("siglip", "siglip2"):
+            tokens = F.layer_norm(tokens, (self.hidden_size,), eps=SIGLIP_LN_EPS)
+        assert tokens.shape[1] == self.num_tokens, (tokens.shape, self.num_tokens)
+        return tokens
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.cfg.kind}, input_size={self.input_size}, grid={self.grid}, "
+            f"hidden_size={self.hidden_size}"
+        )
