@@ -58,11 +58,13 @@ def _root(
 
 
 def _register() -> None:
-    from scale_rae_cli import env, profiles, tpu
+    from scale_rae_cli import data, demo, env, profiles, tpu
 
+    app.add_typer(data.app, name="data")
     app.add_typer(profiles.app, name="profiles")
     app.add_typer(tpu.app, name="tpu")
     app.command("env", epilog=env.EPILOG)(env.env)
+    app.command("demo", epilog=demo.EPILOG)(demo.demo)
 
 
 _register()

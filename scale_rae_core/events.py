@@ -35,9 +35,9 @@ class Reporter:
     # -- people ----------------------------------------------------------------------------------
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
-        """A progress bar; yields ``advance(n=1, **postfix)``."""
+        """A progress bar; yields ``advance(n=1, total=None, **postfix)`` (``total`` updates the bar's length)."""
         if not self.show_progress:
-            yield lambda n=1, **_: None
+            yield lambda n=1, total=None, **_: None
             return
         from rich.progress import (
             BarColumn,
@@ -54,18 +54,26 @@ class Reporter:
             TextColumn("{task.fields[postfix]}"),
         ]
         start = time.perf_counter()
-        with Progress(*columns, transient=False) as bar:
-            tid = bar.add_task(description, total=total, rate="", postfix="")
-            done = 0
+        bar: Progress | None = None  # drawn at the first advance, so an early error prints alone
+        tid = None
+        done = 0
 
-            def advance(n: int = 1, **postfix: Any) -> None:
-                nonlocal done
-                done += n
-                rate = done / max(time.perf_counter() - start, 1e-9)
-                text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in postfix.items())
-                bar.update(tid, advance=n, rate=f"{rate:.1f}/s", postfix=text)
+        def advance(n: int = 1, total: int | None = None, **postfix: Any) -> None:
+            nonlocal bar, tid, done
+            if bar is None:
+                bar = Progress(*columns, transient=False)
+                bar.start()
+                tid = bar.add_task(description, total=total, rate="", postfix="")
+            done += n
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in postfix.items())
+            bar.update(tid, advance=n, rate=f"{rate:.1f}/s", postfix=text, **({"total": total} if total else {}))
 
+        try:
             yield advance
+        finally:
+            if bar is not None:
+                bar.stop()
 
     def close(self) -> None:
         if self._file is not None:

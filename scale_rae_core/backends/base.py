@@ -1,0 +1,173 @@
+"""What the engine asks of a backend: where tensors live, who this process is, and how to parallelise.
+
+Trainers and the inference pipeline talk to a :class:`Backend` only; they never call ``torch.cuda`` or
+``torch_xla`` themselves. A backend is chosen from the profile's ``[backend]`` section by
+:func:`get_backend`:
+
+* ``cpu`` / ``cuda`` → :class:`scale_rae_core.backends.cpu_cuda.CpuCudaBackend` (one process, or torchrun
+  with torch.distributed and FSDP2),
+* ``xla`` → ``scale_rae_core.backends.xla`` (the only module that imports ``torch_xla``; imported lazily).
+
+Parallelism is applied after the model is built, in one place (:meth:`Backend.shard_model`) and in a fixed
+order: activation checkpointing per block → ``torch.compile`` per block → data-parallel sharding per block,
+then the root. Frozen modules (the vision encoder) are not sharded, only moved to the device.
+
+Seeding: :meth:`Backend.seed_everything` seeds python, numpy and torch with ``seed + rank`` by default, so
+ranks draw different noise. Build the model after ``seed_everything(seed, per_rank=False)`` (or with an
+explicit ``torch.manual_seed``) so every rank starts from the same weights before sharding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from scale_rae_core.config import BackendSettings
+from scale_rae_core.errors import BackendError
+
+
+class Backend(ABC):
+    """One process's view of the machine(s) a run uses."""
+
+    settings: BackendSettings
+
+    # ------------------------------------------------------------------------------------- identity
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where this process's tensors (model, batches) live."""
+
+    @property
+    @abstractmethod
+    def rank(self) -> int:
+        """Global index of this process (0 … world_size − 1)."""
+
+    @property
+    @abstractmethod
+    def world_size(self) -> int:
+        """Number of data-parallel processes taking part."""
+
+    @property
+    @abstractmethod
+    def local_rank(self) -> int:
+        """Index of this process on its machine."""
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one process that writes shared files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when a torch.distributed process group is active (collectives are real)."""
+        return False
+
+    # ------------------------------------------------------------------------------------- collectives
+    @abstractmethod
+    def barrier(self) -> None:
+        """Wait until every process reaches this point (no-op for one process)."""
+
+    @abstractmethod
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of ``tensor`` over all processes (a new tensor; the input is not modified)."""
+
+    def mark_step(self) -> None:
+        """End of one traced step; only lazy-tensor backends (xla) do anything here."""
+        return None  # nothing to do by default
+
+    def shard_batch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Put one input tensor of this process's batch on the device (xla also shards its batch axis)."""
+        return tensor.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------------------------- compute
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype that matmuls run in under :meth:`autocast` (weights stay fp32)."""
+        return torch.bfloat16 if self.settings.precision == "bf16" else torch.float32
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on this device when the profile says ``precision = 'bf16'``; a no-op for fp32."""
+        if self.settings.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    @abstractmethod
+    def shard_model(self, model: nn.Module, block_types: tuple[type[nn.Module], ...], frozen: Sequence[nn.Module] = ()) -> nn.Module:
+        """Apply parallelism to a built (fp32, CPU or meta-free) model and move it to :attr:`device`.
+
+        ``block_types``: the repeated layers (e.g. ``(Qwen2DecoderLayer, DiTBlock)``) that get activation
+        checkpointing and their own sharding unit. ``frozen``: sub-modules that are not trained; their
+        parameters get ``requires_grad = False`` and are replicated, not sharded. Returns the module to
+        train (the same object, modified in place). Build the optimizer after this call.
+        """
+
+    # ------------------------------------------------------------------------------------- randomness
+    def seed_everything(self, seed: int, *, per_rank: bool = True) -> int:
+        """Seed python, numpy and torch (every device) with ``seed + rank`` (or ``seed`` with
+        ``per_rank=False``); returns the seed used."""
+        used = seed + self.rank if per_rank else seed
+        random.seed(used)
+        np.random.seed(used % 2**32)
+        torch.manual_seed(used)  # also seeds every CUDA device
+        return used
+
+    def device_rng_state(self) -> dict[str, torch.Tensor]:
+        """RNG states of the accelerator(s) this process drives, as CPU uint8 tensors ({} on CPU)."""
+        return {}
+
+    def set_device_rng_state(self, states: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`device_rng_state` returned (unknown keys are ignored)."""
+        return None  # nothing to do by default
+
+    # ------------------------------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """Release the process group / runtime; the object is unusable afterwards."""
+        return None  # nothing to do by default
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def get_backend(settings: BackendSettings) -> Backend:
+    """The backend the profile's ``[backend]`` section asks for, initialised for this process."""
+    if settings.kind in ("cpu", "cuda"):
+        from scale_rae_core.backends.cpu_cuda import CpuCudaBackend
+
+        return CpuCudaBackend(settings)
+    if settings.kind == "xla":
+        try:
+            module = importlib.import_module("scale_rae_core.backends.xla")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] == "torch_xla":
+                raise BackendError(
+                    "backend.kind = 'xla' needs torch_xla, which is not installed here; run "
+                    "pip install 'srae[tpu]' on a TPU VM, or choose a cpu/cuda profile"
+                ) from None
+            if exc.name != "scale_rae_core.backends.xla":
+                raise
+            raise BackendError(
+                "backend.kind = 'xla' but this srae build has no XLA backend (scale_rae_core/backends/xla.py "
+                "is missing); reinstall srae from a release that includes it, or choose a cpu/cuda profile"
+            ) from None
+        return module.XlaBackend(settings)
+    raise BackendError(f"backend.kind = '{settings.kind}' is not one of cpu, cuda, xla; fix it in the profile")
+
+
+@contextlib.contextmanager
+def backend_for(settings: BackendSettings) -> Iterator[Backend]:
+    """``with backend_for(profile.backend) as backend:`` — :func:`get_backend` that closes on exit."""
+    backend = get_backend(settings)
+    try:
+        yield backend
+    finally:
+        backend.close()

@@ -1,0 +1,166 @@
+"""The TPU backend: torch_xla SPMD with FSDPv2. The only module in srae that imports torch_xla.
+
+One process per host drives all of its chips. The mesh comes from the profile (``backend.mesh``: ``fsdp`` ×
+``tp`` axes over every chip of the slice); parameters are sharded along ``fsdp`` by
+``SpmdFullyShardedDataParallel`` wrapped per block (decoder layer / DiT block), optionally with gradient
+checkpointing per block, and each host's batch is sharded over the batch axis by :meth:`shard_batch`.
+
+Static shapes are the caller's job (pad to the profile's sequence length, fixed images per sample); with
+them the step compiles once or twice (the first optimiser step creates the Adam state) and then never again
+(`compile_count` lets tests assert that). ``mark_step`` ends each traced step.
+
+Runs on CPU too, for tests: ``PJRT_DEVICE=CPU CPU_NUM_DEVICES=4`` gives four virtual devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch_xla
+import torch_xla.core.xla_model as xm
+import torch_xla.debug.metrics as met
+import torch_xla.distributed.spmd as xs
+import torch_xla.runtime as xr
+from torch import nn
+from torch_xla.distributed.fsdp.wrap import transformer_auto_wrap_policy
+from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel as FSDPv2
+
+from scale_rae_core.backends.base import Backend
+from scale_rae_core.config import BackendSettings
+from scale_rae_core.errors import BackendError
+
+
+def _no_output_sharding(output: object, mesh: xs.Mesh) -> None:
+    """Leave outputs to XLA's sharding propagation (losses are scalars, conditions are per image)."""
+    return None
+
+
+class XlaBackend(Backend):
+    def __init__(self, settings: BackendSettings):
+        self.settings = settings
+        os.environ.setdefault("PJRT_DEVICE", "TPU")
+        xr.use_spmd()
+        devices = xr.global_runtime_device_count()
+        if devices != settings.world_size:
+            raise BackendError(
+                f"the profile expects {settings.world_size} XLA devices (backend.nodes {settings.nodes} × "
+                f"devices_per_node {settings.devices_per_node}) but the runtime sees {devices}; fix the profile "
+                f"(--set backend.nodes=... backend.devices_per_node=...) or start on the right slice"
+            )
+        tp = settings.mesh.tp
+        fsdp = settings.mesh.fsdp if settings.mesh.fsdp != -1 else devices // tp
+        self.mesh = xs.Mesh(np.arange(devices), (fsdp, tp), ("fsdp", "tp"))
+        xs.set_global_mesh(self.mesh)
+        self._device = torch_xla.device()
+        self._pg = False
+        if xr.process_count() > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo", init_method="xla://")  # side channel for barriers and host data
+            self._pg = True
+
+    # ------------------------------------------------------------------------------------- identity
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def rank(self) -> int:
+        return xr.process_index()
+
+    @property
+    def world_size(self) -> int:
+        """Host processes; each loads its share of the global batch (data is split by host)."""
+        return xr.process_count()
+
+    @property
+    def local_rank(self) -> int:
+        return 0
+
+    @property
+    def distributed(self) -> bool:
+        return self._pg
+
+    @property
+    def num_devices(self) -> int:
+        return xr.global_runtime_device_count()
+
+    # ------------------------------------------------------------------------------------- collectives
+    def barrier(self) -> None:
+        if xr.process_count() > 1:
+            xm.rendezvous("srae-barrier")
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Under SPMD a device tensor is already global; host tensors are averaged over hosts."""
+        if tensor.device.type == "xla" or not self._pg:
+            return tensor.clone()
+        out = tensor.detach().clone()
+        dist.all_reduce(out)
+        return out / self.world_size
+
+    def mark_step(self) -> None:
+        torch_xla.sync()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.settings.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="xla", dtype=torch.bfloat16)
+
+    # ------------------------------------------------------------------------------------- parallelism
+    def shard_model(self, model: nn.Module, block_types: tuple[type[nn.Module], ...], frozen: Sequence[nn.Module] = ()) -> nn.Module:
+        """Frozen modules → device, replicated; the rest → FSDPv2 per block (checkpointed if asked), then the root."""
+        frozen_ids = set()
+        for module in frozen:
+            module.requires_grad_(False)
+            module.to(self._device)
+            frozen_ids.update(id(p) for p in module.parameters())
+        if any(id(p) in frozen_ids for p in model.parameters()):
+            raise BackendError("shard_model: a frozen module is inside the trained model; keep the encoder outside it")
+        model.to(self._device)
+        wrapper = None
+        if self.settings.gradient_checkpointing:
+            from torch_xla.distributed.fsdp import checkpoint_module
+
+            def wrapper(module: nn.Module, *args, **kwargs) -> nn.Module:
+                return FSDPv2(checkpoint_module(module), *args, **kwargs)
+
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=set(block_types)) if block_types else None
+        return FSDPv2(
+            model, mesh=self.mesh, shard_output=_no_output_sharding,
+            auto_wrap_policy=policy, auto_wrapper_callable=wrapper,
+        )
+
+    def shard_batch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Move a host batch to the device and shard its first (batch) dimension over the fsdp axis."""
+        tensor = tensor.to(self._device)
+        xs.mark_sharding(tensor, self.mesh, ("fsdp",) + (None,) * (tensor.dim() - 1))
+        return tensor
+
+    # ------------------------------------------------------------------------------------- randomness
+    def seed_everything(self, seed: int, *, per_rank: bool = True) -> int:
+        used = super().seed_everything(seed, per_rank=per_rank)
+        xm.set_rng_state(used)
+        return used
+
+    def device_rng_state(self) -> dict[str, torch.Tensor]:
+        return {"xla": torch.tensor([xm.get_rng_state()], dtype=torch.int64)}
+
+    def set_device_rng_state(self, states: dict[str, torch.Tensor]) -> None:
+        if "xla" in states:
+            xm.set_rng_state(int(states["xla"][0]))
+
+    # ------------------------------------------------------------------------------------- diagnostics
+    @staticmethod
+    def compile_count() -> int:
+        """Graphs compiled so far in this process (stops growing once shapes are static)."""
+        data = met.metric_data("CompileTime")
+        return int(data[0]) if data else 0
+
+    def close(self) -> None:
+        if self._pg and dist.is_initialized():
+            dist.destroy_process_group()
+            self._pg = False

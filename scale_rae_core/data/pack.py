@@ -1,0 +1,439 @@
+"""``srae data pack``: turn captioned images, conversations or class folders into training shards.
+
+Output (read by srae's readers and by the reference trainer's WebDataset loader)::
+
+    out/shard-000000.tar ...   members <key>.json + <key>.<ext>, in key order
+    out/wds_manifest.json      dataset_name, tars, samples_per_tar, total, shards (name/count/bytes/sha256),
+                               samples_per_tar_assumption, estimated_total_samples, options, format_version
+    out/rejects.jsonl          one {"source", "image"?, "reason"} per input that was skipped
+
+A sample's JSON is ``{"conversations": [...], "metadata": {...}, "image_filename": "<key>.<ext>",
+"source": "<input>"}``. Keys are the input's position (``000000042``; ``000000042_gen`` / ``_und`` with
+``task="both"``, which writes a generation and an understanding sample per captioned image).
+
+Deterministic: inputs are listed in a fixed order, images are encoded with fixed settings, tar members have
+fixed mtime/owner/mode, and worker processes only decode/resize/encode — the parent writes results in input
+order — so the same inputs and options give byte-identical shards for any ``workers``.
+
+Resumable: a shard is written as ``.tar.tmp`` and renamed when complete; after each rename the progress (the
+finished shards with size and sha256, the input position and the rejects.jsonl length) is saved atomically to
+``.srae_pack_state.json``. ``resume=True`` keeps the finished shards that still match their checksum, drops
+everything after them and continues; the result is the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import tarfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scale_rae_core.data.shards import MANIFEST_NAME, _sha256
+from scale_rae_core.data.sources import FORMATS, TASKS, Entry, detect_format, entries_digest, list_entries
+from scale_rae_core.data.transforms import (
+    CODECS,
+    DEFAULT_MAX_PIXELS,
+    BadImage,
+    encode_image,
+    load_image,
+    resize_max_side,
+)
+from scale_rae_core.errors import DataError
+
+FORMAT_VERSION = 1
+STATE_NAME = ".srae_pack_state.json"
+REJECTS_NAME = "rejects.jsonl"
+SHARD_NAME = "shard-{:06d}.tar"
+_TAR_BLOCK = 512
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class PackSummary:
+    """What a pack produced. ``packed`` counts samples (two per image with ``task="both"``)."""
+
+    out: Path
+    manifest: Path
+    format: str
+    shards: int
+    packed: int
+    skipped: int
+    bytes: int
+    resumed_shards: int
+    seconds: float
+
+
+def pack(
+    input: Path,
+    out: Path,
+    *,
+    format: str | None = None,
+    task: str = "both",
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int = 1 << 30,
+    image_size: int | None = None,
+    codec: str = "png",
+    quality: int = 95,
+    workers: int = 1,
+    resume: bool = False,
+    dataset_name: str | None = None,
+    image_root: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Progress | None = None,
+) -> PackSummary:
+    """Pack ``input`` into tar shards under ``out``; see the module docstring for the layout.
+
+    ``format`` is "captions", "conversations" or "classes" (detected when ``None``). ``task`` picks the
+    conversations made from captions. ``image_size`` shrinks images so their longer side is at most that
+    (``None`` keeps them). A shard holds at most ``samples_per_shard`` samples and is at most
+    ``max_shard_bytes`` on disk (unless one sample alone is larger). ``image_root`` is where CSV/JSONL image paths are resolved and must stay (default:
+    the file's folder). ``progress(done, total)`` is called after each input item.
+    """
+    start = time.perf_counter()
+    input, out = Path(input), Path(out)
+    codec = _check_options(
+        input, format, task, samples_per_shard, max_shard_bytes, image_size, codec, quality, workers, max_pixels
+    )
+    if image_root is not None and not Path(image_root).is_dir():
+        raise DataError(f"--image-root {image_root}: not a folder")
+    fmt = format or detect_format(input)
+    entries = list_entries(input, fmt, task, Path(image_root) if image_root else None)
+    if not entries:
+        raise DataError(f"{input}: nothing to pack (no images or samples found)")
+    options = {
+        "input": str(input.resolve()),
+        "format": fmt,
+        "task": task,
+        "codec": codec,
+        "quality": quality,
+        "image_size": image_size,
+        "samples_per_shard": samples_per_shard,
+        "max_shard_bytes": max_shard_bytes,
+        "max_pixels": max_pixels,
+        "image_root": str(Path(image_root).resolve()) if image_root else None,
+        "dataset_name": dataset_name or out.resolve().name,
+        "entries": len(entries),
+        "entries_sha256": entries_digest(entries),
+    }
+
+    shards, done = _prepare_out(out, options, resume)
+    resumed = len(shards)
+    if done:
+        return _summary(out, fmt, shards, resumed, start)
+    first, first_sub = shards[-1]["end"] if shards else (0, 0)
+    rejects_bytes = shards[-1]["rejects_bytes"] if shards else 0
+
+    state = {"format_version": FORMAT_VERSION, "options": options, "shards": shards}
+    ext = codec
+    with (out / REJECTS_NAME).open("ab") as rejects:
+        rejects.truncate(rejects_bytes)
+        rejects.seek(rejects_bytes)
+        writer: _ShardWriter | None = None
+        results = _encoded(entries, first, workers, (image_size, codec, quality, max_pixels))
+        for i, entry, result in results:
+            if entry.reject is not None or isinstance(result, str):
+                line = {"source": entry.source}
+                if entry.image is not None:
+                    line["image"] = str(entry.image)
+                line["reason"] = entry.reject if entry.reject is not None else result
+                rejects.write((json.dumps(line, ensure_ascii=False) + "\n").encode())
+            else:
+                sub0 = first_sub if i == first else 0
+                for sub in range(sub0, len(entry.variants)):
+                    suffix, turns = entry.variants[sub]
+                    key = f"{i:09d}{suffix}"
+                    obj: dict[str, Any] = {"conversations": turns, "metadata": entry.metadata}
+                    members = []
+                    if result is not None:
+                        obj["image_filename"] = f"{key}.{ext}"
+                        members.append((f"{key}.{ext}", result))
+                    obj["source"] = entry.source
+                    members.insert(0, (f"{key}.json", json.dumps(obj, ensure_ascii=False).encode()))
+                    size = sum(_member_bytes(len(data)) for _, data in members)
+                    if writer is not None and (
+                        writer.count >= samples_per_shard or _tar_size(writer.bytes + size) > max_shard_bytes
+                    ):
+                        _finish(writer, state, out, (i, sub), rejects)
+                        writer = None
+                    if writer is None:
+                        writer = _ShardWriter(out / SHARD_NAME.format(len(state["shards"])))
+                    writer.add(members, size)
+            if progress is not None:
+                progress(i + 1, len(entries))
+        if writer is not None:
+            _finish(writer, state, out, (len(entries), 0), rejects)
+    shards = state["shards"]
+    if not shards:
+        (out / STATE_NAME).unlink(missing_ok=True)
+        raise DataError(
+            f"{input}: nothing packed, all {len(entries)} inputs were rejected; see {out / REJECTS_NAME}"
+        )
+    _write_manifest(out, options, shards)
+    (out / STATE_NAME).unlink(missing_ok=True)
+    return _summary(out, fmt, shards, resumed, start)
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+def _check_options(
+    input: Path, format: str | None, task: str, samples_per_shard: int, max_shard_bytes: int,
+    image_size: int | None, codec: str, quality: int, workers: int, max_pixels: int,
+) -> str:
+    if not input.exists():
+        raise DataError(f"{input}: input not found; pass a folder, a .csv or a .jsonl file")
+    if format is not None and format not in FORMATS:
+        raise DataError(f"--format {format!r}: unknown; use one of {', '.join(FORMATS)}")
+    if task not in TASKS:
+        raise DataError(f"--task {task!r}: unknown; use one of {', '.join(TASKS)}")
+    if codec not in CODECS:
+        raise DataError(f"--codec {codec!r}: unknown; use png, jpg or webp")
+    if samples_per_shard < 1:
+        raise DataError(f"--samples-per-shard {samples_per_shard}: must be at least 1")
+    if max_shard_bytes < tarfile.RECORDSIZE:
+        raise DataError(f"--shard-bytes {max_shard_bytes}: must be at least {tarfile.RECORDSIZE}")
+    if image_size is not None and image_size < 1:
+        raise DataError(f"--image-size {image_size}: must be a positive number of pixels")
+    if not 1 <= quality <= 100:
+        raise DataError(f"--quality {quality}: must be between 1 and 100")
+    if workers < 1:
+        raise DataError(f"--workers {workers}: must be at least 1")
+    if max_pixels < 1:
+        raise DataError(f"--max-pixels {max_pixels}: must be at least 1")
+    return CODECS[codec]
+
+
+# --------------------------------------------------------------------------------------- output directory
+
+
+def _prepare_out(out: Path, options: dict[str, Any], resume: bool) -> tuple[list[dict[str, Any]], bool]:
+    """Make ``out`` ready; return the finished shards to keep and whether the pack is already complete."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose an empty output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    present = sorted(p.name for p in out.iterdir())
+    if not present:
+        return [], False
+    if not resume:
+        raise DataError(f"{out}: not empty; pass --resume to continue an interrupted pack, or choose an empty directory")
+    ours = {MANIFEST_NAME, STATE_NAME, REJECTS_NAME, MANIFEST_NAME + ".tmp", STATE_NAME + ".tmp"}
+    foreign = [n for n in present if n not in ours and not _is_shard_name(n)]
+    if foreign:
+        raise DataError(f"{out}: holds files srae did not write ({foreign[0]}); choose an empty directory")
+    previous: dict[str, Any] | None = None
+    complete = False
+    for name in (STATE_NAME, MANIFEST_NAME):
+        if (out / name).is_file():
+            try:
+                previous = json.loads((out / name).read_text(encoding="utf-8"))
+            except ValueError:
+                raise DataError(f"{out / name}: unreadable; delete {out} and pack again") from None
+            complete = name == MANIFEST_NAME
+            break
+    shards: list[dict[str, Any]] = []
+    if previous is not None:
+        old = previous.get("options", {})
+        changed = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
+        if changed:
+            raise DataError(
+                f"{out}: was packed with different inputs/options ({', '.join(changed)}); "
+                "use the same ones to resume, or choose an empty directory"
+            )
+        for shard in previous.get("shards", []):
+            path = out / shard["name"]
+            if not path.is_file() or path.stat().st_size != shard["bytes"] or _sha256(path) != shard["sha256"]:
+                complete = False
+                break
+            shards.append(shard)
+    if complete:
+        return shards, True
+    # Keep the verified prefix; everything after it is rewritten.
+    keep = {s["name"] for s in shards}
+    for name in present:
+        if _is_shard_name(name) and name not in keep:
+            (out / name).unlink()
+    for name in (MANIFEST_NAME, MANIFEST_NAME + ".tmp", STATE_NAME + ".tmp"):
+        (out / name).unlink(missing_ok=True)
+    state = {"format_version": FORMAT_VERSION, "options": options, "shards": shards}
+    _atomic_write_json(out / STATE_NAME, state)
+    return shards, False
+
+
+def _is_shard_name(name: str) -> bool:
+    return name.startswith("shard-") and (name.endswith(".tar") or name.endswith(".tar.tmp"))
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_manifest(out: Path, options: dict[str, Any], shards: list[dict[str, Any]]) -> None:
+    counts = [s["count"] for s in shards]
+    total = sum(counts)
+    rejects = out / REJECTS_NAME
+    skipped = sum(1 for _ in rejects.open("rb")) if rejects.exists() else 0
+    manifest = {
+        "format": "srae-wds",
+        "format_version": FORMAT_VERSION,
+        "dataset_name": options["dataset_name"],
+        "tars": [str((out / s["name"]).resolve()) for s in shards],
+        "samples_per_tar": counts,
+        "total": total,
+        # Read by the reference trainer: its length estimate is (#tars x assumption).
+        "samples_per_tar_assumption": math.ceil(total / len(shards)),
+        "estimated_total_samples": total,
+        "skipped": skipped,
+        "shards": shards,
+        "options": options,
+    }
+    _atomic_write_json(out / MANIFEST_NAME, manifest)
+
+
+def _summary(out: Path, fmt: str, shards: list[dict[str, Any]], resumed: int, start: float) -> PackSummary:
+    rejects = out / REJECTS_NAME
+    skipped = sum(1 for _ in rejects.open("rb")) if rejects.exists() else 0
+    return PackSummary(
+        out=out,
+        manifest=out / MANIFEST_NAME,
+        format=fmt,
+        shards=len(shards),
+        packed=sum(s["count"] for s in shards),
+        skipped=skipped,
+        bytes=sum(s["bytes"] for s in shards),
+        resumed_shards=resumed,
+        seconds=time.perf_counter() - start,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- shards
+
+
+def _member_bytes(size: int) -> int:
+    return _TAR_BLOCK + math.ceil(size / _TAR_BLOCK) * _TAR_BLOCK
+
+
+def _tar_size(content: int) -> int:
+    """File size of a tar with ``content`` bytes of headers, data and end marker (padded to 10 KiB records)."""
+    return math.ceil(content / tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+class _ShardWriter:
+    """A tar being written under a temporary name, with fixed member metadata."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self._file = self.tmp.open("wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.count = 0
+        self.bytes = 2 * _TAR_BLOCK  # end-of-archive marker
+
+    def add(self, members: list[tuple[str, bytes]], size: int) -> None:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+        self.bytes += size
+
+    def close(self) -> None:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+
+
+def _finish(
+    writer: _ShardWriter, state: dict[str, Any], out: Path, end: tuple[int, int], rejects: Any
+) -> None:
+    """Complete a shard and record the progress that a resume starts from."""
+    writer.close()
+    rejects.flush()
+    os.fsync(rejects.fileno())
+    state["shards"].append({
+        "name": writer.path.name,
+        "count": writer.count,
+        "bytes": writer.path.stat().st_size,
+        "sha256": _sha256(writer.path),
+        "end": list(end),
+        "rejects_bytes": rejects.tell(),
+    })
+    _atomic_write_json(out / STATE_NAME, state)
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+_EncodeOptions = tuple[int | None, str, int, int]
+
+
+def _encode(job: tuple[str | None, _EncodeOptions]) -> bytes | str | None:
+    """Decode, check, resize and encode one image: the encoded bytes, a reject reason, or None (no image)."""
+    path, (image_size, codec, quality, max_pixels) = job
+    if path is None:
+        return None
+    try:
+        im = load_image(Path(path), max_pixels=max_pixels)
+    except BadImage as err:
+        return str(err)
+    return encode_image(resize_max_side(im, image_size), codec, quality)
+
+
+def _encode_chunk(jobs: list[tuple[str | None, _EncodeOptions]]) -> list[bytes | str | None]:
+    return [_encode(job) for job in jobs]
+
+
+def _encoded(
+    entries: list[Entry], first: int, workers: int, opts: _EncodeOptions
+) -> Iterator[tuple[int, Entry, bytes | str | None]]:
+    """Yield ``(index, entry, encoded image | reject reason | None)`` from ``first`` on, in input order.
+
+    With ``workers > 1`` chunks of images are encoded in worker processes, at most ``4 * workers`` chunks
+    in flight (bounded memory); results are still yielded strictly in input order.
+    """
+    jobs = [(str(e.image) if e.image is not None and e.reject is None else None, opts) for e in entries[first:]]
+    if workers == 1:
+        for i, job in enumerate(jobs, start=first):
+            yield i, entries[i], _encode(job)
+        return
+    size = max(1, min(16, len(jobs) // (4 * workers)))
+    chunks = [jobs[k : k + size] for k in range(0, len(jobs), size)]
+    # fork where the platform has it: no re-import of the caller's __main__ (which spawn needs and which
+    # fails for stdin/notebook callers); a worker that dies makes the pool raise instead of hanging.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    i = first
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
+        pending: deque[Future[list[bytes | str | None]]] = deque()
+        submitted = 0
+        while pending or submitted < len(chunks):
+            while submitted < len(chunks) and len(pending) < 4 * workers:
+                pending.append(pool.submit(_encode_chunk, chunks[submitted]))
+                submitted += 1
+            try:
+                results = pending.popleft().result()
+            except BrokenProcessPool as err:
+                raise DataError(f"an image worker died ({err}); retry with --workers 1 to see which input") from err
+            for result in results:
+                yield i, entries[i], result
+                i += 1

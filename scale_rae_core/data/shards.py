@@ -1,0 +1,288 @@
+"""Reading packed shards: the manifest, per-tar sample access, ``inspect`` and ``verify``.
+
+A shard is a plain tar whose samples are ``<key>.json`` members (``conversations``, ``metadata``, optional
+``image_filename`` naming an image member of the same tar), read in sorted-name order — the layout the
+reference trainer reads. The manifest (``wds_manifest.json``) lists the tars; srae's manifests also carry
+per-tar counts and checksums under ``shards``, but a reference manifest with only ``tars`` works too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scale_rae_core.data.sample import Sample, normalize_conversations
+from scale_rae_core.data.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, load_image
+from scale_rae_core.errors import DataError
+
+MANIFEST_NAME = "wds_manifest.json"
+
+
+@dataclass
+class Manifest:
+    """A loaded manifest: the tar paths (resolved), and per-tar counts/checksums when it records them."""
+
+    path: Path
+    dataset_name: str
+    tars: list[Path]
+    counts: list[int] | None
+    sha256: list[str] | None
+    total: int | None
+    raw: dict[str, Any]
+
+
+def manifest_path(path: Path) -> Path:
+    """``path`` itself if it is a file, else ``path/wds_manifest.json``."""
+    path = Path(path)
+    return path / MANIFEST_NAME if path.is_dir() else path
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Load a manifest given its path or its folder; raise :class:`DataError` if it is missing or malformed."""
+    mpath = manifest_path(path)
+    if not mpath.is_file():
+        raise DataError(f"{mpath}: manifest not found; pass a folder written by `srae data pack` or its manifest")
+    try:
+        raw = json.loads(mpath.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{mpath}: manifest is not valid JSON ({err}); re-run `srae data pack`") from err
+    if not isinstance(raw, dict):
+        raise DataError(f"{mpath}: manifest must be a JSON object with a 'tars' list")
+    base = mpath.parent
+    shards = raw.get("shards")
+    if isinstance(shards, list) and shards and all(isinstance(s, dict) and "name" in s for s in shards):
+        # srae manifest: names relative to the manifest, so the folder can be moved.
+        tars = [base / s["name"] for s in shards]
+        counts = [int(s["count"]) for s in shards]
+        sha = [str(s.get("sha256", "")) for s in shards]
+    elif isinstance(raw.get("tars"), list) and raw["tars"]:
+        tars = [Path(t) if Path(t).is_absolute() else base / t for t in raw["tars"]]
+        per = raw.get("samples_per_tar")
+        counts = [int(c) for c in per] if isinstance(per, list) and len(per) == len(tars) else None
+        sha = None
+    else:
+        raise DataError(f"{mpath}: manifest lists no tars; re-run `srae data pack`")
+    total = raw.get("total")
+    return Manifest(
+        path=mpath,
+        dataset_name=str(raw.get("dataset_name", base.name)),
+        tars=tars,
+        counts=counts,
+        sha256=sha,
+        total=int(total) if isinstance(total, int) else None,
+        raw=raw,
+    )
+
+
+class TarIndex:
+    """Random access to the samples of one tar, by index in sorted ``.json`` name order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self._tar = tarfile.open(self.path, mode="r:")
+            members = self._tar.getmembers()
+        except (OSError, tarfile.TarError, EOFError) as err:
+            raise DataError(f"{self.path}: unreadable tar ({err}); re-pack or run `srae data verify`") from err
+        self._members = {m.name: m for m in members if m.isfile()}
+        self.json_names = sorted(n for n in self._members if n.endswith(".json"))
+
+    def __len__(self) -> int:
+        return len(self.json_names)
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def _read(self, name: str) -> bytes:
+        f = self._tar.extractfile(self._members[name])
+        assert f is not None
+        return f.read()
+
+    def raw(self, index: int) -> tuple[str, bytes, bytes | None]:
+        """``(json member name, json bytes, image bytes or None)`` of sample ``index``."""
+        name = self.json_names[index]
+        data = self._read(name)
+        image = None
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return name, data, None  # decode_sample reports it with the member name
+        image_name = obj.get("image_filename") if isinstance(obj, dict) else None
+        if image_name:
+            if image_name not in self._members:
+                raise DataError(f"{self.path}:{name}: image_filename {image_name!r} is not in the tar")
+            image = self._read(image_name)
+        return name, data, image
+
+
+def decode_sample(
+    where: str, name: str, data: bytes, image: bytes | None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode_image: bool = True,
+) -> Sample:
+    """Build a :class:`Sample` from a shard member's JSON and image bytes; ``where`` names the tar."""
+    try:
+        obj = json.loads(data)
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+        turns = normalize_conversations(obj.get("conversations"))
+        meta = obj.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("metadata is not an object")
+        im = load_image(image, max_pixels=max_pixels) if (image is not None and decode_image) else None
+    except (ValueError, BadImage) as err:
+        raise DataError(f"{where}:{name}: {err}; run `srae data verify` on the shards") from err
+    return Sample(key=name[: -len(".json")], image=im, conversations=turns, metadata=meta)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+
+def inspect(path: Path, *, samples: int = 3) -> dict[str, Any]:
+    """Summarise a packed dataset: per-shard counts, total, options, and the first ``samples`` decoded."""
+    m = load_manifest(path)
+    shards = []
+    for i, tar in enumerate(m.tars):
+        shards.append({
+            "name": tar.name,
+            "count": m.counts[i] if m.counts is not None else None,
+            "bytes": tar.stat().st_size if tar.exists() else None,
+        })
+    shown: list[dict[str, Any]] = []
+    for tar in m.tars:
+        if len(shown) >= samples or not tar.exists():
+            break
+        index = TarIndex(tar)
+        try:
+            for j in range(min(len(index), samples - len(shown))):
+                name, data, image = index.raw(j)
+                s = decode_sample(str(tar), name, data, image)
+                shown.append({
+                    "key": s.key,
+                    "shard": tar.name,
+                    "image_size": list(s.image.size) if s.image is not None else None,
+                    "conversations": s.conversations,
+                    "metadata": s.metadata,
+                })
+        finally:
+            index.close()
+    total = m.total if m.total is not None else (sum(m.counts) if m.counts is not None else None)
+    return {
+        "manifest": str(m.path),
+        "dataset_name": m.dataset_name,
+        "format_version": m.raw.get("format_version"),
+        "options": m.raw.get("options"),
+        "shards": shards,
+        "total": total,
+        "skipped": m.raw.get("skipped"),
+        "samples": shown,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- verify
+
+
+@dataclass
+class Problem:
+    file: str
+    reason: str
+
+
+@dataclass
+class VerifyReport:
+    manifest: Path
+    shards: int = 0
+    samples: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> VerifyReport:
+    """Re-read every sample of every tar and report each problem found (never raises for a bad shard).
+
+    Checks: tar readable; checksum as recorded; every ``.json`` parses into a valid sample; its image is in
+    the tar and decodes; no image without a sample; per-tar counts and the total match the manifest.
+    """
+    m = load_manifest(path)
+    report = VerifyReport(manifest=m.path, shards=len(m.tars))
+    for i, tar in enumerate(m.tars):
+        found = _verify_tar(tar, report, max_pixels)
+        if found is None:
+            continue
+        report.samples += found
+        if m.sha256 is not None and m.sha256[i] and _sha256(tar) != m.sha256[i]:
+            report.problems.append(Problem(tar.name, "checksum differs from the manifest (changed after packing)"))
+        if m.counts is not None and found != m.counts[i]:
+            report.problems.append(Problem(tar.name, f"holds {found} samples, the manifest says {m.counts[i]}"))
+    if m.counts is not None and m.total is not None and sum(m.counts) != m.total:
+        report.problems.append(Problem(m.path.name, f"total {m.total} != sum of per-tar counts {sum(m.counts)}"))
+    if m.total is not None and report.samples != m.total:
+        report.problems.append(Problem(m.path.name, f"found {report.samples} samples, the manifest says {m.total}"))
+    return report
+
+
+def _verify_tar(tar: Path, report: VerifyReport, max_pixels: int) -> int | None:
+    """Check one tar; return its sample count (valid or not) or ``None`` if it cannot be read at all."""
+    name = tar.name
+    if not tar.is_file():
+        report.problems.append(Problem(name, "missing"))
+        return None
+    wanted: dict[str, str] = {}  # image member -> json member
+    images: set[str] = set()
+    seen: set[str] = set()
+    count = 0
+    try:
+        with tarfile.open(tar, mode="r:") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                if member.name in seen:
+                    report.problems.append(Problem(name, f"{member.name}: duplicate member"))
+                seen.add(member.name)
+                f = tf.extractfile(member)
+                assert f is not None
+                data = f.read()
+                suffix = Path(member.name).suffix.lower()
+                if member.name.endswith(".json"):
+                    count += 1
+                    try:
+                        obj = json.loads(data)
+                        if not isinstance(obj, dict):
+                            raise ValueError("not a JSON object")
+                        normalize_conversations(obj.get("conversations"))
+                    except ValueError as err:
+                        report.problems.append(Problem(name, f"{member.name}: bad sample JSON ({err})"))
+                        continue
+                    if obj.get("image_filename"):
+                        wanted[str(obj["image_filename"])] = member.name
+                elif suffix in IMAGE_EXTENSIONS:
+                    images.add(member.name)
+                    try:
+                        load_image(data, max_pixels=max_pixels)
+                    except BadImage as err:
+                        report.problems.append(Problem(name, f"{member.name}: image does not decode ({err})"))
+                else:
+                    report.problems.append(Problem(name, f"{member.name}: unexpected member"))
+    except (OSError, tarfile.TarError, EOFError) as err:
+        report.problems.append(Problem(name, f"unreadable tar after {count} samples ({err})"))
+        return count
+    for image, owner in sorted(wanted.items()):
+        if image not in images:
+            report.problems.append(Problem(name, f"{owner}: image_filename {image!r} is not in the tar"))
+    for image in sorted(images - set(wanted)):
+        report.problems.append(Problem(name, f"{image}: image without a sample .json"))
+    return count
