@@ -67,3 +67,12 @@ def test_demo_runs_and_continues(tmp_path):
     assert events[0] == "demo.synth.start" and "demo.verify.done" in events
     again = json.loads((lambda: (_ok(["demo", "--out", str(out), "--n", "30", "--quiet"]), (out / "demo.json").read_text())[1])())
     assert again["synth"]["reused"] is True and again["pack"]["resumed_shards"] == summary["pack"]["shards"]
+
+
+def test_progress_bar_shows_rate_unless_quiet(tmp_path):
+    world = tmp_path / "shapes"
+    _ok(["data", "synth", str(world), "--n", "10", "--image-size", "16"])
+    loud = _ok(["data", "pack", str(world / "captioned"), "--out", str(tmp_path / "a")])
+    assert "packing" in loud and "/s" in loud and "eta" in loud
+    quiet = _ok(["data", "pack", str(world / "captioned"), "--out", str(tmp_path / "b"), "--quiet"])
+    assert "packing" not in quiet and quiet.startswith("packed ")

@@ -1,0 +1,47 @@
+"""Packaging: one `srae` entry point, torch range, no torchvision anywhere in the installed dependency tree."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_one_console_script_and_torch_range_admits_both_lanes():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["scripts"] == {"srae": "scale_rae_cli.main:run"}
+    torch_req = next(r for r in meta["dependencies"] if _name(r) == "torch")
+    from packaging.specifiers import SpecifierSet
+
+    spec = SpecifierSet(torch_req.split("torch", 1)[1])
+    assert "2.9.0" in spec and "2.13.0" in spec and "2.14.0" not in spec
+    assert all(_name(r) != "torch-xla" for r in meta["dependencies"])
+    assert any("torch_xla" in r for r in meta["optional-dependencies"]["tpu"])
+    assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
+
+
+def test_no_torchvision_in_the_installed_dependency_tree():
+    seen, todo = set(), ["srae"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        for req in dist.requires or []:
+            if "extra ==" in req and "extra == \"test\"" not in req and "extra == \"fid-offline\"" not in req:
+                continue  # optional extras of dependencies are not installed
+            todo.append(_name(req))
+    assert "torch" in seen and "transformers" in seen
+    blocked = {"torchvision", "timm", "open-clip-torch", "lpips", "torch-fidelity", "pytorch-fid", "clean-fid", "image-reward"}
+    assert not (seen & blocked), seen & blocked
