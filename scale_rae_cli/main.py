@@ -58,8 +58,12 @@ def _root(
 
 
 def _register() -> None:
-    from scale_rae_cli import data, demo, env, profiles, tpu
+    from scale_rae_cli import data, demo, env, profiles, tpu, train_unified
 
+    train_app = typer.Typer(help="Train the RAE decoder and the unified model.", no_args_is_help=True)
+    train_app.command("stage1", epilog=train_unified.STAGE1_EPILOG)(train_unified.stage1)
+    train_app.command("stage2", epilog=train_unified.STAGE2_EPILOG)(train_unified.stage2)
+    app.add_typer(train_app, name="train")
     app.add_typer(data.app, name="data")
     app.add_typer(profiles.app, name="profiles")
     app.add_typer(tpu.app, name="tpu")

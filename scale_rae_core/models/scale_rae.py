@@ -1,0 +1,317 @@
+"""The unified Scale-RAE model: a Qwen2 LLM with image interfaces (`UnifiedLM`) + a LightningDiT flow head.
+
+    batch ──UnifiedLM──> CE over supervised text,  conditions (B·M, N, Z) at every image slot
+                         │ answer images only
+    clean encoder tokens (B·M, N, C) ─(normalise with latent stats)─> x₀ (R, C, g, g)
+                         └─ flow matching: v̂ = diff_head(x_t, t, conditions) ─> per-image loss (R,)
+
+    total = CE + flow_weight · mean(flow loss over answer images)       (reference §4.1, flow_weight 2.0)
+
+A batch without any answer image contributes a flow term of exactly 0. The head still runs on one slot (with
+weight 0) so every process of a sharded run executes the same modules (FSDP collectives stay matched).
+
+Parameter names: ``lm.*`` (UnifiedLM: ``lm.llm.*``, ``lm.mm_projector.*``, ``lm.latent_queries``,
+``lm.diff_head_projector.*``) and ``diff_head.*`` (the LightningDiT). Every name containing ``diff_head`` —
+the head and its condition projector — is the reference's "head" parameter group (own lr and betas).
+
+An export directory (:func:`save_export` / :func:`load_export`) is self-contained: ``model.safetensors``,
+``config.json`` (format ``srae-scale-rae``: the Qwen2 config, image interface sizes, DiT config, flow shift
+base, the encoder to use), the tokenizer files, and ``latent_stats.safetensors`` when targets were normalised.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+
+from scale_rae_core.config import DiTSettings, EncoderSettings, LLMSettings
+from scale_rae_core.errors import CheckpointError
+from scale_rae_core.flow.transport import FlowMatching
+from scale_rae_core.models.dit import DiTConfig, LightningDiT, tokens_to_grid
+from scale_rae_core.models.llm import UnifiedLM, UnifiedLMConfig
+from scale_rae_core.models.stats import LatentStats, load_stats
+
+FORMAT = "srae-scale-rae"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+STATS_FILE = "latent_stats.safetensors"
+HEAD_MARKER = "diff_head"  # parameters whose name contains this train with the head's lr and betas
+
+
+@dataclass
+class ScaleRAEConfig:
+    """Everything needed to rebuild the network (no weights): what ``config.json`` of an export holds."""
+
+    llm: dict[str, Any]  # Qwen2Config.to_dict() (vocab_size = len(tokenizer), image tokens included)
+    lm: UnifiedLMConfig
+    dit: DiTConfig
+    shift_base_dim: int = 4096  # flow time shift s = sqrt(N · C / shift_base_dim)
+    encoder: dict[str, Any] = field(default_factory=dict)  # kind, path, input_size (+ hidden_size, num_tokens)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "llm": self.llm,
+            "lm": asdict(self.lm),
+            "dit": asdict(self.dit),
+            "shift_base_dim": self.shift_base_dim,
+            "encoder": self.encoder,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str = "config.json") -> ScaleRAEConfig:
+        if data.get("format") != FORMAT:
+            raise CheckpointError(f"{where} is not a Scale-RAE model config (format {data.get('format')!r}); pass an srae export directory")
+        if int(data.get("version", 0)) > FORMAT_VERSION:
+            raise CheckpointError(f"{where} has version {data['version']}, newer than this srae ({FORMAT_VERSION}); upgrade srae")
+        try:
+            return cls(
+                llm=dict(data["llm"]),
+                lm=UnifiedLMConfig(**data["lm"]),
+                dit=DiTConfig(**data["dit"]),
+                shift_base_dim=int(data["shift_base_dim"]),
+                encoder=dict(data.get("encoder", {})),
+            )
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{where} is incomplete or malformed ({exc}); re-export the model") from None
+
+
+class UnifiedLoss(NamedTuple):
+    total: torch.Tensor  # CE + flow_weight · flow
+    ce: torch.Tensor  # mean over supervised next-token targets
+    flow: torch.Tensor  # mean per-image flow loss over answer images (0 without any)
+    answer_images: torch.Tensor  # how many answer images the flow term averaged over
+
+
+class ScaleRAE(nn.Module):
+    """UnifiedLM (Qwen2 + projector + latent queries + condition projector) with a LightningDiT head."""
+
+    def __init__(self, cfg: ScaleRAEConfig, llm: PreTrainedModel | None = None, stats: LatentStats | None = None) -> None:
+        super().__init__()
+        if cfg.dit.cond_dim != cfg.lm.z_channels:
+            raise CheckpointError(f"DiT cond_dim {cfg.dit.cond_dim} != condition projector width {cfg.lm.z_channels}; rebuild the config")
+        if cfg.dit.num_tokens != cfg.lm.num_image_tokens or cfg.dit.in_channels != cfg.lm.encoder_channels:
+            raise CheckpointError(
+                f"DiT grid {cfg.dit.grid}² × {cfg.dit.in_channels} does not match the encoder's "
+                f"{cfg.lm.num_image_tokens} × {cfg.lm.encoder_channels} tokens; rebuild the config"
+            )
+        self.cfg = cfg
+        if llm is None:
+            llm = Qwen2ForCausalLM(Qwen2Config.from_dict(cfg.llm))
+        self.lm = UnifiedLM(cfg.lm, llm)
+        self.diff_head = LightningDiT(cfg.dit)
+        self.flow = FlowMatching.for_latents(cfg.dit.num_tokens, cfg.dit.in_channels, cfg.shift_base_dim)
+        self.stats = stats  # targets are normalised with these; not a parameter
+
+    def normalize_latents(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Clean encoder tokens (..., N, C) → the head's target space."""
+        return tokens if self.stats is None else self.stats.normalize(tokens.float())
+
+    def denormalize_latents(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The head's output space (..., N, C) → encoder tokens (for the pixel decoder)."""
+        return tokens if self.stats is None else self.stats.denormalize(tokens.float())
+
+    def forward(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        flow_weight: float = 2.0,
+        all_slots: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> UnifiedLoss:
+        """Loss of one collated batch (see :func:`scale_rae_core.models.llm.collate`).
+
+        ``all_slots``: run the head on every image slot and mask (static shapes, for XLA); otherwise only on
+        the answer images (or on one slot at weight 0 when there are none). Both give the same loss.
+        ``generator`` (on the batch's device) fixes the flow times and noise, e.g. for evaluation.
+        """
+        ce, conditions, _ = self.lm(batch)  # conditions (B·M, N, Z)
+        features = batch["image_features"].flatten(0, 1)  # (B·M, N, C)
+        answer = batch["answer_image_mask"].flatten()  # (B·M,)
+        if all_slots:
+            rows = torch.arange(answer.numel(), device=answer.device)
+            weight = answer.float()
+        else:
+            rows = answer.nonzero().squeeze(1)
+            weight = torch.ones(rows.numel(), device=answer.device)
+            if rows.numel() == 0:  # keep the head in the graph (matched collectives), contributing 0
+                rows = torch.zeros(1, dtype=torch.long, device=answer.device)
+                weight = torch.zeros(1, device=answer.device)
+        x0 = tokens_to_grid(self.normalize_latents(features[rows]), self.cfg.dit.grid)  # (R, C, g, g)
+        per_image = self.flow.loss(self.diff_head, x0, conditions[rows], generator=generator)  # (R,)
+        n_answer = weight.sum()
+        flow = (per_image * weight).sum() / n_answer.clamp(min=1.0)
+        return UnifiedLoss(ce + flow_weight * flow, ce, flow, n_answer)
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters in the head group (the DiT and ``diff_head_projector``)."""
+    return [n for n, _ in model.named_parameters() if HEAD_MARKER in n]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building from profile sections
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_llm(settings: LLMSettings, tokenizer_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The LLM and its tokenizer (with ``<im_start>``/``<im_end>`` added), tokenizer files saved to ``tokenizer_dir``.
+
+    ``path = ""``: a random ``Qwen2ForCausalLM`` from ``preset`` (seed torch first) with the tiny shapes-world
+    tokenizer; otherwise ``Qwen2ForCausalLM.from_pretrained(path)`` in fp32 and its ``AutoTokenizer``.
+    """
+    from transformers import AutoTokenizer
+
+    from scale_rae_core.models.llm import add_image_tokens
+    from scale_rae_core.models.presets import llm_config, tiny_tokenizer
+
+    tokenizer_dir = Path(tokenizer_dir)
+    if not settings.path:
+        tokenizer = tiny_tokenizer(tokenizer_dir)
+        llm = Qwen2ForCausalLM(llm_config(settings.preset, vocab_size=len(tokenizer)))
+    else:
+        import os
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(settings.path, local_files_only=offline)
+            llm = Qwen2ForCausalLM.from_pretrained(settings.path, dtype=torch.float32, local_files_only=offline)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"model.llm.path = '{settings.path}': cannot load a Qwen2 model and tokenizer ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160]}); pass a local directory or download it with `hf download`"
+            ) from None
+    add_image_tokens(tokenizer, llm)
+    tokenizer.save_pretrained(str(tokenizer_dir))
+    return llm, tokenizer
+
+
+def scale_rae_config(
+    llm: PreTrainedModel, dit: DiTSettings, encoder: EncoderSettings, encoder_hidden: int, encoder_grid: int
+) -> ScaleRAEConfig:
+    """The model config for an LLM, the ``[model.dit]`` section and the encoder's token shape.
+
+    The head is sized by ``dit.preset`` (width, depth, heads, condition width) with ``in_channels`` = the
+    encoder's hidden size and its token grid.
+    """
+    from dataclasses import replace
+
+    from scale_rae_core.errors import ConfigError
+    from scale_rae_core.models.dit import DIT_PRESETS
+
+    if dit.preset not in DIT_PRESETS:
+        raise ConfigError(f"model.dit.preset = '{dit.preset}' is unknown; choose one of {', '.join(DIT_PRESETS)}")
+    dit_cfg = replace(
+        DIT_PRESETS[dit.preset], in_channels=encoder_hidden, grid=encoder_grid, class_dropout_prob=dit.class_dropout_prob
+    )
+    lm_cfg = UnifiedLMConfig(encoder_channels=encoder_hidden, num_image_tokens=encoder_grid**2, z_channels=dit_cfg.cond_dim)
+    return ScaleRAEConfig(
+        llm=llm.config.to_dict(),
+        lm=lm_cfg,
+        dit=dit_cfg,
+        shift_base_dim=dit.shift_base_dim,
+        encoder={"kind": encoder.kind, "path": encoder.path, "input_size": encoder.input_size,
+                 "hidden_size": encoder_hidden, "num_tokens": encoder_grid**2},
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------
+
+
+def export_files(cfg: ScaleRAEConfig, tokenizer_dir: Path, stats_path: str | Path | None) -> dict[str, Path]:
+    """Extra files of an export besides weights + config: the tokenizer files and the latent stats."""
+    files: dict[str, Path] = {p.name: p for p in sorted(Path(tokenizer_dir).iterdir()) if p.is_file()}
+    if stats_path:
+        files[STATS_FILE] = Path(stats_path)
+    return files
+
+
+def save_export(model: ScaleRAE, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, stats_path: str | Path | None = None) -> Path:
+    """Write a single-process (unsharded) model as an export directory; see :func:`load_export`."""
+    import tempfile
+
+    from scale_rae_core.train.checkpoint import export_model
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer.save_pretrained(tok_dir)
+        state = {k: v for k, v in model.state_dict().items()}
+        return export_model(out_dir, state, model.cfg.to_json(), export_files(model.cfg, Path(tok_dir), stats_path))
+
+
+@dataclass
+class LoadedExport:
+    model: ScaleRAE
+    tokenizer: PreTrainedTokenizerBase
+    config: ScaleRAEConfig
+    path: Path
+
+    def encoder_settings(self) -> Any:
+        """The export's encoder as a profile section (``build_encoder(loaded.encoder_settings())``)."""
+        from scale_rae_core.config import EncoderSettings
+
+        enc = self.config.encoder
+        return EncoderSettings(kind=enc["kind"], path=enc["path"], input_size=enc.get("input_size"))
+
+
+def is_export(path: str | Path) -> bool:
+    """True for a directory with weights and a Scale-RAE ``config.json``."""
+    if not (Path(path) / WEIGHTS_FILE).is_file():
+        return False
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_export_config(path: str | Path) -> ScaleRAEConfig:
+    where = Path(path) / "config.json"
+    try:
+        data = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{where}: cannot read the model config ({exc}); pass an srae export directory") from None
+    return ScaleRAEConfig.from_json(data, str(where))
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedExport:
+    """Load an export directory written by training (or :func:`save_export`) in fp32, in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; pass an export written by `srae train stage1|stage2`")
+    cfg = read_export_config(path)
+    stats = load_stats(path / STATS_FILE) if (path / STATS_FILE).is_file() else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the tokenizer files are missing or broken ({type(exc).__name__}); re-export the model") from None
+    with torch.device("meta"):
+        model = ScaleRAE(cfg, stats=stats)
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"{path / WEIGHTS_FILE}: cannot read the weights ({exc}); re-export the model") from None
+    model.to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm.llm.lm_head.weight"} if cfg.llm.get("tie_word_embeddings") else set()
+    if unexpected or set(missing) - tied:
+        raise CheckpointError(
+            f"{path / WEIGHTS_FILE} does not match its config.json (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); re-export the model"
+        )
+    model.lm.llm.tie_weights()
+    model.diff_head.reset_fixed_buffers()  # non-persistent tables (Fourier W, RoPE) were left empty
+    rotary = model.lm.llm.model.rotary_emb  # its inv_freq buffer is non-persistent too: rebuild it
+    model.lm.llm.model.rotary_emb = type(rotary)(model.lm.llm.config)
+    return LoadedExport(model.to(device).eval(), tokenizer, cfg, path)

@@ -1,0 +1,389 @@
+"""Unified training (stage 1 pretraining, stage 2 finetuning) of the LLM + DiT head, on any backend.
+
+One optimiser step, on every process::
+
+    for each of grad_accum micro-batches:
+        samples → sequences (skip too long) → frozen encoder (no grad) → batch
+        loss = (CE + flow_weight · flow over answer images) / grad_accum ; backward
+    clip the global grad norm → AdamW step (two groups) → warmup-cosine lr step
+
+The model is built once in fp32 on every process from the same seed, then handed to the backend
+(``shard_model``: activation checkpointing and FSDP2 per Qwen2 decoder layer and per DiT block; the encoder
+is frozen and replicated). Checkpoints (model, optimiser, scheduler, RNG, data position) go through
+:class:`~scale_rae_core.train.checkpoint.CheckpointManager`, so ``resume`` continues exactly where a run
+stopped, with the same or a different process count.
+
+Run directory::
+
+    RUN/model/config.json, tokenizer/, latent_stats.safetensors   the architecture (no weights)
+    RUN/checkpoints/step-XXXXXXXX/                               resumable checkpoints (newest `keep`)
+    RUN/metrics.jsonl                                            one JSON record per logged step
+    RUN/export/                                                  the final model (load_export)
+
+Stage 2 starts from a stage-1 run (its latest checkpoint, else its export) or an export directory; the
+architecture, tokenizer, encoder and latent statistics come from there, the optimisation from ``[stage2]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scale_rae_core.backends.base import Backend, get_backend
+from scale_rae_core.config import Profile, StageSettings
+from scale_rae_core.errors import CheckpointError, ConfigError, DataError
+from scale_rae_core.events import Reporter
+from scale_rae_core.models.scale_rae import (
+    STATS_FILE,
+    WEIGHTS_FILE,
+    ScaleRAE,
+    ScaleRAEConfig,
+    export_files,
+    is_export,
+    read_export_config,
+)
+from scale_rae_core.train.checkpoint import CheckpointManager
+from scale_rae_core.train.schedule import stage_scheduler
+from scale_rae_core.train.unified_data import MicroBatcher, encode_and_collate, open_source
+from scale_rae_core.train.unified_eval import EvalBatches
+
+STAGES = ("stage1", "stage2")
+MODEL_DIR = "model"
+TOKENIZER_DIR = "tokenizer"
+METRICS_FILE = "metrics.jsonl"
+EXPORT_DIR = "export"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int  # optimiser steps completed
+    start_step: int  # where this invocation started (> 0 after a resume)
+    losses: list[float] = field(default_factory=list)  # total loss of every step run here (all ranks averaged)
+    records: list[dict[str, Any]] = field(default_factory=list)  # every step's metrics
+    export_dir: Path | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimiser
+# ----------------------------------------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, stage: StageSettings) -> list[dict[str, Any]]:
+    """The reference's two AdamW groups: every parameter whose name contains ``diff_head`` (the DiT and its
+    condition projector ``diff_head_projector``) at ``head_lr`` / ``head_betas``, all others at ``lr`` / ``betas``."""
+    head, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if "diff_head" in name else rest).append(p)
+    common = {"weight_decay": stage.weight_decay}
+    return [
+        {"params": rest, "lr": stage.lr, "betas": tuple(stage.betas), "name": "llm", **common},
+        {"params": head, "lr": stage.head_lr, "betas": tuple(stage.head_betas), "name": "head", **common},
+    ]
+
+
+def build_optimizer(model: nn.Module, stage: StageSettings) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, weight_decay=stage.weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model sources
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSource:
+    """Where a run's network comes from: architecture + tokenizer (+ stats), and initial weights."""
+
+    config: ScaleRAEConfig
+    model_dir: Path  # holds config.json, tokenizer/, maybe latent_stats.safetensors
+    llm: nn.Module | None = None  # pretrained LLM weights for a fresh stage 1
+    export_weights: Path | None = None  # an export's model.safetensors to start from (stage 2)
+    checkpoint: Path | None = None  # a stage-1 checkpoint step dir to start from (stage 2)
+
+
+def _write_model_dir(run_dir: Path, cfg: ScaleRAEConfig, tokenizer_dir: Path, stats: Path | None) -> Path:
+    """RUN/model: config.json + tokenizer/ (+ stats), written atomically by the caller's rank 0."""
+    target = run_dir / MODEL_DIR
+    tmp = run_dir / f".{MODEL_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+    if stats is not None:
+        shutil.copyfile(stats, tmp / STATS_FILE)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def _fresh_stage1(profile: Profile, run_dir: Path, backend: Backend) -> ModelSource:
+    from scale_rae_core.models.build import build_encoder
+    from scale_rae_core.models.scale_rae import build_llm, scale_rae_config
+
+    encoder = build_encoder(profile.model.encoder)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        llm, _ = build_llm(profile.model.llm, tok_dir)
+        cfg = scale_rae_config(llm, profile.model.dit, profile.model.encoder, encoder.hidden_size, encoder.grid[0])
+        stats = Path(profile.model.stats).expanduser() if profile.model.stats else None
+        if stats is not None and not stats.is_file():
+            raise ConfigError(f"model.stats = '{profile.model.stats}': file not found; compute it with `srae stat` or set stats = ''")
+        if backend.is_main:
+            _write_model_dir(run_dir, cfg, Path(tok_dir), stats)
+    backend.barrier()
+    return ModelSource(cfg, run_dir / MODEL_DIR, llm=llm)
+
+
+def _from_source(path: Path, run_dir: Path, backend: Backend) -> ModelSource:
+    """Stage 2's starting point: an export dir, or a run (latest complete checkpoint, else its export)."""
+    path = Path(path).expanduser()
+    if is_export(path):
+        cfg, tok, stats, weights, ckpt = read_export_config(path), path, path / STATS_FILE, path / WEIGHTS_FILE, None
+    elif (path / MODEL_DIR / "config.json").is_file():
+        cfg = read_export_config(path / MODEL_DIR)
+        tok, stats = path / MODEL_DIR / TOKENIZER_DIR, path / MODEL_DIR / STATS_FILE
+        found = CheckpointManager(path, 1, backend).complete()
+        weights, ckpt = None, found[-1][1] if found else None
+        if ckpt is None:
+            if not is_export(path / EXPORT_DIR):
+                raise CheckpointError(f"--from {path}: the run has no complete checkpoint and no export; train it first or pass an export directory")
+            weights = path / EXPORT_DIR / WEIGHTS_FILE
+    else:
+        raise CheckpointError(
+            f"--from {path} is neither an srae run (RUN/model/config.json) nor an export (config.json + {WEIGHTS_FILE}); "
+            "pass the --out folder of `srae train stage1` or its export/ folder"
+        )
+    if backend.is_main:
+        _write_model_dir(run_dir, cfg, tok, stats if stats.is_file() else None)
+    backend.barrier()
+    return ModelSource(cfg, run_dir / MODEL_DIR, export_weights=weights, checkpoint=ckpt)
+
+
+def _existing(run_dir: Path) -> ModelSource:
+    return ModelSource(read_export_config(run_dir / MODEL_DIR), run_dir / MODEL_DIR)
+
+
+def _build_model(src: ModelSource) -> ScaleRAE:
+    from scale_rae_core.models.stats import load_stats
+
+    stats_file = src.model_dir / STATS_FILE
+    stats = load_stats(stats_file) if stats_file.is_file() else None
+    model = ScaleRAE(src.config, llm=src.llm, stats=stats)
+    if src.export_weights is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(src.export_weights))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {"lm.llm.lm_head.weight"} if src.config.llm.get("tie_word_embeddings") else set()
+        if unexpected or set(missing) - tied:
+            raise CheckpointError(f"{src.export_weights} does not match its config.json; re-export the model")
+        model.lm.llm.tie_weights()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl, appended by rank 0; on resume, records after the resumed step are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and path.is_file():
+            keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+
+def train_unified(
+    profile: Profile,
+    stage: str,
+    data: str | Path | None,
+    out: str | Path,
+    *,
+    init_from: str | Path | None = None,
+    resume: bool = False,
+    stop_at: int | None = None,
+    reporter: Reporter | None = None,
+) -> TrainResult:
+    """Run ``stage`` ('stage1' | 'stage2') of ``profile`` on ``data`` into the run directory ``out``.
+
+    ``init_from``: stage 2's starting run or export (required for stage 2, refused for stage 1).
+    ``resume``: continue from the newest complete checkpoint in ``out`` (a fresh start when there is none).
+    ``stop_at``: end after that optimiser step as if the job were preempted (a checkpoint is saved first);
+    the schedule still spans ``[stage].steps``. Collective: call on every process.
+    """
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}'; use one of {', '.join(STAGES)}")
+    settings: StageSettings = getattr(profile, stage)
+    data = data or profile.data.train
+    if not data:
+        raise DataError(f"no training data: pass --data or set data.train in {profile.source}")
+    if stage == "stage2" and init_from is None:
+        raise ConfigError("stage 2 needs --from: the stage-1 run folder or an export to finetune")
+    if stage == "stage1" and init_from is not None:
+        raise ConfigError("--from is only for stage 2; stage 1 starts from model.llm.path")
+    run_dir = Path(out).expanduser()
+
+    with get_backend(profile.backend) as backend:
+        return _train(profile, stage, settings, Path(data), run_dir, backend, init_from, resume, stop_at, reporter)
+
+
+def _train(
+    profile: Profile, stage: str, settings: StageSettings, data: Path, run_dir: Path, backend: Backend,
+    init_from: str | Path | None, resume: bool, stop_at: int | None, reporter: Reporter | None,
+) -> TrainResult:
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    from scale_rae_core.models.build import build_encoder
+    from scale_rae_core.models.dit import DiTBlock
+
+    reporter = reporter if (reporter is not None and backend.is_main) else Reporter()
+    manager = CheckpointManager(run_dir, profile.checkpoint.keep, backend)
+    if not data.exists():  # fail before any model work
+        raise DataError(f"--data {data}: no such file or folder; pass a packed folder (srae data pack), its wds_manifest.json or a JSONL")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    latest = manager.latest()
+    if latest is not None and not resume:
+        raise CheckpointError(
+            f"{run_dir} already holds a run (checkpoint {latest.name}); pass --resume to continue it or choose a new --out"
+        )
+
+    # ---- model (same weights on every rank: seed before building) -------------------------------------
+    backend.seed_everything(profile.run.seed, per_rank=False)
+    if latest is not None:
+        src = _existing(run_dir)
+    elif stage == "stage1":
+        src = _fresh_stage1(profile, run_dir, backend)
+    else:
+        src = _from_source(Path(init_from), run_dir, backend)
+    model = _build_model(src)
+    tokenizer = AutoTokenizer.from_pretrained(str(src.model_dir / TOKENIZER_DIR))
+    from scale_rae_core.config import EncoderSettings
+
+    enc = src.config.encoder
+    encoder = build_encoder(EncoderSettings(kind=enc["kind"], path=enc["path"], input_size=enc.get("input_size")))
+    model = backend.shard_model(model, (Qwen2DecoderLayer, DiTBlock), frozen=[encoder])
+    model.train()
+    if src.checkpoint is not None:  # stage 2 from a stage-1 checkpoint: weights only
+        CheckpointManager(src.checkpoint.parent.parent, 1, backend).load(src.checkpoint, model)
+
+    optimizer = build_optimizer(model, settings)
+    scheduler = stage_scheduler(optimizer, settings)
+    backend.seed_everything(profile.run.seed)  # per-rank noise from here on
+
+    reader = open_source(
+        data, image_folder=profile.data.image_folder, rank=backend.rank, world_size=backend.world_size,
+        seed=profile.run.seed, shuffle_buffer=profile.data.shuffle_buffer,
+    )
+    batcher = MicroBatcher(reader, tokenizer, src.config.lm.num_image_tokens, settings.seq_len, encoder.input_size)
+    start = 0
+    if latest is not None:
+        state = manager.load(latest, model, optimizer, scheduler)
+        start = state["step"]
+        position = state["data_position"]
+        if position is not None:
+            batcher.load_state_dict(position)
+        elif state["data_positions"] and state["data_positions"][0]:
+            # Saved by another process count: the readers' splits differ, so this epoch is read again from its
+            # start (the model, optimiser and schedule are restored exactly).
+            batcher.epoch = int(state["data_positions"][0]["epoch"])
+        reporter.event(f"{stage}.resume", step=start, checkpoint=str(latest), data_restored=position is not None)
+
+    evals = None
+    if profile.data.eval:
+        evals = EvalBatches.build(profile.data.eval, tokenizer, src.config.lm.num_image_tokens, settings, encoder, backend,
+                                  image_folder=profile.data.image_folder)
+
+    # ---- loop -------------------------------------------------------------------------------------------
+    accum = profile.grad_accum(stage)
+    pad_id = tokenizer.pad_token_id
+    params = [p for p in model.parameters() if p.requires_grad]
+    metrics = MetricsLog(run_dir / METRICS_FILE, backend.is_main, start)
+    result = TrainResult(run_dir, start, start)
+    end = settings.steps if stop_at is None else min(stop_at, settings.steps)
+    all_slots = profile.backend.kind == "xla"
+    reporter.event(f"{stage}.start", step=start, steps=settings.steps, world_size=backend.world_size, grad_accum=accum,
+                   data=str(data), run_dir=str(run_dir))
+    if evals is not None and start == 0:
+        metrics.write({"step": 0, **evals.run(model, settings.flow_weight)})
+
+    with reporter.task(stage, settings.steps) as advance:
+        if start:
+            advance(start)
+        for step in range(start + 1, end + 1):
+            t0 = time.perf_counter()
+            sums = torch.zeros(6, dtype=torch.float64)  # total, ce, flow, answer images, tokens, images
+            for _ in range(accum):
+                batch = encode_and_collate(batcher.next_batch(settings.micro_batch_size), encoder, settings.seq_len,
+                                           pad_id, backend.device)
+                with backend.autocast():
+                    loss = model(batch, flow_weight=settings.flow_weight, all_slots=all_slots)
+                (loss.total / accum).backward()
+                sums += torch.tensor([loss.total.item(), loss.ce.item(), loss.flow.item(), loss.answer_images.item(),
+                                      batch["attention_mask"].sum().item(), batch["image_valid"].sum().item()],
+                                     dtype=torch.float64)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip if settings.grad_clip > 0 else math.inf)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            backend.mark_step()
+
+            sums[:3] /= accum
+            mean = backend.all_reduce_mean(sums)
+            seconds = time.perf_counter() - t0
+            w = backend.world_size
+            record = {
+                "step": step, "loss": float(mean[0]), "ce": float(mean[1]), "flow": float(mean[2]),
+                "lr": lrs[0], "head_lr": lrs[1], "grad_norm": float(grad_norm),
+                "answer_images": int(round(float(mean[3]) * w)),
+                "tokens_per_s": float(mean[4]) * w / seconds, "images_per_s": float(mean[5]) * w / seconds,
+                "epoch": batcher.epoch, "skipped_too_long": batcher.skipped.too_long,
+            }
+            result.losses.append(record["loss"])
+            result.records.append(record)
+            result.step = step
+            if evals is not None and (step % profile.output.log_every == 0 or step == settings.steps):
+                record.update(evals.run(model, settings.flow_weight))
+            if step % profile.output.log_every == 0 or step == end:
+                metrics.write(record)
+                reporter.event(f"{stage}.step", **record)
+            advance(1, loss=record["loss"], ce=record["ce"], flow=record["flow"])
+            if step % profile.checkpoint.every_steps == 0 or step == end:
+                manager.save(step, model, optimizer, scheduler, data_position=batcher.state_dict(), metrics=record,
+                             profile=profile)
+
+    result.skipped = batcher.skipped.as_dict()
+    if result.step >= settings.steps and profile.checkpoint.export:
+        stats = src.model_dir / STATS_FILE
+        extra = export_files(src.config, src.model_dir / TOKENIZER_DIR, stats if stats.is_file() else None)
+        result.export_dir = manager.export(run_dir / EXPORT_DIR, model, src.config.to_json(), extra)
+    reporter.event(f"{stage}.done", step=result.step, export=str(result.export_dir) if result.export_dir else None,
+                   skipped=result.skipped)
+    return result
