@@ -108,6 +108,26 @@ class Backend(ABC):
         train (the same object, modified in place). Build the optimizer after this call.
         """
 
+    # ------------------------------------------------------------------------------------- checkpoint state
+    def train_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """``{"model": ..., "optim": ...}`` in the engine-neutral layout checkpoints store (plain parameter
+        names; FSDP2 shards stay DTensors so each rank writes its own part)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        if optimizer is None:
+            return {"model": get_model_state_dict(model)}
+        msd, osd = get_state_dict(model, optimizer)
+        return {"model": msd, "optim": osd}
+
+    def load_train_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+        """Put a state filled from a checkpoint (same layout as :meth:`train_state`) into model / optimizer."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
     # ------------------------------------------------------------------------------------- randomness
     def seed_everything(self, seed: int, *, per_rank: bool = True) -> int:
         """Seed python, numpy and torch (every device) with ``seed + rank`` (or ``seed`` with

@@ -36,6 +36,11 @@ from scale_rae_core.config import BackendSettings
 from scale_rae_core.errors import BackendError
 
 
+def _plain(name: str) -> str:
+    """``_orig_module.blocks.0._orig_module.attn.qkv.weight`` → ``blocks.0.attn.qkv.weight``."""
+    return name.replace("_orig_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
 def _no_output_sharding(output: object, mesh: xs.Mesh) -> None:
     """Leave outputs to XLA's sharding propagation (losses are scalars, conditions are per image)."""
     return None
@@ -139,6 +144,42 @@ class XlaBackend(Backend):
         tensor = tensor.to(self._device)
         xs.mark_sharding(tensor, self.mesh, ("fsdp",) + (None,) * (tensor.dim() - 1))
         return tensor
+
+    # ------------------------------------------------------------------------------------- checkpoint state
+    # FSDPv2 wraps modules as ``_orig_module``; checkpoints store the plain names and host (CPU) tensors, the
+    # same layout a single CPU/GPU process writes, so either engine reads the other's checkpoints. Every host
+    # holds the full state while saving (DCP de-duplicates the replicated tensors, one host writes each).
+
+    def train_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.mark_step()
+        msd = {_plain(k): v.detach().cpu() for k, v in model.state_dict().items()}
+        if optimizer is None:
+            return {"model": msd}
+        _, osd = get_state_dict(model, optimizer)
+        optim = {
+            "state": {_plain(k): {n: (t.detach().cpu() if torch.is_tensor(t) else t) for n, t in v.items()} for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [_plain(p) for p in g["params"]]} for g in osd["param_groups"]],
+        }
+        return {"model": msd, "optim": optim}
+
+    def load_train_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        wrapped = {_plain(k): k for k in model.state_dict()}
+        msd = {wrapped[k]: v.to(self._device) for k, v in state["model"].items()}
+        if optimizer is None:
+            model.load_state_dict(msd)
+        else:
+            names = {_plain(n): n for n, _ in model.named_parameters()}
+            osd = {
+                "state": {names[k]: {n: (t.to(self._device) if torch.is_tensor(t) and t.dim() else t) for n, t in v.items()}
+                          for k, v in state["optim"]["state"].items()},
+                "param_groups": [{**g, "params": [names[p] for p in g["params"]]} for g in state["optim"]["param_groups"]],
+            }
+            set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+        self.mark_step()
 
     # ------------------------------------------------------------------------------------- randomness
     def seed_everything(self, seed: int, *, per_rank: bool = True) -> int:

@@ -54,9 +54,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
 )
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -419,11 +416,7 @@ class CheckpointManager:
             (tmp / "data").mkdir()
         be.barrier()
 
-        if optimizer is not None:
-            msd, osd = get_state_dict(model, optimizer)
-            state: dict[str, Any] = {"model": msd, "optim": osd}
-        else:
-            state = {"model": get_model_state_dict(model)}
+        state: dict[str, Any] = be.train_state(model, optimizer)
         tensors, plain = _split(state)
         with _quiet_single_process():
             dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not be.distributed)
@@ -527,11 +520,7 @@ class CheckpointManager:
                 f"checkpoint {step_dir} holds no optimizer state (saved for inference); load it without an optimizer or start a new run"
             )
 
-        if optimizer is not None:
-            msd, osd = get_state_dict(model, optimizer)
-            template: dict[str, Any] = {"model": msd, "optim": osd}
-        else:
-            template = {"model": get_model_state_dict(model)}
+        template: dict[str, Any] = be.train_state(model, optimizer)
         tensors, _ = _split(template)
         reader = _SafeReader(str(step_dir))
         try:
@@ -549,12 +538,7 @@ class CheckpointManager:
             ) from None
         plain = _from_json(saved.get("non_tensor_state", {}))
         restored = _merge(tensors, {k: v for k, v in plain.items() if k in template})
-        if optimizer is not None:
-            set_state_dict(
-                model, optimizer, model_state_dict=restored["model"], optim_state_dict=restored["optim"]
-            )
-        else:
-            set_model_state_dict(model, restored["model"])
+        be.load_train_state(model, optimizer, restored)
 
         if scheduler is not None:
             if saved.get("scheduler") is None:

@@ -326,6 +326,9 @@ def _train(
     result = TrainResult(run_dir, start, start)
     end = settings.steps if stop_at is None else min(stop_at, settings.steps)
     all_slots = profile.backend.kind == "xla"
+    # samples this process loads per micro-step: micro_batch_size per data-parallel rank; under xla SPMD one
+    # process feeds all of its host's chips (the batch is then sharded over them)
+    per_process = settings.micro_batch_size * profile.backend.data_parallel_size // backend.world_size
     reporter.event(f"{stage}.start", step=start, steps=settings.steps, world_size=backend.world_size, grad_accum=accum,
                    data=str(data), run_dir=str(run_dir))
     if evals is not None and start == 0:
@@ -338,8 +341,8 @@ def _train(
             t0 = time.perf_counter()
             sums = torch.zeros(6, dtype=torch.float64)  # total, ce, flow, answer images, tokens, images
             for _ in range(accum):
-                batch = encode_and_collate(batcher.next_batch(settings.micro_batch_size), encoder, settings.seq_len,
-                                           pad_id, backend.device)
+                batch = encode_and_collate(batcher.next_batch(per_process), encoder, settings.seq_len,
+                                           pad_id, backend.device, put=backend.shard_batch)
                 with backend.autocast():
                     loss = model(batch, flow_weight=settings.flow_weight, all_slots=all_slots)
                 (loss.total / accum).backward()

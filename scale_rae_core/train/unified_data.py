@@ -13,7 +13,7 @@ uninterrupted run would have read.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -169,13 +169,20 @@ class MicroBatcher:
 
 
 def encode_and_collate(
-    prepared: list[Prepared], encoder: torch.nn.Module, seq_len: int, pad_id: int, device: torch.device
+    prepared: list[Prepared],
+    encoder: torch.nn.Module,
+    seq_len: int,
+    pad_id: int,
+    device: torch.device,
+    put: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encode the batch's images with the frozen encoder (no grad, on ``device``) and collate to ``seq_len``.
 
-    Returns the :func:`collate` tensors on ``device``, ``image_features`` (B, 1, N, C) included.
+    Returns the :func:`collate` tensors, ``image_features`` (B, 1, N, C) included, each placed with ``put``
+    (the backend's ``shard_batch``: on xla it also shards the batch axis; default: moved to ``device``).
     """
-    batch = {k: v.to(device) for k, v in collate([p.tokens for p in prepared], seq_len, pad_id, max_images=1).items()}
+    put = put or (lambda t: t.to(device))
+    batch = {k: put(v) for k, v in collate([p.tokens for p in prepared], seq_len, pad_id, max_images=1).items()}
     n_tok = prepared[0].tokens.num_image_tokens
     features = torch.zeros(len(prepared), 1, n_tok, encoder.hidden_size, device=device)  # (B, M=1, N, C)
     with_image = [i for i, p in enumerate(prepared) if p.pixels is not None]
@@ -183,5 +190,5 @@ def encode_and_collate(
         pixels = torch.stack([prepared[i].pixels for i in with_image]).to(device)  # (n_img, 3, S, S)
         with torch.no_grad():
             features[with_image, 0] = encoder(pixels).float()  # (n_img, N, C)
-    batch["image_features"] = features
+    batch["image_features"] = put(features)
     return batch
