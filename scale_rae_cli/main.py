@@ -58,7 +58,7 @@ def _root(
 
 
 def _register() -> None:
-    from scale_rae_cli import data, demo, env, profiles, tpu, train_unified
+    from scale_rae_cli import data, demo, env, generate, latent, profiles, scale, tpu, train_unified, understand
 
     train_app = typer.Typer(help="Train the RAE decoder and the unified model.", no_args_is_help=True)
     train_app.command("stage1", epilog=train_unified.STAGE1_EPILOG)(train_unified.stage1)
@@ -67,6 +67,11 @@ def _register() -> None:
     app.add_typer(data.app, name="data")
     app.add_typer(profiles.app, name="profiles")
     app.add_typer(tpu.app, name="tpu")
+    app.command("generate", epilog=generate.EPILOG)(generate.generate)
+    app.command("understand", epilog=understand.EPILOG)(understand.understand)
+    app.add_typer(latent.app, name="latent")
+    app.command("scale", epilog=scale.SCALE_EPILOG)(scale.scale)
+    app.command("verify", epilog=scale.VERIFY_EPILOG)(scale.verify)
     app.command("env", epilog=env.EPILOG)(env.env)
     app.command("demo", epilog=demo.EPILOG)(demo.demo)
 

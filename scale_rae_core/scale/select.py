@@ -1,0 +1,314 @@
+"""Best-of-N selection over a scaling run, written out as a GenEval-readable tree, with a report.
+
+Input: a scaling run in the reference layout (``srae scale`` writes the same)::
+
+    DIR/{index:05d}/metadata.jsonl      one JSON object: the prompt line's fields, "text_responses":
+                                        {"<k>": {score, yes_logit, ..., prompt_loss, ...}},
+                                        "all_ir_scores": [n], and (srae) "scores": {scorer: [n]}
+    DIR/{index:05d}/samples/{k:05d}.png
+
+Output: ``OUT/{index:05d}/metadata.jsonl`` + ``samples/{j:05d}.png`` with the K selected samples
+renumbered 0..K-1 best first (GenEval reads this), and ``OUT/report.json``.
+
+Metrics (per prompt, samples sorted ascending by the key, ties broken by sample index; the reference's
+keys, with ``loss`` fixed to use the real ``prompt_loss``):
+
+=================  ====================================================================
+``answer_conf``    (-score, -yes_conf_score, +no_conf_score): "yes" first, most confident yes first
+``answer_logits``  (-score, -yes_logit, +no_logit)
+``prompt_conf``    (-prompt_conf_score, -yes_logit, +no_logit)
+``image_conf``     (-image_conf_score, -yes_logit, +no_logit)
+``response_conf``  (-response_conf_score, -yes_logit, +no_logit)
+``loss``           (+prompt_loss, -score, -yes_logit, +no_logit): lowest caption loss first
+``image_reward``   (-ImageReward)
+``combined``       mean of the sample's rank under ``image_reward`` and under ``answer_conf`` (rank 0 =
+                   best), lowest first: the external judge and the model's own answer, equally weighted
+any score name     (-score) for a score recorded under "scores" (e.g. ``shapes``, an oracle)
+=================  ====================================================================
+
+Where a prompt has fewer than K samples all are kept and the report lists it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scale_rae_core.errors import DataError
+
+SAMPLE_RE = re.compile(r"^(\d{5,})\.png$")
+PER_SAMPLE_FIELDS = ("text_responses", "all_ir_scores", "top_ir_scores", "top_ir_indices", "scores")
+IMAGE_REWARD = "image_reward"
+
+
+@dataclass
+class Sample:
+    index: int
+    path: Path
+    verify: dict[str, Any] | None  # this sample's text_responses entry
+    scores: dict[str, float] = field(default_factory=dict)  # image_reward and any recorded scorer
+
+
+@dataclass
+class PromptRun:
+    index: int
+    folder: Path
+    metadata: dict[str, Any]
+    samples: list[Sample]  # every sample with a PNG, by index
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def read_prompt_folder(folder: Path) -> PromptRun:
+    """One prompt folder of a scaling run."""
+    meta_path = folder / "metadata.jsonl"
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except FileNotFoundError as e:
+        raise DataError(f"{meta_path}: missing (generation for this prompt did not finish)") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{meta_path}: not one JSON object ({e})") from e
+    if not isinstance(metadata, dict):
+        raise DataError(f"{meta_path}: expected one JSON object")
+    pngs = sorted(
+        (int(m.group(1)), p) for p in (folder / "samples").glob("*.png") if (m := SAMPLE_RE.match(p.name))
+    )
+    responses = metadata.get("text_responses") or {}
+    if not isinstance(responses, dict):
+        raise DataError(f"{meta_path}: text_responses must map sample index -> scores")
+    samples = [Sample(k, p, responses.get(str(k))) for k, p in pngs]
+    indices = [s.index for s in samples]
+
+    def attach(name: str, values: Any, order: list[int], what: str) -> None:
+        if not isinstance(values, list) or len(values) != len(order):
+            raise DataError(f"{meta_path}: {what} has {len(values) if isinstance(values, list) else '?'} "
+                            f"values for {len(order)} samples")
+        by_index = dict(zip(order, values, strict=True))
+        for s in samples:
+            if s.index in by_index:
+                s.scores[name] = float(by_index[s.index])
+
+    if "all_ir_scores" in metadata:
+        ir = metadata["all_ir_scores"]
+        # The reference scores the images of one run in order; after a resumed run it covers only the
+        # samples that run made, which are the ones in text_responses.
+        resumed = sorted(int(k) for k in responses)
+        order = indices if isinstance(ir, list) and len(ir) == len(indices) else resumed
+        attach(IMAGE_REWARD, ir, order, "all_ir_scores")
+    for name, values in (metadata.get("scores") or {}).items():
+        attach(name, values, indices, f"scores.{name}")
+    return PromptRun(int(folder.name), folder, metadata, samples)
+
+
+def read_run(directory: Path) -> tuple[list[PromptRun], list[dict[str, str]]]:
+    """Every prompt folder of a run; folders that cannot be read are returned as skipped, with the reason."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: not a directory")
+    folders = sorted((p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    if not folders:
+        raise DataError(f"{directory}: no prompt folders ({{index:05d}}/metadata.jsonl + samples/); pass the run directory")
+    runs, skipped = [], []
+    for folder in folders:
+        try:
+            runs.append(read_prompt_folder(folder))
+        except DataError as e:
+            skipped.append({"folder": folder.name, "reason": str(e)})
+    return runs, skipped
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def _v(sample: Sample, key: str, metric: str, folder: Path) -> float:
+    if sample.verify is None:
+        raise DataError(f"{folder}: sample {sample.index} has no text_responses entry; metric {metric} needs self-verification scores")
+    if key not in sample.verify:
+        raise DataError(f"{folder}: sample {sample.index} has no {key!r}; metric {metric} needs it (pick another --metric)")
+    return float(sample.verify[key])
+
+
+def _s(sample: Sample, name: str, metric: str, folder: Path) -> float:
+    if name not in sample.scores:
+        raise DataError(f"{folder}: sample {sample.index} has no {name} score; metric {metric} needs it")
+    return sample.scores[name]
+
+
+# name -> (sort key, the value shown in the report). Keys are ascending; the sample index breaks ties.
+_VERIFY_KEYS: dict[str, tuple[tuple[str, int], ...]] = {
+    "answer_conf": (("score", -1), ("yes_conf_score", -1), ("no_conf_score", 1)),
+    "answer_logits": (("score", -1), ("yes_logit", -1), ("no_logit", 1)),
+    "prompt_conf": (("prompt_conf_score", -1), ("yes_logit", -1), ("no_logit", 1)),
+    "image_conf": (("image_conf_score", -1), ("yes_logit", -1), ("no_logit", 1)),
+    "response_conf": (("response_conf_score", -1), ("yes_logit", -1), ("no_logit", 1)),
+    "loss": (("prompt_loss", 1), ("score", -1), ("yes_logit", -1), ("no_logit", 1)),
+}
+_SHOWN = {
+    "answer_conf": "yes_conf_score", "answer_logits": "yes_logit", "prompt_conf": "prompt_conf_score",
+    "image_conf": "image_conf_score", "response_conf": "response_conf_score", "loss": "prompt_loss",
+}
+BUILTIN_METRICS = ("combined", IMAGE_REWARD, *_VERIFY_KEYS)
+
+
+def _uses_verify(metric: str) -> bool:
+    return metric in _VERIFY_KEYS or metric == "combined"
+
+
+def candidates(run: PromptRun, metric: str) -> list[Sample]:
+    """Samples a metric can rank: those with self-verification scores for verify-based metrics."""
+    if _uses_verify(metric):
+        return [s for s in run.samples if s.verify is not None]
+    return list(run.samples)
+
+
+def metric_values(run: PromptRun, metric: str) -> dict[int, float]:
+    """The per-sample value a metric is about (shown in the report), by sample index."""
+    pool = candidates(run, metric)
+    if metric in _SHOWN:
+        return {s.index: _v(s, _SHOWN[metric], metric, run.folder) for s in pool}
+    if metric == "combined":
+        return _combined_ranks(run, pool)
+    return {s.index: _s(s, metric, metric, run.folder) for s in pool}
+
+
+def _order(run: PromptRun, pool: list[Sample], metric: str) -> list[int]:
+    if metric in _VERIFY_KEYS:
+        spec = _VERIFY_KEYS[metric]
+
+        def key(s: Sample) -> tuple[float, ...]:
+            return (*(sign * _v(s, name, metric, run.folder) for name, sign in spec), s.index)
+    elif metric == "combined":
+        ranks = _combined_ranks(run, pool)
+
+        def key(s: Sample) -> tuple[float, ...]:
+            return (ranks[s.index], s.index)
+    else:
+        def key(s: Sample) -> tuple[float, ...]:
+            return (-_s(s, metric, metric, run.folder), s.index)
+    return [s.index for s in sorted(pool, key=key)]
+
+
+def _combined_ranks(run: PromptRun, pool: list[Sample]) -> dict[int, float]:
+    by_ir = _order(run, pool, IMAGE_REWARD)
+    by_answer = _order(run, pool, "answer_conf")
+    ir_rank = {k: r for r, k in enumerate(by_ir)}
+    answer_rank = {k: r for r, k in enumerate(by_answer)}
+    return {k: (ir_rank[k] + answer_rank[k]) / 2 for k in ir_rank}
+
+
+def select(run: PromptRun, metric: str, keep: int) -> list[int]:
+    """Indices of the ``keep`` best samples under ``metric``, best first (all of them if fewer)."""
+    if keep < 1:
+        raise DataError(f"--keep must be at least 1, got {keep}")
+    return _order(run, candidates(run, metric), metric)[:keep]
+
+
+def known_metrics(runs: list[PromptRun]) -> list[str]:
+    """Built-in metrics plus every score name recorded in the run."""
+    names = {name for run in runs for s in run.samples for name in s.scores}
+    return [*BUILTIN_METRICS, *sorted(names - set(BUILTIN_METRICS))]
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def compare_metrics(runs: list[PromptRun], keep: int) -> dict[str, dict[str, Any]]:
+    """For every metric the run supports: its own value and every recorded score, selected vs all."""
+    score_names = sorted({name for run in runs for s in run.samples for name in s.scores})
+    table: dict[str, dict[str, Any]] = {}
+    for metric in known_metrics(runs):
+        try:
+            value_sel: list[float] = []
+            value_all: list[float] = []
+            score_sel: dict[str, list[float]] = {n: [] for n in score_names}
+            score_all: dict[str, list[float]] = {n: [] for n in score_names}
+            for run in runs:
+                chosen = select(run, metric, keep)
+                values = metric_values(run, metric)
+                value_sel += [values[k] for k in chosen]
+                value_all += list(values.values())
+                by_index = {s.index: s for s in candidates(run, metric)}
+                for name in score_names:
+                    score_sel[name] += [by_index[k].scores[name] for k in chosen if name in by_index[k].scores]
+                    score_all[name] += [s.scores[name] for s in by_index.values() if name in s.scores]
+        except DataError:
+            continue  # this run lacks what the metric needs
+        table[metric] = {
+            "value": {"selected": _mean(value_sel), "all": _mean(value_all)},
+            "scores": {n: {"selected": _mean(score_sel[n]), "all": _mean(score_all[n])} for n in score_names},
+        }
+    return table
+
+
+def write_selection(
+    directory: Path, metric: str, keep: int, out: Path | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Select ``keep`` samples per prompt by ``metric``, write the GenEval tree + report.json; return the report."""
+    directory = Path(directory)
+    runs, skipped = read_run(directory)
+    if not runs:
+        raise DataError(f"{directory}: no prompt folder could be read (first: {skipped[0]['reason']})")
+    if metric not in known_metrics(runs):
+        raise DataError(f"--metric {metric}: unknown; choose one of {', '.join(known_metrics(runs))}")
+    out = Path(out) if out is not None else directory.with_name(f"{directory.name}_{metric}_verified")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise DataError(f"{out}: exists and is not empty; pass --overwrite or another --out")
+        if not (out / "report.json").is_file():
+            raise DataError(f"{out}: not an srae verify output (no report.json); refusing to overwrite it")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+
+    short: dict[str, int] = {}
+    unscored: dict[str, int] = {}
+    for run in runs:
+        chosen = select(run, metric, keep)  # raises a DataError naming the folder if it lacks a score
+        values = metric_values(run, metric)
+        if len(chosen) < keep:
+            short[f"{run.index:05d}"] = len(chosen)
+        missing = len(run.samples) - len(candidates(run, metric))
+        if missing:
+            unscored[f"{run.index:05d}"] = missing
+        target = partial / f"{run.index:05d}"
+        (target / "samples").mkdir(parents=True)
+        by_index = {s.index: s for s in run.samples}
+        for j, k in enumerate(chosen):
+            shutil.copyfile(by_index[k].path, target / "samples" / f"{j:05d}.png")
+        meta = {key: v for key, v in run.metadata.items() if key not in PER_SAMPLE_FIELDS}
+        meta["selection"] = {
+            "metric": metric, "keep": keep, "source": str(run.folder),
+            "source_indices": chosen, "values": [values[k] for k in chosen],
+        }
+        responses = {str(j): by_index[k].verify for j, k in enumerate(chosen) if by_index[k].verify is not None}
+        if responses:
+            meta["text_responses"] = responses
+        names = sorted({n for k in chosen for n in by_index[k].scores})
+        if names:
+            meta["scores"] = {n: [by_index[k].scores.get(n) for k in chosen] for n in names}
+        (target / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
+
+    counts = [len(run.samples) for run in runs]
+    report = {
+        "source": str(directory),
+        "out": str(out),
+        "metric": metric,
+        "keep": keep,
+        "prompts": len(runs),
+        "samples_per_prompt": {"min": min(counts), "max": max(counts)},
+        "short": short,
+        "unscored": unscored,
+        "skipped": skipped,
+        "metrics": compare_metrics(runs, keep),
+    }
+    (partial / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return report
+
+

@@ -1,0 +1,255 @@
+"""Inference: batched KV-cache decoding, seeds, guidance, samplers, files, released layout, latents, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from scale_rae_core.config import load_profile
+from scale_rae_core.errors import CheckpointError, ConfigError, DataError
+from scale_rae_core.flow.sampler import reference_schedule
+from scale_rae_core.infer.generate import decode_to_image_start, generate_images
+from scale_rae_core.infer.loading import load_model
+from scale_rae_core.infer.outputs import load_latent
+from scale_rae_core.infer.pipeline import SamplerSettings, Session
+from scale_rae_core.infer.understand import decode_latent_file, latent_answer, understand_image
+from tests.infer.helpers import C, N, build_tiny, write_decoder, write_export, write_released
+
+PROMPTS = ["draw a red circle", "a small blue square on the left of a big green triangle"]
+FAST = SamplerSettings(steps=3)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from scale_rae_core.models.build import tiny_random_encoder_dir
+
+    tmp = tmp_path_factory.mktemp("infer")
+    model, tok = build_tiny(tmp)
+    export = write_export(model, tok, tmp / "export")
+    released = write_released(model, tok, tmp / "released", str(tiny_random_encoder_dir()) + "-interp64")
+    decoder = write_decoder(tmp / "decoder")
+    return {"model": model, "tok": tok, "export": export, "released": released, "decoder": decoder, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def session(files):
+    return Session.open(str(files["export"]), load_profile("tiny-cpu"), decoder=str(files["decoder"]))
+
+
+def _full_forward_conditions(session, prompt, generated):
+    """No cache, no padding: the whole sequence [prompt, generated text, latent queries] in one forward."""
+    from scale_rae_core.models.llm import build_sample
+
+    lm, tok = session.model.lm, session.tokenizer
+    ids = build_sample([{"from": "human", "value": prompt}], tok, N, 4096, add_generation_prompt=True).input_ids
+    embeds = torch.cat([lm.embed_text(torch.tensor([ids + generated])), lm.latent_queries[None]], 1)
+    hidden = lm.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    return lm.conditions(hidden[:, -N:])[0]
+
+
+def test_batched_left_padded_kv_decoding_matches_a_full_forward(session):
+    texts, cond = decode_to_image_start(session, PROMPTS, max_new_tokens=5)
+    assert cond.shape == (2, N, session.model.cfg.lm.z_channels)
+    for r, t in enumerate(texts):
+        assert t.generated_ids[-1] == session.tokenizer.convert_tokens_to_ids("<im_start>")
+        assert len(t.generated_ids) <= 6 and "<|im_start|>user\n" + PROMPTS[r] in t.request
+        with torch.no_grad():
+            ref = _full_forward_conditions(session, PROMPTS[r], t.generated_ids)
+        torch.testing.assert_close(cond[r], ref, atol=2e-5, rtol=1e-4)
+    alone, cond1 = decode_to_image_start(session, PROMPTS[1:], max_new_tokens=5)
+    assert alone[0].generated_ids == texts[1].generated_ids
+    torch.testing.assert_close(cond1[0], cond[1], atol=2e-5, rtol=1e-4)
+    forced, _ = decode_to_image_start(session, PROMPTS[:1], max_new_tokens=0)
+    assert forced[0].forced and len(forced[0].generated_ids) == 1
+
+
+def test_a_row_that_opens_its_image_early_waits_on_masked_positions(files, session):
+    """Make the model choose <im_start> wherever it would have written row 1's first token: row 1 then stops at
+    once (not forced) while row 0 keeps decoding; both must match an unpadded, uncached forward."""
+    texts, _ = decode_to_image_start(session, PROMPTS, max_new_tokens=5)
+    first = texts[1].generated_ids[0]
+    assert first not in texts[0].generated_ids  # row 0 must not be cut short by the same trick
+    other = Session(load_model(str(files["export"])), session.runtime, session.profile)
+    head = other.model.lm.llm.lm_head.weight
+    im_start = other.tokenizer.convert_tokens_to_ids("<im_start>")
+    with torch.no_grad():
+        head[[im_start, first]] = head[[first, im_start]].clone()  # swap: <im_start> takes `first`'s place
+    texts, cond = decode_to_image_start(other, PROMPTS, max_new_tokens=5)
+    assert texts[1].generated_ids == [im_start] and not texts[1].forced
+    assert len(texts[0].generated_ids) == 6 and texts[0].forced
+    for r in range(2):
+        with torch.no_grad():
+            ref = _full_forward_conditions(other, PROMPTS[r], texts[r].generated_ids)
+        torch.testing.assert_close(cond[r], ref, atol=2e-5, rtol=1e-4)
+
+
+def test_same_seed_same_image_and_names_never_collide(session, tmp_path):
+    a = generate_images(session, PROMPTS, tmp_path / "a", FAST, seed=7, n=2, batch_size=3, save_latents=True)
+    b = generate_images(session, PROMPTS[1:], tmp_path / "b", FAST, seed=8, n=1, batch_size=1)
+    assert len(a.images) == 4 and [r.seed for r in a.images] == [7, 8, 7, 8]
+    same = next(r for r in a.images if r.prompt == PROMPTS[1] and r.seed == 8)
+    assert same.png.read_bytes() == b.images[0].png.read_bytes()  # batch- and neighbour-independent
+    assert a.images[0].png.read_bytes() != a.images[1].png.read_bytes()
+    again = generate_images(session, PROMPTS[:1], tmp_path / "a", FAST, seed=7, n=1)
+    assert again.images[0].png.read_bytes() == a.images[0].png.read_bytes()
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
+    assert len(names) == 5 and names[0].startswith("00000-draw-a-red-circle-s7") and names[-1].startswith("00004-")
+    m = json.loads(a.images[0].manifest.read_text())
+    for key in ("prompt", "seed", "steps", "guidance", "sampler", "srae_version", "timings_s", "output_text"):
+        assert key in m
+    assert m["model"]["revision"].startswith("sha256:") and m["decoder"]["revision"].startswith("sha256:")
+    assert m["image_size"] == [64, 64] and m["latent_shape"] == [N, C]
+    lat = load_latent(a.images[0].latent, N, C)
+    assert lat.tokens.shape == (1, N, C) and lat.metadata["encoder_kind"] == "siglip"
+
+
+def test_guidance_is_one_batched_forward_and_changes_the_result(session, monkeypatch):
+    dit = session.model.diff_head
+    rows: list[int] = []
+    original = type(dit).forward
+    monkeypatch.setattr(type(dit), "forward", lambda self, x, t, y, *a, **k: (rows.append(x.shape[0]), original(self, x, t, y, *a, **k))[1])
+    cond = torch.randn(3, N, session.model.cfg.lm.z_channels)
+    plain = session.sample(cond, [1, 2, 3], SamplerSettings(steps=4))
+    assert rows == [3] * 4
+    rows.clear()
+    guided = session.sample(cond, [1, 2, 3], SamplerSettings(steps=4, guidance=3.0))
+    assert rows == [6] * 4 and (guided - plain).abs().max() > 1e-3
+    rows.clear()
+    outside = session.sample(cond, [1, 2, 3], SamplerSettings(steps=4, guidance=3.0, interval=(0.0, 0.0)))
+    torch.testing.assert_close(outside, plain)  # the interval excludes every step: conditional velocity only
+
+
+def test_reference_sampler_uses_the_released_grid(session, monkeypatch):
+    dit = session.model.diff_head
+    times: list[float] = []
+    original = type(dit).forward
+    monkeypatch.setattr(type(dit), "forward", lambda self, x, t, y, *a, **k: (times.append(float(t[0])), original(self, x, t, y, *a, **k))[1])
+    session.sample(torch.randn(1, N, session.model.cfg.lm.z_channels), [0], SamplerSettings(steps=50, method="reference"))
+    t_cur, _ = reference_schedule(50, session.model.flow.shift)
+    assert len(times) == 49
+    torch.testing.assert_close(torch.tensor(times, dtype=torch.float64), t_cur, atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="--sampler"):
+        SamplerSettings(method="ddim")
+
+
+def test_released_layout_loads_every_key_and_generates_the_same_image(files, session, tmp_path):
+    released = load_model(str(files["released"]))
+    assert released.layout == "released" and released.encoder.kind == "siglip2"
+    ours = files["model"].state_dict()
+    for k, v in released.model.state_dict().items():
+        torch.testing.assert_close(v, ours[k], msg=k)
+    rsession = Session(released, session.runtime, session.profile, decoder_spec=str(files["decoder"]))
+    a = generate_images(rsession, PROMPTS[:1], tmp_path / "r", FAST, seed=3)
+    b = generate_images(session, PROMPTS[:1], tmp_path / "e", FAST, seed=3)
+    assert a.images[0].png.read_bytes() == b.images[0].png.read_bytes()
+    # released configs keep rope_theta at the top level (transformers 4.37): it must reach the LLM
+    cfg_path = files["released"] / "config.json"
+    hf = json.loads(cfg_path.read_text())
+    assert "rope_theta" in hf and "rope_parameters" not in hf
+    other = tmp_path / "theta"
+    other.mkdir()
+    for f in files["released"].iterdir():
+        (other / f.name).symlink_to(f)
+    (other / "config.json").unlink()
+    (other / "config.json").write_text(json.dumps(hf | {"rope_theta": 123456.0}))
+    assert load_model(str(other)).model.lm.llm.config.rope_parameters["rope_theta"] == 123456.0
+    # strictness: an unknown key, a missing key
+    extra = write_released(files["model"], files["tok"], tmp_path / "extra", "google/siglip2-so400m-patch14-224",
+                           extra={"model.vision_sampler.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="unknown keys.*vision_sampler"):
+        load_model(str(extra))
+    missing = write_released(files["model"], files["tok"], tmp_path / "missing", "google/siglip2-so400m-patch14-224",
+                             drop=("diff_head.model.final_layer.linear.weight",))
+    with pytest.raises(CheckpointError, match="missing keys.*final_layer"):
+        load_model(str(missing))
+
+
+def test_offline_missing_repo_fails_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError) as err:
+        load_model("nobody/no-such-model@v1")
+    msg = str(err.value)
+    assert "\n" not in msg and "huggingface-cli download nobody/no-such-model --revision v1" in msg
+    with pytest.raises(CheckpointError, match="not a Hugging Face repo id"):
+        load_model(str(tmp_path / "nope" / "deeper"))
+
+
+def test_understand_and_latent_actions(session, tmp_path):
+    gen = generate_images(session, PROMPTS[:1], tmp_path, FAST, seed=5, save_latents=True)
+    rec = gen.images[0]
+    ans = understand_image(session, rec.png, "What colour is the shape?", tmp_path, FAST, max_new_tokens=4)
+    m = json.loads(ans.manifest.read_text())
+    assert m["mode"] == "understand" and m["output_text"] == ans.text and m["question"].startswith("What")
+    # a reference-style bare tensor (256·n, C) and our file give the same answer
+    ref_pt = tmp_path / "ref.pt"
+    torch.save(load_latent(rec.latent, N, C).tokens.reshape(N, C).clone(), ref_pt)
+    qa_ours = latent_answer(session, rec.latent, "Is it red?", "qa", tmp_path, FAST, max_new_tokens=4)
+    qa_ref = latent_answer(session, ref_pt, "Is it red?", "qa", tmp_path, FAST, max_new_tokens=4)
+    assert qa_ours.text == qa_ref.text
+    cont = json.loads(latent_answer(session, rec.latent, "Now a blue one.", "continue", tmp_path, FAST, max_new_tokens=4).manifest.read_text())
+    assert cont["history"][0]["value"] == PROMPTS[0] and cont["mode"] == "latent-continue"
+    assert json.loads(latent_answer(session, ref_pt, "x", "continue", tmp_path, FAST, max_new_tokens=2).manifest.read_text())["history"] is None
+    # decode: the same pixels as generate wrote, from either file
+    for src in (rec.latent, ref_pt):
+        (png,) = decode_latent_file(src, tmp_path / "dec", str(session.decoder_spec), session.profile)
+        assert png.read_bytes() == rec.png.read_bytes()
+
+
+def test_latent_and_option_errors_are_one_line(session, tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save(torch.zeros(N, C + 1), bad)
+    with pytest.raises(DataError, match="channels"):
+        load_latent(bad, N, C)
+    torch.save({"not": "a tensor"}, bad)
+    with pytest.raises(DataError, match="not a tensor|weights-only"):
+        load_latent(bad, N, C)
+    torch.save(torch.zeros(N + 3, C), bad)
+    with pytest.raises(DataError, match="is not"):
+        load_latent(bad, N, C)
+    with pytest.raises(ConfigError, match="bf16 needs a CUDA"):
+        Session.open(str(tmp_path), load_profile("tiny-cpu"), dtype="bf16")
+    with pytest.raises(ConfigError, match="--skip-decoder"):
+        generate_images(session, PROMPTS, tmp_path, FAST, decode=False, save_latents=False)
+    with pytest.raises(ConfigError, match="guidance-interval"):
+        SamplerSettings(interval=(0.9, 0.1))
+
+
+def test_cli_commands(files, tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from scale_rae_cli import generate, latent, understand
+    from scale_rae_cli.main import _SraeGroup
+
+    app = typer.Typer(cls=_SraeGroup)
+    app.command("generate", epilog=generate.EPILOG)(generate.generate)
+    app.command("understand", epilog=understand.EPILOG)(understand.understand)
+    app.add_typer(latent.app, name="latent")
+    run = CliRunner().invoke
+    common = ["--decoder", str(files["decoder"]), "--steps", "2", "--out", str(tmp_path), "--profile", "tiny-cpu"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red circle"}) + "\n")
+    monkeypatch.setenv("SRAE_MODEL_PATH", str(files["export"]))
+    res = run(app, ["generate", "a blue square", "--prompts-file", str(prompts), "--seed", "4", "--save-latent",
+                    "--guidance", "2", "--guidance-interval", "0.2,0.8", "--sampler", "heun", "-q", *common])
+    assert res.exit_code == 0, res.output
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in pngs] == ["00000-a-blue-square-s4.png", "00001-a-red-circle-s4.png"]
+    latent_file = pngs[0].with_suffix(".safetensors")
+    for args in (["understand", str(pngs[0]), "What is it?", "--max-new-tokens", "3"],
+                 ["latent", "qa", str(latent_file), "What is it?", "--max-new-tokens", "3"],
+                 ["latent", "continue", str(latent_file), "And now?", "--max-new-tokens", "3"],
+                 ["latent", "decode", str(latent_file)]):
+        res = run(app, [*args, *common] if args[1] != "decode" else [*args, "--decoder", str(files["decoder"]), "--out", str(tmp_path)])
+        assert res.exit_code == 0, (args, res.output)
+    monkeypatch.delenv("SRAE_MODEL_PATH")
+    res = run(app, ["generate", "x", *common])
+    assert res.exit_code == 1 and res.output.strip().splitlines() == [
+        "error: --model is required: pass a model directory or hub repo id (e.g. nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B), "
+        "or set SRAE_MODEL_PATH"
+    ]
+    for cmd in (["generate"], ["understand"], ["latent", "decode"], ["latent", "qa"], ["latent", "continue"]):
+        assert "Example" in run(app, [*cmd, "--help"]).output

@@ -1,0 +1,116 @@
+"""The scaling loop on a tiny random Scale-RAE: layout, metadata, resume, rank split, then `verify` on its output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scale_rae_core.config import load_profile
+from scale_rae_core.errors import DataError
+from scale_rae_core.infer.pipeline import SamplerSettings, Session
+from scale_rae_core.scale.run import ScaleSettings, read_prompt_file, run_root, run_scaling
+from scale_rae_core.scale.scorers import build_scorer
+from scale_rae_core.scale.select import write_selection
+from tests.infer.helpers import build_tiny, write_decoder, write_export
+
+FIELDS = {"input_questions", "score", "gen_output_text", "responses", "prompt_loss", "prompt_conf_score",
+          "image_conf_score", "answer", "yes_logit", "no_logit", "yes_conf_score", "no_conf_score", "response_conf_score"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scale")
+    model, tok = build_tiny(tmp)
+    return {"export": write_export(model, tok, tmp / "export"), "decoder": write_decoder(tmp / "decoder")}
+
+
+@pytest.fixture(scope="module")
+def session(files):
+    return Session.open(str(files["export"]), load_profile("tiny-cpu"), decoder=str(files["decoder"]))
+
+
+def test_cli_scale_then_verify(files, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from scale_rae_cli.main import _SraeGroup
+    from scale_rae_cli.scale import SCALE_EPILOG, VERIFY_EPILOG, scale, verify
+
+    app = typer.Typer(cls=_SraeGroup)
+    app.command("scale", epilog=SCALE_EPILOG)(scale)
+    app.command("verify", epilog=VERIFY_EPILOG)(verify)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a green circle\n")
+    res = CliRunner().invoke(app, [
+        "scale", "--prompts", str(prompts), "--n", "2", "--rounds", "1", "--out", str(tmp_path / "runs"),
+        "--model", str(files["export"]), "--decoder", str(files["decoder"]), "--scorer", "shapes", "--steps", "2",
+        "--max-new-tokens", "1", "--verify-max-new-tokens", "2", "--profile", "tiny-cpu", "-q"])
+    assert res.exit_code == 0, res.output
+    root = tmp_path / "runs" / "export" / "1_verify_scale_latent"
+    res = CliRunner().invoke(app, ["verify", str(root), "--metric", "loss", "--keep", "1"])
+    assert res.exit_code == 0, res.output
+    assert (root.with_name(root.name + "_loss_verified") / "00000" / "samples" / "00000.png").is_file()
+    res = CliRunner().invoke(app, ["verify", str(root), "--metric", "nope"])
+    assert res.exit_code == 1 and res.output.startswith("error: --metric nope: unknown")
+    for cmd in ("scale", "verify"):
+        assert "Example" in CliRunner().invoke(app, [cmd, "--help"]).output
+
+
+def test_prompt_files(tmp_path):
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text('{"index": 7, "prompt": "a red circle"}\n\n{"index": 3, "prompt": "a blue square"}\n')
+    assert [(p["index"], p["prompt"]) for p in read_prompt_file(ref)] == [(7, "a red circle"), (3, "a blue square")]
+    geneval = tmp_path / "evaluation_metadata.jsonl"
+    geneval.write_text('{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"}\n')
+    assert read_prompt_file(geneval) == [{"tag": "single_object", "include": [{"class": "bench", "count": 1}],
+                                          "prompt": "a photo of a bench", "index": 0}]
+    text = tmp_path / "p.txt"
+    text.write_text("a red circle\n\na green square\n")
+    assert [(p["index"], p["prompt"]) for p in read_prompt_file(text)] == [(0, "a red circle"), (1, "a green square")]
+    ref.write_text('{"index": 1, "prompt": "a"}\n{"index": 1, "prompt": "b"}\n')
+    with pytest.raises(DataError, match="index 1 appears twice"):
+        read_prompt_file(ref)
+
+
+def test_scaling_run_resume_and_verify(session, tmp_path):
+    prompts = [{"index": 0, "prompt": "a red circle", "tag": "t"}, {"index": 1, "prompt": "a blue square on the left"}]
+    settings = ScaleSettings(n=2, rounds=1, batch_size=2, max_new_tokens=2, verify_max_new_tokens=3)
+    sampler = SamplerSettings(steps=2)
+    scorers = [build_scorer("shapes")]
+    root = run_scaling(session, prompts, tmp_path, "/models/Tiny.Model", settings, sampler, scorers, rank=0, world_size=1)
+    assert root == run_root(tmp_path, "/models/Tiny.Model", settings) == tmp_path / "Tiny-Model" / "1_verify_scale_latent"
+    for index in (0, 1):
+        folder = root / f"{index:05d}"
+        assert sorted(p.name for p in (folder / "samples").iterdir()) == ["00000.png", "00001.png"]
+        meta = json.loads((folder / "metadata.jsonl").read_text())
+        assert meta["prompt"] == prompts[index]["prompt"] and meta["n_samples_generated"] == 2
+        assert set(meta["text_responses"]) == {"0", "1"}
+        for record in meta["text_responses"].values():
+            assert set(record) == FIELDS and record["prompt_loss"] > 0 and record["answer"] in ("yes", "no", "uncertain")
+        assert len(meta["scores"]["shapes"]) == 2 and meta["seeds"] == [42, 43]
+    assert json.loads((root / "00000" / "metadata.jsonl").read_text())["tag"] == "t"
+
+    # partial prompt: sample 1 lost its PNG and scores -> a re-run redoes only sample 1, keeping sample 0 as is
+    folder = root / "00001"
+    meta = json.loads((folder / "metadata.jsonl").read_text())
+    first = meta["text_responses"]["0"]
+    png0 = (folder / "samples" / "00000.png").read_bytes()
+    (folder / "samples" / "00001.png").unlink()
+    untouched = (root / "00000" / "metadata.jsonl").stat().st_mtime_ns
+    run_scaling(session, prompts, tmp_path, "/models/Tiny.Model", settings, sampler, scorers, rank=0, world_size=1)
+    again = json.loads((folder / "metadata.jsonl").read_text())
+    assert again["text_responses"]["0"] == first and (folder / "samples" / "00000.png").read_bytes() == png0
+    redone, before = again["text_responses"]["1"], meta["text_responses"]["1"]  # same seed -> same sample
+    assert all(  # batch of 1 now vs 2 before: equal up to float noise
+        redone[k] == pytest.approx(v, rel=1e-4) if isinstance(v, float) else redone[k] == v for k, v in before.items())
+    assert (root / "00000" / "metadata.jsonl").stat().st_mtime_ns == untouched  # finished prompt skipped
+
+    # rank split: rank 1 of 2 takes prompt 1 only
+    other = tmp_path / "split"
+    run_scaling(session, prompts, other, "Tiny", settings, sampler, scorers, rank=1, world_size=2)
+    assert [p.name for p in (other / "Tiny" / "1_verify_scale_latent").iterdir()] == ["00001"]
+
+    report = write_selection(root, "answer_conf", 1, tmp_path / "selected")
+    assert report["prompts"] == 2 and "shapes" in report["metrics"]["answer_conf"]["scores"]
+    assert len(list((tmp_path / "selected" / "00000" / "samples").iterdir())) == 1
