@@ -58,7 +58,18 @@ def _root(
 
 
 def _register() -> None:
-    from scale_rae_cli import data, demo, env, generate, latent, profiles, scale, tpu, train_unified, understand
+    from scale_rae_cli import (
+        data,
+        demo,
+        env,
+        generate,
+        latent,
+        profiles,
+        scale,
+        tpu,
+        train_unified,
+        understand,
+    )
 
     train_app = typer.Typer(help="Train the RAE decoder and the unified model.", no_args_is_help=True)
     train_app.command("stage1", epilog=train_unified.STAGE1_EPILOG)(train_unified.stage1)
