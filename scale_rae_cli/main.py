@@ -59,23 +59,35 @@ def _root(
 
 def _register() -> None:
     from scale_rae_cli import (
+        convert,
         data,
         demo,
         env,
+        eval_recon,
         generate,
         latent,
         profiles,
         scale,
+        stat,
         tpu,
+        train_decoder,
         train_unified,
         understand,
     )
 
     train_app = typer.Typer(help="Train the RAE decoder and the unified model.", no_args_is_help=True)
+    train_app.command("decoder", epilog=train_decoder.EPILOG)(train_decoder.decoder)
     train_app.command("stage1", epilog=train_unified.STAGE1_EPILOG)(train_unified.stage1)
     train_app.command("stage2", epilog=train_unified.STAGE2_EPILOG)(train_unified.stage2)
     app.add_typer(train_app, name="train")
     app.add_typer(data.app, name="data")
+    app.command("stat", epilog=stat.EPILOG)(stat.stat)
+    eval_app = typer.Typer(help="Evaluate models.", no_args_is_help=True)
+    eval_app.command("recon", epilog=eval_recon.EPILOG)(eval_recon.recon)
+    app.add_typer(eval_app, name="eval")
+    convert_app = typer.Typer(help="Convert released checkpoints into srae's format.", no_args_is_help=True)
+    convert_app.command("decoder", epilog=convert.EPILOG)(convert.convert_decoder)
+    app.add_typer(convert_app, name="convert")
     app.add_typer(profiles.app, name="profiles")
     app.add_typer(tpu.app, name="tpu")
     app.command("generate", epilog=generate.EPILOG)(generate.generate)

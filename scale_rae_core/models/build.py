@@ -87,9 +87,18 @@ def tiny_random_encoder_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model = SiglipVisionModel(SiglipVisionConfig(**TINY_RANDOM_CONFIG, vision_use_head=False))
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
+            model = SiglipVisionModel(SiglipVisionConfig(**TINY_RANDOM_CONFIG, vision_use_head=False))
         _init_tiny(model, TINY_RANDOM_SEED)
-        model.save_pretrained(tmp)
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         side = TINY_RANDOM_CONFIG["image_size"]
         processor = {
             "image_processor_type": "SiglipImageProcessor",
@@ -102,6 +111,8 @@ def tiny_random_encoder_dir() -> Path:
             "image_std": [0.5, 0.5, 0.5],
         }
         (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+        if target.exists() and not (target / "config.json").is_file():
+            shutil.rmtree(target, ignore_errors=True)  # a damaged copy: replace it
         try:
             os.replace(tmp, target)
         except OSError:  # another process got there first: its copy is identical
@@ -128,9 +139,17 @@ def build_encoder(settings: EncoderSettings, *, local_files_only: bool | None = 
         path = str(tiny_random_encoder_dir())
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    return FrozenEncoder(
-        EncoderConfig(settings.kind, path, input_size=settings.input_size, local_files_only=local_files_only)
-    )
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar inside srae's own progress display
+    try:
+        return FrozenEncoder(
+            EncoderConfig(settings.kind, path, input_size=settings.input_size, local_files_only=local_files_only)
+        )
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _is_ours(path: Path) -> bool:
@@ -140,18 +159,19 @@ def _is_ours(path: Path) -> bool:
         return False
 
 
-def _load_trained_decoder(settings: DecoderSettings, encoder: FrozenEncoder) -> Decoder:
-    local = Path(settings.path).expanduser()
+def load_trained_decoder(path: str, encoder: FrozenEncoder, *, what: str = "model.decoder.path") -> Decoder:
+    """Ours (srae config.json + model.safetensors) or a released one (model.pt; local or hub repo id)."""
+    local = Path(path).expanduser()
     if local.is_dir() and _is_ours(local):
         return load_decoder(local)
-    if local.is_dir() or local.is_file() or settings.path.count("/") == 1:
+    if local.is_dir() or local.is_file() or (path.count("/") == 1 and not path.startswith((".", "/"))):
         from scale_rae_core.models.convert import RELEASED_DECODERS, load_released_decoder
 
-        kind = None if settings.path in RELEASED_DECODERS else encoder.kind
-        return load_released_decoder(settings.path, encoder_kind=kind, encoder_id=encoder.cfg.path_or_repo)
+        kind = None if path in RELEASED_DECODERS else encoder.kind
+        return load_released_decoder(path, encoder_kind=kind, encoder_id=encoder.cfg.path_or_repo)
     raise CheckpointError(
-        f"model.decoder.path = '{settings.path}': no such directory and not a hub repo id; train one with "
-        "`srae train decoder`, convert a released one with `srae convert decoder`, or set path = ''"
+        f"{what} = '{path}': no such directory and not a hub repo id; train one with "
+        "`srae train decoder` or convert a released one with `srae convert decoder`"
     )
 
 
@@ -165,7 +185,7 @@ def build_decoder(settings: DecoderSettings, encoder: FrozenEncoder) -> Decoder:
         )
     if not settings.path:
         return Decoder(decoder_config_for(encoder, settings.preset, patch_size=settings.patch_size))
-    decoder = _load_trained_decoder(settings, encoder)
+    decoder = load_trained_decoder(settings.path, encoder)
     if decoder.cfg.patch_size != settings.patch_size:
         raise ConfigError(
             f"model.decoder.patch_size = {settings.patch_size} but the decoder at {settings.path} has patch size "

@@ -1,0 +1,76 @@
+"""Decoder quality on the shapes world: train the tiny-cpu decoder for a time budget, print the PSNR curve.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_decoder.py [--minutes 10] [--set decoder_training.lr=2e-3 ...]
+
+Synthesizes the 64-px shapes world (`--images`, a tenth held out), trains with `srae train decoder`'s engine
+on the training image folder, and every `--eval-every` steps reconstructs the held-out images with the EMA
+decoder. Prints one table: steps, minutes, train loss (mean over the window), held-out PSNR / SSIM, and
+decoder-training images/s (training time only, evaluation excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=10.0, help="training time budget (evaluation not counted)")
+    ap.add_argument("--images", type=int, default=1600)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", default="tiny-cpu")
+    ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--work", default=None, help="work folder (default: a temp dir)")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from scale_rae_core.backends.base import backend_for
+    from scale_rae_core.config import load_profile
+    from scale_rae_core.data.synth import synthesize
+    from scale_rae_core.eval.metrics import psnr, ssim
+    from scale_rae_core.models.build import build_rae
+    from scale_rae_core.models.rae import RAE
+    from scale_rae_core.train.decoder import DecoderTrainer
+    from scale_rae_core.train.decoder_data import batches, open_images
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-decoder-"))
+    world = work / "shapes"
+    if not (world / "synth.json").is_file():
+        synthesize(world, args.images, image_size=64, seed=0)
+    profile = load_profile(args.profile, ["checkpoint.every_steps=1000000", "checkpoint.export=false", *args.sets])
+    held = torch.cat([x for x, _ in batches(open_images(world / "heldout" / "captioned", image_size=64, train=False), 256)])
+
+    with backend_for(profile.backend) as backend:
+        backend.seed_everything(profile.run.seed, per_rank=False)
+        rae = build_rae(profile, noise_tau=profile.decoder_training.noise_tau, with_stats=False)
+        trainer = DecoderTrainer(profile, rae, world / "classes", work / "run", backend)
+        plan = trainer.plan
+        print(f"# {args.profile} {' '.join(args.sets)}: {plan.steps} steps planned, {plan.steps_per_epoch} steps/epoch, "
+              f"batch {profile.decoder_training.global_batch_size}, {held.shape[0]} held-out images, "
+              f"{args.threads} threads, budget {args.minutes} min")
+        print(f"{'step':>6} {'min':>6} {'train loss':>10} {'PSNR dB':>8} {'SSIM':>6} {'img/s':>7}")
+        train_s = 0.0
+        while trainer.step < plan.steps and train_s < args.minutes * 60:
+            t0 = time.perf_counter()
+            res = trainer.train(stop_at=min(trainer.step + args.eval_every, plan.steps))
+            dt = time.perf_counter() - t0
+            train_s += dt
+            ema = RAE(rae.encoder, trainer.ema.module).eval()
+            with torch.no_grad():
+                rec = torch.cat([ema(x).clamp(0, 1) for x in held.split(64)])
+            p, s = psnr(held, rec).mean().item(), ssim(held, rec).mean().item()
+            loss = sum(h["loss"] for h in res.history) / len(res.history)
+            ips = len(res.history) * profile.decoder_training.global_batch_size / dt
+            print(f"{trainer.step:>6} {train_s / 60:>6.2f} {loss:>10.4f} {p:>8.2f} {s:>6.3f} {ips:>7.1f}", flush=True)
+    print(f"# machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Images for decoder training, latent statistics and reconstruction eval: packed shards or an image folder.
+
+`open_images(path, ...)` returns a resumable stream of `(pixels [3, S, S] in [0, 1], position)`:
+
+* a packed dataset (a folder with `wds_manifest.json`, or the manifest itself) is read with
+  `WebDatasetReader` (split across ranks, exact resume position); samples without an image are skipped
+  (a conversations pack repeats each image once per sample, so an image may come several times);
+* any other folder is an image folder (a class-folder tree or a flat folder): every image file below it,
+  in sorted path order, shuffled per epoch by `Random(seed, epoch)` when training, split contiguously across
+  ranks (drop-last, so every rank sees the same count).
+
+Images are resized (bicubic) so the shorter side is `image_size`, then cropped to a square: at random when
+`train`, centred otherwise. (RAE resizes to 1.5x before its random crop; at the shapes world's 64 px the
+crop would cut shapes off, so the resize target is the crop size here.) Crops draw from torch's global RNG,
+which training checkpoints save and restore. `unique=True` skips repeated images (by pixel hash, per rank).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from scale_rae_core.data.shards import MANIFEST_NAME
+from scale_rae_core.data.transforms import IMAGE_EXTENSIONS, BadImage, load_image
+from scale_rae_core.errors import DataError
+
+Position = Any  # whatever the underlying reader needs to resume (JSON-serialisable)
+
+
+def to_square_tensor(im: Image.Image, size: int, *, train: bool) -> torch.Tensor:
+    """PIL RGB -> [3, size, size] float32 in [0, 1]: shorter side to `size` (bicubic), then a square crop."""
+    w, h = im.size
+    if min(w, h) != size:
+        scale = size / min(w, h)
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+        w, h = im.size
+    if train:
+        top = int(torch.randint(0, h - size + 1, (1,)))
+        left = int(torch.randint(0, w - size + 1, (1,)))
+    else:
+        top, left = (h - size) // 2, (w - size) // 2
+    if (w, h) != (size, size):
+        im = im.crop((left, top, left + size, top + size))
+    arr = np.asarray(im, dtype=np.uint8).copy()  # (S, S, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+
+
+class ImageStream:
+    """Common interface: iterate `(pixels, position)`; `mark_consumed`, `state_dict`, `load_state_dict`."""
+
+    images_per_epoch: int  # on this rank
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Position]]:
+        raise NotImplementedError
+
+    def mark_consumed(self, positions: list[Position]) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class PackedImages(ImageStream):
+    """The images of a packed dataset, through `WebDatasetReader` (num_workers = 0, in-process)."""
+
+    def __init__(self, path: Path, *, image_size: int, train: bool, rank: int, world_size: int,
+                 seed: int, shuffle_buffer: int, unique: bool = False) -> None:
+        from scale_rae_core.data.webdataset import WebDatasetReader
+
+        self.reader = WebDatasetReader(
+            path, rank=rank, world_size=world_size, num_workers=0, shuffle=train,
+            shuffle_buffer=shuffle_buffer if train else 0, seed=seed, drop_last=True,
+        )
+        self.image_size, self.train, self.unique = image_size, train, unique
+        self.images_per_epoch = len(self.reader)  # samples; those without an image are skipped
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Position]]:
+        seen: set[bytes] = set()
+        for sample in self.reader:
+            if sample.image is None:
+                continue
+            if self.unique:
+                digest = hashlib.sha1(sample.image.tobytes()).digest()
+                if digest in seen:
+                    continue
+                seen.add(digest)
+            yield to_square_tensor(sample.image, self.image_size, train=self.train), sample.position
+
+    def mark_consumed(self, positions: list[Position]) -> None:
+        self.reader.mark_consumed([tuple(p) for p in positions])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "packed", "reader": self.reader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "packed":
+            raise DataError("the checkpoint's data position is not for a packed dataset; resume with the same --data")
+        self.reader.load_state_dict(state["reader"])
+
+
+class FolderImages(ImageStream):
+    """Every image file below a folder (sorted), shuffled per epoch, split across ranks (drop-last)."""
+
+    def __init__(self, root: Path, *, image_size: int, train: bool, rank: int, world_size: int,
+                 seed: int, unique: bool = False) -> None:
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise DataError(f"{root}: no images found ({', '.join(sorted(IMAGE_EXTENSIONS))}); pass a packed folder or an image folder")
+        if len(files) < world_size:
+            raise DataError(f"{root}: {len(files)} images cannot be split across {world_size} processes; add images")
+        self.root, self.files = root, files
+        self.image_size, self.train, self.unique = image_size, train, unique
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.images_per_epoch = len(files) // world_size
+        self.epoch, self.consumed = 0, 0
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.files)))
+        if self.train:
+            random.Random(f"srae-folder-{self.seed}-{epoch}").shuffle(order)
+        per = self.images_per_epoch
+        return order[self.rank * per : (self.rank + 1) * per]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Position]]:
+        if self.consumed >= self.images_per_epoch:
+            self.epoch, self.consumed = self.epoch + 1, 0
+        epoch, order = self.epoch, self._order(self.epoch)
+        seen: set[bytes] = set()
+        for j in range(self.consumed, len(order)):
+            path = self.files[order[j]]
+            try:
+                im = load_image(path)
+            except BadImage as err:
+                raise DataError(f"{path}: {err}; remove or replace the file") from err
+            self.consumed = j + 1
+            if self.unique:
+                digest = hashlib.sha1(im.tobytes()).digest()
+                if digest in seen:
+                    continue
+                seen.add(digest)
+            yield to_square_tensor(im, self.image_size, train=self.train), (epoch, j)
+
+    def mark_consumed(self, positions: list[Position]) -> None:
+        for epoch, j in positions:
+            if epoch > self.epoch:
+                self.epoch, self.consumed = epoch, 0
+            if epoch == self.epoch:
+                self.consumed = max(self.consumed, j + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "folder", "epoch": self.epoch, "consumed": self.consumed, "count": len(self.files),
+                "world_size": self.world_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        same = (state.get("kind"), state.get("count"), state.get("world_size"), state.get("seed"))
+        if same != ("folder", len(self.files), self.world_size, self.seed):
+            raise DataError(
+                f"{self.root}: the checkpoint's data position was saved for another image folder, process count "
+                "or seed; resume with the same --data, process count and run.seed"
+            )
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+
+def open_images(path: str | Path, *, image_size: int, train: bool, rank: int = 0, world_size: int = 1,
+                seed: int = 0, shuffle_buffer: int = 1000, unique: bool = False) -> ImageStream:
+    """A packed dataset (folder with wds_manifest.json, or the manifest) or an image folder, as an ImageStream."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.name.endswith(".json"):
+        return PackedImages(path, image_size=image_size, train=train, rank=rank, world_size=world_size,
+                            seed=seed, shuffle_buffer=shuffle_buffer, unique=unique)
+    if not path.is_dir():
+        raise DataError(f"--data {path}: no such folder; pass a packed dataset (srae data pack) or an image folder")
+    if (path / MANIFEST_NAME).is_file():
+        return PackedImages(path, image_size=image_size, train=train, rank=rank, world_size=world_size,
+                            seed=seed, shuffle_buffer=shuffle_buffer, unique=unique)
+    return FolderImages(path, image_size=image_size, train=train, rank=rank, world_size=world_size,
+                        seed=seed, unique=unique)
+
+
+def batches(stream: ImageStream, batch_size: int, *, limit: int | None = None,
+            drop_last: bool = False) -> Iterator[tuple[torch.Tensor, list[Position]]]:
+    """One pass over `stream` in batches `[B, 3, S, S]` (at most `limit` images); positions per batch."""
+    pixels: list[torch.Tensor] = []
+    positions: list[Position] = []
+    seen = 0
+    for x, pos in stream:
+        if limit is not None and seen >= limit:
+            break
+        pixels.append(x)
+        positions.append(pos)
+        seen += 1
+        if len(pixels) == batch_size:
+            yield torch.stack(pixels), positions
+            pixels, positions = [], []
+    if pixels and not drop_last:
+        yield torch.stack(pixels), positions
