@@ -188,11 +188,13 @@ class XlaBackend(Backend):
         return used
 
     def device_rng_state(self) -> dict[str, torch.Tensor]:
-        return {"xla": torch.tensor([xm.get_rng_state()], dtype=torch.int64)}
+        seed = int(xm.get_rng_state())  # an unsigned 64-bit value: stored as two 32-bit halves
+        return {"xla": torch.tensor([seed >> 32, seed & 0xFFFFFFFF], dtype=torch.int64)}
 
     def set_device_rng_state(self, states: dict[str, torch.Tensor]) -> None:
         if "xla" in states:
-            xm.set_rng_state(int(states["xla"][0]))
+            hi, lo = (int(v) for v in states["xla"])
+            xm.set_rng_state((hi << 32) | lo)
 
     # ------------------------------------------------------------------------------------- diagnostics
     @staticmethod

@@ -107,3 +107,13 @@ def test_gradient_checkpointing_gives_the_same_loss():
         be.mark_step()
         losses.append(loss.item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_device_rng_state_round_trips_the_full_64_bit_seed(backend):
+    import torch_xla.core.xla_model as xm
+
+    xm.set_rng_state(2**64 - 5)
+    state = backend.device_rng_state()
+    xm.set_rng_state(1)
+    backend.set_device_rng_state(state)
+    assert int(xm.get_rng_state()) == 2**64 - 5
