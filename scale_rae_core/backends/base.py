@@ -119,6 +119,12 @@ class Backend(ABC):
         msd, osd = get_state_dict(model, optimizer)
         return {"model": msd, "optim": osd}
 
+    def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """*Collective.* The whole, unsharded model state on CPU with plain names (complete on rank 0)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def load_train_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
         """Put a state filled from a checkpoint (same layout as :meth:`train_state`) into model / optimizer."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict

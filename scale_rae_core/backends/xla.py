@@ -164,6 +164,9 @@ class XlaBackend(Backend):
         }
         return {"model": msd, "optim": optim}
 
+    def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return self.train_state(model)["model"]
+
     def load_train_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 

@@ -263,7 +263,8 @@ def _load_scheduler(scheduler: LRScheduler, saved: Mapping[str, Any]) -> None:
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """*Collective.* The whole, unsharded model state on CPU; complete on rank 0, empty on other ranks."""
+    """*Collective.* The whole, unsharded model state on CPU; complete on rank 0, empty on other ranks
+    (for torch.distributed / FSDP2 models; :meth:`Backend.full_model_state` covers every backend)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -581,5 +582,5 @@ class CheckpointManager:
         extra_files: Mapping[str, str | bytes | Path] | None = None,
     ) -> Path:
         """*Collective.* Gather the full model to rank 0 and :func:`export_model` it to ``out_dir``."""
-        state = full_model_state_dict(model)
+        state = self.backend.full_model_state(model)
         return export_model(out_dir, state, config, extra_files, backend=self.backend)
