@@ -195,9 +195,11 @@ class DecoderTrainer:
         """Endless micro-batches [micro, 3, S, S] on the device, with their data positions."""
         while True:
             got = False
-            for x, pos in batches(self.stream, self.cfg.micro_batch_size, drop_last=True):
+            # micro_batch_size per data-parallel rank; under xla SPMD one process feeds all its host's chips
+            per_process = self.cfg.micro_batch_size * self.profile.backend.data_parallel_size // self.backend.world_size
+            for x, pos in batches(self.stream, per_process, drop_last=True):
                 got = True
-                yield x.to(self.backend.device, non_blocking=True), pos
+                yield self.backend.shard_batch(x), pos
             if not got:
                 raise ConfigError(
                     f"decoder_training.micro_batch_size = {self.cfg.micro_batch_size} is larger than this process's "
@@ -338,6 +340,7 @@ class DecoderTrainer:
                 if self.disc is not None and self.step >= p.disc_start:
                     metrics.update(self._disc_step(micro))
                 self.sched.step()
+                be.mark_step()
                 self.step += 1
                 metrics["lr"] = lrs[0]
                 if self.disc is not None:
