@@ -193,17 +193,19 @@ class DecoderTrainer:
 
     def _batches(self):
         """Endless micro-batches [micro, 3, S, S] on the device, with their data positions."""
+        # micro_batch_size per data-parallel rank; under xla SPMD one process feeds all its host's chips
+        per_process = self.cfg.micro_batch_size * self.profile.backend.data_parallel_size // self.backend.world_size
+        empty_passes = 0  # a pass resumed mid-epoch may hold only the epoch's dropped tail: allow one such pass
         while True:
             got = False
-            # micro_batch_size per data-parallel rank; under xla SPMD one process feeds all its host's chips
-            per_process = self.cfg.micro_batch_size * self.profile.backend.data_parallel_size // self.backend.world_size
             for x, pos in batches(self.stream, per_process, drop_last=True):
                 got = True
                 yield self.backend.shard_batch(x), pos
-            if not got:
+            empty_passes = 0 if got else empty_passes + 1
+            if empty_passes == 2:
                 raise ConfigError(
-                    f"decoder_training.micro_batch_size = {self.cfg.micro_batch_size} is larger than this process's "
-                    f"{self.stream.images_per_epoch} images per epoch; lower it or add data"
+                    f"decoder_training.micro_batch_size = {self.cfg.micro_batch_size} ({per_process} per process) is larger "
+                    f"than this process's {self.stream.images_per_epoch} images per epoch; lower it or add data"
                 )
 
     def _sync_grads(self, params: list[nn.Parameter]) -> None:

@@ -149,3 +149,21 @@ def test_two_processes_keep_the_discriminator_in_sync(tmp_path, images):
     assert a["disc"] == b["disc"]  # gradients averaged: identical discriminators
     assert a["l1"] != b["l1"]  # ... although each rank saw different images
     assert (tmp_path / "run" / "decoder" / "model.safetensors").is_file()
+
+
+def test_resume_right_after_an_epoch_boundary_continues(tmp_path):
+    """14 images, batches of 8 (the tail of 6 is dropped each epoch): a run stopped after step 2 sits mid-epoch
+    with only the dropped tail left; resuming must carry on into the next epoch and match the full run."""
+    from scale_rae_core.config import load_profile
+    from scale_rae_core.data.pack import pack
+    from scale_rae_core.data.synth import synthesize
+    from scale_rae_core.train.decoder import train_decoder
+
+    synthesize(tmp_path / "s", 16, image_size=64, seed=0)
+    pack(tmp_path / "s" / "classes", tmp_path / "p")
+    p = load_profile("tiny-cpu", ["decoder_training.global_batch_size=8", "decoder_training.micro_batch_size=8",
+                                  "decoder_training.steps=4", "decoder_training.warmup_epochs=0"])
+    full = train_decoder(p, tmp_path / "p", tmp_path / "full")
+    train_decoder(p, tmp_path / "p", tmp_path / "cut", stop_at=2)
+    rest = train_decoder(p, tmp_path / "p", tmp_path / "cut", resume=True)
+    assert [h["loss"] for h in rest.history] == [h["loss"] for h in full.history[2:]]
