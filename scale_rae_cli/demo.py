@@ -3,30 +3,60 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, load
 
-EPILOG = "Example: srae demo --out runs/demo   (re-running continues; --fresh starts over)"
+EPILOG = (
+    "Example: srae demo --out runs/demo   (re-running reuses finished stages; --retrain trains again, --fresh starts over; "
+    "shorter: --set decoder_training.steps=300 --set stage1.steps=60)"
+)
+
+
+def _hidden(flag: str, help_text: str) -> Any:
+    """A test/tuning knob, kept out of --help."""
+    return typer.Option(flag, hidden=True, help=help_text)
 
 
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder for every stage's output."),
-    n: int = typer.Option(1200, "--n", help="Images in the synthetic world."),
-    fresh: bool = typer.Option(False, "--fresh", help="Delete the run folder first instead of continuing it."),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder for every stage's output.")] = Path("runs/demo"),
+    n: Annotated[int, typer.Option("--n", help="Images in the synthetic world (one in ten held out).")] = 1200,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Delete the run folder first instead of continuing it.")] = False,
+    retrain: Annotated[bool, typer.Option("--retrain", help="Train the decoder and stage 1 again (and redo what follows); keep the data.")] = False,
+    redo: Annotated[list[str] | None, typer.Option("--redo", help="Start this stage over, and every stage that needs it (repeatable).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a quality bar (see demo.json) is missed.")] = False,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    sampler_steps: Annotated[int, _hidden("--sampler-steps", "Flow sampler steps per image.")] = 50,
+    gen_prompts: Annotated[int, _hidden("--gen-prompts", "Prompts in the generate stage.")] = 6,
+    understand_images: Annotated[int, _hidden("--understand-images", "Held-out images in the understand stage.")] = 4,
+    scale_n: Annotated[int, _hidden("--scale-n", "Scale stage: samples per round.")] = 2,
+    scale_rounds: Annotated[int, _hidden("--scale-rounds", "Scale stage: rounds.")] = 2,
+    bench_prompts: Annotated[int | None, _hidden("--bench-prompts", "Benchmark prompts (default all 36).")] = None,
+    bench_k: Annotated[int, _hidden("--bench-k", "Benchmark samples per prompt.")] = 4,
+    bench_images: Annotated[int, _hidden("--bench-images", "Benchmark held-out images.")] = 24,
 ) -> None:
-    """Run the pipeline on the shapes world: synth → pack → inspect → verify."""
-    from scale_rae_core.demo import run_demo
+    """Run the pipeline on the shapes world: synth → pack → inspect → verify → decoder → stat → stage1 →
+    generate → understand → scale → eval → report (report.html)."""
+    from scale_rae_core.demo import TRAINING_STAGES, DemoOptions, run_demo
     from scale_rae_core.events import Reporter
 
     prof = load(profile, set_)
-    with Reporter(out / prof.output.events_file, show_progress=not quiet) as rep:
-        result = run_demo(out, prof, rep, n_images=n, fresh=fresh)
-    for name, info in result.stages.items():
-        details = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("examples", "root"))
-        typer.echo(f"{name:8s} {details}")
-    typer.echo(f"done: {out} (summary in {out / 'demo.json'})")
+    options = DemoOptions(n_images=n, gen_prompts=gen_prompts, understand_images=understand_images, scale_n=scale_n,
+                          scale_rounds=scale_rounds, bench_prompts=bench_prompts, bench_k=bench_k,
+                          bench_images=bench_images, sampler_steps=sampler_steps)
+    stages = list(redo or []) + (list(TRAINING_STAGES) if retrain else [])
+
+    def echo(name: str, status: str, info: dict[str, Any]) -> None:
+        tag = "" if status == "ran" else f" ({status})"
+        typer.echo(f"{name:10s} {info.get('summary', '')}{tag}")
+
+    with Reporter(out / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep:
+        result = run_demo(out, prof, rep, options=options, fresh=fresh, redo=stages, strict=strict, on_stage=echo)
+    for q in result.quality:
+        mark = "ok" if q["ok"] else "BELOW BAR"
+        typer.echo(f"quality    {q['label']}: {q['value']:.4g} (bar {q['minimum']:.4g}) {mark}")
+    typer.echo(f"done: {out} (report {out / 'report.html'}, summary {out / 'demo.json'})")

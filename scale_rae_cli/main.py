@@ -64,6 +64,7 @@ def _register() -> None:
         demo,
         env,
         eval_recon,
+        eval_shapes,
         generate,
         latent,
         profiles,
@@ -84,6 +85,7 @@ def _register() -> None:
     app.command("stat", epilog=stat.EPILOG)(stat.stat)
     eval_app = typer.Typer(help="Evaluate models.", no_args_is_help=True)
     eval_app.command("recon", epilog=eval_recon.EPILOG)(eval_recon.recon)
+    eval_app.command("shapes", epilog=eval_shapes.EPILOG)(eval_shapes.shapes)
     app.add_typer(eval_app, name="eval")
     convert_app = typer.Typer(help="Convert released checkpoints into srae's format.", no_args_is_help=True)
     convert_app.command("decoder", epilog=convert.EPILOG)(convert.convert_decoder)

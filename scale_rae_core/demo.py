@@ -1,7 +1,20 @@
 """The embedded default, end to end: the shapes world through every stage srae has, on the tiny profile.
 
-Each stage writes into one run folder and records an event; a re-run reuses finished stages (their outputs
-are checked, not trusted blindly), so an interrupted demo continues where it stopped.
+    synth → pack → inspect → verify → decoder → stat → stage1 → generate → understand → scale → eval → report
+
+Every stage writes into one run folder (``OUT/<stage output>``) and keeps a record in
+``OUT/stages/<name>.json``: ``{"status": "running" | "done", "inputs": ..., "info": ...}``. ``inputs`` are the
+settings the stage's output depends on (its profile section, the demo options it reads) plus the ``stamp`` of
+each stage it needs, so a stage that ran again (in this or an earlier invocation) invalidates what read its old
+output. On a re-run a stage is **reused** when its record is done, its inputs are unchanged and its outputs are
+still on disk; a stage whose record says "running" with the same inputs was interrupted
+and **continues** (the trainers resume from their last checkpoint, the scaling loop from its last sample);
+anything else **starts over** (its output folder is deleted first). ``redo`` names stages to start over
+whatever their state (``--retrain`` = decoder, stat and stage1); everything that needs them follows.
+
+Quality: ``QUALITY_BARS`` lists the numbers the demo must reach (stage, key in that stage's info, minimum).
+They are checked at the end and written to ``demo.json``; ``strict`` turns a miss into an error. Tighten a bar
+by editing its minimum; add one by naming a stage and a key its info already reports.
 """
 
 from __future__ import annotations
@@ -9,79 +22,573 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from scale_rae_core.config import Profile
+from scale_rae_core.errors import ConfigError, DataError, SraeError
 from scale_rae_core.events import Reporter
+
+GENERATION_REQUEST = "Generate an image of {prompt}."  # the form of the world's training prompts
+TRAINING_STAGES = ("decoder", "stat", "stage1")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """How much each stage does (the profile decides how long training runs)."""
+
+    n_images: int = 1200  # images in the synthetic world (a tenth held out)
+    gen_prompts: int = 6  # prompts for the generate stage (the first of the benchmark's fixed set)
+    gen_per_prompt: int = 2  # images per prompt
+    understand_images: int = 4  # held-out images asked the world's four questions
+    scale_prompts: int = 3  # prompts for scale + verify
+    scale_n: int = 2  # samples per round
+    scale_rounds: int = 2  # rounds (n x rounds samples per prompt)
+    bench_prompts: int | None = None  # benchmark prompts (None = the whole fixed set of 36)
+    bench_k: int = 4  # benchmark samples per prompt
+    bench_images: int = 24  # benchmark held-out images (4 questions each)
+    sampler_steps: int = 50  # flow sampler steps per image
+
+    def __post_init__(self) -> None:
+        for name in ("n_images", "gen_prompts", "gen_per_prompt", "understand_images", "scale_prompts", "scale_n",
+                     "scale_rounds", "bench_k", "bench_images", "sampler_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"demo option {name} = {getattr(self, name)} must be at least 1")
+        if self.n_images < 10:
+            raise ConfigError(f"--n {self.n_images}: the demo needs at least 10 images (one in ten is held out)")
+
+
+@dataclass(frozen=True)
+class Bar:
+    """A quality bar: ``stages[stage][key] >= minimum``."""
+
+    label: str
+    stage: str
+    key: str
+    minimum: float
+
+
+QUALITY_BARS: tuple[Bar, ...] = (
+    Bar("decoder held-out PSNR (dB)", "decoder", "psnr", 20.0),
+    Bar("generation: full prompt match, first sample", "eval", "gen_full_first", 0.25),
+    Bar("understanding: exact-match accuracy", "eval", "understanding", 0.5),
+)
+
+
+def check_bars(stages: dict[str, dict[str, Any]], bars: tuple[Bar, ...] = QUALITY_BARS) -> list[dict[str, Any]]:
+    """Each bar whose stage ran or was reused in ``stages``, with its value and whether it is met."""
+    out = []
+    for bar in bars:
+        value = stages.get(bar.stage, {}).get(bar.key)
+        if value is not None:
+            out.append({"label": bar.label, "stage": bar.stage, "key": bar.key, "value": value,
+                        "minimum": bar.minimum, "ok": value >= bar.minimum})
+    return out
 
 
 @dataclass
 class DemoResult:
     out: Path
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    status: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "continued" | "reused"
+    quality: list[dict[str, Any]] = field(default_factory=list)
 
 
-def run_demo(out: Path, profile: Profile, reporter: Reporter, *, n_images: int = 1200, fresh: bool = False) -> DemoResult:
-    """synth → pack → inspect → verify (later stages join as they land)."""
-    from scale_rae_core.data.pack import pack
-    from scale_rae_core.data.shards import inspect, verify
+# ----------------------------------------------------------------------------------------------------
+# Context: paths and shared state of one demo run
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    out: Path
+    profile: Profile
+    reporter: Reporter
+    options: DemoOptions
+    _session: Any = None
+
+    @property
+    def world(self) -> Path:
+        return self.out / "shapes"
+
+    @property
+    def packed(self) -> Path:
+        return self.out / "packed"
+
+    @property
+    def stats(self) -> Path:
+        return self.out / "stats.safetensors"
+
+    @property
+    def decoder_dir(self) -> Path:
+        return self.out / "decoder" / "decoder"
+
+    @property
+    def export(self) -> Path:
+        return self.out / "stage1" / "export"
+
+    @property
+    def seed(self) -> int:
+        return self.profile.run.seed
+
+    def child_reporter(self, run_dir: Path) -> Reporter:
+        """A reporter for a trainer: its events in the trainer's run folder, progress as the demo's."""
+        return Reporter(run_dir / self.profile.output.events_file, show_progress=self.reporter.show_progress)
+
+    def stage1_profile(self) -> Profile:
+        prof = self.profile.model_copy(deep=True)
+        prof.model.stats = str(self.stats)
+        return prof
+
+    def session(self) -> Any:
+        """The trained model and decoder, loaded once for every inference stage."""
+        if self._session is None:
+            from scale_rae_core.infer.pipeline import Session
+
+            self._session = Session.open(str(self.export), self.profile, decoder=str(self.decoder_dir))
+        return self._session
+
+    def sampler(self) -> Any:
+        from scale_rae_core.infer.pipeline import SamplerSettings
+
+        return SamplerSettings(steps=self.options.sampler_steps)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]
+    run: Callable[[Ctx, bool], dict[str, Any]]  # (ctx, continue an interrupted run) -> info, with "summary"
+    outputs: Callable[[Ctx], list[Path]]  # must all exist for the stage to be reused
+    inputs: Callable[[Ctx], dict[str, Any]] = lambda ctx: {}
+    workdir: Callable[[Ctx], Path | None] = lambda ctx: None  # deleted when the stage starts over
+    always: bool = False  # never reused (cheap views of other stages' outputs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data stages
+# ----------------------------------------------------------------------------------------------------
+
+
+def _synth(ctx: Ctx, resume: bool) -> dict[str, Any]:
     from scale_rae_core.data.synth import synthesize
 
+    _remove(ctx.world)  # synthesis writes into an empty folder only
+    s = synthesize(ctx.world, ctx.options.n_images, image_size=ctx.profile.model.decoder.image_size, seed=ctx.seed)
+    train, held = s["train"]["n"], s.get("heldout", {}).get("n", 0)
+    return {"train_images": train, "heldout_images": held, "root": str(ctx.world),
+            "summary": f"{train} training images ({s['train']['n_conversations']} conversations), {held} held out"}
+
+
+def _pack(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    from scale_rae_core.data.pack import pack
+
+    with ctx.reporter.task("packing", None) as advance:
+        last = 0
+
+        def progress(done: int, total: int) -> None:
+            nonlocal last
+            advance(done - last, total=total)
+            last = done
+
+        s = pack(ctx.world / "conversations.jsonl", ctx.packed, resume=resume, samples_per_shard=1000, progress=progress)
+    return {"packed": s.packed, "skipped": s.skipped, "shards": s.shards, "resumed_shards": s.resumed_shards,
+            "summary": f"{s.packed} samples in {s.shards} shards, {s.skipped} skipped"}
+
+
+def _inspect(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    from scale_rae_core.data.shards import inspect
+
+    info = inspect(ctx.packed, samples=3)
+    return {"total": info["total"], "shards": len(info["shards"]),
+            "examples": [s["conversations"] for s in info["samples"]],
+            "summary": f"{info['total']} samples, e.g. {info['samples'][0]['conversations'][0]['value']!r}"}
+
+
+def _verify(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    from scale_rae_core.data.shards import verify
+
+    report = verify(ctx.packed)
+    if not report.ok:
+        p = report.problems[0]
+        raise DataError(f"{ctx.packed}: verification found {len(report.problems)} problems, first: {p.file}: {p.reason}; "
+                        "re-run with --redo pack")
+    return {"samples": report.samples, "problems": 0, "summary": f"{report.samples} samples re-read, 0 problems"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training stages
+# ----------------------------------------------------------------------------------------------------
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return any((run_dir / "checkpoints").glob("step-*/meta.json"))
+
+
+def _decoder(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    from scale_rae_core.backends.base import backend_for
+    from scale_rae_core.eval.recon import evaluate_reconstruction
+    from scale_rae_core.models.build import build_encoder, build_stats, load_trained_decoder
+    from scale_rae_core.models.rae import RAE
+    from scale_rae_core.train.decoder import train_decoder
+
+    run_dir = ctx.out / "decoder"
+    resume = resume and _has_checkpoint(run_dir)
+    if not resume:
+        _remove(run_dir)  # interrupted before its first complete checkpoint
+    with ctx.child_reporter(run_dir) as rep:
+        result = train_decoder(ctx.profile, ctx.world / "classes", run_dir, resume=resume, reporter=rep)
+    if result.export_dir is None:
+        raise ConfigError(f"{ctx.profile.source}: checkpoint.export = false leaves the demo without a decoder; set it to true")
+    with backend_for(ctx.profile.backend) as backend:
+        encoder = build_encoder(ctx.profile.model.encoder)
+        rae = RAE(encoder, load_trained_decoder(str(result.export_dir), encoder, what="decoder"),
+                  stats=build_stats(ctx.profile.model)).to(backend.device)
+        recon = evaluate_reconstruction(rae, ctx.world / "heldout" / "captioned", fid_net="random",
+                                        out=run_dir / "recon.json")
+    last = result.history[-1] if result.history else {}
+    return {"steps": result.steps, "l1": last.get("l1"), "psnr": round(recon["psnr"], 3), "ssim": round(recon["ssim"], 4),
+            "export": str(result.export_dir),
+            "summary": f"{result.steps} steps, held-out PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f} "
+                       f"({recon['num_images']} images)"}
+
+
+def _stat(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    from scale_rae_core.eval.recon import dataset_latent_stats
+    from scale_rae_core.models.build import build_encoder
+
+    encoder = build_encoder(ctx.profile.model.encoder)
+    stats = dataset_latent_stats(encoder, ctx.world / "classes", ctx.stats)
+    return {"images": stats.count, "out": str(ctx.stats),
+            "summary": f"latent mean/var over {stats.count} images → {ctx.stats.name}"}
+
+
+def _stage1(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    from scale_rae_core.train.unified import train_unified
+
+    run_dir = ctx.out / "stage1"
+    with ctx.child_reporter(run_dir) as rep:
+        r = train_unified(ctx.stage1_profile(), "stage1", ctx.packed, run_dir, resume=resume, reporter=rep)
+    if r.export_dir is None:
+        raise ConfigError(f"{ctx.profile.source}: checkpoint.export = false leaves the demo without a model; set it to true")
+    last = _last_metrics(run_dir / "metrics.jsonl")
+    return {"steps": r.step, "loss": last.get("loss"), "ce": last.get("ce"), "flow": last.get("flow"),
+            "export": str(r.export_dir),
+            "summary": f"{r.step} steps, loss {last.get('loss', float('nan')):.4f} (ce {last.get('ce', float('nan')):.4f}, "
+                       f"flow {last.get('flow', float('nan')):.4f})"}
+
+
+def _last_metrics(path: Path) -> dict[str, Any]:
+    rows = _jsonl(path)
+    return rows[-1] if rows else {}
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inference and evaluation stages
+# ----------------------------------------------------------------------------------------------------
+
+
+def _generate(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    from scale_rae_core.eval.shapes import match
+    from scale_rae_core.eval.shapes_bench import bench_prompts
+    from scale_rae_core.infer.generate import generate_images
+
+    folder = ctx.out / "generate"
+    shutil.rmtree(folder, ignore_errors=True)  # cheap: always whole, never half
+    prompts = bench_prompts(min(ctx.options.gen_prompts, len(bench_prompts())))
+    requests = [GENERATION_REQUEST.format(prompt=p) for p in prompts]
+    result = generate_images(ctx.session(), requests, folder, ctx.sampler(), seed=ctx.seed, n=ctx.options.gen_per_prompt,
+                             max_new_tokens=8)
+    from PIL import Image
+
+    rows = []
+    for rec in result.images:
+        caption = prompts[requests.index(rec.prompt)]
+        with Image.open(rec.png) as im:
+            m = match(caption, im.convert("RGB"))
+        rows.append({"prompt": caption, "request": rec.prompt, "seed": rec.seed, "png": rec.png.name,
+                     "full": bool(m["full"]), "colour": bool(m["colour"]), "shape": bool(m["shape"]),
+                     "position": bool(m["position"])})
+    (folder / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    full = sum(r["full"] for r in rows)
+    return {"images": len(rows), "full_match": round(full / len(rows), 4),
+            "summary": f"{len(rows)} images for {len(prompts)} prompts, {full}/{len(rows)} match their prompt fully"}
+
+
+def _understand(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    from scale_rae_core.eval.shapes_bench import normalise_answer
+    from scale_rae_core.infer.understand import understand_image
+
+    folder = ctx.out / "understand"
+    shutil.rmtree(folder, ignore_errors=True)
+    heldout = ctx.world / "heldout"
+    by_image: dict[str, list[tuple[str, str]]] = {}
+    for rec in _jsonl(heldout / "conversations.jsonl"):
+        if rec["metadata"].get("task") == "understanding":
+            question = rec["conversations"][0]["value"].replace("<image>\n", "")
+            by_image.setdefault(rec["image"], []).append((question, rec["conversations"][1]["value"]))
+    if not by_image:
+        raise DataError(f"{heldout}: no held-out understanding samples; re-run with more images (--n)")
+    rows = []
+    for image in list(by_image)[: ctx.options.understand_images]:
+        qa = []
+        for question, expected in by_image[image]:
+            a = understand_image(ctx.session(), heldout / image, question, folder, ctx.sampler(), seed=ctx.seed,
+                                 max_new_tokens=8)
+            qa.append({"question": question, "expected": expected, "answer": a.text,
+                       "correct": normalise_answer(a.text) == expected})
+        rows.append({"image": str(heldout / image), "qa": qa})
+    (folder / "answers.json").write_text(json.dumps(rows, indent=1) + "\n")
+    right = sum(q["correct"] for r in rows for q in r["qa"])
+    total = sum(len(r["qa"]) for r in rows)
+    return {"images": len(rows), "questions": total, "accuracy": round(right / total, 4),
+            "summary": f"{right}/{total} answers right on {len(rows)} held-out images"}
+
+
+def _scale(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    from scale_rae_core.eval.shapes_bench import bench_prompts
+    from scale_rae_core.scale.run import ScaleSettings, run_scaling
+    from scale_rae_core.scale.scorers import build_scorer
+    from scale_rae_core.scale.select import write_selection
+
+    o = ctx.options
+    lines = [{"index": i, "prompt": p} for i, p in enumerate(bench_prompts(min(o.scale_prompts, len(bench_prompts()))))]
+    settings = ScaleSettings(n=o.scale_n, rounds=o.scale_rounds, seed=ctx.seed, batch_size=o.scale_n,
+                             max_new_tokens=8, verify_max_new_tokens=4)
+    root = run_scaling(ctx.session(), lines, ctx.out / "scale", "stage1", settings, ctx.sampler(),
+                       [build_scorer("shapes")], ctx.reporter, rank=0, world_size=1)
+    report = write_selection(root, "answer_conf", 1, ctx.out / "scale" / "selected", overwrite=True)
+    shapes = report["metrics"]["answer_conf"]["scores"]["shapes"]
+    return {"root": str(root), "prompts": len(lines), "samples_per_prompt": settings.total,
+            "shapes_selected": shapes["selected"], "shapes_all": shapes["all"],
+            "summary": f"{len(lines)} prompts × {settings.total} samples; shapes score of the self-verified pick "
+                       f"{shapes['selected']:.2f} vs {shapes['all']:.2f} on average"}
+
+
+def _eval(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    from scale_rae_core.eval.shapes_bench import run_benchmark, summary
+
+    o = ctx.options
+    result = run_benchmark(ctx.session(), ctx.out / "eval_shapes.json", n_prompts=o.bench_prompts, k=o.bench_k,
+                           n_images=o.bench_images, seed=ctx.seed, steps=o.sampler_steps, reporter=ctx.reporter)
+    s = summary(result)
+    g = result["generation"]
+    return {**s, "gain": round(g["gain"], 4), "out": str(ctx.out / "eval_shapes.json"),
+            "summary": f"generation full match {100 * s['gen_full_first']:.1f}% (best of {g['k']} "
+                       f"{100 * s['gen_full_best_of_k']:.1f}%, oracle {100 * s['gen_full_oracle']:.1f}%), "
+                       f"understanding {100 * s['understanding']:.1f}%"}
+
+
+def _report(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    from scale_rae_core.report import write_report
+
+    path = write_report(ctx.out / "report.html", build_report(ctx.out))
+    return {"path": str(path), "bytes": path.stat().st_size, "summary": f"{path} ({path.stat().st_size // 1024} KiB)"}
+
+
+def _sections(profile: Profile, *names: str) -> dict[str, Any]:
+    data = profile.to_toml_dict()
+    out: dict[str, Any] = {}
+    for name in names:
+        node: Any = data
+        for part in name.split("."):
+            node = node[part]
+        out[name] = node
+    return out
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("synth", (), _synth, lambda c: [c.world / "synth.json"],
+          lambda c: {"n": c.options.n_images, "seed": c.seed, "image_size": c.profile.model.decoder.image_size},
+          lambda c: c.world),
+    Stage("pack", ("synth",), _pack, lambda c: [c.packed / "wds_manifest.json"], workdir=lambda c: c.packed),
+    Stage("inspect", ("pack",), _inspect, lambda c: [], always=True),
+    Stage("verify", ("pack",), _verify, lambda c: []),
+    Stage("decoder", ("synth",), _decoder, lambda c: [c.decoder_dir / "config.json"],
+          lambda c: {"seed": c.seed, **_sections(c.profile, "decoder_training", "model.encoder", "model.decoder")},
+          lambda c: c.out / "decoder"),
+    Stage("stat", ("synth",), _stat, lambda c: [c.stats], lambda c: _sections(c.profile, "model.encoder"), lambda c: c.stats),
+    Stage("stage1", ("pack", "stat"), _stage1, lambda c: [c.export / "config.json"],
+          lambda c: {"seed": c.seed, **_sections(c.profile, "stage1", "model.encoder", "model.llm", "model.dit", "data")},
+          lambda c: c.out / "stage1"),
+    Stage("generate", ("stage1", "decoder"), _generate, lambda c: [c.out / "generate" / "results.json"],
+          lambda c: {k: getattr(c.options, k) for k in ("gen_prompts", "gen_per_prompt", "sampler_steps")},
+          lambda c: c.out / "generate"),
+    Stage("understand", ("stage1", "synth"), _understand, lambda c: [c.out / "understand" / "answers.json"],
+          lambda c: {"understand_images": c.options.understand_images}, lambda c: c.out / "understand"),
+    Stage("scale", ("stage1", "decoder"), _scale, lambda c: [c.out / "scale" / "selected" / "report.json"],
+          lambda c: {k: getattr(c.options, k) for k in ("scale_prompts", "scale_n", "scale_rounds", "sampler_steps")},
+          lambda c: c.out / "scale"),
+    Stage("eval", ("stage1", "decoder"), _eval, lambda c: [c.out / "eval_shapes.json"],
+          lambda c: {k: getattr(c.options, k) for k in ("bench_prompts", "bench_k", "bench_images", "sampler_steps")},
+          lambda c: c.out / "eval_shapes"),
+    Stage("report", (), _report, lambda c: [c.out / "report.html"], always=True),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------------
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def run_demo(
+    out: Path, profile: Profile, reporter: Reporter, *, options: DemoOptions | None = None, fresh: bool = False,
+    redo: tuple[str, ...] | list[str] = (), strict: bool = False,
+    on_stage: Callable[[str, str, dict[str, Any]], None] | None = None,
+) -> DemoResult:
+    """Run (or continue) the demo in ``out``; ``on_stage(name, status, info)`` is called after each stage."""
+    options = options or DemoOptions()
+    unknown = [name for name in redo if name not in STAGE_NAMES]
+    if unknown:
+        raise ConfigError(f"--redo {unknown[0]}: unknown stage; choose from {', '.join(STAGE_NAMES)}")
+    profile.check_runtime()
     out = Path(out)
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(out, profile, reporter, options)
     result = DemoResult(out)
-    world, packed = out / "shapes", out / "packed"
-    image_size = profile.model.decoder.image_size
-
-    def stage(name: str, fn) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        reporter.event(f"demo.{name}.start")
-        info = fn()
-        info["seconds"] = round(time.perf_counter() - t0, 2)
-        reporter.event(f"demo.{name}.done", **info)
-        result.stages[name] = info
-        return info
-
-    def do_synth() -> dict[str, Any]:
-        if (world / "synth.json").is_file():
-            return {"reused": True, "root": str(world)}
-        if world.exists():
-            shutil.rmtree(world)  # an interrupted synth: start it again
-        s = synthesize(world, n_images, image_size=image_size, seed=profile.run.seed)
-        return {"train_images": s["train"]["n"], "heldout_images": s["heldout"]["n"], "root": str(world)}
-
-    def do_pack() -> dict[str, Any]:
-        resume = packed.exists()
-        with reporter.task("packing", None) as advance:
-            last = 0
-
-            def progress(done: int, total: int) -> None:
-                nonlocal last
-                advance(done - last, total=total)
-                last = done
-
-            s = pack(world / "conversations.jsonl", packed, resume=resume, samples_per_shard=1000, progress=progress)
-        return {"packed": s.packed, "skipped": s.skipped, "shards": s.shards, "resumed_shards": s.resumed_shards}
-
-    def do_inspect() -> dict[str, Any]:
-        info = inspect(packed, samples=3)
-        return {"total": info["total"], "shards": len(info["shards"]), "examples": [s["conversations"] for s in info["samples"]]}
-
-    def do_verify() -> dict[str, Any]:
-        report = verify(packed)
-        if not report.ok:
-            from scale_rae_core.errors import DataError
-
-            raise DataError(f"{packed}: verification found {len(report.problems)} problems, first: {report.problems[0].file}: {report.problems[0].reason}")
-        return {"samples": report.samples, "problems": 0}
-
-    stage("synth", do_synth)
-    stage("pack", do_pack)
-    stage("inspect", do_inspect)
-    stage("verify", do_verify)
-    (out / "demo.json").write_text(json.dumps({k: v for k, v in result.stages.items()}, indent=2, default=str))
+    for stage in STAGES:
+        record_path = out / "stages" / f"{stage.name}.json"
+        record = _read_record(record_path)
+        # what the output depends on: the stage's own settings, and which output of each stage it needs it read
+        after = {n: (_read_record(out / "stages" / f"{n}.json") or {}).get("stamp") for n in stage.needs}
+        inputs = json.loads(json.dumps({**stage.inputs(ctx), "after": after}, default=str))
+        outputs = stage.outputs(ctx)
+        forced = stage.name in redo
+        same = record is not None and record.get("inputs") == inputs
+        if (not stage.always and not forced and same and record.get("status") == "done"
+                and all(p.exists() for p in outputs)):
+            info, status = record["info"], "reused"
+            reporter.event(f"demo.{stage.name}.reused", **_fields(info))
+        else:
+            resume = not forced and same and record.get("status") == "running"
+            workdir = stage.workdir(ctx)
+            if not resume and workdir is not None:
+                _remove(workdir)  # start over: nothing half-made or stale may mix in
+            _write_record(record_path, {"status": "running", "inputs": inputs})
+            reporter.event(f"demo.{stage.name}.start", resume=resume)
+            t0 = time.perf_counter()
+            info = stage.run(ctx, resume)
+            info["seconds"] = round(time.perf_counter() - t0, 2)
+            _write_record(record_path, {"status": "done", "inputs": inputs, "info": info, "stamp": time.time_ns()})
+            reporter.event(f"demo.{stage.name}.done", **_fields(info))
+            status = "continued" if resume else "ran"
+        result.stages[stage.name] = info
+        result.status[stage.name] = status
+        if on_stage is not None:
+            on_stage(stage.name, status, info)
+    result.quality = check_bars(result.stages)
+    summary = {**result.stages, "status": result.status, "quality": result.quality}
+    (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    missed = [q for q in result.quality if not q["ok"]]
+    if strict and missed:
+        q = missed[0]
+        raise SraeError(f"quality bar missed: {q['label']} = {q['value']:.4g} < {q['minimum']:.4g}; train longer "
+                        f"(e.g. --set stage1.steps=...) and re-run with --retrain (details in {out / 'demo.json'})")
     return result
+
+
+def _fields(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if k not in ("examples",)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# report.html from a demo folder
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_report(out: Path) -> Any:
+    """The demo folder's results as a ``report.Report``: what exists is shown, what is missing is left out."""
+    from scale_rae_core.eval.shapes_bench import table_rows
+    from scale_rae_core.report import QA, AnsweredImage, Curve, ImageCell, ImageRow, Report, Table
+
+    out = Path(out)
+    report = Report(title=f"srae demo — {out.resolve().name}")
+    for path in sorted((out / "stages").glob("*.json"), key=lambda p: _order(p.stem)):
+        record = _read_record(path) or {}
+        if record.get("status") == "done" and path.stem != "report":
+            report.summary.append((path.stem, str(record["info"].get("summary", ""))))
+
+    generated = _jsonl_or_json(out / "generate" / "results.json")
+    if generated:
+        rows: dict[str, list[ImageCell]] = {}
+        for r in generated:
+            rows.setdefault(r["prompt"], []).append(
+                ImageCell(out / "generate" / r["png"], f"seed {r['seed']}", r["full"]))
+        report.grids.append(("Generated images (frame: green = the pixel scorer finds every attribute of the prompt)",
+                             [ImageRow(p, cells) for p, cells in rows.items()]))
+    bench_path = out / "eval_shapes.json"
+    bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
+    if bench:
+        g = bench["generation"]
+        rows_b = [ImageRow(p["prompt"], [ImageCell(Path(s["png"]), f"s{s['index']}" + (" ★" if s["index"] == p["selected"] else ""),
+                                                   s["full"]) for s in p["samples"] if Path(s["png"]).is_file()])
+                  for p in g["prompts"]]
+        report.grids.append((f"Benchmark samples ({g['k']} per prompt; ★ = the model's own pick by {g['selector']})", rows_b))
+        report.tables.append(Table("Shapes benchmark", ["", "colour", "shape", "position", "colour+shape", "full / accuracy"],
+                                   [list(r) for r in table_rows(bench)]))
+    for item in _jsonl_or_json(out / "understand" / "answers.json"):
+        if not Path(item["image"]).is_file():
+            continue
+        report.answers.append(AnsweredImage(Path(item["image"]), Path(item["image"]).name,
+                                            [QA(q["question"], q["answer"], q["expected"], q["correct"]) for q in item["qa"]]))
+    dec = _steps(_jsonl(out / "decoder" / "events.jsonl"), "train_decoder.step")
+    if dec:
+        report.curves.append(Curve("decoder training", {k: [(r["step"], r[k]) for r in dec if k in r] for k in ("loss", "l1")}))
+    s1 = {r["step"]: r for r in _jsonl(out / "stage1" / "metrics.jsonl") if "loss" in r}
+    if s1:
+        rows_s1 = [s1[k] for k in sorted(s1)]
+        report.curves.append(Curve("stage 1 training", {k: [(r["step"], r[k]) for r in rows_s1] for k in ("loss", "ce", "flow")}))
+    done = {p.stem: (_read_record(p) or {}) for p in (out / "stages").glob("*.json")}
+    quality = check_bars({name: r["info"] for name, r in done.items() if r.get("status") == "done"})
+    if quality:
+        report.tables.append(Table("Quality bars", ["bar", "value", "minimum", "met"],
+                                   [[q["label"], f"{q['value']:.4g}", f"{q['minimum']:.4g}", "yes" if q["ok"] else "no"]
+                                    for q in quality]))
+    return report
+
+
+def _order(name: str) -> int:
+    return STAGE_NAMES.index(name) if name in STAGE_NAMES else len(STAGE_NAMES)
+
+
+def _jsonl_or_json(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _steps(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """Step events of one kind, the last record per step (a resumed run repeats the steps after its checkpoint)."""
+    by_step = {e["step"]: e for e in events if e.get("event") == name}
+    return [by_step[k] for k in sorted(by_step)]

@@ -1,0 +1,57 @@
+"""`srae eval shapes`: the shapes benchmark (generation match rate, best-of-k gain, understanding accuracy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from scale_rae_cli.generate import DecoderOpt, ModelOpt, require_model
+from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, load
+
+EPILOG = "Example: srae eval shapes --model runs/demo/stage1/export --decoder runs/demo/decoder/decoder --out shapes.json"
+
+
+def shapes(
+    model: ModelOpt = None,
+    decoder: DecoderOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Result JSON; samples go to the folder of the same name.")] = Path("shapes_bench.json"),
+    n_prompts: Annotated[int | None, typer.Option("--n-prompts", help="Use the first N of the 36 fixed prompts (default: all).")] = None,
+    k: Annotated[int, typer.Option("--k", help="Samples per prompt (best-of-k is chosen by the model's own yes/no answer).")] = 4,
+    n_images: Annotated[int, typer.Option("--n-images", help="Held-out images for understanding (4 questions each).")] = 24,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the first sample per prompt and of the held-out images.")] = 0,
+    steps: Annotated[int, typer.Option("--steps", help="Sampler steps per image.")] = 50,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score generated images with the pixel scorer and check answers on held-out images; JSON plus a table."""
+    from scale_rae_core.eval.shapes_bench import run_benchmark
+    from scale_rae_core.events import Reporter
+    from scale_rae_core.infer.pipeline import Session
+
+    prof = load(profile, set_)
+    session = Session.open(require_model(model), prof, decoder=decoder)
+    with Reporter(None, show_progress=prof.output.progress and not quiet) as rep:
+        result = run_benchmark(session, out, n_prompts=n_prompts, k=k, n_images=n_images, seed=seed, steps=steps,
+                               reporter=rep)
+    print_table(result)
+    typer.echo(f"wrote {out}")
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from scale_rae_core.eval.shapes_bench import table_rows
+
+    g = result["generation"]
+    table = Table(title=f"shapes benchmark: {g['n_prompts']} prompts x {g['k']} samples, "
+                        f"{result['understanding']['n_images']} held-out images")
+    for name in ("", "colour", "shape", "position", "colour+shape", "full / accuracy"):
+        table.add_column(name, justify="left" if not name else "right")
+    for row in table_rows(result):
+        table.add_row(*row)
+    Console().print(table)
+    typer.echo(f"scale + verify gain (full match, best of {g['k']} by {g['selector']} - first): {100 * g['gain']:+.1f} points")

@@ -1,0 +1,163 @@
+"""`srae demo` end to end on a tiny world with tiny step counts: every stage, reuse, continuation after an
+interruption, --retrain / --redo / changed settings, quality bars, and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from scale_rae_cli.main import app
+from scale_rae_core.demo import QUALITY_BARS, STAGE_NAMES, DemoOptions, check_bars
+from scale_rae_core.errors import ConfigError
+from tests.test_report import check_html
+
+TINY = [
+    "--n", "30", "--quiet",
+    "--set", "decoder_training.steps=2", "--set", "decoder_training.micro_batch_size=8",
+    "--set", "decoder_training.global_batch_size=8",
+    "--set", "stage1.steps=2", "--set", "stage1.global_batch_size=4", "--set", "stage1.micro_batch_size=2",
+    "--set", "checkpoint.every_steps=2", "--set", "output.log_every=1",
+    "--sampler-steps", "2", "--gen-prompts", "2", "--understand-images", "1", "--scale-n", "1", "--scale-rounds", "2",
+    "--bench-prompts", "2", "--bench-k", "2", "--bench-images", "2",
+]
+
+
+def _demo(out: Path, *extra: str, code: int = 0) -> str:
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), *TINY, *extra])
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def _status(out: Path) -> dict[str, str]:
+    return json.loads((out / "demo.json").read_text())["status"]
+
+
+def _events(out: Path) -> list[str]:
+    return [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    return out, _demo(out)
+
+
+@pytest.mark.slow
+def test_every_stage_runs_and_reports(first_run):
+    out, text = first_run
+    lines = text.splitlines()
+    assert [line.split()[0] for line in lines[: len(STAGE_NAMES)]] == list(STAGE_NAMES)
+    assert "verify     135 samples re-read, 0 problems" in text
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["status"] == dict.fromkeys(STAGE_NAMES, "ran")
+    assert summary["synth"]["train_images"] == 27 and summary["pack"]["packed"] == 135
+    assert summary["decoder"]["steps"] == 2 and summary["stage1"]["steps"] == 2
+    assert summary["generate"]["images"] == 4 and summary["understand"]["questions"] == 4
+    assert summary["scale"]["samples_per_prompt"] == 2
+    assert {q["key"] for q in summary["quality"]} == {b.key for b in QUALITY_BARS}
+    assert sum(line.startswith("quality ") for line in lines) == len(QUALITY_BARS)
+    for name in STAGE_NAMES:
+        record = json.loads((out / "stages" / f"{name}.json").read_text())
+        assert record["status"] == "done" and "summary" in record["info"]
+    events = _events(out)
+    assert events[0] == "demo.synth.start" and events[-1] == "demo.report.done"
+    assert all(f"demo.{n}.done" in events for n in STAGE_NAMES)
+    # the outputs each stage promises
+    assert (out / "decoder" / "decoder" / "config.json").is_file() and (out / "decoder" / "recon.json").is_file()
+    assert (out / "stats.safetensors").is_file() and (out / "stage1" / "export" / "model.safetensors").is_file()
+    bench = json.loads((out / "eval_shapes.json").read_text())
+    assert bench["generation"]["n_prompts"] == 2 and bench["understanding"]["n_questions"] == 8
+    assert (out / "scale" / "selected" / "report.json").is_file()
+
+
+@pytest.mark.slow
+def test_report_holds_every_image_curve_and_the_benchmark(first_run):
+    out, _ = first_run
+    text = (out / "report.html").read_text()
+    checker = check_html(text)
+    generated = json.loads((out / "generate" / "results.json").read_text())
+    bench = json.loads((out / "eval_shapes.json").read_text())
+    answers = json.loads((out / "understand" / "answers.json").read_text())
+    n_bench = sum(len(p["samples"]) for p in bench["generation"]["prompts"])
+    assert len(checker.images) == text.count("data:image/png;base64,") == len(generated) + n_bench + len(answers)
+    alts = [img["alt"] for img in checker.images]
+    for row in generated:
+        assert f"{row['prompt']}: seed {row['seed']}" in alts
+    assert text.count("<svg") == 2 and "decoder training" in text and "stage 1 training" in text
+    assert 'class="series"' in text and "Shapes benchmark" in text and "first sample" in text
+    assert "Quality bars" in text and answers[0]["qa"][0]["question"] in text
+
+
+@pytest.mark.slow
+def test_rerun_reuses_then_changes_rerun_only_what_depends_on_them(first_run):
+    out, _ = first_run
+    before = (out / "eval_shapes.json").read_text()
+    text = _demo(out)
+    assert "(reused)" in text
+    assert _status(out) == {n: ("ran" if n in ("inspect", "report") else "reused") for n in STAGE_NAMES}
+    assert (out / "eval_shapes.json").read_text() == before
+    assert "demo.stage1.reused" in _events(out)
+
+    _demo(out, "--set", "stage1.steps=3")  # a changed stage-1 setting: stage 1 and what needs it
+    status = _status(out)
+    assert {n for n, s in status.items() if s == "ran"} == {"inspect", "stage1", "generate", "understand", "scale",
+                                                             "eval", "report"}
+    assert json.loads((out / "demo.json").read_text())["stage1"]["steps"] == 3
+
+    _demo(out, "--set", "stage1.steps=3", "--retrain")
+    status = _status(out)
+    assert all(status[n] == "reused" for n in ("synth", "pack", "verify"))
+    assert all(status[n] == "ran" for n in ("decoder", "stat", "stage1", "generate", "eval", "report"))
+
+
+@pytest.mark.slow
+def test_interrupted_stage_continues(first_run, tmp_path, monkeypatch):
+    import shutil
+
+    import scale_rae_core.infer.generate as gen
+
+    out = tmp_path / "run"
+    shutil.copytree(first_run[0], out)
+    real = gen.generate_images
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gen, "generate_images", interrupted)
+    # stage1 must run again (changed steps); generate is interrupted after it
+    text = _demo(out, "--set", "stage1.steps=4", code=130)
+    assert "interrupted" in text
+    assert json.loads((out / "stages" / "generate.json").read_text())["status"] == "running"
+    monkeypatch.setattr(gen, "generate_images", real)
+    _demo(out, "--set", "stage1.steps=4")
+    status = _status(out)
+    assert status["stage1"] == "reused" and status["generate"] == "continued"
+    assert status["understand"] == "ran"  # done for the old model: stale, though stage 1 ran in the earlier call
+
+
+def test_user_errors_are_one_line(tmp_path):
+    for args, message in ((["--redo", "nope"], "--redo nope: unknown stage"),
+                          (["--n", "5"], "--n 5: the demo needs at least 10 images")):
+        text = _demo(tmp_path / "x", *args, code=1)
+        assert text.startswith("error: ") and message in text and text.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_strict_fails_on_a_missed_bar(first_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(first_run[0], out)
+    text = _demo(out, "--strict", code=1)
+    assert "error: quality bar missed: " in text  # two decoder steps do not reach 20 dB
+
+
+def test_bars_and_options():
+    stages = {"decoder": {"psnr": 25.0}, "eval": {"gen_full_first": 0.1}}
+    got = {q["key"]: q["ok"] for q in check_bars(stages)}
+    assert got == {"psnr": True, "gen_full_first": False}  # understanding did not run: no verdict
+    with pytest.raises(ConfigError, match="sampler_steps"):
+        DemoOptions(sampler_steps=0)
