@@ -7,6 +7,10 @@ of generation samples (fixed t and noise), plus the training losses. Targets: an
 loss well below its step-0 value.
 
     python benchmarks/bench_stage1.py --work /tmp/bench-stage1 [--threads 2] [--set stage1.steps=300 ...]
+
+OpenMP threads sleep instead of spinning while they wait (``OMP_WAIT_POLICY=PASSIVE`` unless set): on a
+machine shared with other jobs, spinning threads of two processes starve each other and a step of the tiny
+model took 12.8 s instead of 0.6 s (2 cores, two 2-thread trainers); alone, passive waiting costs ~0.1 s/step.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def main() -> None:
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads its OpenMP runtime
     import torch
 
     torch.set_num_threads(args.threads)
@@ -50,16 +55,24 @@ def main() -> None:
     profile = load_profile("tiny-cpu", overrides)
     steps = profile.stage1.steps
     # Stop early (as if preempted) when the step time says the budget would be exceeded.
+    load_start = os.getloadavg()[0]
     t1 = time.perf_counter()
-    probe = train_unified(profile, "stage1", packed, args.work / "run", stop_at=min(5, steps))
-    per_step = (time.perf_counter() - t1) / max(probe.step, 1)
-    budget_steps = int(args.minutes * 60 / per_step * 0.97)
+    probe = train_unified(profile, "stage1", packed, args.work / "run", stop_at=min(10, steps))
+    # Every shapes-world sample holds one image, so a step's time is batch / images_per_s (the probe's setup,
+    # model build and step-0 evaluation excluded; step 1 is a warm-up).
+    per_step = sum(profile.stage1.global_batch_size / r["images_per_s"] for r in probe.records[1:]) / max(len(probe.records) - 1, 1)
+    left = args.minutes * 60 - (time.perf_counter() - t1) - 15  # 15 s for the resume's setup and the export
+    budget_steps = probe.step + int(left / per_step * 0.95)  # 5 % for the evaluations every --every steps
     stop = min(steps, budget_steps)
     result = train_unified(profile, "stage1", packed, args.work / "run", resume=True, stop_at=stop)
     train_s = time.perf_counter() - t1
 
     records = [json.loads(line) for line in (args.work / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_answer_ce" in r]
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}; {os.cpu_count()} CPU cores; load average {load_start:.2f} at the start, "
+          f"{load} (1/5/15 min) at the end; "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     print(f"shapes world: {args.images} images ({prep:.0f} s to synthesise + pack); profile tiny-cpu "
           f"+ {args.set or 'no overrides'}; {torch.get_num_threads()} threads")
     print(f"trained {result.step}/{steps} steps in {train_s / 60:.1f} min ({train_s / max(result.step, 1):.2f} s/step), "
