@@ -11,7 +11,10 @@ import pytest
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("CPU_NUM_DEVICES", "4")
-pytest.importorskip("torch_xla", reason="torch_xla is only in the XLA lane (.venv-xla)")
+if os.environ.get("SRAE_XLA_LANE") == "1":
+    import torch_xla  # noqa: F401  (the lane must have it: fail loudly, never skip)
+else:
+    pytest.importorskip("torch_xla", reason="torch_xla is only in the XLA lane (.venv-xla)")
 
 from scale_rae_core.config import load_profile  # noqa: E402
 from scale_rae_core.data.pack import pack  # noqa: E402
