@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,22 +53,22 @@ def to_square_tensor(im: Image.Image, size: int, *, train: bool) -> torch.Tensor
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
 
-class ImageStream:
+class ImageStream(ABC):
     """Common interface: iterate `(pixels, position)`; `mark_consumed`, `state_dict`, `load_state_dict`."""
 
     images_per_epoch: int  # on this rank
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, Position]]:
-        raise NotImplementedError
+    @abstractmethod
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Position]]: ...
 
-    def mark_consumed(self, positions: list[Position]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def mark_consumed(self, positions: list[Position]) -> None: ...
 
-    def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class PackedImages(ImageStream):
