@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 import torch
 
 from scale_rae_core.errors import DataError
+from scale_rae_core.files import atomic_write
 
 LATENT_FORMAT = "srae-latent"
 LATENT_KEY = "latent"
@@ -63,17 +62,6 @@ def claim_stem(out_dir: Path, label: str, seed: int | None) -> Path:
         index += 1
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """``write(tmp)`` then rename onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_png(path: Path, pixels: torch.Tensor) -> Path:

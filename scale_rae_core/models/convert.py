@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from scale_rae_core.errors import CheckpointError, ConfigError
+from scale_rae_core.files import read_plain_state_dict
 from scale_rae_core.models.decoder import (
     DECODER_PRESETS,
     Decoder,
@@ -187,13 +188,7 @@ def _resolve(
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read as a weights-only torch checkpoint ({e})") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a plain state_dict (name -> tensor)")
-    return state
+    return read_plain_state_dict(path)
 
 
 def _infer_config(

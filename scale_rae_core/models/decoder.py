@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scale_rae_core.errors import CheckpointError, ConfigError
+from scale_rae_core.files import atomic_write
 
 FORMAT = "srae-decoder"
 FORMAT_VERSION = 1
@@ -234,16 +234,6 @@ DECODER_PRESETS: dict[str, dict[str, int]] = {
 # our checkpoint format: <dir>/config.json + <dir>/model.safetensors
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)` then rename onto `path`, so readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_decoder(decoder: Decoder, out_dir: str | os.PathLike[str]) -> Path:
@@ -253,10 +243,10 @@ def save_decoder(decoder: Decoder, out_dir: str | os.PathLike[str]) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in decoder.state_dict().items()}
-    _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
+    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(decoder.cfg)}
     text = json.dumps(meta, indent=2) + "\n"
-    _atomic_write(out / "config.json", lambda p: Path(p).write_text(text))
+    atomic_write(out / "config.json", lambda p: Path(p).write_text(text))
     return out
 
 

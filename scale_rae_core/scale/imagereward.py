@@ -49,6 +49,7 @@ from PIL import Image
 from torch import nn
 
 from scale_rae_core.errors import CheckpointError, DataError
+from scale_rae_core.files import read_plain_state_dict
 
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
@@ -425,13 +426,7 @@ def _vision_sizes(state: dict[str, torch.Tensor], source: str) -> dict[str, int]
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read as a weights-only torch checkpoint ({e})") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a plain state dict (name -> tensor), as the public ImageReward.pt")
-    return state
+    return read_plain_state_dict(path, "a plain state dict (name -> tensor), as the public ImageReward.pt")
 
 
 def _resolve(src: str | os.PathLike[str]) -> tuple[Path, Path | None]:
