@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from torch.utils.data import Dataset
 
-from scale_rae_core.data.sample import Sample, normalize_conversations
+from scale_rae_core.data.sample import Sample, reference_record
 from scale_rae_core.data.transforms import DEFAULT_MAX_PIXELS, BadImage, load_image
 from scale_rae_core.errors import DataError
 
@@ -85,17 +85,9 @@ class JsonlDataset(Dataset):
             obj = json.loads(raw)
             if not isinstance(obj, dict):
                 raise ValueError(f"a JSON {type(obj).__name__}, not an object")
-            turns = normalize_conversations(obj.get("conversations"))
-            meta = obj.get("metadata") or {}
-            if not isinstance(meta, dict):
-                raise ValueError("metadata must be a JSON object")
-            image_ref = obj.get("image")
-            if isinstance(image_ref, list):
-                if len(image_ref) > 1:
-                    raise ValueError(f"{len(image_ref)} images; srae samples hold one image")
-                image_ref = image_ref[0] if image_ref else None
+            turns, meta, image_ref = reference_record(obj)
             image = None
-            if image_ref not in (None, "") and self.load_images:
+            if image_ref is not None and self.load_images:
                 if not isinstance(image_ref, str):
                     raise ValueError("'image' must be a path string")
                 p = Path(image_ref)

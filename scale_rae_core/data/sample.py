@@ -56,3 +56,21 @@ def normalize_conversations(raw: Any) -> list[dict[str, str]]:
             raise ValueError(f"conversation turn {i} has no string 'value' (or 'content')")
         turns.append({"from": _ROLES[role], "value": value})
     return turns
+
+
+def reference_record(obj: dict[str, Any]) -> tuple[list[dict[str, str]], dict[str, Any], str | None]:
+    """One reference-format JSONL object → (conversation turns, metadata, image path or None).
+
+    ``image`` may be a path, a one-element list, empty or absent; more than one image raises ValueError (srae
+    samples hold one image, as the reference scripts use), and so does metadata that is not an object.
+    """
+    turns = normalize_conversations(obj.get("conversations"))
+    meta = obj.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("metadata must be a JSON object")
+    image = obj.get("image")
+    if isinstance(image, list):
+        if len(image) > 1:
+            raise ValueError(f"{len(image)} images; an srae sample holds one image")
+        image = image[0] if image else None
+    return turns, meta, None if image in (None, "") else image

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scale_rae_core.data.sample import IMAGE_TOKEN, normalize_conversations
+from scale_rae_core.data.sample import IMAGE_TOKEN, reference_record
 from scale_rae_core.data.transforms import IMAGE_EXTENSIONS
 from scale_rae_core.errors import DataError
 
@@ -288,18 +288,10 @@ def _conversation_entries(path: Path, root: Path) -> Iterator[Entry]:
             yield Entry(source=source, reject=reject)
             continue
         try:
-            turns = normalize_conversations(obj.get("conversations"))
+            turns, meta, raw_image = reference_record(obj)
             if not turns:
                 raise ValueError("no conversation turns")
-            meta = obj.get("metadata") or {}
-            if not isinstance(meta, dict):
-                raise ValueError("metadata must be a JSON object")
-            raw_image = obj.get("image")
-            if isinstance(raw_image, list):
-                if len(raw_image) > 1:
-                    raise ValueError(f"{len(raw_image)} images; a packed sample holds one image")
-                raw_image = raw_image[0] if raw_image else None
-            image = None if raw_image in (None, "") else _resolve_image(raw_image, root)
+            image = None if raw_image is None else _resolve_image(raw_image, root)
         except ValueError as err:
             yield Entry(source=source, reject=str(err))
             continue
