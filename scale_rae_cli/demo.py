@@ -30,13 +30,13 @@ def demo(
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
-    sampler_steps: Annotated[int, _hidden("--sampler-steps", "Flow sampler steps per image.")] = 50,
+    sampler_steps: Annotated[int, _hidden("--sampler-steps", "Flow sampler steps per image.")] = 25,
     gen_prompts: Annotated[int, _hidden("--gen-prompts", "Prompts in the generate stage.")] = 6,
     understand_images: Annotated[int, _hidden("--understand-images", "Held-out images in the understand stage.")] = 4,
     scale_n: Annotated[int, _hidden("--scale-n", "Scale stage: samples per round.")] = 2,
     scale_rounds: Annotated[int, _hidden("--scale-rounds", "Scale stage: rounds.")] = 2,
     bench_prompts: Annotated[int | None, _hidden("--bench-prompts", "Benchmark prompts (default all 36).")] = None,
-    bench_k: Annotated[int, _hidden("--bench-k", "Benchmark samples per prompt.")] = 4,
+    bench_k: Annotated[int, _hidden("--bench-k", "Benchmark samples per prompt.")] = 8,
     bench_images: Annotated[int, _hidden("--bench-images", "Benchmark held-out images.")] = 24,
 ) -> None:
     """Run the pipeline on the shapes world: synth → pack → inspect → verify → decoder → stat → stage1 →
@@ -58,5 +58,5 @@ def demo(
         result = run_demo(out, prof, rep, options=options, fresh=fresh, redo=stages, strict=strict, on_stage=echo)
     for q in result.quality:
         mark = "ok" if q["ok"] else "BELOW BAR"
-        typer.echo(f"quality    {q['label']}: {q['value']:.4g} (bar {q['minimum']:.4g}) {mark}")
+        typer.echo(f"quality    {q['label']}: {q['value']:.4g} (bar {'>' if q.get('strict') else '>='} {q['minimum']:.4g}) {mark}")
     typer.echo(f"done: {out} (report {out / 'report.html'}, summary {out / 'demo.json'})")

@@ -22,6 +22,7 @@ def shapes(
     n_images: Annotated[int, typer.Option("--n-images", help="Held-out images for understanding (4 questions each).")] = 24,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first sample per prompt and of the held-out images.")] = 0,
     steps: Annotated[int, typer.Option("--steps", help="Sampler steps per image.")] = 50,
+    guidance: Annotated[float, typer.Option("--guidance", help="CFG weight for every sample; 1 = off.")] = 1.0,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -35,7 +36,7 @@ def shapes(
     session = Session.open(require_model(model), prof, decoder=decoder)
     with Reporter(None, show_progress=prof.output.progress and not quiet) as rep:
         result = run_benchmark(session, out, n_prompts=n_prompts, k=k, n_images=n_images, seed=seed, steps=steps,
-                               reporter=rep)
+                               guidance=guidance, reporter=rep)
     print_table(result)
     typer.echo(f"wrote {out}")
 
@@ -54,4 +55,4 @@ def print_table(result: dict[str, Any]) -> None:
     for row in table_rows(result):
         table.add_row(*row)
     Console().print(table)
-    typer.echo(f"scale + verify gain (full match, best of {g['k']} by {g['selector']} - first): {100 * g['gain']:+.1f} points")
+    typer.echo(f"scale + verify gain (full match, best of {g['k']} by {g['selector']} - single sample): {100 * g['gain']:+.1f} points")

@@ -134,6 +134,7 @@ class StageSettings(_Section):
     seq_len: int = Field(512, ge=8)  # every sample is padded to exactly this many tokens (static shapes)
     grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 = off
     flow_weight: float = Field(2.0, ge=0)  # total loss = CE + flow_weight × flow loss
+    flow_repeats: int = Field(1, ge=1)  # flow samples (time, noise) per answer image; the LLM runs once
 
 
 class DecoderTrainSettings(_Section):

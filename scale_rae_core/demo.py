@@ -47,9 +47,9 @@ class DemoOptions:
     scale_n: int = 2  # samples per round
     scale_rounds: int = 2  # rounds (n x rounds samples per prompt)
     bench_prompts: int | None = None  # benchmark prompts (None = the whole fixed set of 36)
-    bench_k: int = 4  # benchmark samples per prompt
+    bench_k: int = 8  # benchmark samples per prompt (best-of-8 by self-verification vs single samples)
     bench_images: int = 24  # benchmark held-out images (4 questions each)
-    sampler_steps: int = 50  # flow sampler steps per image
+    sampler_steps: int = 25  # flow sampler steps per image (Euler)
 
     def __post_init__(self) -> None:
         for name in ("n_images", "gen_prompts", "gen_per_prompt", "understand_images", "scale_prompts", "scale_n",
@@ -62,18 +62,24 @@ class DemoOptions:
 
 @dataclass(frozen=True)
 class Bar:
-    """A quality bar: ``stages[stage][key] >= minimum``."""
+    """A quality bar: ``stages[stage][key] >= minimum`` (``> minimum`` when ``strict``)."""
 
     label: str
     stage: str
     key: str
     minimum: float
+    strict: bool = False
+
+    def met(self, value: float) -> bool:
+        return value > self.minimum if self.strict else value >= self.minimum
 
 
+# The issue's bars for the embedded default (BENCHMARKS.md records where the tiny recipe stands against them).
 QUALITY_BARS: tuple[Bar, ...] = (
-    Bar("decoder held-out PSNR (dB)", "decoder", "psnr", 20.0),
-    Bar("generation: full prompt match, first sample", "eval", "gen_full_first", 0.25),
-    Bar("understanding: exact-match accuracy", "eval", "understanding", 0.5),
+    Bar("decoder held-out PSNR (dB)", "decoder", "psnr", 25.0),
+    Bar("generation: colour + shape prompt match, first sample", "eval", "gen_colour_shape_first", 0.8),
+    Bar("understanding: exact-match accuracy", "eval", "understanding", 0.9),
+    Bar("best-of-k by self-verification minus a single sample (full match)", "eval", "gain", 0.0, strict=True),
 )
 
 
@@ -84,7 +90,7 @@ def check_bars(stages: dict[str, dict[str, Any]], bars: tuple[Bar, ...] = QUALIT
         value = stages.get(bar.stage, {}).get(bar.key)
         if value is not None:
             out.append({"label": bar.label, "stage": bar.stage, "key": bar.key, "value": value,
-                        "minimum": bar.minimum, "ok": value >= bar.minimum})
+                        "minimum": bar.minimum, "strict": bar.strict, "ok": bar.met(value)})
     return out
 
 
@@ -140,6 +146,9 @@ class Ctx:
     def stage1_profile(self) -> Profile:
         prof = self.profile.model_copy(deep=True)
         prof.model.stats = str(self.stats)
+        heldout = self.world / "heldout" / "conversations.jsonl"
+        if not prof.data.eval and heldout.is_file():  # held-out curves, incl. whether the head follows the prompt
+            prof.data.eval = str(heldout)
         return prof
 
     def session(self) -> Any:
@@ -324,6 +333,7 @@ def _generate(ctx: Ctx, resume: bool) -> dict[str, Any]:
 
 
 def _understand(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    from scale_rae_core.data.synth import QUESTIONS
     from scale_rae_core.eval.shapes_bench import normalise_answer
     from scale_rae_core.infer.understand import understand_image
 
@@ -331,9 +341,10 @@ def _understand(ctx: Ctx, resume: bool) -> dict[str, Any]:
     shutil.rmtree(folder, ignore_errors=True)
     heldout = ctx.world / "heldout"
     by_image: dict[str, list[tuple[str, str]]] = {}
+    asked = {question for question, _ in QUESTIONS}  # the four one-word questions (not the free-form caption)
     for rec in _jsonl(heldout / "conversations.jsonl"):
-        if rec["metadata"].get("task") == "understanding":
-            question = rec["conversations"][0]["value"].replace("<image>\n", "")
+        question = rec["conversations"][0]["value"].replace("<image>\n", "")
+        if rec["metadata"].get("task") == "understanding" and question in asked:
             by_image.setdefault(rec["image"], []).append((question, rec["conversations"][1]["value"]))
     if not by_image:
         raise DataError(f"{heldout}: no held-out understanding samples; re-run with more images (--n)")
@@ -515,7 +526,8 @@ def run_demo(
     missed = [q for q in result.quality if not q["ok"]]
     if strict and missed:
         q = missed[0]
-        raise SraeError(f"quality bar missed: {q['label']} = {q['value']:.4g} < {q['minimum']:.4g}; train longer "
+        raise SraeError(f"quality bar missed: {q['label']} = {q['value']:.4g} {'<=' if q['strict'] else '<'} "
+                        f"{q['minimum']:.4g}; train longer "
                         f"(e.g. --set stage1.steps=...) and re-run with --retrain (details in {out / 'demo.json'})")
     return result
 
@@ -571,6 +583,9 @@ def build_report(out: Path) -> Any:
     if s1:
         rows_s1 = [s1[k] for k in sorted(s1)]
         report.curves.append(Curve("stage 1 training", {k: [(r["step"], r[k]) for r in rows_s1] for k in ("loss", "ce", "flow")}))
+        held = {k: [(r["step"], r[k]) for r in rows_s1 if k in r] for k in ("eval_flow", "eval_flow_mismatched")}
+        if all(held.values()):  # the gap between the two is what the prompt tells the head
+            report.curves.append(Curve("stage 1 held-out flow loss: own prompt vs another sample's prompt", held))
     done = {p.stem: (_read_record(p) or {}) for p in (out / "stages").glob("*.json")}
     quality = check_bars({name: r["info"] for name, r in done.items() if r.get("status") == "done"})
     if quality:

@@ -18,9 +18,12 @@ antialiased at any ``image_size`` from 16 up. ``caption`` writes one of a few ca
       captioned/000000.png  captioned/000000.txt  ...   images with sidecar captions
       captions.csv          columns image,caption; paths relative to out_dir
       captions.jsonl        {"image": "captioned/000000.png", "caption": "..."}
-      conversations.jsonl   reference (LLaVA-style) records: per image one generation sample
-                            (human asks for the image, gpt answers "<image>") and one understanding
-                            sample per question (human "<image>\\n<question>", gpt the answer)
+      conversations.jsonl   reference (LLaVA-style) records, twelve per image: six generation samples
+                            (human asks for the image in six wordings, gpt answers "<image>"), one
+                            understanding sample per question (human "<image>\\n<question>", gpt the
+                            answer), one caption ("Describe this image." → the caption) and one
+                            verification sample (the self-verification question about a caption that
+                            matches, or differs in one of colour/shape/position → "yes"/"no")
       classes/red_circle/000000.png ...   ImageNet-style class folders (label = colour_shape)
       heldout/              the same layout again, for evaluation only
 
@@ -43,6 +46,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from scale_rae_core.errors import DataError
+from scale_rae_core.scale.questions import CAPTION_QUESTION, VERIFY_QUESTION
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -84,6 +88,7 @@ GENERATION_TEMPLATES: tuple[str, ...] = (
     "Create a picture of {caption}.",
 )
 WHERE = {"left": "on the left", "center": "in the center", "right": "on the right"}
+GENERATION_SAMPLES = 6  # generation records per image, each worded anew (half of all records)
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,23 @@ def questions(spec: ShapeSpec) -> list[tuple[str, str]]:
     return [(question, values[attribute]) for question, attribute in QUESTIONS]
 
 
+def verification_caption(spec: ShapeSpec, text: str, rng: random.Random) -> tuple[str, str]:
+    """(caption, "yes" | "no") for the verification question about ``spec``, a positive half of the time.
+
+    ``text`` is a short caption of the image (the first two templates, what a prompt usually looks like); the
+    positive is ``text`` itself, a negative rewrites it with one of colour, shape or position changed (a hard
+    negative: the rest of the caption still fits).
+    """
+    if rng.random() < 0.5:
+        return text, "yes"
+    attribute = rng.choice(("colour", "shape", "position"))
+    table = {"colour": COLOURS, "shape": SHAPES, "position": POSITIONS}[attribute]
+    other = rng.choice([v for v in table if v != getattr(spec, attribute)])
+    old = WHERE[spec.position] if attribute == "position" else getattr(spec, attribute)
+    new = WHERE[other] if attribute == "position" else other
+    return text.replace(old, new, 1), "no"
+
+
 def _split_specs(n: int, seed: int, split: str) -> list[tuple[ShapeSpec, str, str]]:
     """``n`` (spec, caption, generation prompt) triples, cycling through shuffled attribute combinations."""
     rng = random.Random(f"srae-shapes/{seed}/{split}")
@@ -212,21 +234,30 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 
 def _conversation_records(image: str, spec: ShapeSpec, prompt: str, text: str,
-                          split: str, stem: str) -> list[dict]:
+                          split: str, stem: str, rng: random.Random) -> list[dict]:
+    """The records of one image; ``rng`` (not the spec stream) picks the extra wordings and the verification."""
     metadata = {**spec.attributes(), "label": spec.label, "caption": text, "split": split}
-    records = [{
-        "id": f"{stem}-gen",
-        "image": image,
-        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": "<image>"}],
-        "metadata": {**metadata, "task": "generation"},
-    }]
-    for k, (question, answer) in enumerate(questions(spec)):
-        records.append({
-            "id": f"{stem}-q{k}",
+
+    def record(suffix: str, human: str, gpt: str, task: str, **extra: str) -> dict:
+        return {
+            "id": f"{stem}-{suffix}",
             "image": image,
-            "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
-            "metadata": {**metadata, "task": "understanding"},
-        })
+            "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}],
+            "metadata": {**metadata, **extra, "task": task},
+        }
+
+    records = [record("gen", prompt, "<image>", "generation")]
+    for k in range(1, GENERATION_SAMPLES):  # more wordings of the same image: generation is the slow task to learn
+        other = caption(spec, rng)
+        records.append(record(f"gen{k}", rng.choice(GENERATION_TEMPLATES).format(caption=other), "<image>", "generation",
+                              caption=other))
+    for k, (question, answer) in enumerate(questions(spec)):
+        records.append(record(f"q{k}", f"<image>\n{question}", answer, "understanding"))
+    records.append(record("caption", f"<image>\n{CAPTION_QUESTION}", text, "understanding"))
+    short = rng.choice(CAPTION_TEMPLATES[:2]).format(where=WHERE[spec.position], **spec.attributes())
+    claim, verdict = verification_caption(spec, short, rng)
+    records.append(record("verify", f"<image>\n{VERIFY_QUESTION.format(prompt=claim)}", verdict, "verification",
+                          claim=claim))
     return records
 
 
@@ -235,6 +266,7 @@ def _write_split(root: Path, n: int, image_size: int, seed: int, split: str) -> 
     captioned, classes = root / "captioned", root / "classes"
     captioned.mkdir(parents=True, exist_ok=True)
     rows, conversations, labels = [], [], {}
+    tasks = random.Random(f"srae-shapes/{seed}/{split}/tasks")  # own stream: the images do not depend on it
     for index, (spec, text, prompt) in enumerate(_split_specs(n, seed, split)):
         stem = f"{index:06d}"
         png = _png_bytes(render(spec, image_size))
@@ -245,7 +277,7 @@ def _write_split(root: Path, n: int, image_size: int, seed: int, split: str) -> 
         (label_dir / f"{stem}.png").write_bytes(png)
         labels[spec.label] = labels.get(spec.label, 0) + 1
         rows.append({"image": f"captioned/{stem}.png", "caption": text})
-        conversations += _conversation_records(f"captioned/{stem}.png", spec, prompt, text, split, stem)
+        conversations += _conversation_records(f"captioned/{stem}.png", spec, prompt, text, split, stem, tasks)
 
     with open(root / "captions.csv", "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["image", "caption"], lineterminator="\n")
@@ -318,5 +350,5 @@ def synthesize(out_dir: Path, n: int, *, image_size: int = 64, seed: int = 0,
 
 __all__ = [
     "BACKGROUNDS", "COLOURS", "POSITIONS", "SHAPES", "SIZES", "SIZE_THRESHOLD", "ShapeSpec",
-    "caption", "questions", "random_spec", "render", "synthesize",
+    "caption", "questions", "random_spec", "render", "synthesize", "verification_caption",
 ]

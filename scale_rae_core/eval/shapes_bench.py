@@ -9,8 +9,9 @@ Three numbers, all judged without any learned judge:
    (all three right). Reported: the rate of the *first* sample (one sample per prompt, what
    ``srae generate`` gives) and the mean over all ``k`` samples (the same expectation, less noisy);
 2. **scale + verify gain**: the rate of the sample the model itself ranks best by ``answer_conf`` (its
-   yes/no answer to "Does this image align with the prompt?", ``scale.select``), against the first
-   sample; plus the oracle best-of-k (some sample is fully right), the ceiling of any selector;
+   yes/no answer to "Does this image align with the prompt?", ``scale.select``), against a single sample's
+   rate (the mean over all ``k``, the expectation of picking one at random); plus the oracle best-of-k (some
+   sample is fully right), the ceiling of any selector;
 3. **understanding**: ``n_images`` freshly rendered images (their own random stream, so never in a
    training split), each asked the world's four questions (``data.synth.questions``); an answer counts when
    its normalised text (lower case, outer punctuation stripped, spelling variants such as "centre"
@@ -147,14 +148,14 @@ def evaluate_generation(
             "selected": best,
             "answers": [(run.metadata.get("text_responses") or {}).get(str(i), {}).get("answer") for i in sorted(judged)],
         })
-    first_rates, best_rates = _rates(first), _rates(chosen)
+    first_rates, best_rates, mean_rates = _rates(first), _rates(chosen), _rates(everything)
     return {
         "n_prompts": len(runs), "k": k, "seed": seed, "selector": SELECTOR, **sampler.describe(),
         "first": first_rates,
-        "mean_over_k": _rates(everything),
+        "mean_over_k": mean_rates,
         "best_of_k": best_rates,
         "oracle_best_of_k": oracle / len(runs) if runs else 0.0,
-        "gain": best_rates["full"] - first_rates["full"],
+        "gain": best_rates["full"] - mean_rates["full"],
         "prompts": per_prompt,
     }
 
@@ -200,7 +201,7 @@ def evaluate_understanding(session: Session, specs: list[ShapeSpec], *, image_si
 
 def run_benchmark(
     session: Session, out: Path, *, n_prompts: int | None = None, k: int = 4, n_images: int = 24, seed: int = 0,
-    steps: int = 50, reporter: Reporter | None = None,
+    steps: int = 50, guidance: float = 1.0, reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Run the whole benchmark; write ``out`` (JSON) and the samples under ``out``'s stem folder; return the result."""
     out = Path(out)
@@ -210,7 +211,7 @@ def run_benchmark(
     start = time.perf_counter()
     prompts = bench_prompts(n_prompts)
     specs = heldout_specs(n_images, seed)
-    sampler = SamplerSettings(steps=steps)
+    sampler = SamplerSettings(steps=steps, guidance=guidance)
     settings = {"prompts": prompts, "k": k, "seed": seed, "n_images": n_images, "sampler": sampler.describe(),
                 "model": session.loaded.source.describe()["id"]}
     marker = work / SETTINGS_FILE
@@ -240,6 +241,8 @@ def summary(result: dict[str, Any]) -> dict[str, float]:
         "gen_full_first": round(g["first"]["full"], 4), "gen_full_mean": round(g["mean_over_k"]["full"], 4),
         "gen_full_best_of_k": round(g["best_of_k"]["full"], 4), "gen_full_oracle": round(g["oracle_best_of_k"], 4),
         "gen_colour_shape_first": round(g["first"]["colour_shape"], 4),
+        "gen_colour_shape_mean": round(g["mean_over_k"]["colour_shape"], 4),
+        "gen_position_mean": round(g["mean_over_k"]["position"], 4),
         "understanding": round(u["accuracy"], 4),
     }
 

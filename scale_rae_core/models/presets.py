@@ -79,12 +79,14 @@ def count_llm_params(preset: str) -> int:
 def shapes_world_words() -> list[str]:
     """Every text the shapes world writes (names, templates, questions), for the tiny tokenizer's BPE."""
     from scale_rae_core.data import synth
+    from scale_rae_core.scale.questions import CAPTION_QUESTION, VERIFY_QUESTION
 
     words: list[str] = []
     for table in (synth.COLOURS, synth.SHAPES, synth.POSITIONS, synth.SIZES, synth.BACKGROUNDS):
         words += [f"{prefix}{name}" for name in table for prefix in ("", "a ")]  # also with a leading space
     words += list(synth.WHERE.values())
     words += [q for q, _ in synth.QUESTIONS]
+    words += [CAPTION_QUESTION, VERIFY_QUESTION.replace("{prompt}", ""), "yes", "no"]
     words += [t.replace("{", "").replace("}", "") for t in (*synth.CAPTION_TEMPLATES, *synth.GENERATION_TEMPLATES)]
     return words
 

@@ -125,12 +125,15 @@ class ScaleRAE(nn.Module):
         flow_weight: float = 2.0,
         all_slots: bool = False,
         generator: torch.Generator | None = None,
+        flow_repeats: int = 1,
     ) -> UnifiedLoss:
         """Loss of one collated batch (see :func:`scale_rae_core.models.llm.collate`).
 
         ``all_slots``: run the head on every image slot and mask (static shapes, for XLA); otherwise only on
         the answer images (or on one slot at weight 0 when there are none). Both give the same loss.
         ``generator`` (on the batch's device) fixes the flow times and noise, e.g. for evaluation.
+        ``flow_repeats``: flow samples (own time and noise) per answer image, averaged into its loss; the LLM
+        runs once, only the head sees the repeats (MAR's "diffusion batch multiplier").
         """
         ce, conditions, _ = self.lm(batch)  # conditions (B·M, N, Z)
         features = batch["image_features"].flatten(0, 1)  # (B·M, N, C)
@@ -145,7 +148,11 @@ class ScaleRAE(nn.Module):
                 rows = torch.zeros(1, dtype=torch.long, device=answer.device)
                 weight = torch.zeros(1, device=answer.device)
         x0 = tokens_to_grid(self.normalize_latents(features[rows]), self.cfg.dit.grid)  # (R, C, g, g)
-        per_image = self.flow.loss(self.diff_head, x0, conditions[rows], generator=generator)  # (R,)
+        cond = conditions[rows]  # (R, N, Z)
+        if flow_repeats > 1:
+            x0, cond = x0.repeat_interleave(flow_repeats, 0), cond.repeat_interleave(flow_repeats, 0)
+        per_image = self.flow.loss(self.diff_head, x0, cond, generator=generator)  # (R · repeats,)
+        per_image = per_image.view(rows.numel(), flow_repeats).mean(1)  # (R,)
         n_answer = weight.sum()
         flow = (per_image * weight).sum() / n_answer.clamp(min=1.0)
         return UnifiedLoss(ce + flow_weight * flow, ce, flow, n_answer)

@@ -245,6 +245,24 @@ def standardize_projector(model: ScaleRAE, features: torch.Tensor) -> int:
     return int(features.shape[0])
 
 
+def match_query_scale(model: ScaleRAE) -> tuple[float, float]:
+    """Rescale fresh ``latent_queries`` to the per-element RMS of the LLM's input embeddings (random LLMs only).
+
+    The queries (reference init N(0, 1)/√d) sit among token embeddings and read the prompt only through
+    attention. With a random tiny LLM (d = 128, embeddings N(0, 0.02²)) they start 4.4× larger than the
+    embeddings, and at init the conditions vary across prompts by 7 % of their variation across image
+    positions; at the embeddings' scale, by 33 %. (Measured on the shapes world; the head still needs several
+    thousand generation samples before it follows the prompt, see BENCHMARKS.md.) A pretrained LLM keeps the
+    reference init: stage 1 calls this only when ``model.llm.path`` is empty. Returns (RMS before, after).
+    """
+    queries = model.lm.latent_queries
+    target = model.lm.llm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt()
+    with torch.no_grad():
+        before = queries.float().pow(2).mean().sqrt()
+        queries.mul_((target / before).to(queries.dtype))
+    return float(before), float(target)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------------------
@@ -341,7 +359,8 @@ def _train(
     encoder = build_encoder(EncoderSettings(kind=enc["kind"], path=enc["path"], input_size=enc.get("input_size")))
     if stage == "stage1" and latest is None:  # a fresh projector: same data, same init on every rank
         n_images = standardize_projector(model, _first_images(data, profile, encoder))
-        reporter.event(f"{stage}.projector_init", images=n_images)
+        queries = match_query_scale(model) if not profile.model.llm.path else None
+        reporter.event(f"{stage}.projector_init", images=n_images, query_rms=queries)
     model = backend.shard_model(model, (Qwen2DecoderLayer, DiTBlock), frozen=[encoder])
     model.train()
     if src.checkpoint is not None:  # stage 2 from a stage-1 checkpoint: weights only
@@ -401,7 +420,8 @@ def _train(
                 batch = encode_and_collate(batcher.next_batch(per_process), encoder, settings.seq_len,
                                            pad_id, backend.device, put=backend.shard_batch)
                 with backend.autocast():
-                    loss = model(batch, flow_weight=settings.flow_weight, all_slots=all_slots)
+                    loss = model(batch, flow_weight=settings.flow_weight, all_slots=all_slots,
+                                 flow_repeats=settings.flow_repeats)
                 (loss.total / accum).backward()
                 parts = (loss.total, loss.ce, loss.flow, loss.answer_images, batch["attention_mask"].sum(),
                          batch["image_valid"].sum())

@@ -7,6 +7,9 @@ understanding samples (an image in the user turn) and as many generation samples
   the ``<|im_start|>assistant\\n`` header and the closing ``<|im_end|>\\n`` (which are trivially predictable).
 * ``eval_flow``: the flow loss over the answer images with fixed times and noise (a seeded generator), so
   values at different steps are comparable; ``eval_gen_ce``: CE of the generation samples (prompt → ``<im_start>``).
+* ``eval_flow_mismatched``: the same flow loss with every target image conditioned on the *previous* sample's
+  prompt (same images, times and noise per row). Its excess over ``eval_flow`` is what the prompt tells the head; about 0 means the
+  head ignores the prompt (it then draws the same image for every prompt).
 
 The model runs in eval mode (no condition dropout) without gradients; training RNG streams are untouched.
 """
@@ -90,6 +93,11 @@ class EvalBatches:
                 loss = model(self.generation, flow_weight=flow_weight, generator=g)
                 out["eval_flow"] = float(loss.flow)
                 out["eval_gen_ce"] = float(loss.ce)
+                if self.generation["image_features"].shape[0] > 1:
+                    # every text-side tensor moves one sample on; the images (and the draws per row) stay
+                    swapped = {k: v if k == "image_features" else v.roll(1, 0) for k, v in self.generation.items()}
+                    g = torch.Generator(device=self.device).manual_seed(EVAL_SEED)
+                    out["eval_flow_mismatched"] = float(model(swapped, flow_weight=flow_weight, generator=g).flow)
         finally:
             model.train(was_training)
         return out

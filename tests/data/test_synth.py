@@ -15,14 +15,20 @@ import pytest
 from scale_rae_core.data.synth import (
     BACKGROUNDS,
     COLOURS,
+    GENERATION_SAMPLES,
+    POSITIONS,
+    SHAPES,
+    WHERE,
     ShapeSpec,
     caption,
     questions,
     random_spec,
     render,
     synthesize,
+    verification_caption,
 )
 from scale_rae_core.errors import DataError
+from scale_rae_core.scale.questions import CAPTION_QUESTION, VERIFY_QUESTION
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -35,6 +41,34 @@ def _digest(root: Path) -> dict[str, str]:
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _named(claim: str) -> tuple[list[str], list[str], list[str]]:
+    """The colours, shapes and positions a caption names."""
+    words = f" {claim} "
+    return (
+        [c for c in COLOURS if f" {c} " in words],
+        [s for s in SHAPES if f" {s} " in words],
+        [p for p in POSITIONS if WHERE[p] in claim],
+    )
+
+
+def _claim_fits(claim: str, spec: ShapeSpec) -> bool:
+    return _named(claim) == ([spec.colour], [spec.shape], [spec.position])
+
+
+def test_verification_captions_are_balanced_hard_negatives():
+    rng = random.Random(3)
+    spec = random_spec(rng, "red", "circle", "left", "small")
+    text = "a red circle on the left"
+    verdicts = Counter()
+    for _ in range(400):
+        claim, verdict = verification_caption(spec, text, rng)
+        verdicts[verdict] += 1
+        assert (verdict == "yes") == _claim_fits(claim, spec)
+        if verdict == "no":  # exactly one of colour, shape, position differs
+            assert sum(a != b for a, b in zip(_named(claim), _named(text), strict=True)) == 1, claim
+    assert 160 < verdicts["yes"] < 240
 
 
 @pytest.mark.parametrize("image_size", [16, 32, 64, 256])
@@ -123,23 +157,33 @@ def test_synthesize_writes_consistent_formats(tmp_path):
         assert all((folder / row["image"]).is_file() for row in csv_rows)
 
         records = _jsonl(folder / "conversations.jsonl")
-        assert summary[split]["n_conversations"] == len(records) == 5 * n
+        assert summary[split]["n_conversations"] == len(records) == (GENERATION_SAMPLES + 6) * n
         generation = [r for r in records if r["metadata"]["task"] == "generation"]
         understanding = [r for r in records if r["metadata"]["task"] == "understanding"]
-        assert len(generation) == n and len(understanding) == 4 * n
+        verification = [r for r in records if r["metadata"]["task"] == "verification"]
+        assert len(generation) == GENERATION_SAMPLES * n and len(understanding) == 5 * n and len(verification) == n
         by_image = {row["image"]: row["caption"] for row in csv_rows}
         for record in generation:
             human, gpt = record["conversations"]
             assert (human["from"], gpt["from"], gpt["value"]) == ("human", "gpt", "<image>")
-            assert by_image[record["image"]] in human["value"]
-            assert record["metadata"]["caption"] == by_image[record["image"]]
+            assert record["metadata"]["caption"] in human["value"]
             assert record["metadata"]["split"] == split
+        assert {r["image"]: r["metadata"]["caption"] for r in generation if r["id"].endswith("-gen")} == by_image
         for record in understanding:
             human, gpt = record["conversations"]
             assert human["value"].startswith("<image>\n")
             meta = record["metadata"]
-            assert gpt["value"] in {meta["colour"], meta["shape"], meta["position"], meta["size"]}
+            if human["value"] == f"<image>\n{CAPTION_QUESTION}":
+                assert gpt["value"] == meta["caption"] == by_image[record["image"]]
+            else:
+                assert gpt["value"] in {meta["colour"], meta["shape"], meta["position"], meta["size"]}
             assert (folder / record["image"]).is_file()
+        for record in verification:
+            human, gpt = record["conversations"]
+            claim = record["metadata"]["claim"]
+            assert human["value"] == "<image>\n" + VERIFY_QUESTION.format(prompt=claim)
+            spec = ShapeSpec(**{k: record["metadata"][k] for k in ("colour", "shape", "position", "size", "background")})
+            assert gpt["value"] == ("yes" if _claim_fits(claim, spec) else "no")
 
         # Class folders hold the same image bytes under colour_shape labels.
         labels = {r["image"]: r["metadata"]["label"] for r in generation}
@@ -156,7 +200,7 @@ def test_synthesize_writes_consistent_formats(tmp_path):
 
 def test_synthesize_covers_every_combination_evenly(tmp_path):
     synthesize(tmp_path / "s", 144, image_size=16, split_heldout=0.0)
-    records = [r for r in _jsonl(tmp_path / "s" / "conversations.jsonl") if r["metadata"]["task"] == "generation"]
+    records = [r for r in _jsonl(tmp_path / "s" / "conversations.jsonl") if r["id"].endswith("-gen")]
     combos = Counter(tuple(r["metadata"][k] for k in ("colour", "shape", "position", "size")) for r in records)
     assert len(combos) == 72 and set(combos.values()) == {2}
     assert not (tmp_path / "s" / "heldout").exists()

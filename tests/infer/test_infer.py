@@ -66,17 +66,29 @@ def test_batched_left_padded_kv_decoding_matches_a_full_forward(session):
 
 
 def test_a_row_that_opens_its_image_early_waits_on_masked_positions(files, session):
-    """Make the model choose <im_start> wherever it would have written row 1's first token: row 1 then stops at
-    once (not forced) while row 0 keeps decoding; both must match an unpadded, uncached forward."""
-    texts, _ = decode_to_image_start(session, PROMPTS, max_new_tokens=5)
-    first = texts[1].generated_ids[0]
-    assert first not in texts[0].generated_ids  # row 0 must not be cut short by the same trick
+    """Make row 1 choose <im_start> as its first token (its first logits get a large <im_start> bonus) while row 0
+    keeps decoding: row 1 then stops at once (not forced), and both must match an unpadded, uncached forward."""
     other = Session(load_model(str(files["export"])), session.runtime, session.profile)
-    head = other.model.lm.llm.lm_head.weight
     im_start = other.tokenizer.convert_tokens_to_ids("<im_start>")
-    with torch.no_grad():
-        head[[im_start, first]] = head[[first, im_start]].clone()  # swap: <im_start> takes `first`'s place
-    texts, cond = decode_to_image_start(other, PROMPTS, max_new_tokens=5)
+    head = other.model.lm.llm.lm_head
+    calls = []
+
+    def open_row_1_at_once(module, args, logits):
+        calls.append(1)
+        if len(calls) == 1:  # the logits after the prompt, one row per prompt
+            logits = logits.clone()
+            logits[1, im_start] += 1e4
+            logits[0, im_start] -= 1e4
+        else:  # row 0 keeps writing text until it is forced
+            logits = logits.clone()
+            logits[0, im_start] -= 1e4
+        return logits
+
+    handle = head.register_forward_hook(open_row_1_at_once)
+    try:
+        texts, cond = decode_to_image_start(other, PROMPTS, max_new_tokens=5)
+    finally:
+        handle.remove()
     assert texts[1].generated_ids == [im_start] and not texts[1].forced
     assert len(texts[0].generated_ids) == 6 and texts[0].forced
     for r in range(2):

@@ -19,7 +19,7 @@ from scale_rae_core.models.scale_rae import (
     save_export,
     scale_rae_config,
 )
-from scale_rae_core.train.unified import param_groups
+from scale_rae_core.train.unified import match_query_scale, param_groups
 
 C, GRID = 16, 4  # encoder channels, token grid (16 tokens per image)
 N = GRID * GRID
@@ -58,6 +58,36 @@ def test_total_is_ce_plus_weighted_flow_over_answer_images_only(built):
     torch.testing.assert_close(loss.flow, per.mean())
     # Static-shape variant (all slots, masked) gives the same value when the draws match the rows.
     assert torch.isfinite(model(batch, all_slots=True).flow)
+
+
+def test_flow_repeats_average_independent_draws_per_answer_image(built):
+    model, tok = built
+    model.eval()
+    batch = make_batch(tok, [GEN, UND, GEN])
+    loss = model(batch, flow_weight=1.0, generator=torch.Generator().manual_seed(5), flow_repeats=3)
+    # By hand: each answer image repeated 3× in place (rows 0,0,0,2,2,2), one draw of t and noise per row.
+    _, cond, _ = model.lm(batch)
+    rows = torch.tensor([0, 0, 0, 2, 2, 2])
+    x0 = batch["image_features"].flatten(0, 1)[rows].view(6, GRID, GRID, C).permute(0, 3, 1, 2)
+    per = model.flow.loss(model.diff_head, x0, cond[rows], generator=torch.Generator().manual_seed(5))  # (6,)
+    assert per[0] != per[1]  # the repeats really draw anew
+    torch.testing.assert_close(loss.flow, per.view(2, 3).mean(1).mean())
+    assert loss.answer_images.item() == 2  # repeats do not count as images
+    none = model(make_batch(tok, [UND]), flow_repeats=4)  # no answer image: still exactly 0
+    assert none.flow.item() == 0.0
+
+
+def test_match_query_scale_keeps_directions_at_the_embeddings_rms(tmp_path):
+    torch.manual_seed(0)
+    llm, tok = build_llm(LLMSettings(path="", preset="tiny"), tmp_path)
+    cfg = scale_rae_config(llm, DiTSettings(preset="tiny"), EncoderSettings(kind="siglip", path="tiny-random"), C, GRID)
+    model = ScaleRAE(cfg, llm=llm)
+    queries = model.lm.latent_queries.detach().clone()
+    before, after = match_query_scale(model)
+    rms = model.lm.llm.get_input_embeddings().weight.pow(2).mean().sqrt().item()
+    assert before == pytest.approx(queries.pow(2).mean().sqrt().item(), rel=1e-5)
+    assert after == pytest.approx(rms, rel=1e-5) and before > 3 * after  # reference init: 1/sqrt(128) vs 0.02
+    torch.testing.assert_close(model.lm.latent_queries.detach(), queries * (after / before))
 
 
 def test_no_answer_image_gives_zero_flow_term(built):
