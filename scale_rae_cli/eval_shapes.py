@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from scale_rae_cli.generate import DecoderOpt, ModelOpt, require_model
+from scale_rae_cli.generate import DecoderOpt, GuidanceOpt, ModelOpt, require_model
 from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, load
 
 EPILOG = "Example: srae eval shapes --model runs/demo/stage1/export --decoder runs/demo/decoder/decoder --out shapes.json"
@@ -22,7 +22,7 @@ def shapes(
     n_images: Annotated[int, typer.Option("--n-images", help="Held-out images for understanding (4 questions each).")] = 24,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first sample per prompt and of the held-out images.")] = 0,
     steps: Annotated[int, typer.Option("--steps", help="Sampler steps per image.")] = 50,
-    guidance: Annotated[float, typer.Option("--guidance", help="CFG weight for every sample; 1 = off.")] = 1.0,
+    guidance: GuidanceOpt = 1.0,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,

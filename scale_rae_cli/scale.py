@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from scale_rae_cli.generate import GuidanceOpt
+
 VERIFY_EPILOG = (
     "Example: srae verify runs/scale/Scale-RAE-Qwen1-5B_DiT2-4B/2_verify_scale_latent --metric combined --keep 4   "
     "(writes ..._combined_verified/{index}/samples/*.png for GenEval, plus report.json)"
@@ -81,7 +83,7 @@ def scale(
     ir_tokenizer: Annotated[str | None, typer.Option("--ir-tokenizer", help="BERT vocab.txt (file, dir or repo) for ImageReward.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Sample k of every prompt uses seed + k.")] = 42,
     steps: Annotated[int, typer.Option("--steps", help="Sampler steps.")] = 50,
-    guidance: Annotated[float, typer.Option("--guidance", help="CFG weight; 1 = off.")] = 1.0,
+    guidance: GuidanceOpt = 1.0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per head batch.")] = 4,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Text tokens before <im_start> is forced.")] = 64,
     verify_max_new_tokens: Annotated[int, typer.Option("--verify-max-new-tokens", help="Tokens of the yes/no answer.")] = 64,

@@ -6,22 +6,13 @@ Run: PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 .venv-xla/bin/python -m pytest -m xla tes
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
+import torch
 
-os.environ.setdefault("PJRT_DEVICE", "CPU")
-os.environ.setdefault("CPU_NUM_DEVICES", "4")
-if os.environ.get("SRAE_XLA_LANE") == "1":
-    import torch_xla  # noqa: F401  (the lane must have it: fail loudly, never skip)
-else:
-    pytest.importorskip("torch_xla", reason="torch_xla is only in the XLA lane (.venv-xla)")
-
-import torch  # noqa: E402
-
-from scale_rae_core.config import BackendSettings, MeshSettings  # noqa: E402
-from scale_rae_core.flow.transport import FlowMatching  # noqa: E402
-from scale_rae_core.models.dit import DiTBlock, DiTConfig, LightningDiT  # noqa: E402
+from scale_rae_core.config import BackendSettings, MeshSettings
+from scale_rae_core.flow.transport import FlowMatching
+from scale_rae_core.models.dit import DiTBlock, DiTConfig, LightningDiT
 
 pytestmark = pytest.mark.xla
 

@@ -5,22 +5,14 @@ resumed run repeats the uninterrupted one, and the export carries plain paramete
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-os.environ.setdefault("PJRT_DEVICE", "CPU")
-os.environ.setdefault("CPU_NUM_DEVICES", "4")
-if os.environ.get("SRAE_XLA_LANE") == "1":
-    import torch_xla  # noqa: F401  (the lane must have it: fail loudly, never skip)
-else:
-    pytest.importorskip("torch_xla", reason="torch_xla is only in the XLA lane (.venv-xla)")
-
-from scale_rae_core.config import load_profile  # noqa: E402
-from scale_rae_core.data.pack import pack  # noqa: E402
-from scale_rae_core.data.synth import synthesize  # noqa: E402
-from scale_rae_core.models.scale_rae import load_export  # noqa: E402
-from scale_rae_core.train.unified import train_unified  # noqa: E402
+from scale_rae_core.config import load_profile
+from scale_rae_core.data.pack import pack
+from scale_rae_core.data.synth import synthesize
+from scale_rae_core.models.scale_rae import load_export
+from scale_rae_core.train.unified import train_unified
 
 pytestmark = pytest.mark.xla
 XLA = [

@@ -7,27 +7,18 @@ Runs in the XLA lane (.venv-xla, PJRT_DEVICE=CPU CPU_NUM_DEVICES=4); skipped whe
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
+import torch
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-os.environ.setdefault("PJRT_DEVICE", "CPU")
-os.environ.setdefault("CPU_NUM_DEVICES", "4")
-if os.environ.get("SRAE_XLA_LANE") == "1":
-    import torch_xla  # noqa: F401  (the lane must have it: fail loudly, never skip)
-else:
-    pytest.importorskip("torch_xla", reason="torch_xla is only in the XLA lane (.venv-xla)")
-
-import torch  # noqa: E402
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer  # noqa: E402
-
-from scale_rae_core.backends.cpu_cuda import CpuCudaBackend  # noqa: E402
-from scale_rae_core.config import BackendSettings, DiTSettings, EncoderSettings, LLMSettings, StageSettings  # noqa: E402
-from scale_rae_core.models.dit import DiTBlock  # noqa: E402
-from scale_rae_core.models.llm import build_sample, collate  # noqa: E402
-from scale_rae_core.models.scale_rae import ScaleRAE, build_llm, scale_rae_config  # noqa: E402
-from scale_rae_core.train.checkpoint import CheckpointManager  # noqa: E402
-from scale_rae_core.train.unified import build_optimizer  # noqa: E402
+from scale_rae_core.backends.cpu_cuda import CpuCudaBackend
+from scale_rae_core.config import BackendSettings, DiTSettings, EncoderSettings, LLMSettings, StageSettings
+from scale_rae_core.models.dit import DiTBlock
+from scale_rae_core.models.llm import build_sample, collate
+from scale_rae_core.models.scale_rae import ScaleRAE, build_llm, scale_rae_config
+from scale_rae_core.train.checkpoint import CheckpointManager
+from scale_rae_core.train.unified import build_optimizer
 
 pytestmark = pytest.mark.xla
 C, GRID, SEQ = 16, 4, 64
