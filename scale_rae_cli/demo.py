@@ -40,7 +40,7 @@ def demo(
     bench_images: Annotated[int, _hidden("--bench-images", "Benchmark held-out images.")] = 24,
 ) -> None:
     """Run the pipeline on the shapes world: synth → pack → inspect → verify → decoder → stat → stage1 →
-    generate → understand → scale → eval → report (report.html)."""
+    model → generate → understand → scale → eval → report (report.html)."""
     from scale_rae_core.demo import TRAINING_STAGES, DemoOptions, run_demo
     from scale_rae_core.events import Reporter
 

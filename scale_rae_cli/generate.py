@@ -19,15 +19,15 @@ ModelOpt = Annotated[
     typer.Option(
         "--model", "-m", envvar="SRAE_MODEL_PATH", show_envvar=True,
         help="Model: a local directory (srae export or released layout) or a hub repo id, optionally @revision "
-        "(e.g. nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B@main). Required unless SRAE_MODEL_PATH is set.",
+        "(e.g. nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B@main). Default: the bundled shapes demo model.",
     ),
 ]
 DecoderOpt = Annotated[
     str | None,
     typer.Option(
         "--decoder",
-        help="Pixel decoder: directory or hub repo id (optionally @revision). Default: the released decoder for the model's "
-        "encoder, else model.decoder.path of the profile.",
+        help="Pixel decoder: directory or hub repo id (optionally @revision). Default: the model directory's decoder/, "
+        "else the released decoder for the model's encoder, else model.decoder.path of the profile.",
     ),
 ]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of the first image of each prompt (image j uses seed+j). Default: run.seed.")]
@@ -41,14 +41,20 @@ SaveLatentOpt = Annotated[bool, typer.Option("--save-latent", help="Also write e
 
 
 def require_model(model: str | None) -> str:
+    """``--model``, else the bundled shapes demo model (said on stderr), else a one-line error."""
     from scale_rae_core.errors import ConfigError
+    from scale_rae_core.infer.loading import bundled_model
 
-    if not model:
+    if model:
+        return model
+    bundled = bundled_model()
+    if bundled is None:
         raise ConfigError(
             "--model is required: pass a model directory or hub repo id (e.g. nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B), "
             "or set SRAE_MODEL_PATH"
         )
-    return model
+    typer.echo(f"no --model: using the bundled shapes demo model ({bundled}); it knows only the shapes world", err=True)
+    return str(bundled)
 
 
 def out_dir(out: Path | None, prof: object) -> Path:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from scale_rae_cli.generate import GuidanceOpt
+from scale_rae_cli.generate import GuidanceOpt, require_model
 
 VERIFY_EPILOG = (
     "Example: srae verify runs/scale/Scale-RAE-Qwen1-5B_DiT2-4B/2_verify_scale_latent --metric combined --keep 4   "
@@ -73,8 +73,8 @@ SCALE_EPILOG = (
 def scale(
     prompts: Annotated[Path, typer.Option("--prompts", help="Prompts: reference JSONL {index, prompt}, GenEval metadata JSONL {prompt, tag, include, ...} or text (one per line).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output root; the run goes to OUT/<model>/<rounds>_verify_scale_<mode>/.")],
-    model: Annotated[str | None, typer.Option("--model", "-m", envvar="SRAE_MODEL_PATH", help="Model directory or hub repo id[@revision].")] = None,
-    decoder: Annotated[str | None, typer.Option("--decoder", help="Pixel decoder: directory or hub repo id. Default: the model's released decoder.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", envvar="SRAE_MODEL_PATH", help="Model directory or hub repo id[@revision]. Default: the bundled shapes demo model.")] = None,
+    decoder: Annotated[str | None, typer.Option("--decoder", help="Pixel decoder: directory or hub repo id. Default: the model directory's decoder/, else its released decoder.")] = None,
     n: Annotated[int, typer.Option("--n", help="Samples per round.")] = 4,
     rounds: Annotated[int, typer.Option("--rounds", help="Scaling rounds: n × rounds samples per prompt.")] = 1,
     verify_on: Annotated[str, typer.Option("--verify-on", help="Self-verify the latent (reference) or the decoded image re-encoded.")] = "latent",
@@ -94,14 +94,12 @@ def scale(
 ) -> None:
     """Best-of-N generation: n × rounds samples per prompt, each scored by scorers and by self-verification."""
     from scale_rae_cli.options import load
-    from scale_rae_core.errors import ConfigError
     from scale_rae_core.events import Reporter
     from scale_rae_core.infer.pipeline import SamplerSettings, Session
     from scale_rae_core.scale.run import ScaleSettings, read_prompt_file, run_scaling
     from scale_rae_core.scale.scorers import build_scorer
 
-    if not model:
-        raise ConfigError("--model is required: pass a model directory or hub repo id, or set SRAE_MODEL_PATH")
+    model = require_model(model)
     prof = load(profile, set_)
     settings = ScaleSettings(n=n, rounds=rounds, verify_on=verify_on, seed=seed, batch_size=batch_size,
                              max_new_tokens=max_new_tokens, verify_max_new_tokens=verify_max_new_tokens)

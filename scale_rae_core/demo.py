@@ -1,6 +1,6 @@
 """The embedded default, end to end: the shapes world through every stage srae has, on the tiny profile.
 
-    synth → pack → inspect → verify → decoder → stat → stage1 → generate → understand → scale → eval → report
+    synth → pack → inspect → verify → decoder → stat → stage1 → model → generate → understand → scale → eval → report
 
 Every stage writes into one run folder (``OUT/<stage output>``) and keeps a record in
 ``OUT/stages/<name>.json``: ``{"status": "running" | "done", "inputs": ..., "info": ...}``. ``inputs`` are the
@@ -136,6 +136,11 @@ class Ctx:
         return self.out / "stage1" / "export"
 
     @property
+    def model(self) -> Path:
+        """The trained model with its decoder in one folder (``srae generate --model runs/demo/model``)."""
+        return self.out / "model"
+
+    @property
     def seed(self) -> int:
         return self.profile.run.seed
 
@@ -156,7 +161,7 @@ class Ctx:
         if self._session is None:
             from scale_rae_core.infer.pipeline import Session
 
-            self._session = Session.open(str(self.export), self.profile, decoder=str(self.decoder_dir))
+            self._session = Session.open(str(self.model), self.profile)  # the decoder is the folder's decoder/
         return self._session
 
     def sampler(self) -> Any:
@@ -287,6 +292,13 @@ def _stage1(ctx: Ctx, resume: bool) -> dict[str, Any]:
             "export": str(r.export_dir),
             "summary": f"{r.step} steps, loss {last.get('loss', float('nan')):.4f} (ce {last.get('ce', float('nan')):.4f}, "
                        f"flow {last.get('flow', float('nan')):.4f})"}
+
+
+def _model(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    from scale_rae_core.infer.bundle import bundle_model
+
+    path = bundle_model(ctx.export, ctx.decoder_dir, ctx.model)
+    return {"path": str(path), "summary": f"{path} (the stage-1 export + decoder/: srae generate --model {path} ...)"}
 
 
 def _last_metrics(path: Path) -> dict[str, Any]:
@@ -431,15 +443,16 @@ STAGES: tuple[Stage, ...] = (
     Stage("stage1", ("pack", "stat"), _stage1, lambda c: [c.export / "config.json"],
           lambda c: {"seed": c.seed, **_sections(c.profile, "stage1", "model.encoder", "model.llm", "model.dit", "data")},
           lambda c: c.out / "stage1"),
-    Stage("generate", ("stage1", "decoder"), _generate, lambda c: [c.out / "generate" / "results.json"],
+    Stage("model", ("stage1", "decoder"), _model, lambda c: [c.model / "config.json", c.model / "decoder" / "config.json"]),
+    Stage("generate", ("model",), _generate, lambda c: [c.out / "generate" / "results.json"],
           lambda c: {k: getattr(c.options, k) for k in ("gen_prompts", "gen_per_prompt", "sampler_steps")},
           lambda c: c.out / "generate"),
-    Stage("understand", ("stage1", "synth"), _understand, lambda c: [c.out / "understand" / "answers.json"],
+    Stage("understand", ("model", "synth"), _understand, lambda c: [c.out / "understand" / "answers.json"],
           lambda c: {"understand_images": c.options.understand_images}, lambda c: c.out / "understand"),
-    Stage("scale", ("stage1", "decoder"), _scale, lambda c: [c.out / "scale" / "selected" / "report.json"],
+    Stage("scale", ("model",), _scale, lambda c: [c.out / "scale" / "selected" / "report.json"],
           lambda c: {k: getattr(c.options, k) for k in ("scale_prompts", "scale_n", "scale_rounds", "sampler_steps")},
           lambda c: c.out / "scale"),
-    Stage("eval", ("stage1", "decoder"), _eval, lambda c: [c.out / "eval_shapes.json"],
+    Stage("eval", ("model",), _eval, lambda c: [c.out / "eval_shapes.json"],
           lambda c: {k: getattr(c.options, k) for k in ("bench_prompts", "bench_k", "bench_images", "sampler_steps")},
           lambda c: c.out / "eval_shapes"),
     Stage("report", (), _report, lambda c: [c.out / "report.html"], always=True),

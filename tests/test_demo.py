@@ -71,6 +71,9 @@ def test_every_stage_runs_and_reports(first_run):
     bench = json.loads((out / "eval_shapes.json").read_text())
     assert bench["generation"]["n_prompts"] == 2 and bench["understanding"]["n_questions"] == 8
     assert (out / "scale" / "selected" / "report.json").is_file()
+    model = out / "model"  # the export with its decoder: inference needs no --decoder
+    assert (model / "decoder" / "config.json").is_file() and (model / "model.safetensors").is_file()
+    assert summary["model"]["path"] == str(model)
 
 
 @pytest.mark.slow
@@ -104,7 +107,7 @@ def test_rerun_reuses_then_changes_rerun_only_what_depends_on_them(first_run):
 
     _demo(out, "--set", "stage1.steps=3")  # a changed stage-1 setting: stage 1 and what needs it
     status = _status(out)
-    assert {n for n, s in status.items() if s == "ran"} == {"inspect", "stage1", "generate", "understand", "scale",
+    assert {n for n, s in status.items() if s == "ran"} == {"inspect", "stage1", "model", "generate", "understand", "scale",
                                                              "eval", "report"}
     assert json.loads((out / "demo.json").read_text())["stage1"]["steps"] == 3
 

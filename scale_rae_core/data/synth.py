@@ -84,6 +84,7 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
 )
 GENERATION_TEMPLATES: tuple[str, ...] = (
     "Generate an image of {caption}.",
+    "Generate an image of {caption}",  # the request `srae scale` sends ("Generate an image of {prompt}", no stop)
     "Draw {caption}.",
     "Create a picture of {caption}.",
 )

@@ -213,7 +213,7 @@ def run_benchmark(
     specs = heldout_specs(n_images, seed)
     sampler = SamplerSettings(steps=steps, guidance=guidance)
     settings = {"prompts": prompts, "k": k, "seed": seed, "n_images": n_images, "sampler": sampler.describe(),
-                "model": session.loaded.source.describe()["id"]}
+                "model": session.loaded.source.describe()["id"], "decoder": session.decoder()[1].describe()["id"]}
     marker = work / SETTINGS_FILE
     if work.exists() and (not marker.is_file() or json.loads(marker.read_text()) != settings):
         shutil.rmtree(work)  # other settings (or a foreign folder we made earlier): start over

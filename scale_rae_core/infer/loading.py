@@ -49,6 +49,15 @@ _SAMPLE = 1 << 20
 
 # Released decoders by the encoder they read (the default `--decoder` for a released model).
 DEFAULT_DECODERS = {"siglip2": "nyu-visionx/siglip2_decoder", "webssl-dino": "nyu-visionx/webssl300m_decoder"}
+# A model directory may carry its own pixel decoder here (`srae demo` writes one); it is the default `--decoder`.
+BUNDLED_DECODER = "decoder"
+# The shapes demo model that ships inside the package (see BENCHMARKS.md), the default `--model`.
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes-demo"
+
+
+def bundled_model() -> Path | None:
+    """The shapes demo model shipped with the package, or None in a checkout or wheel without it."""
+    return BUNDLED_MODEL if (BUNDLED_MODEL / "config.json").is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,7 +160,10 @@ class LoadedModel:
 
     @property
     def default_decoder(self) -> str | None:
-        """The released decoder for the model's encoder, if there is one."""
+        """The decoder the model directory carries (``decoder/``), else the released one for its encoder."""
+        carried = self.source.path / BUNDLED_DECODER
+        if (carried / "config.json").is_file():
+            return str(carried)
         return DEFAULT_DECODERS.get(self.encoder.kind)
 
 

@@ -155,6 +155,23 @@ def self_verify(
 
 
 # ----------------------------------------------------------------------------------------------- loop
+def _check_same_run(folder: Path, meta: dict[str, Any], model: str, settings: ScaleSettings, sampler: SamplerSettings,
+                    decoder_id: str) -> None:
+    """A prompt folder is continued only with the settings its samples were made with (else mixed samples)."""
+    made = meta.get("srae", {})
+    now = {"--model": model, "--seed": settings.seed, "--verify-on": settings.verify_on, "--decoder": decoder_id,
+           "request": GENERATION_REQUEST, **{f"--{k.replace('_', '-')}": v for k, v in sampler.describe().items()}}
+    was = {"--model": meta.get("model_path"), "--seed": (meta.get("seeds") or [None])[0],
+           "--verify-on": made.get("verify_on"), "--decoder": made.get("decoder"), "request": made.get("request"),
+           **{f"--{k.replace('_', '-')}": made.get(k, now[f"--{k.replace('_', '-')}"]) for k in sampler.describe()}}
+    for key, value in now.items():
+        if was[key] is not None and was[key] != value:
+            raise ConfigError(
+                f"{folder / 'metadata.jsonl'}: its samples were made with {key} {was[key]}, this run asks for {value}; "
+                f"pass another --out or delete {folder.parent} to start over"
+            )
+
+
 def _done(folder: Path, meta: dict[str, Any], scorer_names: list[str]) -> int:
     """How many samples 0..k-1 are complete: PNG on disk, verification and every scorer recorded."""
     responses, scores = meta.get("text_responses", {}), meta.get("scores", {})
@@ -188,7 +205,7 @@ def run_scaling(
     root = run_root(out, model, settings)
     mine = prompts[rank::world_size]
     reporter = reporter or Reporter()
-    session.decoder()  # fail before any compute when no decoder can be found
+    decoder_id = session.decoder()[1].describe()["id"]  # fail before any compute when no decoder can be found
     yes_no = V.yes_no_ids(session.tokenizer)
     names = [s.name for s in scorers]
     with reporter.task(f"scale (rank {rank}/{world_size})" if world_size > 1 else "scale",
@@ -199,6 +216,8 @@ def run_scaling(
             meta_path = folder / "metadata.jsonl"
             meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
             done = _done(folder, meta, names) if meta else 0
+            if done:
+                _check_same_run(folder, meta, model, settings, sampler, decoder_id)
             advance(min(done, settings.total))
             if done >= settings.total:
                 continue
@@ -213,7 +232,7 @@ def run_scaling(
                 "scores": {n: meta.get("scores", {}).get(n, [])[:done] for n in names},
                 "seeds": [settings.seed + k for k in range(done)],
                 "srae": {"n": settings.n, "rounds": settings.rounds, "verify_on": settings.verify_on,
-                         "request": GENERATION_REQUEST, **sampler.describe()},
+                         "request": GENERATION_REQUEST, "decoder": decoder_id, **sampler.describe()},
             }
             request_ids = _request_ids(session, request)
             for k0 in range(done, settings.total, settings.batch_size):

@@ -12,6 +12,7 @@ from scale_rae_core.data.synth import COLOURS, POSITIONS, SHAPES, render
 from scale_rae_core.errors import ConfigError
 from scale_rae_core.eval.shapes import parse_prompt, read_image
 from scale_rae_core.eval.shapes_bench import (
+    SETTINGS_FILE,
     bench_prompts,
     heldout_specs,
     normalise_answer,
@@ -84,6 +85,8 @@ def test_benchmark_on_a_tiny_model(files, tmp_path):
     # a re-run with the same settings resumes (same numbers); other settings start over
     again = run_benchmark(session, out, n_prompts=3, k=2, n_images=2, seed=0, steps=2)
     assert again["generation"]["first"] == g["first"] and again["generation"]["prompts"] == g["prompts"]
+    marker = json.loads((out.with_suffix("") / SETTINGS_FILE).read_text())
+    assert marker["decoder"] == session.decoder()[1].describe()["id"]  # another --decoder starts over too
     fewer = run_benchmark(session, out, n_prompts=2, k=1, n_images=1, seed=0, steps=2)
     assert fewer["generation"]["n_prompts"] == 2 and all(len(p["samples"]) == 1 for p in fewer["generation"]["prompts"])
     with pytest.raises(ConfigError, match="ending in .json"):

@@ -258,6 +258,7 @@ def test_cli_commands(files, tmp_path, monkeypatch):
         res = run(app, [*args, *common] if args[1] != "decode" else [*args, "--decoder", str(files["decoder"]), "--out", str(tmp_path)])
         assert res.exit_code == 0, (args, res.output)
     monkeypatch.delenv("SRAE_MODEL_PATH")
+    monkeypatch.setattr("scale_rae_core.infer.loading.BUNDLED_MODEL", tmp_path / "no-bundle")
     res = run(app, ["generate", "x", *common])
     assert res.exit_code == 1 and res.output.strip().splitlines() == [
         "error: --model is required: pass a model directory or hub repo id (e.g. nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B), "
@@ -265,3 +266,42 @@ def test_cli_commands(files, tmp_path, monkeypatch):
     ]
     for cmd in (["generate"], ["understand"], ["latent", "decode"], ["latent", "qa"], ["latent", "continue"]):
         assert "Example" in run(app, [*cmd, "--help"]).output
+
+
+def test_a_model_folder_carries_its_decoder_and_the_bundle_is_the_default_model(files, tmp_path, monkeypatch):
+    import typer
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from scale_rae_cli import generate
+    from scale_rae_cli.main import _SraeGroup
+    from scale_rae_core.infer.bundle import bundle_model
+
+    about = {"command": "srae demo --retrain", "bench": {"gen_colour_shape_first": 0.5}}
+    bundle = bundle_model(files["export"], files["decoder"], tmp_path / "bundle", half=True, about=about)
+    assert json.loads((bundle / "ABOUT.json").read_text()) == about
+    with safe_open(str(bundle / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # half the size on disk
+    session = Session.open(str(bundle), load_profile("tiny-cpu"))  # no decoder given: the folder's decoder/
+    decoder, source = session.decoder()
+    assert source.path == bundle / "decoder"
+    fp32 = files["model"].state_dict()
+    for name, value in session.model.state_dict().items():  # loads back to fp32, within fp16 rounding
+        assert value.dtype == fp32[name].dtype
+        assert torch.allclose(value, fp32[name], rtol=1e-3, atol=1e-4), name
+
+    monkeypatch.setattr("scale_rae_core.infer.loading.BUNDLED_MODEL", bundle)
+    monkeypatch.delenv("SRAE_MODEL_PATH", raising=False)
+    app = typer.Typer(cls=_SraeGroup)
+    app.command("generate")(generate.generate)
+    app.command("unused")(lambda: None)
+    res = CliRunner().invoke(app, ["generate", "a red circle", "--steps", "2", "--out", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert f"no --model: using the bundled shapes demo model ({bundle})" in res.output
+    assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["00000-a-red-circle-s0.png"]
+
+    with pytest.raises(CheckpointError, match="not an srae export"):
+        bundle_model(files["decoder"], files["decoder"], tmp_path / "x")
+    with pytest.raises(CheckpointError, match="not a decoder directory"):
+        bundle_model(files["export"], tmp_path, tmp_path / "x")
+    assert not (tmp_path / "x").exists() and (bundle / "decoder" / "config.json").is_file()

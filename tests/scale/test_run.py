@@ -7,7 +7,7 @@ import json
 import pytest
 
 from scale_rae_core.config import load_profile
-from scale_rae_core.errors import DataError
+from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.infer.pipeline import SamplerSettings, Session
 from scale_rae_core.scale.run import ScaleSettings, read_prompt_file, run_root, run_scaling
 from scale_rae_core.scale.scorers import build_scorer
@@ -105,6 +105,21 @@ def test_scaling_run_resume_and_verify(session, tmp_path):
     assert all(  # batch of 1 now vs 2 before: equal up to float noise
         redone[k] == pytest.approx(v, rel=1e-4) if isinstance(v, float) else redone[k] == v for k, v in before.items())
     assert (root / "00000" / "metadata.jsonl").stat().st_mtime_ns == untouched  # finished prompt skipped
+
+    # continuing with other sampling settings would mix samples: refused in one line, nothing touched
+    (folder / "samples" / "00001.png").unlink()
+    kept = (folder / "metadata.jsonl").read_text()
+    for changed_settings, changed_sampler, what in (
+        (settings, SamplerSettings(steps=2, guidance=3.0), "--guidance 1.0, this run asks for 3.0"),
+        (settings, SamplerSettings(steps=5), "--steps 2, this run asks for 5"),
+        (ScaleSettings(n=2, rounds=1, seed=7, batch_size=2, max_new_tokens=2), sampler, "--seed 42, this run asks for 7"),
+    ):
+        with pytest.raises(ConfigError, match="its samples were made with " + what.replace(".", r"\.")):
+            run_scaling(session, prompts, tmp_path, "/models/Tiny.Model", changed_settings, changed_sampler, scorers,
+                        rank=0, world_size=1)
+    assert (folder / "metadata.jsonl").read_text() == kept
+    assert json.loads(kept)["srae"]["decoder"]  # the decoder is recorded and checked too
+    run_scaling(session, prompts, tmp_path, "/models/Tiny.Model", settings, sampler, scorers, rank=0, world_size=1)
 
     # rank split: rank 1 of 2 takes prompt 1 only
     other = tmp_path / "split"
