@@ -23,6 +23,9 @@ def shapes(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first sample per prompt and of the held-out images.")] = 0,
     steps: Annotated[int, typer.Option("--steps", help="Sampler steps per image.")] = 50,
     guidance: GuidanceOpt = 1.0,
+    verify_on: Annotated[str, typer.Option("--verify-on", help="Self-verify the latent (reference) or the decoded image re-encoded.")] = "latent",
+    select: Annotated[str, typer.Option("--select", help="Best-of-k by this self-verification metric (see `srae verify`): "
+                                        "answer_conf (the yes/no answer), loss (the prompt's caption loss), ...")] = "answer_conf",
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -36,7 +39,7 @@ def shapes(
     session = Session.open(require_model(model), prof, decoder=decoder)
     with Reporter(None, show_progress=prof.output.progress and not quiet) as rep:
         result = run_benchmark(session, out, n_prompts=n_prompts, k=k, n_images=n_images, seed=seed, steps=steps,
-                               guidance=guidance, reporter=rep)
+                               guidance=guidance, verify_on=verify_on, selector=select, reporter=rep)
     print_table(result)
     typer.echo(f"wrote {out}")
 

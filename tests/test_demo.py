@@ -50,10 +50,10 @@ def test_every_stage_runs_and_reports(first_run):
     out, text = first_run
     lines = text.splitlines()
     assert [line.split()[0] for line in lines[: len(STAGE_NAMES)]] == list(STAGE_NAMES)
-    assert "verify     324 samples re-read, 0 problems" in text
+    assert "verify     351 samples re-read, 0 problems" in text
     summary = json.loads((out / "demo.json").read_text())
     assert summary["status"] == dict.fromkeys(STAGE_NAMES, "ran")
-    assert summary["synth"]["train_images"] == 27 and summary["pack"]["packed"] == 324
+    assert summary["synth"]["train_images"] == 27 and summary["pack"]["packed"] == 351
     assert summary["decoder"]["steps"] == 2 and summary["stage1"]["steps"] == 2
     assert summary["generate"]["images"] == 4 and summary["understand"]["questions"] == 4
     assert summary["scale"]["samples_per_prompt"] == 2

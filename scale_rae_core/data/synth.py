@@ -18,12 +18,12 @@ antialiased at any ``image_size`` from 16 up. ``caption`` writes one of a few ca
       captioned/000000.png  captioned/000000.txt  ...   images with sidecar captions
       captions.csv          columns image,caption; paths relative to out_dir
       captions.jsonl        {"image": "captioned/000000.png", "caption": "..."}
-      conversations.jsonl   reference (LLaVA-style) records, twelve per image: six generation samples
+      conversations.jsonl   reference (LLaVA-style) records, thirteen per image: six generation samples
                             (human asks for the image in six wordings, gpt answers "<image>"), one
                             understanding sample per question (human "<image>\\n<question>", gpt the
-                            answer), one caption ("Describe this image." → the caption) and one
-                            verification sample (the self-verification question about a caption that
-                            matches, or differs in one of colour/shape/position → "yes"/"no")
+                            answer), one caption ("Describe this image." → the caption) and two
+                            verification samples (the self-verification question about a caption that
+                            matches → "yes", and about one that differs in colour, shape or position → "no")
       classes/red_circle/000000.png ...   ImageNet-style class folders (label = colour_shape)
       heldout/              the same layout again, for evaluation only
 
@@ -195,21 +195,26 @@ def questions(spec: ShapeSpec) -> list[tuple[str, str]]:
     return [(question, values[attribute]) for question, attribute in QUESTIONS]
 
 
-def verification_caption(spec: ShapeSpec, text: str, rng: random.Random) -> tuple[str, str]:
-    """(caption, "yes" | "no") for the verification question about ``spec``, a positive half of the time.
-
-    ``text`` is a short caption of the image (the first two templates, what a prompt usually looks like); the
-    positive is ``text`` itself, a negative rewrites it with one of colour, shape or position changed (a hard
-    negative: the rest of the caption still fits).
-    """
-    if rng.random() < 0.5:
-        return text, "yes"
+def hard_negative(spec: ShapeSpec, text: str, rng: random.Random) -> str:
+    """``text`` (a short caption of ``spec``) with exactly one of colour, shape or position changed: a claim the
+    image contradicts while the rest of it still fits."""
     attribute = rng.choice(("colour", "shape", "position"))
     table = {"colour": COLOURS, "shape": SHAPES, "position": POSITIONS}[attribute]
     other = rng.choice([v for v in table if v != getattr(spec, attribute)])
     old = WHERE[spec.position] if attribute == "position" else getattr(spec, attribute)
     new = WHERE[other] if attribute == "position" else other
-    return text.replace(old, new, 1), "no"
+    return text.replace(old, new, 1)
+
+
+def verification_claims(spec: ShapeSpec, text: str, rng: random.Random) -> list[tuple[str, str]]:
+    """[(claim, "yes"), (claim, "no")] for the verification question about one image: ``text`` itself (a short
+    caption, what a prompt usually looks like) and a hard negative of it.
+
+    Both go with the same image. With one claim per image a small model memorises the verdict per training image
+    and answers held-out images with its prior (the 2026-11-22 long runs answered "no" to every question); a pair
+    makes the answer depend on the claim.
+    """
+    return [(text, "yes"), (hard_negative(spec, text, rng), "no")]
 
 
 def _split_specs(n: int, seed: int, split: str) -> list[tuple[ShapeSpec, str, str]]:
@@ -256,9 +261,9 @@ def _conversation_records(image: str, spec: ShapeSpec, prompt: str, text: str,
         records.append(record(f"q{k}", f"<image>\n{question}", answer, "understanding"))
     records.append(record("caption", f"<image>\n{CAPTION_QUESTION}", text, "understanding"))
     short = rng.choice(CAPTION_TEMPLATES[:2]).format(where=WHERE[spec.position], **spec.attributes())
-    claim, verdict = verification_caption(spec, short, rng)
-    records.append(record("verify", f"<image>\n{VERIFY_QUESTION.format(prompt=claim)}", verdict, "verification",
-                          claim=claim))
+    for k, (claim, verdict) in enumerate(verification_claims(spec, short, rng)):
+        records.append(record(f"verify{k}", f"<image>\n{VERIFY_QUESTION.format(prompt=claim)}", verdict,
+                              "verification", claim=claim))
     return records
 
 
@@ -351,5 +356,5 @@ def synthesize(out_dir: Path, n: int, *, image_size: int = 64, seed: int = 0,
 
 __all__ = [
     "BACKGROUNDS", "COLOURS", "POSITIONS", "SHAPES", "SIZES", "SIZE_THRESHOLD", "ShapeSpec",
-    "caption", "questions", "random_spec", "render", "synthesize", "verification_caption",
+    "caption", "questions", "random_spec", "render", "synthesize", "verification_claims", "hard_negative",
 ]

@@ -49,9 +49,10 @@ from scale_rae_core.data.synth import (
 from scale_rae_core.errors import ConfigError
 from scale_rae_core.events import Reporter
 from scale_rae_core.infer.pipeline import SamplerSettings, Session
+from scale_rae_core.scale.select import SELF_VERIFICATION_METRICS as SELF_VERIFICATION
 
 ATTRIBUTES = ("colour", "shape", "position")
-SELECTOR = "answer_conf"
+SELECTOR = "answer_conf"  # the default: the model's yes/no answer to "Does this image align with the prompt?"
 SETTINGS_FILE = "bench.json"
 
 
@@ -115,7 +116,8 @@ def _judge(prompt: str, png: Path) -> dict[str, Any]:
 
 def evaluate_generation(
     session: Session, prompts: list[str], work: Path, *, k: int, seed: int, sampler: SamplerSettings,
-    max_new_tokens: int = 8, verify_max_new_tokens: int = 4, reporter: Reporter | None = None,
+    max_new_tokens: int = 8, verify_max_new_tokens: int = 4, verify_on: str = "latent", selector: str = SELECTOR,
+    reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Generation match rates (first, mean over k, best-of-k by self-verification, oracle) over ``prompts``."""
     from scale_rae_core.scale.run import ScaleSettings, run_root, run_scaling
@@ -125,7 +127,7 @@ def evaluate_generation(
     if k < 1:
         raise ConfigError(f"--k {k}: must be at least 1")
     settings = ScaleSettings(n=k, rounds=1, seed=seed, batch_size=min(k, 8), max_new_tokens=max_new_tokens,
-                             verify_max_new_tokens=verify_max_new_tokens)
+                             verify_max_new_tokens=verify_max_new_tokens, verify_on=verify_on)
     lines = [{"index": i, "prompt": p} for i, p in enumerate(prompts)]
     run_scaling(session, lines, work, "bench", settings, sampler, [build_scorer("shapes")], reporter,
                 rank=0, world_size=1)
@@ -137,7 +139,7 @@ def evaluate_generation(
     for run in runs:
         prompt = run.metadata["prompt"]
         judged = {s.index: _judge(prompt, s.path) for s in run.samples}
-        best = select(run, SELECTOR, 1)[0]
+        best = select(run, selector, 1)[0]
         first.append(judged[0])
         everything += judged.values()
         chosen.append(judged[best])
@@ -150,7 +152,7 @@ def evaluate_generation(
         })
     first_rates, best_rates, mean_rates = _rates(first), _rates(chosen), _rates(everything)
     return {
-        "n_prompts": len(runs), "k": k, "seed": seed, "selector": SELECTOR, **sampler.describe(),
+        "n_prompts": len(runs), "k": k, "seed": seed, "selector": selector, "verify_on": verify_on, **sampler.describe(),
         "first": first_rates,
         "mean_over_k": mean_rates,
         "best_of_k": best_rates,
@@ -201,7 +203,8 @@ def evaluate_understanding(session: Session, specs: list[ShapeSpec], *, image_si
 
 def run_benchmark(
     session: Session, out: Path, *, n_prompts: int | None = None, k: int = 4, n_images: int = 24, seed: int = 0,
-    steps: int = 50, guidance: float = 1.0, reporter: Reporter | None = None,
+    steps: int = 50, guidance: float = 1.0, verify_on: str = "latent", selector: str = SELECTOR,
+    reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Run the whole benchmark; write ``out`` (JSON) and the samples under ``out``'s stem folder; return the result."""
     out = Path(out)
@@ -212,7 +215,9 @@ def run_benchmark(
     prompts = bench_prompts(n_prompts)
     specs = heldout_specs(n_images, seed)
     sampler = SamplerSettings(steps=steps, guidance=guidance)
-    settings = {"prompts": prompts, "k": k, "seed": seed, "n_images": n_images, "sampler": sampler.describe(),
+    if selector not in SELF_VERIFICATION:
+        raise ConfigError(f"--select {selector}: choose one of {', '.join(SELF_VERIFICATION)} (the model's own scores)")
+    settings = {"prompts": prompts, "k": k, "seed": seed, "n_images": n_images, "sampler": sampler.describe(), "verify_on": verify_on,
                 "model": session.loaded.source.describe()["id"], "decoder": session.decoder()[1].describe()["id"]}
     marker = work / SETTINGS_FILE
     if work.exists() and (not marker.is_file() or json.loads(marker.read_text()) != settings):
@@ -223,7 +228,7 @@ def run_benchmark(
     result = {
         "benchmark": "shapes", "model": session.loaded.source.describe(), "seed": seed,
         "generation": evaluate_generation(session, prompts, work / "samples", k=k, seed=seed, sampler=sampler,
-                                          reporter=reporter),
+                                          verify_on=verify_on, selector=selector, reporter=reporter),
         "understanding": evaluate_understanding(session, specs, image_size=size, images_dir=work / "heldout",
                                                 reporter=reporter),
     }

@@ -149,6 +149,7 @@ _SHOWN = {
     "image_conf": "image_conf_score", "response_conf": "response_conf_score", "loss": "prompt_loss",
 }
 BUILTIN_METRICS = ("combined", IMAGE_REWARD, *_VERIFY_KEYS)
+SELF_VERIFICATION_METRICS = tuple(_VERIFY_KEYS)  # metrics from the model's own scores only
 
 
 def _uses_verify(metric: str) -> bool:

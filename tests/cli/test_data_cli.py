@@ -22,16 +22,16 @@ def _ok(args):
 def test_synth_pack_inspect_verify(tmp_path):
     world, packed = tmp_path / "shapes", tmp_path / "packed"
     out = _ok(["data", "synth", str(world), "--n", "20", "--image-size", "32"])
-    assert "18 training images (216 conversations), 2 held-out images" in out
+    assert "18 training images (234 conversations), 2 held-out images" in out
     out = _ok(["data", "pack", str(world / "conversations.jsonl"), "--out", str(packed), "--quiet", "--samples-per-shard", "40"])
-    assert "packed 216 samples into 6 shards" in out and "skipped 0" in out
+    assert "packed 234 samples into 6 shards" in out and "skipped 0" in out
     manifest = json.loads((packed / "wds_manifest.json").read_text())
-    assert manifest["total"] == 216 and len(manifest["tars"]) == 6
+    assert manifest["total"] == 234 and len(manifest["tars"]) == 6
     events = [json.loads(line) for line in (tmp_path / "packed.events.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events] == ["pack.start", "pack.done"] and events[1]["packed"] == 216
+    assert [e["event"] for e in events] == ["pack.start", "pack.done"] and events[1]["packed"] == 234
     info = json.loads(_ok(["data", "inspect", str(packed), "--json", "--samples", "2"]))
-    assert info["total"] == 216 and len(info["samples"]) == 2 and info["samples"][0]["image_size"] == [32, 32]
-    assert "ok: 216 samples in 6 shards checked, 0 problems" in _ok(["data", "verify", str(packed)])
+    assert info["total"] == 234 and len(info["samples"]) == 2 and info["samples"][0]["image_size"] == [32, 32]
+    assert "ok: 234 samples in 6 shards checked, 0 problems" in _ok(["data", "verify", str(packed)])
 
 
 def test_verify_fails_with_exit_1_on_a_damaged_shard(tmp_path):
@@ -65,9 +65,9 @@ def test_demo_runs_and_continues(tmp_path):
 
     out = tmp_path / "demo"
     text = _ok(["demo", "--out", str(out), *TINY])
-    assert "verify     324 samples re-read, 0 problems" in text
+    assert "verify     351 samples re-read, 0 problems" in text
     summary = json.loads((out / "demo.json").read_text())
-    assert summary["pack"]["packed"] == 324 and summary["synth"]["train_images"] == 27
+    assert summary["pack"]["packed"] == 351 and summary["synth"]["train_images"] == 27
     events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
     assert events[0] == "demo.synth.start" and "demo.verify.done" in events
     _ok(["demo", "--out", str(out), *TINY])

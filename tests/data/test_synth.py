@@ -25,7 +25,7 @@ from scale_rae_core.data.synth import (
     random_spec,
     render,
     synthesize,
-    verification_caption,
+    verification_claims,
 )
 from scale_rae_core.errors import DataError
 from scale_rae_core.scale.questions import CAPTION_QUESTION, VERIFY_QUESTION
@@ -57,18 +57,18 @@ def _claim_fits(claim: str, spec: ShapeSpec) -> bool:
     return _named(claim) == ([spec.colour], [spec.shape], [spec.position])
 
 
-def test_verification_captions_are_balanced_hard_negatives():
+def test_verification_claims_are_a_positive_and_a_hard_negative_of_the_same_image():
     rng = random.Random(3)
     spec = random_spec(rng, "red", "circle", "left", "small")
     text = "a red circle on the left"
-    verdicts = Counter()
-    for _ in range(400):
-        claim, verdict = verification_caption(spec, text, rng)
-        verdicts[verdict] += 1
-        assert (verdict == "yes") == _claim_fits(claim, spec)
-        if verdict == "no":  # exactly one of colour, shape, position differs
-            assert sum(a != b for a, b in zip(_named(claim), _named(text), strict=True)) == 1, claim
-    assert 160 < verdicts["yes"] < 240
+    changed = Counter()
+    for _ in range(300):
+        (positive, yes), (negative, no) = verification_claims(spec, text, rng)
+        assert (positive, yes, no) == (text, "yes", "no") and _claim_fits(positive, spec) and not _claim_fits(negative, spec)
+        diff = [a != b for a, b in zip(_named(negative), _named(text), strict=True)]
+        assert sum(diff) == 1, negative  # exactly one of colour, shape, position differs
+        changed[diff.index(True)] += 1
+    assert all(70 < changed[i] < 130 for i in range(3)), changed
 
 
 @pytest.mark.parametrize("image_size", [16, 32, 64, 256])
@@ -157,11 +157,11 @@ def test_synthesize_writes_consistent_formats(tmp_path):
         assert all((folder / row["image"]).is_file() for row in csv_rows)
 
         records = _jsonl(folder / "conversations.jsonl")
-        assert summary[split]["n_conversations"] == len(records) == (GENERATION_SAMPLES + 6) * n
+        assert summary[split]["n_conversations"] == len(records) == (GENERATION_SAMPLES + 7) * n
         generation = [r for r in records if r["metadata"]["task"] == "generation"]
         understanding = [r for r in records if r["metadata"]["task"] == "understanding"]
         verification = [r for r in records if r["metadata"]["task"] == "verification"]
-        assert len(generation) == GENERATION_SAMPLES * n and len(understanding) == 5 * n and len(verification) == n
+        assert len(generation) == GENERATION_SAMPLES * n and len(understanding) == 5 * n and len(verification) == 2 * n
         by_image = {row["image"]: row["caption"] for row in csv_rows}
         for record in generation:
             human, gpt = record["conversations"]
@@ -184,6 +184,7 @@ def test_synthesize_writes_consistent_formats(tmp_path):
             assert human["value"] == "<image>\n" + VERIFY_QUESTION.format(prompt=claim)
             spec = ShapeSpec(**{k: record["metadata"][k] for k in ("colour", "shape", "position", "size", "background")})
             assert gpt["value"] == ("yes" if _claim_fits(claim, spec) else "no")
+        assert Counter(r["conversations"][1]["value"] for r in verification) == {"yes": n, "no": n}
 
         # Class folders hold the same image bytes under colour_shape labels.
         labels = {r["image"]: r["metadata"]["label"] for r in generation}

@@ -4,6 +4,7 @@ the best-of-k selection against a hand-computed one, and `srae eval shapes` thro
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -112,6 +113,16 @@ def test_selection_uses_the_models_yes_answer(files, tmp_path, monkeypatch):
     result = run_benchmark(session, tmp_path / "b.json", n_prompts=2, k=2, n_images=1, steps=2)
     assert [p["selected"] for p in result["generation"]["prompts"]] == [1, 1]
     assert [p["answers"] for p in result["generation"]["prompts"]] == [["no", "yes"], ["no", "yes"]]
+    # another self-verification metric re-selects from the same samples: lowest caption loss of the prompt
+    calls["n"] = 0
+    by_loss = run_benchmark(session, tmp_path / "b.json", n_prompts=2, k=2, n_images=1, steps=2, selector="loss")
+    assert by_loss["generation"]["selector"] == "loss" and calls["n"] == 0  # nothing regenerated
+    for row in by_loss["generation"]["prompts"]:
+        meta = json.loads((Path(row["folder"]) / "metadata.jsonl").read_text())
+        losses = [meta["text_responses"][str(k)]["prompt_loss"] for k in (0, 1)]
+        assert row["selected"] == losses.index(min(losses))
+    with pytest.raises(ConfigError, match="--select image_reward: choose one of answer_conf"):
+        run_benchmark(session, tmp_path / "b.json", n_prompts=2, k=2, n_images=1, steps=2, selector="image_reward")
 
 
 def test_cli_eval_shapes(files, tmp_path):
@@ -132,6 +143,13 @@ def test_cli_eval_shapes(files, tmp_path):
     assert res.exit_code == 0, res.output
     assert "shapes benchmark" in res.output and "first sample" in res.output and f"wrote {out}" in res.output
     assert json.loads(out.read_text())["generation"]["n_prompts"] == 1
+    res = CliRunner().invoke(app, ["eval", "shapes", "--model", str(files["export"]), "--decoder", str(files["decoder"]),
+                                   "--out", str(out), "--n-prompts", "1", "--k", "1", "--n-images", "1", "--steps", "2",
+                                   "--quiet", "--verify-on", "image", "--select", "loss"])
+    assert res.exit_code == 0, res.output
+    g = json.loads(out.read_text())["generation"]
+    assert (g["verify_on"], g["selector"]) == ("image", "loss") and "best of 1 by loss" in res.output
+    assert (out.with_suffix("") / "samples" / "bench" / "1_verify_scale_image").is_dir()
     res = CliRunner().invoke(app, ["eval", "shapes", "--model", str(files["export"]), "--decoder", str(files["decoder"]),
                                    "--out", str(out), "--n-prompts", "99", "--quiet"])
     assert res.exit_code == 1 and res.output.startswith("error: --n-prompts 99") and res.output.count("\n") == 1
