@@ -13,8 +13,9 @@ first real token, one KV cache); a row that is done waits with masked positions.
 its conditions (decoding is deterministic), so the LLM runs once per prompt; the head then samples every image in
 batches of ``batch_size``, CFG rows included in the same forward.
 
-Image j (0-based) of every prompt uses seed ``seed + j``; ``--seed S --n 1`` regenerates exactly the image whose
-manifest says ``"seed": S``.
+Image j (0-based) of every prompt uses seed ``seed + j``; ``--seed S --n 1`` regenerates the image whose manifest
+says ``"seed": S`` (bit for bit with the same prompts per batch; with other batch neighbours up to float rounding,
+at most one grey level, since other batch shapes run other CPU/GPU kernels).
 """
 
 from __future__ import annotations

@@ -97,12 +97,20 @@ def test_a_row_that_opens_its_image_early_waits_on_masked_positions(files, sessi
         torch.testing.assert_close(cond[r], ref, atol=2e-5, rtol=1e-4)
 
 
+def _pixels(png):
+    import numpy as np
+    from PIL import Image
+
+    return torch.from_numpy(np.asarray(Image.open(png).convert("RGB")).astype("int16"))
+
+
 def test_same_seed_same_image_and_names_never_collide(session, tmp_path):
     a = generate_images(session, PROMPTS, tmp_path / "a", FAST, seed=7, n=2, batch_size=3, save_latents=True)
     b = generate_images(session, PROMPTS[1:], tmp_path / "b", FAST, seed=8, n=1, batch_size=1)
     assert len(a.images) == 4 and [r.seed for r in a.images] == [7, 8, 7, 8]
     same = next(r for r in a.images if r.prompt == PROMPTS[1] and r.seed == 8)
-    assert same.png.read_bytes() == b.images[0].png.read_bytes()  # batch- and neighbour-independent
+    # batch- and neighbour-independent up to float rounding (other batch shapes take other CPU kernels)
+    assert _pixels(same.png).sub(_pixels(b.images[0].png)).abs().max() <= 1
     assert a.images[0].png.read_bytes() != a.images[1].png.read_bytes()
     again = generate_images(session, PROMPTS[:1], tmp_path / "a", FAST, seed=7, n=1)
     assert again.images[0].png.read_bytes() == a.images[0].png.read_bytes()
