@@ -31,6 +31,7 @@ def demo(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     sampler_steps: Annotated[int, _hidden("--sampler-steps", "Flow sampler steps per image.")] = 25,
+    guidance: Annotated[float, typer.Option("--guidance", help="CFG weight for every sample the demo draws (1 = off).")] = 3.0,
     gen_prompts: Annotated[int, _hidden("--gen-prompts", "Prompts in the generate stage.")] = 6,
     understand_images: Annotated[int, _hidden("--understand-images", "Held-out images in the understand stage.")] = 4,
     scale_n: Annotated[int, _hidden("--scale-n", "Scale stage: samples per round.")] = 2,
@@ -47,7 +48,8 @@ def demo(
     prof = load(profile, set_)
     options = DemoOptions(n_images=n, gen_prompts=gen_prompts, understand_images=understand_images, scale_n=scale_n,
                           scale_rounds=scale_rounds, bench_prompts=bench_prompts, bench_k=bench_k,
-                          bench_images=bench_images, sampler_steps=sampler_steps)
+                          bench_images=bench_images, sampler_steps=sampler_steps,
+                          guidance=guidance)
     stages = list(redo or []) + (list(TRAINING_STAGES) if retrain else [])
 
     def echo(name: str, status: str, info: dict[str, Any]) -> None:

@@ -50,12 +50,15 @@ class DemoOptions:
     bench_k: int = 8  # benchmark samples per prompt (best-of-8 by self-verification vs single samples)
     bench_images: int = 24  # benchmark held-out images (4 questions each)
     sampler_steps: int = 25  # flow sampler steps per image (Euler)
+    guidance: float = 3.0  # CFG weight for every sample the demo draws (3: colour+shape 66% → 84% on the shipped model)
 
     def __post_init__(self) -> None:
         for name in ("n_images", "gen_prompts", "gen_per_prompt", "understand_images", "scale_prompts", "scale_n",
                      "scale_rounds", "bench_k", "bench_images", "sampler_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"demo option {name} = {getattr(self, name)} must be at least 1")
+        if self.guidance < 1.0:
+            raise ConfigError(f"--guidance {self.guidance}: use 1 (off) or more")
         if self.n_images < 10:
             raise ConfigError(f"--n {self.n_images}: the demo needs at least 10 images (one in ten is held out)")
 
@@ -77,7 +80,8 @@ class Bar:
 # The bars for the embedded default (BENCHMARKS.md records where the tiny recipe stands against them).
 QUALITY_BARS: tuple[Bar, ...] = (
     Bar("decoder held-out PSNR (dB)", "decoder", "psnr", 25.0),
-    Bar("generation: colour + shape prompt match, first sample", "eval", "gen_colour_shape_first", 0.8),
+    # the rate over all k samples per prompt (36 × k draws; the first sample alone is 36 draws and swings ±7 points)
+    Bar("generation: colour + shape prompt match, mean over the k samples", "eval", "gen_colour_shape_mean", 0.8),
     Bar("understanding: exact-match accuracy", "eval", "understanding", 0.9),
     Bar("best-of-k by self-verification minus a single sample (full match)", "eval", "gain", 0.0, strict=True),
 )
@@ -167,7 +171,7 @@ class Ctx:
     def sampler(self) -> Any:
         from scale_rae_core.infer.pipeline import SamplerSettings
 
-        return SamplerSettings(steps=self.options.sampler_steps)
+        return SamplerSettings(steps=self.options.sampler_steps, guidance=self.options.guidance)
 
 
 @dataclass(frozen=True)
@@ -401,7 +405,7 @@ def _eval(ctx: Ctx, resume: bool) -> dict[str, Any]:
 
     o = ctx.options
     result = run_benchmark(ctx.session(), ctx.out / "eval_shapes.json", n_prompts=o.bench_prompts, k=o.bench_k,
-                           n_images=o.bench_images, seed=ctx.seed, steps=o.sampler_steps, reporter=ctx.reporter)
+                           n_images=o.bench_images, seed=ctx.seed, steps=o.sampler_steps, guidance=o.guidance, reporter=ctx.reporter)
     s = summary(result)
     g = result["generation"]
     return {**s, "gain": round(g["gain"], 4), "out": str(ctx.out / "eval_shapes.json"),
@@ -445,15 +449,15 @@ STAGES: tuple[Stage, ...] = (
           lambda c: c.out / "stage1"),
     Stage("model", ("stage1", "decoder"), _model, lambda c: [c.model / "config.json", c.model / "decoder" / "config.json"]),
     Stage("generate", ("model",), _generate, lambda c: [c.out / "generate" / "results.json"],
-          lambda c: {k: getattr(c.options, k) for k in ("gen_prompts", "gen_per_prompt", "sampler_steps")},
+          lambda c: {k: getattr(c.options, k) for k in ("gen_prompts", "gen_per_prompt", "sampler_steps", "guidance")},
           lambda c: c.out / "generate"),
     Stage("understand", ("model", "synth"), _understand, lambda c: [c.out / "understand" / "answers.json"],
           lambda c: {"understand_images": c.options.understand_images}, lambda c: c.out / "understand"),
     Stage("scale", ("model",), _scale, lambda c: [c.out / "scale" / "selected" / "report.json"],
-          lambda c: {k: getattr(c.options, k) for k in ("scale_prompts", "scale_n", "scale_rounds", "sampler_steps")},
+          lambda c: {k: getattr(c.options, k) for k in ("scale_prompts", "scale_n", "scale_rounds", "sampler_steps", "guidance")},
           lambda c: c.out / "scale"),
     Stage("eval", ("model",), _eval, lambda c: [c.out / "eval_shapes.json"],
-          lambda c: {k: getattr(c.options, k) for k in ("bench_prompts", "bench_k", "bench_images", "sampler_steps")},
+          lambda c: {k: getattr(c.options, k) for k in ("bench_prompts", "bench_k", "bench_images", "sampler_steps", "guidance")},
           lambda c: c.out / "eval_shapes"),
     Stage("report", (), _report, lambda c: [c.out / "report.html"], always=True),
 )

@@ -33,7 +33,7 @@ def main() -> None:
     if args.bench:
         bench = json.loads(args.bench.read_text())
         about["shapes_benchmark"] = summary(bench)
-        about["shapes_benchmark_settings"] = {k: bench["generation"].get(k) for k in ("n_prompts", "k", "seed", "steps")}
+        about["shapes_benchmark_settings"] = {k: bench["generation"].get(k) for k in ("n_prompts", "k", "seed", "steps", "guidance", "sampler", "selector", "verify_on")}
     path = bundle_model(args.model, args.decoder, args.dest, half=True, about=about)
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     print(f"{path}: {size / 2**20:.1f} MiB")

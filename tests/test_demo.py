@@ -70,6 +70,7 @@ def test_every_stage_runs_and_reports(first_run):
     assert (out / "stats.safetensors").is_file() and (out / "stage1" / "export" / "model.safetensors").is_file()
     bench = json.loads((out / "eval_shapes.json").read_text())
     assert bench["generation"]["n_prompts"] == 2 and bench["understanding"]["n_questions"] == 8
+    assert bench["generation"]["guidance"] == 3.0  # the demo samples with guidance 3 (--guidance)
     assert (out / "scale" / "selected" / "report.json").is_file()
     model = out / "model"  # the export with its decoder: inference needs no --decoder
     assert (model / "decoder" / "config.json").is_file() and (model / "model.safetensors").is_file()
@@ -160,10 +161,12 @@ def test_strict_fails_on_a_missed_bar(first_run, tmp_path):
 
 
 def test_bars_and_options():
-    stages = {"decoder": {"psnr": 25.0}, "eval": {"gen_colour_shape_first": 0.5, "gain": 0.0}}
+    stages = {"decoder": {"psnr": 25.0}, "eval": {"gen_colour_shape_mean": 0.5, "gain": 0.0}}
     got = {q["key"]: q["ok"] for q in check_bars(stages)}
     # at the bar passes, below fails, and the strict gain bar needs more than 0; understanding did not run
-    assert got == {"psnr": True, "gen_colour_shape_first": False, "gain": False}
+    assert got == {"psnr": True, "gen_colour_shape_mean": False, "gain": False}
     assert check_bars({"eval": {"gain": 0.03}})[0]["ok"]
     with pytest.raises(ConfigError, match="sampler_steps"):
         DemoOptions(sampler_steps=0)
+    with pytest.raises(ConfigError, match="--guidance 0.5: use 1"):
+        DemoOptions(guidance=0.5)
