@@ -61,4 +61,24 @@ def demo(
     for q in result.quality:
         mark = "ok" if q["ok"] else "BELOW BAR"
         typer.echo(f"quality    {q['label']}: {q['value']:.4g} (bar {'>' if q.get('strict') else '>='} {q['minimum']:.4g}) {mark}")
+    if result.quality:
+        typer.echo("           (the bars judge this run's model, trained in the demo's time budget;" + bundled_line() + ")")
     typer.echo(f"done: {out} (report {out / 'report.html'}, summary {out / 'demo.json'})")
+
+
+def bundled_line() -> str:
+    """The bundled model's own benchmark, from its ABOUT.json, for comparison with the run's."""
+    import json
+
+    from scale_rae_core.infer.loading import bundled_model
+
+    path = bundled_model()
+    try:
+        bench = json.loads((path / "ABOUT.json").read_text())["shapes_benchmark"] if path else None
+    except (OSError, ValueError, KeyError):
+        bench = None
+    if not bench:
+        return " no bundled model to compare with"
+    return (f" the bundled model, trained longer: colour+shape {100 * bench['gen_colour_shape_mean']:.1f}%, "
+            f"understanding {100 * bench['understanding']:.1f}%, best of k {100 * bench['gen_full_best_of_k']:.1f}% "
+            f"vs {100 * bench['gen_full_mean']:.1f}% per sample, see {path / 'ABOUT.json'}")

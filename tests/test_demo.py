@@ -170,3 +170,14 @@ def test_bars_and_options():
         DemoOptions(sampler_steps=0)
     with pytest.raises(ConfigError, match="--guidance 0.5: use 1"):
         DemoOptions(guidance=0.5)
+
+
+def test_the_bars_line_compares_with_the_bundled_model(first_run, monkeypatch, tmp_path):
+    from scale_rae_cli.demo import bundled_line
+    from scale_rae_core.infer.loading import bundled_model
+
+    _, text = first_run
+    about = json.loads((bundled_model() / "ABOUT.json").read_text())["shapes_benchmark"]
+    assert f"colour+shape {100 * about['gen_colour_shape_mean']:.1f}%" in text  # the shipped model's own numbers
+    monkeypatch.setattr("scale_rae_core.infer.loading.BUNDLED_MODEL", tmp_path / "none")
+    assert bundled_line() == " no bundled model to compare with"
