@@ -46,3 +46,14 @@ def test_no_torchvision_in_the_installed_dependency_tree():
     assert "torch" in seen and "transformers" in seen
     blocked = {"torchvision", "timm", "open-clip-torch", "lpips", "torch-fidelity", "pytorch-fid", "clean-fid", "image-reward"}
     assert not (seen & blocked), seen & blocked
+
+
+def test_the_bundled_model_is_package_data():
+    """Every file of the shipped shapes model matches a package-data glob (so a wheel install has it too)."""
+    from fnmatch import fnmatch
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["scale_rae_core"]
+    package = ROOT / "scale_rae_core"
+    files = [p.relative_to(package).as_posix() for p in (package / "assets" / "shapes-demo").rglob("*") if p.is_file()]
+    assert "assets/shapes-demo/model.safetensors" in files and "assets/shapes-demo/decoder/config.json" in files
+    assert [f for f in files if not any(fnmatch(f, g) and "/" not in f[len(g.rsplit("/", 1)[0]) + 1:] for g in globs)] == []
