@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from scale_rae_cli.generate import DecoderOpt, GuidanceOpt, ModelOpt, require_model
+from scale_rae_cli.generate import DecoderOpt, GuidanceOpt, ModelOpt, VerifyOnOpt, require_model
 from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, load
 
 EPILOG = "Example: srae eval shapes --model runs/demo/stage1/export --decoder runs/demo/decoder/decoder --out shapes.json"
@@ -23,7 +23,7 @@ def shapes(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first sample per prompt and of the held-out images.")] = 0,
     steps: Annotated[int, typer.Option("--steps", help="Sampler steps per image.")] = 50,
     guidance: GuidanceOpt = 1.0,
-    verify_on: Annotated[str, typer.Option("--verify-on", help="Self-verify the latent (reference) or the decoded image re-encoded.")] = "latent",
+    verify_on: VerifyOnOpt = "latent",
     select: Annotated[str, typer.Option("--select", help="Best-of-k by this self-verification metric (see `srae verify`): "
                                         "answer_conf (the yes/no answer), loss (the prompt's caption loss), ...")] = "answer_conf",
     profile: ProfileOpt = None,

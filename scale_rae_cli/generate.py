@@ -33,6 +33,7 @@ DecoderOpt = Annotated[
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed of the first image of each prompt (image j uses seed+j). Default: run.seed.")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Sampler steps.")]
 GuidanceOpt = Annotated[float, typer.Option("--guidance", help="CFG weight w in v_u + w·(v_c − v_u) with the learned null condition; 1 = off.")]
+VerifyOnOpt = Annotated[str, typer.Option("--verify-on", help="Self-verify the latent (reference) or the decoded image re-encoded.")]
 IntervalOpt = Annotated[str | None, typer.Option("--guidance-interval", help="Guide only for t in lo,hi (t=1 noise, t=0 data), e.g. 0.1,0.9.")]
 SamplerOpt = Annotated[str, typer.Option("--sampler", help="euler | heun | reference (the released grid, bugs included).")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="fp32 | bf16 (bf16 autocast, CUDA only). Default: backend.precision.")]

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from scale_rae_cli.generate import GuidanceOpt, require_model
+from scale_rae_cli.generate import GuidanceOpt, VerifyOnOpt, require_model
 
 VERIFY_EPILOG = (
     "Example: srae verify runs/scale/Scale-RAE-Qwen1-5B_DiT2-4B/2_verify_scale_latent --metric combined --keep 4   "
@@ -77,7 +77,7 @@ def scale(
     decoder: Annotated[str | None, typer.Option("--decoder", help="Pixel decoder: directory or hub repo id. Default: the model directory's decoder/, else its released decoder.")] = None,
     n: Annotated[int, typer.Option("--n", help="Samples per round.")] = 4,
     rounds: Annotated[int, typer.Option("--rounds", help="Scaling rounds: n × rounds samples per prompt.")] = 1,
-    verify_on: Annotated[str, typer.Option("--verify-on", help="Self-verify the latent (reference) or the decoded image re-encoded.")] = "latent",
+    verify_on: VerifyOnOpt = "latent",
     scorer: Annotated[list[str] | None, typer.Option("--scorer", help="Scorer (repeatable): image_reward | shapes | a registered name | package.module:factory.")] = None,
     ir_weights: Annotated[str, typer.Option("--ir-weights", help="ImageReward.pt: file, directory or hub repo id.")] = "THUDM/ImageReward",
     ir_tokenizer: Annotated[str | None, typer.Option("--ir-tokenizer", help="BERT vocab.txt (file, dir or repo) for ImageReward.")] = None,

@@ -49,7 +49,7 @@ from scale_rae_core.data.synth import (
 from scale_rae_core.errors import ConfigError
 from scale_rae_core.events import Reporter
 from scale_rae_core.infer.pipeline import SamplerSettings, Session
-from scale_rae_core.scale.select import SELF_VERIFICATION_METRICS as SELF_VERIFICATION
+from scale_rae_core.scale.select import SELF_VERIFICATION_METRICS
 
 ATTRIBUTES = ("colour", "shape", "position")
 SELECTOR = "answer_conf"  # the default: the model's yes/no answer to "Does this image align with the prompt?"
@@ -215,8 +215,8 @@ def run_benchmark(
     prompts = bench_prompts(n_prompts)
     specs = heldout_specs(n_images, seed)
     sampler = SamplerSettings(steps=steps, guidance=guidance)
-    if selector not in SELF_VERIFICATION:
-        raise ConfigError(f"--select {selector}: choose one of {', '.join(SELF_VERIFICATION)} (the model's own scores)")
+    if selector not in SELF_VERIFICATION_METRICS:
+        raise ConfigError(f"--select {selector}: choose one of {', '.join(SELF_VERIFICATION_METRICS)} (the model's own scores)")
     settings = {"prompts": prompts, "k": k, "seed": seed, "n_images": n_images, "sampler": sampler.describe(), "verify_on": verify_on,
                 "model": session.loaded.source.describe()["id"], "decoder": session.decoder()[1].describe()["id"]}
     marker = work / SETTINGS_FILE

@@ -158,16 +158,14 @@ def self_verify(
 def _check_same_run(folder: Path, meta: dict[str, Any], model: str, settings: ScaleSettings, sampler: SamplerSettings,
                     decoder_id: str) -> None:
     """A prompt folder is continued only with the settings its samples were made with (else mixed samples)."""
-    made = meta.get("srae", {})
-    now = {"--model": model, "--seed": settings.seed, "--verify-on": settings.verify_on, "--decoder": decoder_id,
-           "request": GENERATION_REQUEST, **{f"--{k.replace('_', '-')}": v for k, v in sampler.describe().items()}}
-    was = {"--model": meta.get("model_path"), "--seed": (meta.get("seeds") or [None])[0],
-           "--verify-on": made.get("verify_on"), "--decoder": made.get("decoder"), "request": made.get("request"),
-           **{f"--{k.replace('_', '-')}": made.get(k, now[f"--{k.replace('_', '-')}"]) for k in sampler.describe()}}
+    made = {**meta.get("srae", {}), "model": meta.get("model_path"), "seed": (meta.get("seeds") or [None])[0]}
+    now = {"model": model, "seed": settings.seed, "verify_on": settings.verify_on, "decoder": decoder_id,
+           "request": GENERATION_REQUEST, **sampler.describe()}
     for key, value in now.items():
-        if was[key] is not None and was[key] != value:
+        if made.get(key) is not None and made[key] != value:
+            flag = key if key == "request" else "--" + key.replace("_", "-")
             raise ConfigError(
-                f"{folder / 'metadata.jsonl'}: its samples were made with {key} {was[key]}, this run asks for {value}; "
+                f"{folder / 'metadata.jsonl'}: its samples were made with {flag} {made[key]}, this run asks for {value}; "
                 f"pass another --out or delete {folder.parent} to start over"
             )
 
