@@ -1,6 +1,12 @@
 """The embedded default, end to end: the shapes world through every stage srae has, on the tiny profile.
 
-    synth → pack → inspect → verify → decoder → stat → stage1 → model → generate → understand → scale → eval → report
+    synth → pack → inspect → verify → decoder → stat → stage1 [→ stage2] → model → generate → understand → scale
+          → eval → report
+
+Two recipes train the model: the quick one (the profile as it is: ~11 minutes on 2 cores) and the recipe of the
+model that ships with the package, ``BUNDLED_RECIPE`` (stage 1 trained longer, then a stage-2 finetune on the same
+data: ~65 minutes). ``srae demo --retrain`` runs the second; ``install_model`` then puts the result in the package
+as the default ``--model`` (``--install``), with its provenance and benchmark in ``ABOUT.json``.
 
 Every stage writes into one run folder (``OUT/<stage output>``) and keeps a record in
 ``OUT/stages/<name>.json``: ``{"status": "running" | "done", "inputs": ..., "info": ...}``. ``inputs`` are the
@@ -10,7 +16,7 @@ output. On a re-run a stage is **reused** when its record is done, its inputs ar
 still on disk; a stage whose record says "running" with the same inputs was interrupted
 and **continues** (the trainers resume from their last checkpoint, the scaling loop from its last sample);
 anything else **starts over** (its output folder is deleted first). ``redo`` names stages to start over
-whatever their state (``--retrain`` = decoder, stat and stage1); everything that needs them follows.
+whatever their state; everything that needs them follows.
 
 Quality: ``QUALITY_BARS`` lists the numbers the demo must reach (stage, key in that stage's info, minimum).
 They are checked at the end and written to ``demo.json``; ``strict`` turns a miss into an error. Tighten a bar
@@ -32,7 +38,10 @@ from scale_rae_core.errors import ConfigError, DataError, SraeError
 from scale_rae_core.events import Reporter
 
 GENERATION_REQUEST = "Generate an image of {prompt}."  # the form of the world's training prompts
-TRAINING_STAGES = ("decoder", "stat", "stage1")
+# The recipe of the bundled model: profile overrides applied before the user's --set, plus the stage-2 stage
+# (DemoOptions.finetune). Stage 1 learns colour by step ~3,000 at flow_weight 12 (BENCHMARKS.md, "Long runs");
+# stage 2 finetunes at the same flow weight.
+BUNDLED_RECIPE: tuple[str, ...] = ("stage1.steps=6000", "stage2.steps=2000", "stage2.flow_weight=12")
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class DemoOptions:
     bench_images: int = 24  # benchmark held-out images (4 questions each)
     sampler_steps: int = 25  # flow sampler steps per image (Euler)
     guidance: float = 3.0  # CFG weight for every sample the demo draws (3: colour+shape 66% → 84% on the shipped model)
+    finetune: bool = False  # run stage 2 on the stage-1 model (the bundled recipe); the model is its export
 
     def __post_init__(self) -> None:
         for name in ("n_images", "gen_prompts", "gen_per_prompt", "understand_images", "scale_prompts", "scale_n",
@@ -117,6 +127,7 @@ class Ctx:
     profile: Profile
     reporter: Reporter
     options: DemoOptions
+    command: str = "srae demo"  # the command line that makes this run's model (recorded in model/ABOUT.json)
     _session: Any = None
 
     @property
@@ -135,9 +146,13 @@ class Ctx:
     def decoder_dir(self) -> Path:
         return self.out / "decoder" / "decoder"
 
+    def export(self, stage: str) -> Path:
+        return self.out / stage / "export"
+
     @property
-    def export(self) -> Path:
-        return self.out / "stage1" / "export"
+    def model_export(self) -> Path:
+        """The export the model is made of: stage 2's when the run finetunes, else stage 1's."""
+        return self.export("stage2" if self.options.finetune else "stage1")
 
     @property
     def model(self) -> Path:
@@ -183,6 +198,7 @@ class Stage:
     inputs: Callable[[Ctx], dict[str, Any]] = lambda ctx: {}
     workdir: Callable[[Ctx], Path | None] = lambda ctx: None  # deleted when the stage starts over
     always: bool = False  # never reused (cheap views of other stages' outputs)
+    enabled: Callable[[Ctx], bool] = lambda ctx: True  # a disabled stage is left out (and out of its dependents' inputs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -298,11 +314,46 @@ def _stage1(ctx: Ctx, resume: bool) -> dict[str, Any]:
                        f"flow {last.get('flow', float('nan')):.4f})"}
 
 
+def _stage2(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    from scale_rae_core.train.unified import train_unified
+
+    run_dir = ctx.out / "stage2"
+    with ctx.child_reporter(run_dir) as rep:
+        r = train_unified(ctx.stage1_profile(), "stage2", ctx.packed, run_dir, init_from=ctx.out / "stage1",
+                          resume=resume, reporter=rep)
+    if r.export_dir is None:
+        raise ConfigError(f"{ctx.profile.source}: checkpoint.export = false leaves the demo without a model; set it to true")
+    last = _last_metrics(run_dir / "metrics.jsonl")
+    return {"steps": r.step, "loss": last.get("loss"), "ce": last.get("ce"), "flow": last.get("flow"),
+            "export": str(r.export_dir),
+            "summary": f"{r.step} steps from the stage-1 model, loss {last.get('loss', float('nan')):.4f} "
+                       f"(ce {last.get('ce', float('nan')):.4f}, flow {last.get('flow', float('nan')):.4f})"}
+
+
 def _model(ctx: Ctx, resume: bool) -> dict[str, Any]:
+    import datetime
+
     from scale_rae_core.infer.bundle import bundle_model
 
-    path = bundle_model(ctx.export, ctx.decoder_dir, ctx.model)
-    return {"path": str(path), "summary": f"{path} (the stage-1 export + decoder/: srae generate --model {path} ...)"}
+    about = {"made_by": ctx.command, "commit": _commit(), "profile": ctx.profile.source,
+             "date": datetime.date.today().isoformat()}
+    path = bundle_model(ctx.model_export, ctx.decoder_dir, ctx.model, half=True, about=about)
+    made_of = "stage-2" if ctx.options.finetune else "stage-1"
+    return {"path": str(path), "summary": f"{path} (the {made_of} export in fp16 + decoder/: srae generate --model {path} ...)"}
+
+
+def _commit() -> str | None:
+    """The git commit of the srae checkout this runs from, when it is one (provenance for ABOUT.json)."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                           text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0:
+        return None
+    return r.stdout.strip() or None
 
 
 def _last_metrics(path: Path) -> dict[str, Any]:
@@ -444,10 +495,15 @@ STAGES: tuple[Stage, ...] = (
           lambda c: {"seed": c.seed, **_sections(c.profile, "decoder_training", "model.encoder", "model.decoder")},
           lambda c: c.out / "decoder"),
     Stage("stat", ("synth",), _stat, lambda c: [c.stats], lambda c: _sections(c.profile, "model.encoder"), lambda c: c.stats),
-    Stage("stage1", ("pack", "stat"), _stage1, lambda c: [c.export / "config.json"],
+    Stage("stage1", ("pack", "stat"), _stage1, lambda c: [c.export("stage1") / "config.json"],
           lambda c: {"seed": c.seed, **_sections(c.profile, "stage1", "model.encoder", "model.llm", "model.dit", "data")},
           lambda c: c.out / "stage1"),
-    Stage("model", ("stage1", "decoder"), _model, lambda c: [c.model / "config.json", c.model / "decoder" / "config.json"]),
+    Stage("stage2", ("pack", "stage1"), _stage2, lambda c: [c.export("stage2") / "config.json"],
+          lambda c: {"seed": c.seed, **_sections(c.profile, "stage2", "data")}, lambda c: c.out / "stage2",
+          enabled=lambda c: c.options.finetune),
+    Stage("model", ("stage1", "stage2", "decoder"), _model,
+          lambda c: [c.model / "config.json", c.model / "decoder" / "config.json"],
+          lambda c: {"finetune": c.options.finetune}),
     Stage("generate", ("model",), _generate, lambda c: [c.out / "generate" / "results.json"],
           lambda c: {k: getattr(c.options, k) for k in ("gen_prompts", "gen_per_prompt", "sampler_steps", "guidance")},
           lambda c: c.out / "generate"),
@@ -493,10 +549,12 @@ def _remove(path: Path) -> None:
 
 def run_demo(
     out: Path, profile: Profile, reporter: Reporter, *, options: DemoOptions | None = None, fresh: bool = False,
-    redo: tuple[str, ...] | list[str] = (), strict: bool = False,
+    redo: tuple[str, ...] | list[str] = (), strict: bool = False, command: str = "srae demo",
     on_stage: Callable[[str, str, dict[str, Any]], None] | None = None,
 ) -> DemoResult:
-    """Run (or continue) the demo in ``out``; ``on_stage(name, status, info)`` is called after each stage."""
+    """Run (or continue) the demo in ``out``; ``on_stage(name, status, info)`` is called after each stage.
+
+    ``command``: the command line that makes this run's model, recorded in ``OUT/model/ABOUT.json``."""
     options = options or DemoOptions()
     unknown = [name for name in redo if name not in STAGE_NAMES]
     if unknown:
@@ -506,13 +564,16 @@ def run_demo(
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(out, profile, reporter, options)
+    ctx = Ctx(out, profile, reporter, options, command)
     result = DemoResult(out)
+    enabled = {stage.name for stage in STAGES if stage.enabled(ctx)}
     for stage in STAGES:
+        if stage.name not in enabled:
+            continue
         record_path = out / "stages" / f"{stage.name}.json"
         record = _read_record(record_path)
         # what the output depends on: the stage's own settings, and which output of each stage it needs it read
-        after = {n: (_read_record(out / "stages" / f"{n}.json") or {}).get("stamp") for n in stage.needs}
+        after = {n: (_read_record(out / "stages" / f"{n}.json") or {}).get("stamp") for n in stage.needs if n in enabled}
         inputs = json.loads(json.dumps({**stage.inputs(ctx), "after": after}, default=str))
         outputs = stage.outputs(ctx)
         forced = stage.name in redo
@@ -546,8 +607,49 @@ def run_demo(
         q = missed[0]
         raise SraeError(f"quality bar missed: {q['label']} = {q['value']:.4g} {'<=' if q['strict'] else '<'} "
                         f"{q['minimum']:.4g}; train longer "
-                        f"(e.g. --set stage1.steps=...) and re-run with --retrain (details in {out / 'demo.json'})")
+                        f"(e.g. --set stage1.steps=..., or --retrain: the bundled model's recipe) "
+                        f"(details in {out / 'demo.json'})")
     return result
+
+
+def install_model(out: Path, quality: list[dict[str, Any]], dest: Path | None = None) -> Path:
+    """Make the demo's model in ``out`` the package's bundled model (the default ``--model``), with its benchmark.
+
+    Refused while a quality bar is missed: the bundled model is what ``srae generate`` uses when nothing is named.
+    ``ABOUT.json`` gets the model's provenance (``made_by``, commit, profile, date) and the shapes benchmark of this
+    run. The copy is written next to ``dest`` and renamed into place, so the old model stays whole until then.
+    """
+    from scale_rae_core.eval.shapes_bench import summary
+    from scale_rae_core.infer import loading
+    from scale_rae_core.infer.bundle import ABOUT_FILE
+
+    dest = Path(dest or loading.BUNDLED_MODEL)
+    out = Path(out)
+    model, bench_file = out / "model", out / "eval_shapes.json"
+    missed = [q for q in quality if not q["ok"]]
+    if missed:
+        q = missed[0]
+        raise SraeError(f"--install: {q['label']} = {q['value']:.4g} misses its bar ({q['minimum']:.4g}); "
+                        f"the bundled model stays as it is (train longer, e.g. --retrain)")
+    if not (model / "config.json").is_file() or not bench_file.is_file():
+        raise SraeError(f"--install: {out} has no finished model and benchmark; run the demo to the end first")
+    bench = json.loads(bench_file.read_text())
+    about = json.loads((model / ABOUT_FILE).read_text()) if (model / ABOUT_FILE).is_file() else {}
+    about["shapes_benchmark"] = summary(bench)
+    about["shapes_benchmark_settings"] = {k: bench["generation"].get(k) for k in (
+        "n_prompts", "k", "seed", "steps", "guidance", "sampler", "selector", "verify_on")}
+    about["quality_bars"] = {q["key"]: {"value": q["value"], "minimum": q["minimum"]} for q in quality}
+    tmp = dest.with_name(f".{dest.name}.installing")
+    _remove(tmp)
+    shutil.copytree(model, tmp)
+    (tmp / ABOUT_FILE).write_text(json.dumps(about, indent=1) + "\n")
+    old = dest.with_name(f".{dest.name}.old")
+    _remove(old)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    _remove(old)
+    return dest
 
 
 def _fields(info: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """`srae demo` end to end on a tiny world with tiny step counts: every stage, reuse, continuation after an
-interruption, --retrain / --redo / changed settings, quality bars, and the report."""
+interruption, --redo / changed settings, --retrain (the bundled model's recipe) and --install, quality bars, and
+the report."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import pytest
 from typer.testing import CliRunner
 
 from scale_rae_cli.main import app
-from scale_rae_core.demo import QUALITY_BARS, STAGE_NAMES, DemoOptions, check_bars
+from scale_rae_core.demo import (
+    BUNDLED_RECIPE,
+    QUALITY_BARS,
+    STAGE_NAMES,
+    DemoOptions,
+    check_bars,
+    install_model,
+)
 from scale_rae_core.errors import ConfigError
 from tests.test_report import check_html
 
@@ -23,6 +31,10 @@ TINY = [
     "--sampler-steps", "2", "--gen-prompts", "2", "--understand-images", "1", "--scale-n", "1", "--scale-rounds", "2",
     "--bench-prompts", "2", "--bench-k", "2", "--bench-images", "2",
 ]
+
+
+QUICK = [name for name in STAGE_NAMES if name != "stage2"]  # the quick recipe does not finetune
+STAGE2 = ["--set", "stage2.steps=2", "--set", "stage2.global_batch_size=4", "--set", "stage2.micro_batch_size=2"]
 
 
 def _demo(out: Path, *extra: str, code: int = 0) -> str:
@@ -49,22 +61,22 @@ def first_run(tmp_path_factory) -> tuple[Path, str]:
 def test_every_stage_runs_and_reports(first_run):
     out, text = first_run
     lines = text.splitlines()
-    assert [line.split()[0] for line in lines[: len(STAGE_NAMES)]] == list(STAGE_NAMES)
+    assert [line.split()[0] for line in lines[: len(QUICK)]] == QUICK
     assert "verify     351 samples re-read, 0 problems" in text
     summary = json.loads((out / "demo.json").read_text())
-    assert summary["status"] == dict.fromkeys(STAGE_NAMES, "ran")
+    assert summary["status"] == dict.fromkeys(QUICK, "ran")
     assert summary["synth"]["train_images"] == 27 and summary["pack"]["packed"] == 351
     assert summary["decoder"]["steps"] == 2 and summary["stage1"]["steps"] == 2
     assert summary["generate"]["images"] == 4 and summary["understand"]["questions"] == 4
     assert summary["scale"]["samples_per_prompt"] == 2
     assert {q["key"] for q in summary["quality"]} == {b.key for b in QUALITY_BARS}
     assert sum(line.startswith("quality ") for line in lines) == len(QUALITY_BARS)
-    for name in STAGE_NAMES:
+    for name in QUICK:
         record = json.loads((out / "stages" / f"{name}.json").read_text())
         assert record["status"] == "done" and "summary" in record["info"]
     events = _events(out)
     assert events[0] == "demo.synth.start" and events[-1] == "demo.report.done"
-    assert all(f"demo.{n}.done" in events for n in STAGE_NAMES)
+    assert all(f"demo.{n}.done" in events for n in QUICK) and not (out / "stages" / "stage2.json").exists()
     # the outputs each stage promises
     assert (out / "decoder" / "decoder" / "config.json").is_file() and (out / "decoder" / "recon.json").is_file()
     assert (out / "stats.safetensors").is_file() and (out / "stage1" / "export" / "model.safetensors").is_file()
@@ -75,6 +87,8 @@ def test_every_stage_runs_and_reports(first_run):
     model = out / "model"  # the export with its decoder: inference needs no --decoder
     assert (model / "decoder" / "config.json").is_file() and (model / "model.safetensors").is_file()
     assert summary["model"]["path"] == str(model)
+    about = json.loads((model / "ABOUT.json").read_text())
+    assert about["made_by"] == "srae demo --n 30 " + " ".join(TINY[3:TINY.index("--sampler-steps")])
 
 
 @pytest.mark.slow
@@ -102,7 +116,7 @@ def test_rerun_reuses_then_changes_rerun_only_what_depends_on_them(first_run):
     before = (out / "eval_shapes.json").read_text()
     text = _demo(out)
     assert "(reused)" in text
-    assert _status(out) == {n: ("ran" if n in ("inspect", "report") else "reused") for n in STAGE_NAMES}
+    assert _status(out) == {n: ("ran" if n in ("inspect", "report") else "reused") for n in QUICK}
     assert (out / "eval_shapes.json").read_text() == before
     assert "demo.stage1.reused" in _events(out)
 
@@ -112,7 +126,7 @@ def test_rerun_reuses_then_changes_rerun_only_what_depends_on_them(first_run):
                                                              "eval", "report"}
     assert json.loads((out / "demo.json").read_text())["stage1"]["steps"] == 3
 
-    _demo(out, "--set", "stage1.steps=3", "--retrain")
+    _demo(out, "--set", "stage1.steps=3", "--redo", "decoder", "--redo", "stat")  # train again, same settings
     status = _status(out)
     assert all(status[n] == "reused" for n in ("synth", "pack", "verify"))
     assert all(status[n] == "ran" for n in ("decoder", "stat", "stage1", "generate", "eval", "report"))
@@ -141,6 +155,54 @@ def test_interrupted_stage_continues(first_run, tmp_path, monkeypatch):
     status = _status(out)
     assert status["stage1"] == "reused" and status["generate"] == "continued"
     assert status["understand"] == "ran"  # done for the old model: stale, though stage 1 ran in the earlier call
+
+
+@pytest.mark.slow
+def test_retrain_runs_the_bundled_recipe_and_install_needs_the_bars(first_run, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors import safe_open
+
+    from scale_rae_core.infer.loading import bundled_model
+
+    out = tmp_path / "run"
+    shutil.copytree(first_run[0], out)
+    bundled = tmp_path / "assets" / "shapes-demo"  # a stand-in for the package's bundled model
+    shutil.copytree(bundled_model(), bundled)
+    monkeypatch.setattr("scale_rae_core.infer.loading.BUNDLED_MODEL", bundled)
+    before = (bundled / "ABOUT.json").read_text()
+
+    # --retrain adds stage 2 (the recipe's flow weight 12); --set stage1.steps wins over the recipe's 6000, so the
+    # stage-1 model of the earlier run (whatever steps the tests before left it at) is reused. Two decoder steps miss
+    # the PSNR bar: --install refuses and the bundled model is unchanged.
+    steps = json.loads((out / "stages" / "stage1.json").read_text())["info"]["steps"]
+    text = _demo(out, "--retrain", "--install", "--set", f"stage1.steps={steps}", *STAGE2, code=1)
+    status = _status(out)
+    assert status["stage1"] == "reused" and status["stage2"] == "ran" and status["model"] == "ran"
+    record = json.loads((out / "stages" / "stage2.json").read_text())
+    assert record["inputs"]["stage2"]["flow_weight"] == 12.0 and record["info"]["steps"] == 2
+    assert "stage2.flow_weight=12" in BUNDLED_RECIPE
+    assert "error: --install: decoder held-out PSNR (dB) = " in text and "misses its bar (25)" in text
+    assert (bundled / "ABOUT.json").read_text() == before
+    model = out / "model"  # made of the stage-2 export, fp16
+    with safe_open(str(model / "model.safetensors"), "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} <= {"F16", "I64", "BOOL"}
+    assert json.loads((model / "config.json").read_text()) == json.loads((out / "stage2" / "export" / "config.json").read_text())
+    about = json.loads((model / "ABOUT.json").read_text())
+    assert about["made_by"].startswith("srae demo --n 30 --retrain --set decoder_training.steps=2")
+    assert about["made_by"].endswith("--set stage2.micro_batch_size=2")
+
+    # with every bar met it replaces the bundled model whole: weights, decoder, ABOUT.json with the benchmark
+    quality = [{"label": "x", "key": "psnr", "value": 26.0, "minimum": 25.0, "ok": True}]
+    assert install_model(out, quality) == bundled
+    assert (bundled / "decoder" / "config.json").is_file()
+    assert (bundled / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    about = json.loads((bundled / "ABOUT.json").read_text())
+    bench = json.loads((out / "eval_shapes.json").read_text())
+    assert about["made_by"].startswith("srae demo --n 30 --retrain")
+    assert about["shapes_benchmark_settings"]["k"] == bench["generation"]["k"] == 2
+    assert about["quality_bars"] == {"psnr": {"value": 26.0, "minimum": 25.0}}
+    assert sorted(p.name for p in bundled.parent.iterdir()) == ["shapes-demo"]  # no temporary folder left
 
 
 def test_user_errors_are_one_line(tmp_path):

@@ -192,8 +192,5 @@ def get_backend(settings: BackendSettings) -> Backend:
 @contextlib.contextmanager
 def backend_for(settings: BackendSettings) -> Iterator[Backend]:
     """``with backend_for(profile.backend) as backend:`` — :func:`get_backend` that closes on exit."""
-    backend = get_backend(settings)
-    try:
+    with get_backend(settings) as backend:  # the backend's __exit__ sees whether the block failed
         yield backend
-    finally:
-        backend.close()

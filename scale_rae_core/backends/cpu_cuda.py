@@ -166,6 +166,14 @@ class CpuCudaBackend(Backend):
             torch.cuda.set_rng_state(states["cuda"], self._device)
 
     # ------------------------------------------------------------------------------------- lifetime
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # A clean end waits for every rank before the group is torn down: a rank that destroys its gloo group
+        # while a peer is still in a collective can abort the peer at exit ("terminate called without an active
+        # exception"). After an error the peers may never arrive, so no barrier then.
+        if exc_type is None and self._owns_group and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        self.close()
+
     def close(self) -> None:
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
