@@ -145,7 +145,8 @@ def build_encoder(settings: EncoderSettings, *, local_files_only: bool | None = 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar inside srae's own progress display
     try:
         return FrozenEncoder(
-            EncoderConfig(settings.kind, path, input_size=settings.input_size, local_files_only=local_files_only)
+            EncoderConfig(settings.kind, path, input_size=settings.input_size, local_files_only=local_files_only,
+                          name=settings.path)
         )
     finally:
         if bar:
@@ -168,7 +169,7 @@ def load_trained_decoder(path: str, encoder: FrozenEncoder, *, what: str = "mode
         from scale_rae_core.models.convert import RELEASED_DECODERS, load_released_decoder
 
         kind = None if path in RELEASED_DECODERS else encoder.kind
-        return load_released_decoder(path, encoder_kind=kind, encoder_id=encoder.cfg.path_or_repo)
+        return load_released_decoder(path, encoder_kind=kind, encoder_id=encoder.cfg.label)
     raise CheckpointError(
         f"{what} = '{path}': no such directory and not a hub repo id; train one with "
         "`srae train decoder` or convert a released one with `srae convert decoder`"

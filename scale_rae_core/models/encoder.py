@@ -67,6 +67,8 @@ class EncoderConfig:
         else the model config's `image_size`.
     revision: hub revision (ignored for local directories).
     local_files_only: never touch the network (a hub id must then be in the local cache).
+    name: what the user called it (``model.encoder.path``, e.g. "tiny-random" for a generated cache folder);
+        recorded in decoder configs instead of a machine-local path. Default: ``path_or_repo``.
     """
 
     kind: str
@@ -74,6 +76,11 @@ class EncoderConfig:
     input_size: int | None = None
     revision: str | None = None
     local_files_only: bool = False
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path_or_repo
 
 
 # ---------------------------------------------------------------------------------------------------------

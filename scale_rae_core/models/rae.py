@@ -85,7 +85,7 @@ def decoder_config_for(
         num_patches=encoder.num_tokens,
         patch_size=patch_size,
         encoder_kind=encoder.kind,
-        encoder_id=encoder.cfg.path_or_repo,
+        encoder_id=encoder.cfg.label,
         pixel_mean=encoder.mean.flatten().tolist(),
         pixel_std=encoder.std.flatten().tolist(),
         **kwargs,

@@ -58,6 +58,8 @@ def test_build_decoder_from_preset_and_from_our_export(cache, tmp_path):
     enc = build.build_encoder(EncoderSettings(kind="siglip", path="tiny-random", input_size=32))  # 4 x 4 tokens
     dec = build.build_decoder(DecoderSettings(preset="tiny", patch_size=8, image_size=32), enc)
     assert (dec.cfg.latent_dim, dec.cfg.num_patches, dec.cfg.image_size) == (enc.hidden_size, 16, 32)
+    # the decoder records the encoder as the profile names it, not the machine-local cache folder behind it
+    assert enc.cfg.path_or_repo.startswith(str(cache)) and dec.cfg.encoder_id == "tiny-random"
     save_decoder(dec, tmp_path / "dec")
     again = build.build_decoder(DecoderSettings(path=str(tmp_path / "dec"), patch_size=8, image_size=32), enc)
     assert _weights_hash(again) == _weights_hash(dec)
