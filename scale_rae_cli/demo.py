@@ -45,8 +45,8 @@ def demo(
     bench_k: Annotated[int, _hidden("--bench-k", "Benchmark samples per prompt.")] = 8,
     bench_images: Annotated[int, _hidden("--bench-images", "Benchmark held-out images.")] = 24,
 ) -> None:
-    """Run the pipeline on the shapes world: synth → pack → inspect → verify → decoder → stat → stage1 →
-    model → generate → understand → scale → eval → report (report.html)."""
+    """Run the pipeline on the shapes world: synth → pack → inspect → verify → decoder → stat → stage1
+    [→ stage2 with --retrain] → model → generate → understand → scale → eval → report (report.html)."""
     import shlex
 
     from scale_rae_core.demo import BUNDLED_RECIPE, DemoOptions, install_model, run_demo
@@ -72,7 +72,8 @@ def demo(
         mark = "ok" if q["ok"] else "BELOW BAR"
         typer.echo(f"quality    {q['label']}: {q['value']:.4g} (bar {'>' if q.get('strict') else '>='} {q['minimum']:.4g}) {mark}")
     if result.quality:
-        typer.echo("           (the bars judge this run's model, trained in the demo's time budget;" + bundled_line() + ")")
+        budget = "with the bundled model's recipe" if retrain else "in the demo's time budget"
+        typer.echo(f"           (the bars judge this run's model, trained {budget};" + bundled_line() + ")")
     typer.echo(f"done: {out} (report {out / 'report.html'}, summary {out / 'demo.json'})")
     if install:
         typer.echo(f"installed: {install_model(out, result.quality)} is now the default --model")
