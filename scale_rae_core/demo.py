@@ -619,7 +619,7 @@ def install_model(out: Path, quality: list[dict[str, Any]], dest: Path | None = 
     ``ABOUT.json`` gets the model's provenance (``made_by``, commit, profile, date) and the shapes benchmark of this
     run. The copy is written next to ``dest`` and renamed into place, so the old model stays whole until then.
     """
-    from scale_rae_core.eval.shapes_bench import summary
+    from scale_rae_core.eval.shapes_bench import about_fields
     from scale_rae_core.infer import loading
     from scale_rae_core.infer.bundle import ABOUT_FILE
 
@@ -635,9 +635,7 @@ def install_model(out: Path, quality: list[dict[str, Any]], dest: Path | None = 
         raise SraeError(f"--install: {out} has no finished model and benchmark; run the demo to the end first")
     bench = json.loads(bench_file.read_text())
     about = json.loads((model / ABOUT_FILE).read_text()) if (model / ABOUT_FILE).is_file() else {}
-    about["shapes_benchmark"] = summary(bench)
-    about["shapes_benchmark_settings"] = {k: bench["generation"].get(k) for k in (
-        "n_prompts", "k", "seed", "steps", "guidance", "sampler", "selector", "verify_on")}
+    about.update(about_fields(bench))
     about["quality_bars"] = {q["key"]: {"value": q["value"], "minimum": q["minimum"]} for q in quality}
     tmp = dest.with_name(f".{dest.name}.installing")
     _remove(tmp)

@@ -1,7 +1,10 @@
 """Put a trained shapes model into the package as the bundled demo model (the default ``--model``).
 
+For a model the demo trained (``srae demo --retrain``), ``srae demo --install`` does this; this script is for a
+model made by separate commands (how the current bundled model was made, see its ``ABOUT.json``).
+
     python scripts/bundle_demo_model.py --model RUN/export --decoder DEMO/decoder/decoder \
-        --bench BENCH.json --command "srae demo --retrain ..." [--command ...]
+        --bench BENCH.json --command "srae train stage1 ..." [--command ...]
 
 Writes ``scale_rae_core/assets/shapes-demo/``: the export with fp16 weights, ``decoder/``, and ``ABOUT.json``
 (the commands that made it, the benchmark it scored, the date). The shapes benchmark JSON must come from
@@ -16,7 +19,7 @@ import datetime
 import json
 from pathlib import Path
 
-from scale_rae_core.eval.shapes_bench import summary
+from scale_rae_core.eval.shapes_bench import about_fields
 from scale_rae_core.infer.bundle import bundle_model
 from scale_rae_core.infer.loading import BUNDLED_MODEL
 
@@ -31,9 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     about: dict = {"made_by": args.command, "date": datetime.date.today().isoformat()}
     if args.bench:
-        bench = json.loads(args.bench.read_text())
-        about["shapes_benchmark"] = summary(bench)
-        about["shapes_benchmark_settings"] = {k: bench["generation"].get(k) for k in ("n_prompts", "k", "seed", "steps", "guidance", "sampler", "selector", "verify_on")}
+        about.update(about_fields(json.loads(args.bench.read_text())))
     path = bundle_model(args.model, args.decoder, args.dest, half=True, about=about)
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     print(f"{path}: {size / 2**20:.1f} MiB")

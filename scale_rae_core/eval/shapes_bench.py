@@ -252,6 +252,13 @@ def summary(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def about_fields(result: dict[str, Any]) -> dict[str, Any]:
+    """What a model's ``ABOUT.json`` records of its benchmark: the headline numbers and the settings they need."""
+    g = result["generation"]
+    settings = ("n_prompts", "k", "seed", "steps", "guidance", "sampler", "selector", "verify_on")
+    return {"shapes_benchmark": summary(result), "shapes_benchmark_settings": {k: g.get(k) for k in settings}}
+
+
 def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
     """(row, colour, shape, position, colour+shape, full) percentages, shared by the CLI table and report.html."""
     g = result["generation"]
