@@ -5,8 +5,8 @@
 
 Two recipes train the model: the quick one (the profile as it is: ~11 minutes on 2 cores) and the recipe of the
 model that ships with the package, ``BUNDLED_RECIPE`` (stage 1 trained longer, then a stage-2 finetune on the same
-data: ~65 minutes). ``srae demo --retrain`` runs the second; ``install_model`` then puts the result in the package
-as the default ``--model`` (``--install``), with its provenance and benchmark in ``ABOUT.json``.
+data: ~65 minutes). ``srae demo --retrain`` runs the second; ``infer.bundle.install_bundled`` then puts the result
+in the package as the default ``--model`` (``--install``), with its provenance and benchmark in ``ABOUT.json``.
 
 Every stage writes into one run folder (``OUT/<stage output>``) and keeps a record in
 ``OUT/stages/<name>.json``: ``{"status": "running" | "done", "inputs": ..., "info": ...}``. ``inputs`` are the
@@ -299,35 +299,27 @@ def _stat(ctx: Ctx, resume: bool) -> dict[str, Any]:
             "summary": f"latent mean/var over {stats.count} images → {ctx.stats.name}"}
 
 
-def _stage1(ctx: Ctx, resume: bool) -> dict[str, Any]:
-    from scale_rae_core.train.unified import train_unified
+def _unified(stage: str) -> Callable[[Ctx, bool], dict[str, Any]]:
+    """The demo stage that runs ``srae train stage1`` (from scratch) or ``stage2`` (from the stage-1 run)."""
 
-    run_dir = ctx.out / "stage1"
-    with ctx.child_reporter(run_dir) as rep:
-        r = train_unified(ctx.stage1_profile(), "stage1", ctx.packed, run_dir, resume=resume, reporter=rep)
-    if r.export_dir is None:
-        raise ConfigError(f"{ctx.profile.source}: checkpoint.export = false leaves the demo without a model; set it to true")
-    last = _last_metrics(run_dir / "metrics.jsonl")
-    return {"steps": r.step, "loss": last.get("loss"), "ce": last.get("ce"), "flow": last.get("flow"),
-            "export": str(r.export_dir),
-            "summary": f"{r.step} steps, loss {last.get('loss', float('nan')):.4f} (ce {last.get('ce', float('nan')):.4f}, "
-                       f"flow {last.get('flow', float('nan')):.4f})"}
+    def run(ctx: Ctx, resume: bool) -> dict[str, Any]:
+        from scale_rae_core.train.unified import train_unified
 
+        run_dir = ctx.out / stage
+        init_from = ctx.out / "stage1" if stage == "stage2" else None
+        with ctx.child_reporter(run_dir) as rep:
+            r = train_unified(ctx.stage1_profile(), stage, ctx.packed, run_dir, init_from=init_from, resume=resume,
+                              reporter=rep)
+        if r.export_dir is None:
+            raise ConfigError(f"{ctx.profile.source}: checkpoint.export = false leaves the demo without a model; set it to true")
+        last = _last_metrics(run_dir / "metrics.jsonl")
+        start = " from the stage-1 model," if init_from else ","
+        return {"steps": r.step, "loss": last.get("loss"), "ce": last.get("ce"), "flow": last.get("flow"),
+                "export": str(r.export_dir),
+                "summary": f"{r.step} steps{start} loss {last.get('loss', float('nan')):.4f} "
+                           f"(ce {last.get('ce', float('nan')):.4f}, flow {last.get('flow', float('nan')):.4f})"}
 
-def _stage2(ctx: Ctx, resume: bool) -> dict[str, Any]:
-    from scale_rae_core.train.unified import train_unified
-
-    run_dir = ctx.out / "stage2"
-    with ctx.child_reporter(run_dir) as rep:
-        r = train_unified(ctx.stage1_profile(), "stage2", ctx.packed, run_dir, init_from=ctx.out / "stage1",
-                          resume=resume, reporter=rep)
-    if r.export_dir is None:
-        raise ConfigError(f"{ctx.profile.source}: checkpoint.export = false leaves the demo without a model; set it to true")
-    last = _last_metrics(run_dir / "metrics.jsonl")
-    return {"steps": r.step, "loss": last.get("loss"), "ce": last.get("ce"), "flow": last.get("flow"),
-            "export": str(r.export_dir),
-            "summary": f"{r.step} steps from the stage-1 model, loss {last.get('loss', float('nan')):.4f} "
-                       f"(ce {last.get('ce', float('nan')):.4f}, flow {last.get('flow', float('nan')):.4f})"}
+    return run
 
 
 def _model(ctx: Ctx, resume: bool) -> dict[str, Any]:
@@ -495,10 +487,10 @@ STAGES: tuple[Stage, ...] = (
           lambda c: {"seed": c.seed, **_sections(c.profile, "decoder_training", "model.encoder", "model.decoder")},
           lambda c: c.out / "decoder"),
     Stage("stat", ("synth",), _stat, lambda c: [c.stats], lambda c: _sections(c.profile, "model.encoder"), lambda c: c.stats),
-    Stage("stage1", ("pack", "stat"), _stage1, lambda c: [c.export("stage1") / "config.json"],
+    Stage("stage1", ("pack", "stat"), _unified("stage1"), lambda c: [c.export("stage1") / "config.json"],
           lambda c: {"seed": c.seed, **_sections(c.profile, "stage1", "model.encoder", "model.llm", "model.dit", "data")},
           lambda c: c.out / "stage1"),
-    Stage("stage2", ("pack", "stage1"), _stage2, lambda c: [c.export("stage2") / "config.json"],
+    Stage("stage2", ("pack", "stage1"), _unified("stage2"), lambda c: [c.export("stage2") / "config.json"],
           lambda c: {"seed": c.seed, **_sections(c.profile, "stage2", "data")}, lambda c: c.out / "stage2",
           enabled=lambda c: c.options.finetune),
     Stage("model", ("stage1", "stage2", "decoder"), _model,
@@ -610,44 +602,6 @@ def run_demo(
                         f"(e.g. --set stage1.steps=..., or --retrain: the bundled model's recipe) "
                         f"(details in {out / 'demo.json'})")
     return result
-
-
-def install_model(out: Path, quality: list[dict[str, Any]], dest: Path | None = None) -> Path:
-    """Make the demo's model in ``out`` the package's bundled model (the default ``--model``), with its benchmark.
-
-    Refused while a quality bar is missed: the bundled model is what ``srae generate`` uses when nothing is named.
-    ``ABOUT.json`` gets the model's provenance (``made_by``, commit, profile, date) and the shapes benchmark of this
-    run. The copy is written next to ``dest`` and renamed into place, so the old model stays whole until then.
-    """
-    from scale_rae_core.eval.shapes_bench import about_fields
-    from scale_rae_core.infer import loading
-    from scale_rae_core.infer.bundle import ABOUT_FILE
-
-    dest = Path(dest or loading.BUNDLED_MODEL)
-    out = Path(out)
-    model, bench_file = out / "model", out / "eval_shapes.json"
-    missed = [q for q in quality if not q["ok"]]
-    if missed:
-        q = missed[0]
-        raise SraeError(f"--install: {q['label']} = {q['value']:.4g} misses its bar ({q['minimum']:.4g}); "
-                        f"the bundled model stays as it is (train longer, e.g. --retrain)")
-    if not (model / "config.json").is_file() or not bench_file.is_file():
-        raise SraeError(f"--install: {out} has no finished model and benchmark; run the demo to the end first")
-    bench = json.loads(bench_file.read_text())
-    about = json.loads((model / ABOUT_FILE).read_text()) if (model / ABOUT_FILE).is_file() else {}
-    about.update(about_fields(bench))
-    about["quality_bars"] = {q["key"]: {"value": q["value"], "minimum": q["minimum"]} for q in quality}
-    tmp = dest.with_name(f".{dest.name}.installing")
-    _remove(tmp)
-    shutil.copytree(model, tmp)
-    (tmp / ABOUT_FILE).write_text(json.dumps(about, indent=1) + "\n")
-    old = dest.with_name(f".{dest.name}.old")
-    _remove(old)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    _remove(old)
-    return dest
 
 
 def _fields(info: dict[str, Any]) -> dict[str, Any]:

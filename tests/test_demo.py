@@ -17,9 +17,9 @@ from scale_rae_core.demo import (
     STAGE_NAMES,
     DemoOptions,
     check_bars,
-    install_model,
 )
 from scale_rae_core.errors import ConfigError
+from scale_rae_core.infer.bundle import install_bundled
 from tests.test_report import check_html
 
 TINY = [
@@ -194,7 +194,7 @@ def test_retrain_runs_the_bundled_recipe_and_install_needs_the_bars(first_run, t
 
     # with every bar met it replaces the bundled model whole: weights, decoder, ABOUT.json with the benchmark
     quality = [{"label": "x", "key": "psnr", "value": 26.0, "minimum": 25.0, "ok": True}]
-    assert install_model(out, quality) == bundled
+    assert install_bundled(model, out / "eval_shapes.json", quality) == bundled
     assert (bundled / "decoder" / "config.json").is_file()
     assert (bundled / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
     about = json.loads((bundled / "ABOUT.json").read_text())

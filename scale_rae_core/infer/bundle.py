@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from scale_rae_core.errors import CheckpointError
+from scale_rae_core.errors import CheckpointError, SraeError
 from scale_rae_core.infer.loading import BUNDLED_DECODER
 from scale_rae_core.models.scale_rae import WEIGHTS_FILE, is_export
 
@@ -61,6 +61,51 @@ def bundle_model(export: str | Path, decoder: str | Path, dest: str | Path, *, h
     shutil.copytree(decoder, tmp / BUNDLED_DECODER)
     if about is not None:
         (tmp / ABOUT_FILE).write_text(json.dumps(about, indent=1) + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    _swap_into_place(tmp, dest)
     return dest
+
+
+def copy_bundle(model: str | Path, dest: str | Path, about: dict[str, Any]) -> Path:
+    """Copy the model folder ``model`` to ``dest`` with ``about`` as its ``ABOUT.json``, replacing ``dest`` whole."""
+    model, dest = Path(model), Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model, tmp)
+    (tmp / ABOUT_FILE).write_text(json.dumps(about, indent=1) + "\n")
+    _swap_into_place(tmp, dest)
+    return dest
+
+
+def install_bundled(model: str | Path, bench_file: str | Path, quality: list[dict[str, Any]],
+                    dest: str | Path | None = None) -> Path:
+    """Make ``model`` (a demo's ``OUT/model``) the package's bundled model, the default ``--model``.
+
+    Refused while a quality bar in ``quality`` (the demo's ``check_bars`` rows) is missed: the bundled model is what
+    ``srae generate`` uses when nothing is named. ``ABOUT.json`` keeps the model's provenance (``made_by``, commit,
+    profile, date) and gains the shapes benchmark in ``bench_file`` and the bars.
+    """
+    from scale_rae_core.eval.shapes_bench import about_fields
+    from scale_rae_core.infer import loading
+
+    model, bench_file = Path(model), Path(bench_file)
+    missed = [q for q in quality if not q["ok"]]
+    if missed:
+        q = missed[0]
+        raise SraeError(f"--install: {q['label']} = {q['value']:.4g} misses its bar ({q['minimum']:.4g}); "
+                        f"the bundled model stays as it is (train longer, e.g. --retrain)")
+    if not (model / "config.json").is_file() or not bench_file.is_file():
+        raise SraeError(f"--install: no finished model ({model}) and benchmark ({bench_file}); run the demo to the end first")
+    about = json.loads((model / ABOUT_FILE).read_text()) if (model / ABOUT_FILE).is_file() else {}
+    about.update(about_fields(json.loads(bench_file.read_text())))
+    about["quality_bars"] = {q["key"]: {"value": q["value"], "minimum": q["minimum"]} for q in quality}
+    return copy_bundle(model, dest or loading.BUNDLED_MODEL, about)
+
+
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    """Rename the finished ``tmp`` to ``dest``; the old ``dest`` stays whole until then."""
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
