@@ -16,8 +16,13 @@ Model and optimizer state go through ``torch.distributed.checkpoint.state_dict.g
 a plain module and an FSDP2-sharded one write the same format, and a checkpoint saved by N processes loads
 into M processes (DCP reshards on load). Only tensors go to DCP: DCP pickles other values and unpickles
 them with ``torch.load(weights_only=False)``, so every non-tensor value (optimizer hyper-parameters, the
-scheduler, step, metrics) is stored as JSON instead. DCP's own index (``.metadata``) is a pickle; it is
-read with an unpickler that only accepts DCP's metadata classes, ``torch.Size``, dtypes and paths.
+scheduler, step, metrics) is stored as JSON instead. Loading never unpickles anything that can run code:
+
+* DCP's own index (``.metadata``) is a pickle; it is read, before DCP sees it, with an unpickler that only
+  accepts DCP's tensor-metadata classes, ``torch.Size``, dtypes and paths;
+* an index that marks any entry as "bytes" (``BytesStorageMetadata``: DCP would ``torch.load`` those bytes
+  with ``weights_only=False``) is refused, and the load planner refuses bytes entries as well, so a crafted
+  checkpoint cannot reach that code path by any route.
 
 Protocol (every method marked *collective* must be called on all ranks): rank 0 creates the ``.tmp``
 directory → barrier → every rank writes its shards and its own per-rank files → rank 0 writes the shared
@@ -34,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pathlib
 import pickle
 import re
 import shutil
@@ -51,6 +55,7 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -114,6 +119,23 @@ def _read_json(path: Path, what: str) -> Any:
         ) from None
 
 
+def _refusal(exc: BaseException) -> CheckpointError | None:
+    """The CheckpointError a DCP failure wraps (DCP re-raises a rank's error inside CheckpointException), if any."""
+    seen = set()
+    stack: list[Any] = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen or e is None:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CheckpointError):
+            return e
+        if isinstance(e, CheckpointException):
+            stack.extend(v for v in e.failures.values() if isinstance(v, BaseException))
+        stack.extend([e.__cause__, e.__context__])
+    return None
+
+
 def _one_line(exc: BaseException, limit: int = 200) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -138,11 +160,18 @@ _ALLOWED_GLOBALS = {
 }
 
 
+# DCP's metadata classes an index may hold; BytesStorageMetadata is left out on purpose (see the module docstring).
+_DCP_METADATA_CLASSES = {
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "_MEM_FORMAT_ENCODING",
+}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP's ``.metadata`` index and refuses every other global (no code runs from a checkpoint)."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == _DCP_METADATA_MODULE:
+        if module == _DCP_METADATA_MODULE and name in _DCP_METADATA_CLASSES:
             obj = getattr(dcp_metadata, name, None)
             if isinstance(obj, type) and obj.__module__ == module:
                 return obj
@@ -153,26 +182,55 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint index")
 
 
-class _SafeReader(FileSystemReader):
-    """DCP's file reader with :class:`_MetadataUnpickler` in place of ``pickle.load`` for the index."""
+def read_index(step_dir: Path, name: str = ".metadata") -> dcp_metadata.Metadata:
+    """DCP's index of ``step_dir``, read without running code; CheckpointError (one line) if it is anything else
+    than plain tensor metadata."""
+    path = Path(step_dir) / name
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except OSError as exc:
+        raise CheckpointError(
+            f"{path} is unreadable ({type(exc).__name__}); the checkpoint is damaged, resume from an earlier step directory"
+        ) from None
+    except Exception as exc:  # UnpicklingError, EOFError, ... from a damaged or crafted file
+        raise _untrusted(step_dir, f"{name}: {_one_line(exc)}") from None
+    if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise _untrusted(step_dir, f"{name} holds a {type(metadata).__name__}, not DCP metadata")
+    for key, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, dcp_metadata.TensorStorageMetadata):
+            raise _untrusted(step_dir, f"{name}: entry '{key}' is stored as {type(entry).__name__}, not as a tensor")
+    return metadata
 
-    refused: str | None = None  # why the index was rejected, for the error message
+
+def _untrusted(step_dir: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {step_dir}: its tensor index is not plain DCP metadata ({why}); "
+        "do not load checkpoints from untrusted sources, resume from another step directory"
+    )
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader with :func:`read_index` in place of ``pickle.load`` for the index."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
         rank = kwargs.get("rank")
-        name = ".metadata" if rank is None else f"__{rank}.metadata"
-        with open(pathlib.Path(self.path) / name, "rb") as f:
-            try:
-                metadata = _MetadataUnpickler(f).load()
-                if not isinstance(metadata, dcp_metadata.Metadata):
-                    raise pickle.UnpicklingError(f"{name} holds a {type(metadata).__name__}, not DCP metadata")
-            except pickle.UnpicklingError as exc:
-                self.refused = f"{name}: {exc}"
-                raise
+        metadata = read_index(Path(self.path), ".metadata" if rank is None else f"__{rank}.metadata")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = dcp_metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class _TensorsOnlyPlanner(DefaultLoadPlanner):
+    """DCP's load planner, minus the one method that unpickles (``load_bytes`` calls ``torch.load`` with
+    ``weights_only=False``): srae checkpoints hold tensors only, so a bytes entry is refused."""
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        raise CheckpointError(
+            f"checkpoint entry '{read_item.dest_index.fqn}' is stored as pickled bytes; srae never unpickles "
+            "checkpoint data, resume from a checkpoint written by srae"
+        )
 
 
 @contextlib.contextmanager
@@ -521,18 +579,19 @@ class CheckpointManager:
                 f"checkpoint {step_dir} holds no optimizer state (saved for inference); load it without an optimizer or start a new run"
             )
 
+        read_index(step_dir)  # refuse a crafted index here, before DCP reads it
         template: dict[str, Any] = be.train_state(model, optimizer)
         tensors, _ = _split(template)
-        reader = _SafeReader(str(step_dir))
         try:
             with _quiet_single_process():
-                dcp.load(tensors, storage_reader=reader, no_dist=not be.distributed)
+                dcp.load(tensors, storage_reader=_SafeReader(str(step_dir)), planner=_TensorsOnlyPlanner(),
+                         no_dist=not be.distributed)
+        except CheckpointError:
+            raise
         except (Exception, CheckpointException) as exc:  # CheckpointException derives from BaseException
-            if reader.refused:
-                raise CheckpointError(
-                    f"checkpoint {step_dir}: its tensor index is not plain DCP metadata ({reader.refused}); "
-                    "do not load checkpoints from untrusted sources, resume from another step directory"
-                ) from None
+            refused = _refusal(exc)
+            if refused is not None:
+                raise refused from None
             raise CheckpointError(
                 f"checkpoint {step_dir}: the tensors do not load into this model ({type(exc).__name__}: {_one_line(exc)}); "
                 "check that the profile's model settings match the run that saved it, or resume from an earlier step"

@@ -307,6 +307,65 @@ def test_checkpoint_index_with_foreign_pickle_is_refused(tmp_path, backend):
     assert not marker.exists()
 
 
+def _plant_bytes_entry(backend, path: Path, marker: Path) -> str:
+    """Rewrite the checkpoint at ``path`` so that one model entry is a pickled object (a DCP "bytes" entry) whose
+    unpickling would create ``marker``; returns that entry's key."""
+    import torch.distributed.checkpoint as dcp
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    model, optimizer, _ = build(backend)
+    state = backend.train_state(model, optimizer)
+    key = next(iter(state["model"]))
+    state["model"][key] = Evil()
+    for f in path.glob("*.distcp"):
+        f.unlink()
+    (path / ".metadata").unlink()
+    dcp.save(state, checkpoint_id=str(path), no_dist=True)
+    assert not marker.exists()
+    return f"model.{key}"
+
+
+def test_checkpoint_with_a_pickled_bytes_entry_is_refused_without_running_it(tmp_path, backend, capfd):
+    """DCP would torch.load(weights_only=False) a "bytes" entry: the index naming one is refused in one line."""
+    model, optimizer, scheduler = build(backend)
+    manager = CheckpointManager(tmp_path, keep=1, backend=backend)
+    path = manager.save(1, model, optimizer, scheduler)
+    marker = tmp_path / "pwned"
+    _plant_bytes_entry(backend, path, marker)
+    capfd.readouterr()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        manager.load(path, model, optimizer, scheduler)
+    _assert_one_line(err, "not plain DCP metadata", "BytesStorageMetadata", "untrusted")
+    assert not marker.exists()
+    for name, value in model.state_dict().items():  # nothing was loaded into the model either
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+    out, errout = capfd.readouterr()
+    assert "Traceback" not in out + errout  # no DCP logging of the refusal
+
+
+def test_the_load_planner_refuses_bytes_entries_on_its_own(tmp_path, backend):
+    """Defence in depth: even with DCP's own index reader, the planner never unpickles a bytes entry."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from scale_rae_core.train.checkpoint import _TensorsOnlyPlanner
+
+    model, optimizer, scheduler = build(backend)
+    path = CheckpointManager(tmp_path, keep=1, backend=backend).save(1, model, optimizer, scheduler)
+    marker = tmp_path / "pwned"
+    key = _plant_bytes_entry(backend, path, marker)
+    tensors = {"model": dict(model.state_dict())}
+    with pytest.raises((CheckpointError, CheckpointException)) as err:
+        dcp.load(tensors, storage_reader=FileSystemReader(str(path)), planner=_TensorsOnlyPlanner(), no_dist=True)
+    assert "pickled bytes" in str(err.value) and key in str(err.value)
+    assert not marker.exists()
+
+
 def test_non_json_state_is_refused_with_the_key(tmp_path, backend):
     model, optimizer, scheduler = build(backend)
     manager = CheckpointManager(tmp_path, keep=1, backend=backend)
