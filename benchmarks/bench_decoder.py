@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ def main() -> None:
     from scale_rae_core.models.rae import RAE
     from scale_rae_core.train.decoder import DecoderTrainer
     from scale_rae_core.train.decoder_data import batches, open_images
+    from scale_rae_core.train.loop import TrainLoop
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-decoder-"))
     world = work / "shapes"
@@ -48,27 +50,29 @@ def main() -> None:
     held = torch.cat([x for x, _ in batches(open_images(world / "heldout" / "captioned", image_size=64, train=False), 256)])
 
     with backend_for(profile.backend) as backend:
+        shutil.rmtree(work / "run", ignore_errors=True)  # a fresh run each time (the shapes world is reused)
+        loop = TrainLoop("train_decoder", profile, work / "run", backend, resume=False)
         backend.seed_everything(profile.run.seed, per_rank=False)
         rae = build_rae(profile, noise_tau=profile.decoder_training.noise_tau, with_stats=False)
         trainer = DecoderTrainer(profile, rae, world / "classes", work / "run", backend)
-        plan = trainer.plan
-        print(f"# {args.profile} {' '.join(args.sets)}: {plan.steps} steps planned, {plan.steps_per_epoch} steps/epoch, "
+        phases = trainer.phases
+        print(f"# {args.profile} {' '.join(args.sets)}: {phases.steps} steps planned, {phases.steps_per_epoch} steps/epoch, "
               f"batch {profile.decoder_training.global_batch_size}, {held.shape[0]} held-out images, "
               f"{args.threads} threads, budget {args.minutes} min")
         print(f"{'step':>6} {'min':>6} {'train loss':>10} {'PSNR dB':>8} {'SSIM':>6} {'img/s':>7}")
         train_s = 0.0
-        while trainer.step < plan.steps and train_s < args.minutes * 60:
+        while loop.step < phases.steps and train_s < args.minutes * 60:
             t0 = time.perf_counter()
-            res = trainer.train(stop_at=min(trainer.step + args.eval_every, plan.steps))
+            res = loop.run(trainer, stop_at=min(loop.step + args.eval_every, phases.steps))
             dt = time.perf_counter() - t0
             train_s += dt
             ema = RAE(rae.encoder, trainer.ema.module).eval()
             with torch.no_grad():
                 rec = torch.cat([ema(x).clamp(0, 1) for x in held.split(64)])
             p, s = psnr(held, rec).mean().item(), ssim(held, rec).mean().item()
-            loss = sum(h["loss"] for h in res.history) / len(res.history)
-            ips = len(res.history) * profile.decoder_training.global_batch_size / dt
-            print(f"{trainer.step:>6} {train_s / 60:>6.2f} {loss:>10.4f} {p:>8.2f} {s:>6.3f} {ips:>7.1f}", flush=True)
+            loss = sum(h["loss"] for h in res.records) / len(res.records)
+            ips = len(res.records) * profile.decoder_training.global_batch_size / dt
+            print(f"{loop.step:>6} {train_s / 60:>6.2f} {loss:>10.4f} {p:>8.2f} {s:>6.3f} {ips:>7.1f}", flush=True)
     print(f"# machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
 
 

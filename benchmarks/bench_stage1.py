@@ -76,7 +76,7 @@ def main() -> None:
     print(f"shapes world: {args.images} images ({prep:.0f} s to synthesise + pack); profile tiny-cpu "
           f"+ {args.set or 'no overrides'}; {torch.get_num_threads()} threads")
     print(f"trained {result.step}/{steps} steps in {train_s / 60:.1f} min ({train_s / max(result.step, 1):.2f} s/step), "
-          f"skipped {result.skipped}")
+          f"skipped {result.summary['skipped']}")
     print(f"{'step':>6} {'train loss':>10} {'train ce':>9} {'train flow':>10} {'eval answer ce':>15} {'eval flow':>10} {'eval gen ce':>11}")
     for r in evals:
         print(f"{r['step']:>6} {r.get('loss', float('nan')):>10.4f} {r.get('ce', float('nan')):>9.4f} "

@@ -21,7 +21,7 @@ def list_() -> None:
     for name in list_profiles():
         p = load_profile(name)
         table.add_row(
-            name, p.backend.kind, p.backend.precision, str(p.backend.world_size),
+            name, p.backend.kind, p.backend.precision, str(p.backend.num_devices),
             p.model.llm.preset, p.model.dit.preset, str(p.stage1.global_batch_size),
         )
     Console().print(table)

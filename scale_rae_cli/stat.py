@@ -21,8 +21,6 @@ def stat(
     quiet: QuietOpt = False,
 ) -> None:
     """One pass of the encoder over the data: exact per-element mean/var of its tokens, merged across processes."""
-    import os
-
     from scale_rae_core.backends.base import backend_for
     from scale_rae_core.eval.recon import dataset_latent_stats
     from scale_rae_core.events import Reporter
@@ -34,10 +32,11 @@ def stat(
         raise ConfigError(f"--out {out}: latent statistics are written as .safetensors; give a name ending in .safetensors")
     prof = load(profile, set_)
     prof.check_runtime()
-    main = os.environ.get("RANK", "0") == "0"
-    with backend_for(prof.backend) as backend, Reporter(None, show_progress=main and prof.output.progress and not quiet) as rep:
-        encoder = build_encoder(prof.model.encoder).to(backend.device)
-        stats = dataset_latent_stats(encoder, data, out, batch_size=batch_size, max_images=max_images, reporter=rep)
+    with backend_for(prof.backend) as backend:
+        main = backend.is_main  # the backend decides which process reports
+        with Reporter(None, show_progress=main and prof.output.progress and not quiet) as rep:
+            encoder = build_encoder(prof.model.encoder).to(backend.device)
+            stats = dataset_latent_stats(encoder, data, out, batch_size=batch_size, max_images=max_images, reporter=rep)
     if main:
         std = stats.var.sqrt()
         typer.echo(

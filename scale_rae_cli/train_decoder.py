@@ -19,13 +19,11 @@ def decoder(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints/, events.jsonl, and the exported EMA decoder in decoder/."),
     profile: ProfileOpt = None,
     set_: SetOpt = None,
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in --out (a fresh start if there is none yet)."),
     steps: int | None = typer.Option(None, "--steps", help="Optimiser steps in total (overrides decoder_training.steps / epochs)."),
     quiet: QuietOpt = False,
 ) -> None:
     """Train the decoder of the profile's [model] on frozen-encoder tokens, with checkpoints and exact resume."""
-    import os
-
     from scale_rae_core.events import Reporter
     from scale_rae_core.train.decoder import train_decoder
 
@@ -33,14 +31,16 @@ def decoder(
     if steps is not None:
         overrides.append(f"decoder_training.steps={steps}")
     prof = load(profile, overrides)
-    main = os.environ.get("RANK", "0") == "0"
-    events = out / prof.output.events_file if main else None
-    with Reporter(events, show_progress=main and prof.output.progress and not quiet) as rep:
+    # every process passes the same reporter; the engine keeps it on the main process only
+    with Reporter(out / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep:
         result = train_decoder(prof, data, out, resume=resume, reporter=rep)
-    if main:
-        last = result.history[-1] if result.history else {}
-        summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "l1", "lpips", "gan") if k in last)
-        typer.echo(f"trained to step {result.steps} in {out}" + (f" ({summary})" if summary else ""))
-        if result.export_dir is not None:
-            typer.echo(f"EMA decoder: {result.export_dir}")
-            typer.echo(f"next: srae eval recon --decoder {result.export_dir} --data <held-out images> --out recon.json")
+    if not result.is_main:
+        return
+    if resume and result.resumed_from is None:
+        typer.echo(f"--resume: {out} held no checkpoint yet, so this was a new run")
+    last = result.records[-1] if result.records else {}
+    summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "l1", "lpips", "gan") if k in last)
+    typer.echo(f"trained to step {result.step} in {out}" + (f" ({summary})" if summary else ""))
+    if result.export_dir is not None:
+        typer.echo(f"EMA decoder: {result.export_dir}")
+        typer.echo(f"next: srae eval recon --decoder {result.export_dir} --data <held-out images> --out recon.json")

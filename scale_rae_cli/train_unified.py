@@ -14,7 +14,7 @@ DataOpt = Annotated[
     typer.Option("--data", "-d", help="Packed folder (srae data pack) or its wds_manifest.json, or a reference JSONL. Default: data.train."),
 ]
 RunOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, metrics.jsonl, model/, export/.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in --out (fresh start if none).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in --out (a fresh start if there is none yet).")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Optimiser steps in total (overrides [stageN].steps).")]
 
 STAGE1_EPILOG = "Example: srae train stage1 --profile tiny-cpu --data shapes-packed --out runs/stage1"
@@ -30,14 +30,20 @@ def _run(stage: str, profile: str | None, overrides: list[str] | None, data: Pat
     if steps is not None:
         items.append(f"{stage}.steps={steps}")
     prof = load(profile, items)
+    # every process passes the same reporter; the engine keeps it on the main process only
     with Reporter(out / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep:
         result = train_unified(prof, stage, data, out, init_from=init_from, resume=resume, reporter=rep)
+    if not result.is_main:
+        return
+    if resume and result.resumed_from is None:
+        typer.echo(f"--resume: {out} held no checkpoint yet, so this was a new run")
     last = result.records[-1] if result.records else {}
     summary = f"{stage}: {result.step} steps in {out}"
     if last:
         summary += f" (loss {last['loss']:.4f}, ce {last['ce']:.4f}, flow {last['flow']:.4f})"
-    if result.skipped.get("too_long"):
-        summary += f"; skipped {result.skipped['too_long']} samples longer than seq_len"
+    too_long = result.summary.get("skipped", {}).get("too_long")
+    if too_long:
+        summary += f"; skipped {too_long} samples longer than seq_len"
     typer.echo(summary)
     if result.export_dir is not None:
         typer.echo(f"export: {result.export_dir}")

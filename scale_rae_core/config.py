@@ -18,6 +18,7 @@ import contextvars
 import importlib.util
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -63,19 +64,28 @@ class BackendSettings(_Section):
     gradient_checkpointing: bool = False  # recompute activations per decoder layer / DiT block
     launch: str = ""  # documentation: the command line that starts this profile on its machines
 
+    # Layout. Three counts that differ on a TPU slice and must not be confused:
+    #   num_processes       host processes; each loads its own share of the data (torch.distributed's world size)
+    #   num_devices         accelerators the run spans (cpu/cuda: one per process; xla: every chip of the slice)
+    #   data_parallel_size  ways each micro-step's batch is split (num_devices // mesh.tp)
     @property
-    def world_size(self) -> int:
-        """Processes for cpu/cuda; devices for xla (SPMD runs one process per host)."""
-        if self.kind == "xla":
-            return self.nodes * self.devices_per_node
+    def num_processes(self) -> int:
+        """Host processes: torchrun's nodes × procs_per_node on cpu/cuda; one per TPU host on xla."""
         return self.nodes * self.procs_per_node
 
     @property
-    def data_parallel_size(self) -> int:
-        """How many ways each global batch is split."""
+    def num_devices(self) -> int:
+        """Accelerators in the run: one per process on cpu/cuda, nodes × devices_per_node chips on xla."""
         if self.kind == "xla":
-            return self.world_size // self.mesh.tp
-        return self.world_size
+            return self.nodes * self.devices_per_node
+        return self.num_processes
+
+    @property
+    def data_parallel_size(self) -> int:
+        """How many ways each micro-step's batch is split (devices on the data/FSDP axis)."""
+        if self.kind == "xla":
+            return self.num_devices // self.mesh.tp
+        return self.num_devices
 
 
 class EncoderSettings(_Section):
@@ -147,8 +157,8 @@ class DecoderTrainSettings(_Section):
     steps: int = Field(0, ge=0)  # optimiser steps; 0 = derive from epochs
     warmup_epochs: float = Field(1, ge=0)
     min_lr: float = Field(2e-5, ge=0)
-    global_batch_size: int = Field(512, ge=1)
-    micro_batch_size: int = Field(64, ge=1)
+    global_batch_size: int = Field(512, ge=1)  # images per optimiser step, all processes together
+    micro_batch_size: int = Field(64, ge=1)  # images per forward on one data-parallel rank
     image_size: int = Field(224, ge=8)
     ema_decay: float = Field(0.9978, ge=0, lt=1)
     noise_tau: float = Field(0.8, ge=0)  # encoder-noise augmentation strength
@@ -173,6 +183,75 @@ class OutputSettings(_Section):
     log_every: int = Field(10, ge=1)  # steps between metric records
     progress: bool = True  # rich progress bars (--quiet turns them off)
     events_file: str = "events.jsonl"  # machine-readable log inside the run dir
+
+
+# --------------------------------------------------------------------------------------------- batch plan
+
+TRAINING_SECTIONS = ("stage1", "stage2", "decoder_training")  # the profile sections that carry a batch plan
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimiser step's ``global_batch_size`` samples are split, computed in one place.
+
+    ``micro_batch_size`` is per data-parallel device and micro-step; ``data_parallel_size`` devices share a
+    micro-step (processes on cpu/cuda, chips / tp on xla), and ``num_processes`` host processes load the
+    data (on xla one process feeds all of its host's chips). So one process loads
+    ``per_process_micro_batch = micro_batch_size × data_parallel_size / num_processes`` samples per
+    micro-step, and ``accum_steps = global_batch_size / (micro_batch_size × data_parallel_size)`` micro-steps
+    make one optimiser step: ``samples_per_step`` is then exactly ``global_batch_size``.
+
+    v4-256's decoder: 2048 global, 16 per chip, 128 chips, 32 hosts → 64 per host per micro-step, 1 micro-step.
+    """
+
+    section: str  # the profile section it came from ('stage1', ...): errors name its keys
+    global_batch_size: int
+    micro_batch_size: int
+    data_parallel_size: int
+    num_processes: int
+
+    @classmethod
+    def of(cls, section: str, settings: StageSettings | DecoderTrainSettings, layout: BackendSettings) -> BatchPlan:
+        return cls(section, settings.global_batch_size, settings.micro_batch_size, layout.data_parallel_size,
+                   layout.num_processes)
+
+    def problem(self) -> tuple[str, str] | None:
+        """(profile key, message) when the numbers do not split evenly; None when they do."""
+        per_micro_step = self.micro_batch_size * self.data_parallel_size
+        if self.global_batch_size % per_micro_step:
+            return (
+                f"{self.section}.global_batch_size",
+                f"{self.global_batch_size} does not divide evenly into micro_batch_size {self.micro_batch_size} × "
+                f"{self.data_parallel_size} data-parallel ranks; use a multiple of {per_micro_step}",
+            )
+        if per_micro_step % self.num_processes:
+            return (
+                f"{self.section}.micro_batch_size",
+                f"micro_batch_size {self.micro_batch_size} × {self.data_parallel_size} data-parallel devices does "
+                f"not split evenly over {self.num_processes} host processes; use a micro_batch_size that does",
+            )
+        return None
+
+    @property
+    def accum_steps(self) -> int:
+        """Micro-steps (forward + backward, gradients accumulated) per optimiser step."""
+        return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
+
+    @property
+    def per_process_micro_batch(self) -> int:
+        """Samples one process loads per micro-step (sharded over its devices on xla)."""
+        return self.micro_batch_size * self.data_parallel_size // self.num_processes
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples all processes together consume per optimiser step (equals ``global_batch_size``)."""
+        return self.per_process_micro_batch * self.num_processes * self.accum_steps
+
+    def as_dict(self) -> dict[str, int]:
+        """The numbers a run reports in its start event."""
+        return {"global_batch_size": self.global_batch_size, "micro_batch_size": self.micro_batch_size,
+                "data_parallel_size": self.data_parallel_size, "num_processes": self.num_processes,
+                "per_process_micro_batch": self.per_process_micro_batch, "accum_steps": self.accum_steps}
 
 
 # --------------------------------------------------------------------------------------------- profile
@@ -217,7 +296,7 @@ class Profile(BaseSettings):
     def _check_combinations(self) -> Profile:
         b = self.backend
         if b.kind == "xla":
-            devices = b.world_size
+            devices = b.num_devices
             fsdp = b.mesh.fsdp if b.mesh.fsdp != -1 else devices // b.mesh.tp
             if b.mesh.fsdp < -1 or b.mesh.fsdp == 0 or fsdp * b.mesh.tp != devices:
                 raise _Combination(
@@ -225,24 +304,29 @@ class Profile(BaseSettings):
                     f"mesh fsdp={b.mesh.fsdp} × tp={b.mesh.tp} does not divide the {devices} devices "
                     f"(nodes {b.nodes} × devices_per_node {b.devices_per_node}); set mesh.fsdp = -1 or a product equal to {devices}",
                 )
+            if b.procs_per_node != 1:
+                raise _Combination(
+                    "backend.procs_per_node",
+                    f"xla runs one SPMD process per TPU host (got {b.procs_per_node}); set procs_per_node = 1",
+                )
         elif b.kind == "cpu" and b.dist_backend == "nccl":
             raise _Combination("backend.dist_backend", "nccl needs backend.kind = 'cuda'; use 'gloo' or 'auto' on cpu")
-        for name in ("stage1", "stage2", "decoder_training"):
-            stage = getattr(self, name)
-            per_step = stage.micro_batch_size * b.data_parallel_size
-            if stage.global_batch_size % per_step:
-                raise _Combination(
-                    f"{name}.global_batch_size",
-                    f"{stage.global_batch_size} does not divide evenly into micro_batch_size {stage.micro_batch_size} × "
-                    f"{b.data_parallel_size} data-parallel ranks; use a multiple of {per_step}",
-                )
+        for name in TRAINING_SECTIONS:
+            problem = BatchPlan.of(name, getattr(self, name), b).problem()
+            if problem is not None:
+                raise _Combination(*problem)
         return self
 
     # ---------------------------------------------------------------------------- derived values
-    def grad_accum(self, stage: str) -> int:
-        """Micro-batches accumulated per optimiser step for `stage` ('stage1', 'stage2', 'decoder_training')."""
-        s = getattr(self, stage)
-        return s.global_batch_size // (s.micro_batch_size * self.backend.data_parallel_size)
+    def batch_plan(self, section: str) -> BatchPlan:
+        """The :class:`BatchPlan` of a training section ('decoder_training', 'stage1', 'stage2') for this
+        profile's process layout; ConfigError naming the key when it does not split evenly (a layout changed
+        after loading is checked here)."""
+        plan = BatchPlan.of(section, getattr(self, section), self.backend)
+        problem = plan.problem()
+        if problem is not None:
+            raise ConfigError(f"{self.source}: {problem[0]}: {problem[1]}")
+        return plan
 
     @property
     def source(self) -> str:
@@ -265,9 +349,9 @@ class Profile(BaseSettings):
                 raise BackendError(f"{where} but no CUDA device is visible; use --profile tiny-cpu or check CUDA_VISIBLE_DEVICES")
         if kind in ("cpu", "cuda"):
             world = int(os.environ.get("WORLD_SIZE", "1"))
-            if world != self.backend.world_size:
+            if world != self.backend.num_processes:
                 raise BackendError(
-                    f"{self.source}: the profile expects {self.backend.world_size} processes "
+                    f"{self.source}: the profile expects {self.backend.num_processes} processes "
                     f"(backend.nodes × backend.procs_per_node) but WORLD_SIZE is {world}; launch with "
                     f"torchrun --nproc-per-node {self.backend.procs_per_node} or --set backend.procs_per_node={world}"
                 )

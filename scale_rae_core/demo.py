@@ -282,10 +282,10 @@ def _decoder(ctx: Ctx, resume: bool) -> dict[str, Any]:
                   stats=build_stats(ctx.profile.model)).to(backend.device)
         recon = evaluate_reconstruction(rae, ctx.world / "heldout" / "captioned", fid_net="random",
                                         out=run_dir / "recon.json")
-    last = result.history[-1] if result.history else {}
-    return {"steps": result.steps, "l1": last.get("l1"), "psnr": round(recon["psnr"], 3), "ssim": round(recon["ssim"], 4),
+    last = result.records[-1] if result.records else {}
+    return {"steps": result.step, "l1": last.get("l1"), "psnr": round(recon["psnr"], 3), "ssim": round(recon["ssim"], 4),
             "export": str(result.export_dir),
-            "summary": f"{result.steps} steps, held-out PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f} "
+            "summary": f"{result.step} steps, held-out PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f} "
                        f"({recon['num_images']} images)"}
 
 

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from scale_rae_core.config import Profile, list_profiles, load_profile, parse_overrides, resolve_profile_path
+from scale_rae_core.config import (
+    TRAINING_SECTIONS,
+    BatchPlan,
+    Profile,
+    list_profiles,
+    load_profile,
+    parse_overrides,
+    resolve_profile_path,
+)
 from scale_rae_core.errors import BackendError, ConfigError
 
 SHIPPED = ["gpu-1", "gpu-8", "tiny-cpu", "v4-256", "v5e-8", "v5p-128"]
@@ -22,12 +30,56 @@ def test_the_expected_profiles_ship():
 def test_every_shipped_profile_loads_and_is_consistent(name):
     p = load_profile(name)
     assert p.run.name == name.replace("tiny-cpu", "tiny")
-    for stage in ("stage1", "stage2", "decoder_training"):
-        s = getattr(p, stage)
-        assert p.grad_accum(stage) * s.micro_batch_size * p.backend.data_parallel_size == s.global_batch_size
     if p.backend.kind == "xla":
-        assert p.backend.world_size == p.backend.nodes * p.backend.devices_per_node
-        assert p.backend.procs_per_node == 1
+        assert p.backend.num_devices == p.backend.nodes * p.backend.devices_per_node
+        assert p.backend.num_processes == p.backend.nodes and p.backend.procs_per_node == 1
+
+
+@pytest.mark.parametrize("section", TRAINING_SECTIONS)
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_batch_plan_consumes_exactly_the_global_batch(name, section):
+    """For the profile's real layout (TPU: hosts × chips, one loading process per host; cpu/cuda: torchrun
+    processes), count what one optimiser step loads: every process, every micro-step."""
+    p = load_profile(name)
+    b, s = p.backend, getattr(p, section)
+    plan = p.batch_plan(section)
+    if b.kind == "xla":
+        hosts, chips = b.nodes, b.nodes * b.devices_per_node
+        assert (plan.num_processes, plan.data_parallel_size) == (hosts, chips // b.mesh.tp)
+    else:
+        assert plan.num_processes == plan.data_parallel_size == b.nodes * b.procs_per_node
+    loaded = [plan.per_process_micro_batch for _process in range(plan.num_processes) for _micro in range(plan.accum_steps)]
+    assert sum(loaded) == plan.samples_per_step == s.global_batch_size
+    # each data-parallel device gets micro_batch_size samples of every micro-step
+    assert plan.per_process_micro_batch * plan.num_processes == s.micro_batch_size * plan.data_parallel_size
+
+
+def test_v4_256_decoder_plan_is_the_configured_batch_not_four_times_it():
+    """Issue #13: 2048 global, 16 per chip, 128 chips on 32 hosts: each host loads 64 per micro-step and one
+    micro-step makes the step (the old arithmetic accumulated 2048 / (16 × 32) = 4 of them: 8192 samples)."""
+    plan = load_profile("v4-256").batch_plan("decoder_training")
+    assert (plan.num_processes, plan.data_parallel_size, plan.per_process_micro_batch, plan.accum_steps) == (32, 128, 64, 1)
+    assert plan.samples_per_step == 2048
+
+
+def test_batch_plan_of_a_layout_changed_after_loading_names_the_key():
+    p = load_profile("tiny-cpu", ["stage1.global_batch_size=32", "stage1.micro_batch_size=8"])
+    p.backend.procs_per_node = 3
+    with pytest.raises(ConfigError, match=r"tiny-cpu.toml: stage1.global_batch_size: 32 does not divide evenly into "
+                                          r"micro_batch_size 8 × 3 data-parallel ranks; use a multiple of 24"):
+        p.batch_plan("stage1")
+
+
+def test_batch_plan_that_cannot_split_over_hosts_names_micro_batch_size():
+    """tp spanning hosts: 2 hosts × 2 chips with tp = 4 leaves 1 data-parallel device for 2 loading hosts."""
+    plan = BatchPlan(section="stage1", global_batch_size=6, micro_batch_size=3, data_parallel_size=1, num_processes=2)
+    assert plan.problem() == (
+        "stage1.micro_batch_size",
+        "micro_batch_size 3 × 1 data-parallel devices does not split evenly over 2 host processes; "
+        "use a micro_batch_size that does",
+    )
+    f_ok = BatchPlan(section="stage1", global_batch_size=8, micro_batch_size=2, data_parallel_size=1, num_processes=2)
+    assert f_ok.problem() is None and (f_ok.per_process_micro_batch, f_ok.accum_steps, f_ok.samples_per_step) == (1, 4, 8)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -40,7 +92,7 @@ def test_every_key_in_shipped_profiles_is_commented(name):
 
 def test_tpu_profiles_record_the_reference_batch_arithmetic():
     v4 = load_profile("v4-256")
-    assert (v4.backend.nodes, v4.backend.devices_per_node, v4.backend.world_size) == (32, 4, 128)
+    assert (v4.backend.nodes, v4.backend.devices_per_node, v4.backend.num_devices, v4.backend.num_processes) == (32, 4, 128, 32)
     assert v4.stage1.global_batch_size == 128 * v4.backend.nodes  # 128 per host, as the reference
     assert v4.stage1.micro_batch_size == 32 and v4.stage1.seq_len == 512 and v4.stage2.seq_len == 1024
     assert (v4.stage1.lr, v4.stage1.head_lr, v4.stage1.head_betas) == (5.65e-5, 5.65e-4, (0.9, 0.95))
@@ -87,6 +139,7 @@ def test_profile_by_path_and_missing_path(tmp_path):
             r"backend.mesh: mesh fsdp=3 × tp=1 does not divide the 8 devices",
         ),
         ("[backend]\nkind = 'cpu'\ndist_backend = 'nccl'\n", r"nccl needs backend.kind = 'cuda'"),
+        ("[backend]\nkind = 'xla'\nprocs_per_node = 4\n", r"backend.procs_per_node: xla runs one SPMD process per TPU host"),
         ("[stage1\nlr = 1\n", r"not valid TOML"),
     ],
 )

@@ -47,12 +47,22 @@ class Backend(ABC):
     @property
     @abstractmethod
     def rank(self) -> int:
-        """Global index of this process (0 … world_size − 1)."""
+        """Global index of this process (0 … num_processes − 1)."""
 
     @property
     @abstractmethod
     def world_size(self) -> int:
-        """Number of data-parallel processes taking part."""
+        """Host processes taking part (torch.distributed's world size); the same as :attr:`num_processes`."""
+
+    @property
+    def num_processes(self) -> int:
+        """Host processes; each loads its own share of the data (one per TPU host under xla SPMD)."""
+        return self.world_size
+
+    @property
+    def num_devices(self) -> int:
+        """Accelerators the run spans: one per process on cpu/cuda, every chip of the slice on xla."""
+        return self.world_size
 
     @property
     @abstractmethod

@@ -49,9 +49,9 @@ class CpuCudaBackend(Backend):
         self._world = _env_int("WORLD_SIZE", 1)
         self._rank = _env_int("RANK", 0)
         self._local_rank = _env_int("LOCAL_RANK", 0)
-        if self._world != settings.world_size:
+        if self._world != settings.num_processes:
             raise BackendError(
-                f"backend: the profile expects {settings.world_size} processes (backend.nodes × backend.procs_per_node) "
+                f"backend: the profile expects {settings.num_processes} processes (backend.nodes × backend.procs_per_node) "
                 f"but WORLD_SIZE is {self._world}; launch with torchrun --nproc-per-node {settings.procs_per_node} "
                 f"or --set backend.procs_per_node={self._world}"
             )

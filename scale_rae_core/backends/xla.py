@@ -52,11 +52,16 @@ class XlaBackend(Backend):
         os.environ.setdefault("PJRT_DEVICE", "TPU")
         xr.use_spmd()
         devices = xr.global_runtime_device_count()
-        if devices != settings.world_size:
+        if devices != settings.num_devices:
             raise BackendError(
-                f"the profile expects {settings.world_size} XLA devices (backend.nodes {settings.nodes} × "
+                f"the profile expects {settings.num_devices} XLA devices (backend.nodes {settings.nodes} × "
                 f"devices_per_node {settings.devices_per_node}) but the runtime sees {devices}; fix the profile "
                 f"(--set backend.nodes=... backend.devices_per_node=...) or start on the right slice"
+            )
+        if xr.process_count() != settings.num_processes:
+            raise BackendError(
+                f"the profile expects {settings.num_processes} TPU host processes (backend.nodes) but "
+                f"{xr.process_count()} started; set backend.nodes to the slice's host count and launch on every worker"
             )
         tp = settings.mesh.tp
         fsdp = settings.mesh.fsdp if settings.mesh.fsdp != -1 else devices // tp
@@ -79,7 +84,7 @@ class XlaBackend(Backend):
 
     @property
     def world_size(self) -> int:
-        """Host processes; each loads its share of the global batch (data is split by host)."""
+        """Host processes; each loads its share of the global batch (data is split by host), not chips."""
         return xr.process_count()
 
     @property
@@ -92,6 +97,7 @@ class XlaBackend(Backend):
 
     @property
     def num_devices(self) -> int:
+        """Every chip of the slice (the SPMD mesh), across all hosts."""
         return xr.global_runtime_device_count()
 
     # ------------------------------------------------------------------------------------- collectives

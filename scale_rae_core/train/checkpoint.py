@@ -405,7 +405,7 @@ def export_model(
 class CheckpointManager:
     """Saves, finds, loads and prunes the checkpoints of one run (``run_dir/checkpoints``)."""
 
-    def __init__(self, run_dir: str | Path, keep: int, backend: Backend):
+    def __init__(self, run_dir: str | Path, keep: int, backend: Backend, *, every_steps: int = 0):
         if keep < 1:
             raise CheckpointError(
                 f"checkpoint.keep = {keep}; keep at least 1 checkpoint (set checkpoint.keep >= 1)"
@@ -414,6 +414,12 @@ class CheckpointManager:
         self.dir = self.run_dir / "checkpoints"
         self.keep = keep
         self.backend = backend
+        self.every_steps = every_steps  # save cadence (checkpoint.every_steps); 0 = only where `due` says last
+
+    def due(self, step: int, last: int) -> bool:
+        """Whether a run saves after optimiser ``step``: every ``every_steps`` steps, and at ``last`` (the end
+        of the schedule, or where a simulated preemption stops it)."""
+        return step == last or (self.every_steps > 0 and step % self.every_steps == 0)
 
     # ------------------------------------------------------------------------------------- finding
     def complete(self) -> list[tuple[int, Path]]:

@@ -1,6 +1,9 @@
 """RAE decoder training (stage 1): a frozen encoder, a ViT decoder, L1 + LPIPS + GAN (rae.md §3).
 
-Every optimiser step (global batch = micro batch x accumulation x processes):
+Every optimiser step consumes exactly ``decoder_training.global_batch_size`` images: the profile's
+:class:`~scale_rae_core.config.BatchPlan` gives ``accum_steps`` micro-steps of ``per_process_micro_batch``
+images on each of ``num_processes`` processes (``micro_batch_size`` per data-parallel device; on xla one
+process per host feeds all of its chips). Each step:
 
 1. generator: `recon = RAE(x)` in train mode (encoder-noise augmentation tau), loss
    `l1_weight * |recon - x| + lpips_weight * LPIPS(2x-1, 2recon-1)`; from `gan_start` on, plus
@@ -12,9 +15,9 @@ Every optimiser step (global batch = micro batch x accumulation x processes):
    quantised to 8 bits, independent DiffAug for fakes and reals, hinge loss, AdamW step.
 
 Epoch-based settings (`warmup_epochs`, `disc_update_start_epoch`, `gan_start_epoch`, `epochs`) become steps
-with `steps_per_epoch = images per epoch // global_batch_size`; `decoder_training.steps` (or `--steps`)
-overrides the length. Schedules: warmup from zero + cosine to `min_lr` at the last step (decoder); the
-discriminator's schedule has the same shape but counts only its own updates (it starts at
+with `steps_per_epoch = images per epoch (all processes) // global_batch_size`; `decoder_training.steps` (or
+`--steps`) overrides the length. Schedules: warmup from zero + cosine to `min_lr` at the last step (decoder);
+the discriminator's schedule has the same shape but counts only its own updates (it starts at
 `disc_update_start`), as the reference steps its scheduler only while the discriminator trains.
 
 Parallelism: the decoder and discriminator heads are small next to the encoder activations, so they are
@@ -23,33 +26,33 @@ discriminator's gradients are therefore synchronised (rae.md §12.4: the referen
 per rank). Weights stay identical on all ranks, which keeps the EMA, the adaptive weight and the export plain.
 
 State: the decoder, its EMA and the discriminator heads live in one container module, and one AdamW holds
-two parameter groups (decoder, discriminator) so a single `CheckpointManager` checkpoint (DCP, atomic,
-retention) holds everything; a step of one group leaves the other untouched because its gradients are
-None. With the RNG states and the data position also saved, a resumed run repeats the uninterrupted run's
-losses exactly (same process count). At the end the EMA decoder is exported in our format
-(`<run>/decoder`, read by `load_decoder`).
+two parameter groups (decoder, discriminator) so a single checkpoint (DCP, atomic, retention) holds
+everything; a step of one group leaves the other untouched because its gradients are None. The loop
+(:mod:`scale_rae_core.train.loop`) resumes, logs, saves and exports; with the RNG states and the data
+position also saved, a resumed run repeats the uninterrupted run's losses exactly (same process count). At
+the end the EMA decoder is exported in our format (`<run>/decoder`, read by `load_decoder`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from scale_rae_core.backends.base import Backend
-from scale_rae_core.config import Profile
+from scale_rae_core.config import BatchPlan, DecoderTrainSettings, Profile
 from scale_rae_core.errors import CheckpointError, ConfigError
 from scale_rae_core.events import Reporter
 from scale_rae_core.models.decoder import Decoder, save_decoder
 from scale_rae_core.models.rae import RAE
 from scale_rae_core.train.decoder_data import ImageStream, batches, open_images
 from scale_rae_core.train.ema import EMA
+from scale_rae_core.train.loop import TrainLoop, TrainResult, TrainState, TrainTask
 from scale_rae_core.train.schedule import WarmupCosine
 
 LPIPS_HINT = (
@@ -60,23 +63,24 @@ DISC_HINT = "a DINO ViT-S/8 transformers ViTModel: `hf download facebook/dino-vi
 
 
 @dataclass
-class Plan:
-    """The run's length and phase boundaries, in optimiser steps."""
+class Phases:
+    """The run's length and phase boundaries, in optimiser steps of ``global_batch_size`` images."""
 
     steps: int
     steps_per_epoch: int
-    accum: int
     warmup: int
     disc_start: int
     gan_start: int
 
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    steps: int
-    export_dir: Path | None
-    history: list[dict[str, float]] = field(default_factory=list)  # one record per step run in this call
+    @classmethod
+    def of(cls, cfg: DecoderTrainSettings, plan: BatchPlan, images_per_process: int) -> Phases:
+        """From the epoch-based settings; an epoch is every process's images once."""
+        spe = max(1, images_per_process * plan.num_processes // plan.global_batch_size)
+        return cls(
+            steps=cfg.steps or math.ceil(cfg.epochs * spe), steps_per_epoch=spe,
+            warmup=round(cfg.warmup_epochs * spe),
+            disc_start=round(cfg.disc_update_start_epoch * spe), gan_start=round(cfg.gan_start_epoch * spe),
+        )
 
 
 def _disc_factor(schedule: WarmupCosine, start: int):
@@ -97,104 +101,98 @@ class _State(nn.Module):
             self.disc = disc
 
 
-class DecoderTrainer:
-    """Train `rae.decoder` on the images at `data`, under `run_dir`.
+def _load_lpips(profile: Profile, given: nn.Module | None) -> nn.Module | None:
+    cfg = profile.decoder_training
+    if cfg.lpips_weight == 0:
+        return None
+    if given is not None:
+        return given
+    if not cfg.lpips_weights:
+        raise ConfigError(
+            f"{profile.source}: decoder_training.lpips_weight = {cfg.lpips_weight} needs "
+            f"decoder_training.lpips_weights: {LPIPS_HINT}; or set lpips_weight = 0"
+        )
+    from scale_rae_core.train.lpips import LPIPS
+
+    return LPIPS.load(cfg.lpips_weights)
+
+
+def _load_discriminator(profile: Profile, given: nn.Module | None) -> nn.Module | None:
+    cfg = profile.decoder_training
+    if cfg.gan_weight == 0:
+        return None
+    if given is not None:
+        return given
+    if not cfg.disc_backbone:
+        raise ConfigError(
+            f"{profile.source}: decoder_training.gan_weight = {cfg.gan_weight} needs "
+            f"decoder_training.disc_backbone: {DISC_HINT}; or set gan_weight = 0"
+        )
+    from scale_rae_core.train.gan import DinoDiscriminator, DiscriminatorConfig
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    return DinoDiscriminator.from_pretrained(DiscriminatorConfig(backbone=cfg.disc_backbone, local_files_only=offline))
+
+
+class DecoderTrainer(TrainTask):
+    """Train `rae.decoder` on the images at `data`; the EMA decoder is exported to `run_dir/decoder`.
 
     `lpips` / `discriminator` may be passed in (tests use random-weight ones); otherwise they are loaded from
-    `decoder_training.lpips_weights` / `disc_backbone` when their loss weight is > 0.
+    `decoder_training.lpips_weights` / `disc_backbone` when their loss weight is > 0. Run it with
+    :class:`~scale_rae_core.train.loop.TrainLoop` (as :func:`train_decoder` does).
     """
 
+    progress_keys = ("loss", "l1")
+    throughput_key = "images_per_s"
+
     def __init__(self, profile: Profile, rae: RAE, data: str | Path, run_dir: str | Path, backend: Backend, *,
-                 reporter: Reporter | None = None, lpips: nn.Module | None = None,
-                 discriminator: nn.Module | None = None) -> None:
+                 lpips: nn.Module | None = None, discriminator: nn.Module | None = None) -> None:
         self.profile, self.cfg, self.backend = profile, profile.decoder_training, backend
         self.rae, self.run_dir = rae, Path(run_dir)
-        self.reporter = reporter or Reporter()
         cfg = self.cfg
-        self.lpips = lpips if cfg.lpips_weight > 0 else None
-        if cfg.lpips_weight > 0 and lpips is None:
-            if not cfg.lpips_weights:
-                raise ConfigError(
-                    f"{profile.source}: decoder_training.lpips_weight = {cfg.lpips_weight} needs "
-                    f"decoder_training.lpips_weights: {LPIPS_HINT}; or set lpips_weight = 0"
-                )
-            from scale_rae_core.train.lpips import LPIPS
-
-            self.lpips = LPIPS.load(cfg.lpips_weights)
-        self.disc = discriminator if cfg.gan_weight > 0 else None
-        if cfg.gan_weight > 0 and discriminator is None:
-            if not cfg.disc_backbone:
-                raise ConfigError(
-                    f"{profile.source}: decoder_training.gan_weight = {cfg.gan_weight} needs "
-                    f"decoder_training.disc_backbone: {DISC_HINT}; or set gan_weight = 0"
-                )
-            from scale_rae_core.train.gan import DinoDiscriminator, DiscriminatorConfig
-
-            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-            self.disc = DinoDiscriminator.from_pretrained(
-                DiscriminatorConfig(backbone=cfg.disc_backbone, local_files_only=offline)
-            )
+        self.lpips = _load_lpips(profile, lpips)
+        self.disc = _load_discriminator(profile, discriminator)
         if cfg.image_size != rae.decoder.cfg.image_size:
             raise ConfigError(
                 f"{profile.source}: decoder_training.image_size = {cfg.image_size} but the decoder outputs "
                 f"{rae.decoder.cfg.image_size} px (model.decoder.image_size); make them equal"
             )
-        self.stream: ImageStream = open_images(
-            data, image_size=cfg.image_size, train=True, rank=backend.rank, world_size=backend.world_size,
-            seed=profile.run.seed, shuffle_buffer=profile.data.shuffle_buffer,
-        )
-        self.plan = self._plan()
-
-        dev = backend.device
-        rae.encoder.to(dev)
-        rae.decoder.to(dev)
-        if self.lpips is not None:
-            self.lpips.to(dev)
-        if self.disc is not None:
-            self.disc.to(dev)
-        self.ema = EMA(rae.decoder)
-        self.state = _State(rae.decoder, self.ema.module, self.disc)
-        groups = [{"params": list(rae.decoder.parameters()), "lr": cfg.lr}]
-        if self.disc is not None:
-            groups.append({"params": [p for p in self.disc.parameters() if p.requires_grad], "lr": cfg.disc_lr})
-        self.opt = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=0.0, eps=1e-8)
-        p = self.plan
         if cfg.min_lr > cfg.lr:
             raise ConfigError(f"{profile.source}: decoder_training.min_lr = {cfg.min_lr} exceeds lr = {cfg.lr}; lower min_lr")
-        shape = WarmupCosine(min(p.warmup, p.steps), p.steps, cfg.min_lr / cfg.lr)
-        lambdas = [shape]
-        if self.disc is not None:
-            disc_shape = WarmupCosine(min(p.warmup, max(p.steps - p.disc_start, 0)), max(p.steps - p.disc_start, 0),
-                                      cfg.min_lr / cfg.lr)
-            lambdas.append(_disc_factor(disc_shape, p.disc_start))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambdas)
-        from scale_rae_core.train.checkpoint import CheckpointManager
+        self.plan = profile.batch_plan("decoder_training")
+        self.stream: ImageStream = open_images(
+            data, image_size=cfg.image_size, train=True, rank=backend.rank, world_size=backend.num_processes,
+            seed=profile.run.seed, shuffle_buffer=profile.data.shuffle_buffer,
+        )
+        self.phases = Phases.of(cfg, self.plan, self.stream.images_per_epoch)
+        self.total_steps = self.phases.steps
 
-        self.ckpt = CheckpointManager(self.run_dir, profile.checkpoint.keep, backend)
-        self.step = 0
+        for module in (rae.encoder, rae.decoder, self.lpips, self.disc):
+            if module is not None:
+                module.to(backend.device)
+        self.ema = EMA(rae.decoder)
+        self.module = _State(rae.decoder, self.ema.module, self.disc)
+        self.opt, self.sched = self._optimizer()
+        self._data = None  # the micro-batch generator, started at the first step (after a restore)
 
     # ------------------------------------------------------------------------------------------ setup
-    def _plan(self) -> Plan:
-        cfg, be = self.cfg, self.backend
-        per_step = cfg.micro_batch_size * be.world_size
-        if cfg.global_batch_size % per_step:
-            raise ConfigError(
-                f"{self.profile.source}: decoder_training.global_batch_size = {cfg.global_batch_size} is not a multiple "
-                f"of micro_batch_size {cfg.micro_batch_size} x {be.world_size} processes"
-            )
-        total_images = self.stream.images_per_epoch * be.world_size
-        spe = max(1, total_images // cfg.global_batch_size)
-        steps = cfg.steps or math.ceil(cfg.epochs * spe)
-        return Plan(
-            steps=steps, steps_per_epoch=spe, accum=cfg.global_batch_size // per_step,
-            warmup=round(cfg.warmup_epochs * spe),
-            disc_start=round(cfg.disc_update_start_epoch * spe), gan_start=round(cfg.gan_start_epoch * spe),
-        )
+    def _optimizer(self) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+        """One AdamW, two groups (decoder, discriminator), each with its warmup-cosine schedule."""
+        cfg, p = self.cfg, self.phases
+        groups = [{"params": list(self.rae.decoder.parameters()), "lr": cfg.lr}]
+        if self.disc is not None:
+            groups.append({"params": [q for q in self.disc.parameters() if q.requires_grad], "lr": cfg.disc_lr})
+        opt = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=0.0, eps=1e-8)
+        lambdas = [WarmupCosine(min(p.warmup, p.steps), p.steps, cfg.min_lr / cfg.lr)]
+        if self.disc is not None:
+            disc_steps = max(p.steps - p.disc_start, 0)
+            disc_shape = WarmupCosine(min(p.warmup, disc_steps), disc_steps, cfg.min_lr / cfg.lr)
+            lambdas.append(_disc_factor(disc_shape, p.disc_start))
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
 
     def _batches(self):
-        """Endless micro-batches [micro, 3, S, S] on the device, with their data positions."""
-        # micro_batch_size per data-parallel rank; under xla SPMD one process feeds all its host's chips
-        per_process = self.cfg.micro_batch_size * self.profile.backend.data_parallel_size // self.backend.world_size
+        """Endless micro-batches [per_process_micro_batch, 3, S, S] on the device, with their data positions."""
+        per_process = self.plan.per_process_micro_batch
         empty_passes = 0  # a pass resumed mid-epoch may hold only the epoch's dropped tail: allow one such pass
         while True:
             got = False
@@ -289,83 +287,47 @@ class DecoderTrainer:
         self.opt.zero_grad(set_to_none=True)
         return out
 
-    # ------------------------------------------------------------------------------------------ loop
-    def resume(self) -> int:
-        """Continue from the newest complete checkpoint of `run_dir`; returns its step."""
-        latest = self.ckpt.latest()
-        if latest is None:
-            raise CheckpointError(
-                f"--resume: no complete checkpoint under {self.ckpt.dir}; drop --resume to start a new run there"
-            )
-        info = self.ckpt.load(latest, self.state, self.opt, self.sched)
+    # ------------------------------------------------------------------------------------------ the loop's hooks
+    def state(self) -> TrainState:
+        return TrainState(self.module, self.opt, self.sched)
+
+    def train_step(self, done: int) -> dict[str, Any]:
+        """`accum_steps` micro-batches → generator step (+ discriminator step) → LR step."""
+        if self._data is None:
+            self._data = self._batches()
+        micro, positions = [], []
+        for _ in range(self.plan.accum_steps):
+            x, pos = next(self._data)
+            micro.append(x)
+            positions += pos
+        self.stream.mark_consumed(positions)
+        lrs = [g["lr"] for g in self.opt.param_groups]
+        metrics = self._generator_step(micro, use_gan=self.disc is not None and done >= self.phases.gan_start)
+        if self.disc is not None and done >= self.phases.disc_start:
+            metrics.update(self._disc_step(micro))
+        self.sched.step()
+        self.backend.mark_step()
+        metrics["lr"] = lrs[0]
+        if self.disc is not None:
+            metrics["disc_lr"] = lrs[1]
+        return metrics
+
+    def data_position(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def restore(self, info: dict[str, Any]) -> dict[str, Any]:
         if info["data_position"] is None:
             raise CheckpointError(
-                f"{latest}: saved by {info['world_size']} processes, this run has {self.backend.world_size}; "
+                f"{info['path']}: saved by {info['world_size']} processes, this run has {self.backend.num_processes}; "
                 "resume with the same process count"
             )
         self.stream.load_state_dict(info["data_position"])
-        self.step = info["step"]
-        return self.step
+        return {}
 
-    def _save(self, metrics: dict[str, float]) -> Path:
-        return self.ckpt.save(self.step, self.state, self.opt, self.sched, data_position=self.stream.state_dict(),
-                              metrics=metrics, profile=self.profile)
-
-    def train(self, *, stop_at: int | None = None) -> TrainResult:
-        """Run until the planned last step (or `stop_at`), checkpointing every `checkpoint.every_steps`."""
-        cfg, p, be, rep = self.cfg, self.plan, self.backend, self.reporter
-        end = min(p.steps, stop_at) if stop_at is not None else p.steps
-        history: list[dict[str, float]] = []
-        if be.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "profile.json").write_text(json.dumps(self.profile.to_toml_dict(), indent=1))
-        rep.event("train_decoder.start", start_step=self.step, steps=p.steps, steps_per_epoch=p.steps_per_epoch,
-                  accum=p.accum, world_size=be.world_size, warmup=p.warmup, disc_start=p.disc_start,
-                  gan_start=p.gan_start)
-        data = self._batches()
-        window_t, window_imgs = time.perf_counter(), 0
-        last_saved = self.step
-        metrics: dict[str, float] = {}
-        with rep.task("train decoder", p.steps) as advance:
-            if self.step:
-                advance(self.step, total=p.steps)
-            while self.step < end:
-                micro, positions = [], []
-                for _ in range(p.accum):
-                    x, pos = next(data)
-                    micro.append(x)
-                    positions += pos
-                self.stream.mark_consumed(positions)
-                lrs = [g["lr"] for g in self.opt.param_groups]
-                use_gan = self.disc is not None and self.step >= p.gan_start
-                metrics = self._generator_step(micro, use_gan)
-                if self.disc is not None and self.step >= p.disc_start:
-                    metrics.update(self._disc_step(micro))
-                self.sched.step()
-                be.mark_step()
-                self.step += 1
-                metrics["lr"] = lrs[0]
-                if self.disc is not None:
-                    metrics["disc_lr"] = lrs[1]
-                history.append({"step": self.step, **metrics})
-                window_imgs += cfg.global_batch_size
-                if self.step % self.profile.output.log_every == 0 or self.step == end:
-                    dt = time.perf_counter() - window_t
-                    metrics["images_per_s"] = window_imgs / max(dt, 1e-9)
-                    rep.event("train_decoder.step", step=self.step, **metrics)
-                    window_t, window_imgs = time.perf_counter(), 0
-                advance(1, loss=metrics["loss"], l1=metrics["l1"])
-                if self.step % self.profile.checkpoint.every_steps == 0 or self.step == end:
-                    path = self._save(metrics)
-                    last_saved = self.step
-                    rep.event("train_decoder.checkpoint", step=self.step, path=str(path))
-        if last_saved != self.step:
-            self._save(metrics)
-        export_dir = None
-        if self.step >= p.steps and self.profile.checkpoint.export:
-            export_dir = self.export()
-        rep.event("train_decoder.done", step=self.step, export=str(export_dir) if export_dir else None)
-        return TrainResult(self.run_dir, self.step, export_dir, history)
+    def start_fields(self) -> dict[str, Any]:
+        p = self.phases
+        return {"steps_per_epoch": p.steps_per_epoch, "warmup": p.warmup, "disc_start": p.disc_start,
+                "gan_start": p.gan_start}
 
     def export(self) -> Path:
         """Write the EMA decoder in our format to `<run>/decoder` (rank 0; every rank waits)."""
@@ -379,21 +341,19 @@ class DecoderTrainer:
 def train_decoder(profile: Profile, data: str | Path, run_dir: str | Path, *, resume: bool = False,
                   reporter: Reporter | None = None, stop_at: int | None = None,
                   lpips: nn.Module | None = None, discriminator: nn.Module | None = None) -> TrainResult:
-    """Build everything from the profile, then train (the engine behind `srae train decoder`)."""
+    """Build everything from the profile, then train (the engine behind `srae train decoder`).
+
+    ``resume``: continue from the newest complete checkpoint in ``run_dir``, or start fresh when there is
+    none (see :mod:`scale_rae_core.train.loop`). ``stop_at``: save after that step and stop. Collective.
+    """
     from scale_rae_core.backends.base import backend_for
     from scale_rae_core.models.build import build_rae
 
     profile.check_runtime()
-    run_dir = Path(run_dir)
     with backend_for(profile.backend) as backend:
-        ckpt_dir = run_dir / "checkpoints"
-        if not resume and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
-            raise CheckpointError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose a new --out")
+        loop = TrainLoop("train_decoder", profile, run_dir, backend, resume=resume, reporter=reporter)
         backend.seed_everything(profile.run.seed, per_rank=False)  # same initial weights on every rank
         rae = build_rae(profile, noise_tau=profile.decoder_training.noise_tau, with_stats=False)
         backend.seed_everything(profile.run.seed)  # then per-rank noise, crops and augmentation
-        trainer = DecoderTrainer(profile, rae, data, run_dir, backend, reporter=reporter, lpips=lpips,
-                                 discriminator=discriminator)
-        if resume:
-            trainer.resume()
-        return trainer.train(stop_at=stop_at)
+        trainer = DecoderTrainer(profile, rae, data, loop.run_dir, backend, lpips=lpips, discriminator=discriminator)
+        return loop.run(trainer, stop_at=stop_at)

@@ -1,25 +1,29 @@
 """Unified training (stage 1 pretraining, stage 2 finetuning) of the LLM + DiT head, on any backend.
 
-One optimiser step, on every process::
+One optimiser step, on every process (the profile section's :class:`~scale_rae_core.config.BatchPlan`)::
 
-    for each of grad_accum micro-batches:
-        samples → sequences (skip too long) → frozen encoder (no grad) → batch
-        loss = (CE + flow_weight · flow over answer images) / grad_accum ; backward
+    for each of accum_steps micro-steps:
+        per_process_micro_batch samples → sequences (skip too long) → frozen encoder (no grad) → batch
+        loss = (CE + flow_weight · flow over answer images) / accum_steps ; backward
     clip the global grad norm → AdamW step (two groups) → warmup-cosine lr step
+
+so a step sees exactly ``global_batch_size`` samples over all processes (``micro_batch_size`` per
+data-parallel device; under xla SPMD one process per host loads the batch of all its chips).
 
 A fresh stage 1 first folds a per-channel standardisation of the encoder tokens (measured on the first 64
 images of the data, the same on every process) into the new projector's first Linear (:func:`standardize_projector`).
 The model is built once in fp32 on every process from the same seed, then handed to the backend
 (``shard_model``: activation checkpointing and FSDP2 per Qwen2 decoder layer and per DiT block; the encoder
-is frozen and replicated). Checkpoints (model, optimiser, scheduler, RNG, data position) go through
-:class:`~scale_rae_core.train.checkpoint.CheckpointManager`, so ``resume`` continues exactly where a run
-stopped, with the same or a different process count.
+is frozen and replicated). :class:`~scale_rae_core.train.loop.TrainLoop` resumes, logs, checkpoints (model,
+optimiser, scheduler, RNG, data position) and exports, so ``resume`` continues exactly where a run stopped,
+with the same or a different process count.
 
 Run directory::
 
     RUN/model/config.json, tokenizer/, latent_stats.safetensors   the architecture (no weights)
     RUN/checkpoints/step-XXXXXXXX/                               resumable checkpoints (newest `keep`)
     RUN/metrics.jsonl                                            one JSON record per logged step
+    RUN/profile.json                                             the resolved profile of the last invocation
     RUN/export/                                                  the final model (load_export)
 
 Stage 2 starts from a stage-1 run (its latest checkpoint, else its export) or an export directory; the
@@ -33,7 +37,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,7 @@ from scale_rae_core.models.scale_rae import (
     read_export_config,
 )
 from scale_rae_core.train.checkpoint import CheckpointManager
+from scale_rae_core.train.loop import TrainLoop, TrainResult, TrainState, TrainTask
 from scale_rae_core.train.schedule import stage_scheduler
 from scale_rae_core.train.unified_data import MicroBatcher, encode_and_collate, open_source, pil_to_pixels
 from scale_rae_core.train.unified_eval import EvalBatches
@@ -61,19 +66,8 @@ from scale_rae_core.train.unified_eval import EvalBatches
 STAGES = ("stage1", "stage2")
 MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
-METRICS_FILE = "metrics.jsonl"
 EXPORT_DIR = "export"
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int  # optimiser steps completed
-    start_step: int  # where this invocation started (> 0 after a resume)
-    losses: list[float] = field(default_factory=list)  # total loss of every step run here (all ranks averaged)
-    records: list[dict[str, Any]] = field(default_factory=list)  # every step's metrics
-    export_dir: Path | None = None
-    skipped: dict[str, int] = field(default_factory=dict)
+__all__ = ["TrainResult", "UnifiedTrainer", "train_unified"]  # TrainResult: the loop's, returned here
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -264,26 +258,6 @@ def match_query_scale(model: ScaleRAE) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------------
-
-
-class MetricsLog:
-    """RUN/metrics.jsonl, appended by rank 0; on resume, records after the resumed step are dropped."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int) -> None:
-        self.path, self.enabled = path, enabled
-        if enabled and path.is_file():
-            keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in keep))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
 
@@ -302,13 +276,13 @@ def train_unified(
     """Run ``stage`` ('stage1' | 'stage2') of ``profile`` on ``data`` into the run directory ``out``.
 
     ``init_from``: stage 2's starting run or export (required for stage 2, refused for stage 1).
-    ``resume``: continue from the newest complete checkpoint in ``out`` (a fresh start when there is none).
-    ``stop_at``: end after that optimiser step as if the job were preempted (a checkpoint is saved first);
-    the schedule still spans ``[stage].steps``. Collective: call on every process.
+    ``resume``: continue from the newest complete checkpoint in ``out``, or start fresh when there is none
+    (see :mod:`scale_rae_core.train.loop`). ``stop_at``: end after that optimiser step as if the job were
+    preempted (a checkpoint is saved first); the schedule still spans ``[stage].steps``. Collective: call on
+    every process.
     """
     if stage not in STAGES:
         raise ConfigError(f"unknown stage '{stage}'; use one of {', '.join(STAGES)}")
-    settings: StageSettings = getattr(profile, stage)
     data = data or profile.data.train
     if not data:
         raise DataError(f"no training data: pass --data or set data.train in {profile.source}")
@@ -316,154 +290,154 @@ def train_unified(
         raise ConfigError("stage 2 needs --from: the stage-1 run folder or an export to finetune")
     if stage == "stage1" and init_from is not None:
         raise ConfigError("--from is only for stage 2; stage 1 starts from model.llm.path")
-    run_dir = Path(out).expanduser()
+    data, run_dir = Path(data), Path(out).expanduser()
 
     with get_backend(profile.backend) as backend:
-        return _train(profile, stage, settings, Path(data), run_dir, backend, init_from, resume, stop_at, reporter)
+        if not data.exists():  # fail before any model work
+            raise DataError(f"--data {data}: no such file or folder; pass a packed folder (srae data pack), its wds_manifest.json or a JSONL")
+        loop = TrainLoop(stage, profile, run_dir, backend, resume=resume, reporter=reporter)
+        backend.seed_everything(profile.run.seed, per_rank=False)  # same weights on every rank: seed before building
+        if loop.resuming:
+            src = _existing(run_dir)
+        elif stage == "stage1":
+            src = _fresh_stage1(profile, run_dir, backend)
+        else:
+            src = _from_source(Path(init_from), run_dir, backend)
+        trainer = UnifiedTrainer(profile, stage, data, run_dir, src, backend, reporter=loop.reporter,
+                                 fresh=not loop.resuming)
+        return loop.run(trainer, stop_at=stop_at)
 
 
-def _train(
-    profile: Profile, stage: str, settings: StageSettings, data: Path, run_dir: Path, backend: Backend,
-    init_from: str | Path | None, resume: bool, stop_at: int | None, reporter: Reporter | None,
-) -> TrainResult:
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+class UnifiedTrainer(TrainTask):
+    """One stage of unified training as a :class:`~scale_rae_core.train.loop.TrainTask`: the sharded model,
+    its optimiser and schedule, the frozen encoder, this process's micro-batcher and the held-out batches.
 
-    from scale_rae_core.models.build import build_encoder
-    from scale_rae_core.models.dit import DiTBlock
+    ``fresh``: a new run (stage 1 then initialises the projector from the data); False when resuming.
+    """
 
-    reporter = reporter if (reporter is not None and backend.is_main) else Reporter()
-    manager = CheckpointManager(run_dir, profile.checkpoint.keep, backend)
-    if not data.exists():  # fail before any model work
-        raise DataError(f"--data {data}: no such file or folder; pass a packed folder (srae data pack), its wds_manifest.json or a JSONL")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    latest = manager.latest()
-    if latest is not None and not resume:
-        raise CheckpointError(
-            f"{run_dir} already holds a run (checkpoint {latest.name}); pass --resume to continue it or choose a new --out"
+    progress_keys = ("loss", "ce", "flow")
+
+    def __init__(self, profile: Profile, stage: str, data: Path, run_dir: Path, src: ModelSource, backend: Backend,
+                 *, reporter: Reporter, fresh: bool) -> None:
+        from transformers import AutoTokenizer
+
+        from scale_rae_core.config import EncoderSettings
+        from scale_rae_core.models.build import build_encoder
+
+        self.profile, self.stage, self.data, self.run_dir = profile, stage, data, run_dir
+        self.settings: StageSettings = getattr(profile, stage)
+        self.src, self.backend = src, backend
+        self.plan = profile.batch_plan(stage)
+        self.total_steps = self.settings.steps
+        model = _build_model(src)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(src.model_dir / TOKENIZER_DIR))
+        enc = src.config.encoder
+        self.encoder = build_encoder(EncoderSettings(kind=enc["kind"], path=enc["path"], input_size=enc.get("input_size")))
+        self.model = self._prepare(model, reporter, fresh)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, self.settings)
+        self.scheduler = stage_scheduler(self.optimizer, self.settings)
+        backend.seed_everything(profile.run.seed)  # per-rank noise from here on
+
+        reader = open_source(
+            data, image_folder=profile.data.image_folder, rank=backend.rank, world_size=backend.num_processes,
+            seed=profile.run.seed, shuffle_buffer=profile.data.shuffle_buffer,
         )
+        n_tokens = src.config.lm.num_image_tokens
+        self.batcher = MicroBatcher(reader, self.tokenizer, n_tokens, self.settings.seq_len, self.encoder.input_size)
+        self.evals = None
+        if profile.data.eval:
+            self.evals = EvalBatches.build(profile.data.eval, self.tokenizer, n_tokens, self.settings, self.encoder,
+                                           backend, image_folder=profile.data.image_folder)
 
-    # ---- model (same weights on every rank: seed before building) -------------------------------------
-    backend.seed_everything(profile.run.seed, per_rank=False)
-    if latest is not None:
-        src = _existing(run_dir)
-    elif stage == "stage1":
-        src = _fresh_stage1(profile, run_dir, backend)
-    else:
-        src = _from_source(Path(init_from), run_dir, backend)
-    model = _build_model(src)
-    tokenizer = AutoTokenizer.from_pretrained(str(src.model_dir / TOKENIZER_DIR))
-    from scale_rae_core.config import EncoderSettings
+    def _prepare(self, model: ScaleRAE, reporter: Reporter, fresh: bool) -> nn.Module:
+        """Initialise a fresh stage-1 projector, shard the model, and for stage 2 from a stage-1 checkpoint load
+        that checkpoint's weights."""
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-    enc = src.config.encoder
-    encoder = build_encoder(EncoderSettings(kind=enc["kind"], path=enc["path"], input_size=enc.get("input_size")))
-    if stage == "stage1" and latest is None:  # a fresh projector: same data, same init on every rank
-        n_images = standardize_projector(model, _first_images(data, profile, encoder))
-        queries = match_query_scale(model) if not profile.model.llm.path else None
-        reporter.event(f"{stage}.projector_init", images=n_images, query_rms=queries)
-    model = backend.shard_model(model, (Qwen2DecoderLayer, DiTBlock), frozen=[encoder])
-    model.train()
-    if src.checkpoint is not None:  # stage 2 from a stage-1 checkpoint: weights only
-        CheckpointManager(src.checkpoint.parent.parent, 1, backend).load(src.checkpoint, model)
+        from scale_rae_core.models.dit import DiTBlock
 
-    optimizer = build_optimizer(model, settings)
-    scheduler = stage_scheduler(optimizer, settings)
-    backend.seed_everything(profile.run.seed)  # per-rank noise from here on
+        if self.stage == "stage1" and fresh:  # a fresh projector: same data, same init on every rank
+            n_images = standardize_projector(model, _first_images(self.data, self.profile, self.encoder))
+            queries = match_query_scale(model) if not self.profile.model.llm.path else None
+            reporter.event(f"{self.stage}.projector_init", images=n_images, query_rms=queries)
+        model = self.backend.shard_model(model, (Qwen2DecoderLayer, DiTBlock), frozen=[self.encoder])
+        model.train()
+        if self.src.checkpoint is not None:  # stage 2 from a stage-1 checkpoint: weights only
+            CheckpointManager(self.src.checkpoint.parent.parent, 1, self.backend).load(self.src.checkpoint, model)
+        return model
 
-    reader = open_source(
-        data, image_folder=profile.data.image_folder, rank=backend.rank, world_size=backend.world_size,
-        seed=profile.run.seed, shuffle_buffer=profile.data.shuffle_buffer,
-    )
-    batcher = MicroBatcher(reader, tokenizer, src.config.lm.num_image_tokens, settings.seq_len, encoder.input_size)
-    start = 0
-    if latest is not None:
-        state = manager.load(latest, model, optimizer, scheduler)
-        start = state["step"]
-        position = state["data_position"]
+    # ------------------------------------------------------------------------------------------ one step
+    def _accumulate(self) -> torch.Tensor:
+        """Forward + backward of ``accum_steps`` micro-batches; the step's sums (total, ce, flow averaged over
+        micro-steps; answer images, tokens, images summed) on the device."""
+        settings, be, accum = self.settings, self.backend, self.plan.accum_steps
+        sums = torch.zeros(6, dtype=torch.float32, device=be.device)
+        for _ in range(accum):
+            batch = encode_and_collate(self.batcher.next_batch(self.plan.per_process_micro_batch), self.encoder,
+                                       settings.seq_len, self.tokenizer.pad_token_id, be.device, put=be.shard_batch)
+            with be.autocast():
+                loss = self.model(batch, flow_weight=settings.flow_weight, all_slots=self.profile.backend.kind == "xla",
+                                  flow_repeats=settings.flow_repeats)
+            (loss.total / accum).backward()
+            parts = (loss.total, loss.ce, loss.flow, loss.answer_images, batch["attention_mask"].sum(),
+                     batch["image_valid"].sum())
+            sums += torch.stack([t.detach().float() for t in parts])
+        sums[:3] /= accum
+        return sums
+
+    def train_step(self, done: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        sums = self._accumulate()
+        clip = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.backend.mark_step()
+
+        mean = self.backend.all_reduce_mean(sums).double().cpu()  # the step's one host read of its metrics
+        seconds = time.perf_counter() - t0
+        w = self.backend.num_processes
+        return {
+            "loss": float(mean[0]), "ce": float(mean[1]), "flow": float(mean[2]),
+            "lr": lrs[0], "head_lr": lrs[1], "grad_norm": float(grad_norm),
+            "answer_images": int(round(float(mean[3]) * w)),
+            "tokens_per_s": float(mean[4]) * w / seconds, "images_per_s": float(mean[5]) * w / seconds,
+            "epoch": self.batcher.epoch, "skipped_too_long": self.batcher.skipped.too_long,
+        }
+
+    # ------------------------------------------------------------------------------------------ the loop's hooks
+    def state(self) -> TrainState:
+        return TrainState(self.model, self.optimizer, self.scheduler)
+
+    def data_position(self) -> dict[str, Any]:
+        return self.batcher.state_dict()
+
+    def restore(self, info: dict[str, Any]) -> dict[str, Any]:
+        position = info["data_position"]
         if position is not None:
-            batcher.load_state_dict(position)
-        elif state["data_positions"] and state["data_positions"][0]:
+            self.batcher.load_state_dict(position)
+        elif info["data_positions"] and info["data_positions"][0]:
             # Saved by another process count: the readers' splits differ, so this epoch is read again from its
             # start (the model, optimiser and schedule are restored exactly).
-            batcher.epoch = int(state["data_positions"][0]["epoch"])
-        reporter.event(f"{stage}.resume", step=start, checkpoint=str(latest), data_restored=position is not None)
+            self.batcher.epoch = int(info["data_positions"][0]["epoch"])
+        return {"data_restored": position is not None}
 
-    evals = None
-    if profile.data.eval:
-        evals = EvalBatches.build(profile.data.eval, tokenizer, src.config.lm.num_image_tokens, settings, encoder, backend,
-                                  image_folder=profile.data.image_folder)
+    def evaluate(self) -> dict[str, float]:
+        return self.evals.run(self.model, self.settings.flow_weight) if self.evals is not None else {}
 
-    # ---- loop -------------------------------------------------------------------------------------------
-    accum = profile.grad_accum(stage)
-    pad_id = tokenizer.pad_token_id
-    params = [p for p in model.parameters() if p.requires_grad]
-    metrics = MetricsLog(run_dir / METRICS_FILE, backend.is_main, start)
-    result = TrainResult(run_dir, start, start)
-    end = settings.steps if stop_at is None else min(stop_at, settings.steps)
-    all_slots = profile.backend.kind == "xla"
-    # samples this process loads per micro-step: micro_batch_size per data-parallel rank; under xla SPMD one
-    # process feeds all of its host's chips (the batch is then sharded over them)
-    per_process = settings.micro_batch_size * profile.backend.data_parallel_size // backend.world_size
-    reporter.event(f"{stage}.start", step=start, steps=settings.steps, world_size=backend.world_size, grad_accum=accum,
-                   data=str(data), run_dir=str(run_dir))
-    if evals is not None and start == 0:
-        metrics.write({"step": 0, **evals.run(model, settings.flow_weight)})
+    def start_fields(self) -> dict[str, Any]:
+        return {"data": str(self.data)}
 
-    with reporter.task(stage, settings.steps) as advance:
-        if start:
-            advance(start)
-        for step in range(start + 1, end + 1):
-            t0 = time.perf_counter()
-            # total, ce, flow, answer images, tokens, images: summed on the device, read once per step
-            sums = torch.zeros(6, dtype=torch.float32, device=backend.device)
-            for _ in range(accum):
-                batch = encode_and_collate(batcher.next_batch(per_process), encoder, settings.seq_len,
-                                           pad_id, backend.device, put=backend.shard_batch)
-                with backend.autocast():
-                    loss = model(batch, flow_weight=settings.flow_weight, all_slots=all_slots,
-                                 flow_repeats=settings.flow_repeats)
-                (loss.total / accum).backward()
-                parts = (loss.total, loss.ce, loss.flow, loss.answer_images, batch["attention_mask"].sum(),
-                         batch["image_valid"].sum())
-                sums += torch.stack([t.detach().float() for t in parts])
-            sums[:3] /= accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip if settings.grad_clip > 0 else math.inf)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            lrs = [g["lr"] for g in optimizer.param_groups]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            backend.mark_step()
+    def summary(self) -> dict[str, Any]:
+        return {"skipped": self.batcher.skipped.as_dict()}
 
-            mean = backend.all_reduce_mean(sums).double().cpu()  # the step's one host read of its metrics
-            seconds = time.perf_counter() - t0
-            w = backend.world_size
-            record = {
-                "step": step, "loss": float(mean[0]), "ce": float(mean[1]), "flow": float(mean[2]),
-                "lr": lrs[0], "head_lr": lrs[1], "grad_norm": float(grad_norm),
-                "answer_images": int(round(float(mean[3]) * w)),
-                "tokens_per_s": float(mean[4]) * w / seconds, "images_per_s": float(mean[5]) * w / seconds,
-                "epoch": batcher.epoch, "skipped_too_long": batcher.skipped.too_long,
-            }
-            result.losses.append(record["loss"])
-            result.records.append(record)
-            result.step = step
-            if evals is not None and (step % profile.output.log_every == 0 or step == settings.steps):
-                record.update(evals.run(model, settings.flow_weight))
-            if step % profile.output.log_every == 0 or step == end:
-                metrics.write(record)
-                reporter.event(f"{stage}.step", **record)
-            advance(1, loss=record["loss"], ce=record["ce"], flow=record["flow"])
-            if step % profile.checkpoint.every_steps == 0 or step == end:
-                manager.save(step, model, optimizer, scheduler, data_position=batcher.state_dict(), metrics=record,
-                             profile=profile)
-
-    result.skipped = batcher.skipped.as_dict()
-    if result.step >= settings.steps and profile.checkpoint.export:
-        stats = src.model_dir / STATS_FILE
-        extra = export_files(src.config, src.model_dir / TOKENIZER_DIR, stats if stats.is_file() else None)
-        result.export_dir = manager.export(run_dir / EXPORT_DIR, model, src.config.to_json(), extra)
-    reporter.event(f"{stage}.done", step=result.step, export=str(result.export_dir) if result.export_dir else None,
-                   skipped=result.skipped)
-    return result
+    def export(self) -> Path:
+        stats = self.src.model_dir / STATS_FILE
+        extra = export_files(self.src.config, self.src.model_dir / TOKENIZER_DIR, stats if stats.is_file() else None)
+        manager = CheckpointManager(self.run_dir, 1, self.backend)
+        return manager.export(self.run_dir / EXPORT_DIR, self.model, self.src.config.to_json(), extra)

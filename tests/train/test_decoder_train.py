@@ -70,16 +70,16 @@ def run(profile, data, out, **kw):
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, images):
     profile = tiny_profile(tmp_path, lpips_weight=0.5, gan_weight=0.75)
     full = run(profile, images, tmp_path / "full")
-    assert [h["step"] for h in full.history] == [1, 2, 3, 4, 5, 6]
+    assert [h["step"] for h in full.records] == [1, 2, 3, 4, 5, 6]
     # the GAN term (gan_start = 2 steps) and the discriminator (disc_start = 1) are active late in the run
-    assert full.history[-1]["d_weight"] > 0 and full.history[-1]["disc_loss"] > 0
-    assert full.history[0]["gan"] == 0.0 and full.history[0]["lpips"] > 0
+    assert full.records[-1]["d_weight"] > 0 and full.records[-1]["disc_loss"] > 0
+    assert full.records[0]["gan"] == 0.0 and full.records[0]["lpips"] > 0
 
     first = run(profile, images, tmp_path / "split", stop_at=3)
-    assert first.export_dir is None and len(first.history) == 3
+    assert first.export_dir is None and len(first.records) == 3
     second = run(profile, images, tmp_path / "split", resume=True)
-    assert [h["step"] for h in second.history] == [4, 5, 6]
-    for a, b in zip(full.history, first.history + second.history, strict=True):
+    assert [h["step"] for h in second.records] == [4, 5, 6]
+    for a, b in zip(full.records, first.records + second.records, strict=True):
         assert a == b  # every loss, weight and lr, bit for bit
     ours = load_decoder(second.export_dir)
     ref = load_decoder(full.export_dir)
@@ -94,13 +94,19 @@ def test_missing_weights_name_the_profile_keys(tmp_path, images):
         train_decoder(tiny_profile(tmp_path, gan_weight=0.5), images, tmp_path / "b", lpips=random_lpips())
 
 
-def test_resume_without_checkpoint_and_overwrite_are_refused(tmp_path, images):
+def test_resume_without_checkpoint_starts_fresh_and_overwrite_is_refused(tmp_path, images):
+    """--resume on an empty run folder is a fresh start (reported as an event), so a preemptible job's launch
+    line can always carry it; a folder with a checkpoint is never overwritten without --resume."""
+    from scale_rae_core.events import Reporter
+
     profile = tiny_profile(tmp_path, steps=1)
-    with pytest.raises(CheckpointError, match="drop --resume"):
-        train_decoder(profile, images, tmp_path / "r", resume=True)
-    result = train_decoder(profile, images, tmp_path / "r")
+    with Reporter(tmp_path / "events.jsonl") as rep:
+        result = train_decoder(profile, images, tmp_path / "r", resume=True, reporter=rep)
+    assert (result.start_step, result.step, result.resumed_from) == (0, 1, None)
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "train_decoder.fresh_start" and "no complete checkpoint" in events[0]["reason"]
     assert result.export_dir is not None and load_decoder(result.export_dir).cfg.image_size == SIDE
-    with pytest.raises(CheckpointError, match="pass --resume"):
+    with pytest.raises(CheckpointError, match=r"already holds a run \(checkpoint step-00000001\); pass --resume"):
         train_decoder(profile, images, tmp_path / "r")
 
 
@@ -124,8 +130,8 @@ def digest(m):
     return h.hexdigest()
 from scale_rae_core.models.decoder import load_decoder
 rank = os.environ["RANK"]
-(tmp / f"rank{{rank}}.json").write_text(json.dumps({{"disc": digest(disc), "disc_loss": res.history[-1]["disc_loss"],
-    "l1": res.history[-1]["l1"]}}))
+(tmp / f"rank{{rank}}.json").write_text(json.dumps({{"disc": digest(disc), "disc_loss": res.records[-1]["disc_loss"],
+    "l1": res.records[-1]["l1"]}}))
 """
 
 
@@ -166,4 +172,4 @@ def test_resume_right_after_an_epoch_boundary_continues(tmp_path):
     full = train_decoder(p, tmp_path / "p", tmp_path / "full")
     train_decoder(p, tmp_path / "p", tmp_path / "cut", stop_at=2)
     rest = train_decoder(p, tmp_path / "p", tmp_path / "cut", resume=True)
-    assert [h["loss"] for h in rest.history] == [h["loss"] for h in full.history[2:]]
+    assert [h["loss"] for h in rest.records] == [h["loss"] for h in full.records[2:]]

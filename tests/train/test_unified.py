@@ -151,6 +151,22 @@ def test_cli_too_long_data_prints_one_line(shapes, tmp_path, monkeypatch):
     assert "error: the data has no usable sample" in res.output
 
 
+def test_cli_resume_on_an_empty_folder_is_a_new_run(shapes, tmp_path, monkeypatch):
+    """--resume with no checkpoint yet starts fresh (a preemptible job's first launch) and says so."""
+    use_list_reader(monkeypatch)
+    from tests.train.unified_helpers import TINY_OVERRIDES
+
+    sets = [x for o in TINY_OVERRIDES for x in ("--set", o)]
+    out = tmp_path / "r"
+    res = CliRunner().invoke(_cli(), ["train", "stage1", "--data", str(shapes), "--out", str(out), "--resume",
+                                      "--steps", "1", "--quiet", *sets])
+    assert res.exit_code == 0, res.output
+    assert f"--resume: {out} held no checkpoint yet, so this was a new run" in res.output
+    assert "stage1: 1 steps in" in res.output
+    events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events[0] == "stage1.fresh_start" and "stage1.resume" not in events and events[-1] == "stage1.done"
+
+
 # ---- several processes (gloo) ----------------------------------------------------------------------------
 
 

@@ -55,6 +55,75 @@ def test_decoder_training_on_xla_resumes_exactly_and_exports(tmp_path):
     full = train_decoder(profile, data, tmp_path / "full")
     train_decoder(profile, data, tmp_path / "cut", stop_at=2)
     rest = train_decoder(profile, data, tmp_path / "cut", resume=True)
-    assert [h["loss"] for h in rest.history] == pytest.approx([h["loss"] for h in full.history[2:]], rel=1e-5)
+    assert [h["loss"] for h in rest.records] == pytest.approx([h["loss"] for h in full.records[2:]], rel=1e-5)
     decoder = load_decoder(full.export_dir)  # strict load of the exported EMA decoder
     assert decoder.cfg.image_size == 64
+
+
+def _tally_steps(monkeypatch) -> tuple[list[list[int]], list[str]]:
+    """Sizes of the micro-batches drawn (decoder: image batches; unified: MicroBatcher batches), grouped by
+    optimiser step (mark_step), and the sharding spec of every tensor put on the device."""
+    import torch_xla
+
+    import scale_rae_core.train.decoder as decoder_mod
+    from scale_rae_core.backends.xla import XlaBackend
+    from scale_rae_core.train.unified_data import MicroBatcher
+
+    steps: list[list[int]] = []
+    pending: list[int] = []
+    specs: list[str] = []
+    real_shard, real_mark = XlaBackend.shard_batch, XlaBackend.mark_step
+    real_images, real_samples = decoder_mod.batches, MicroBatcher.next_batch
+
+    def shard_batch(self, tensor):
+        out = real_shard(self, tensor)
+        specs.append(torch_xla._XLAC._get_xla_sharding_spec(out))
+        return out
+
+    def mark_step(self):
+        real_mark(self)
+        if pending:  # checkpoint saves and loads mark steps too, without drawing data
+            steps.append(list(pending))
+            pending.clear()
+
+    def images(stream, batch_size, **kw):
+        for x, pos in real_images(stream, batch_size, **kw):
+            pending.append(x.shape[0])
+            yield x, pos
+
+    def samples(self, size):
+        out = real_samples(self, size)
+        pending.append(len(out))
+        return out
+
+    monkeypatch.setattr(XlaBackend, "shard_batch", shard_batch)
+    monkeypatch.setattr(XlaBackend, "mark_step", mark_step)
+    monkeypatch.setattr(decoder_mod, "batches", images)
+    monkeypatch.setattr(MicroBatcher, "next_batch", samples)
+    return steps, specs
+
+
+@pytest.mark.parametrize("trainer", ["decoder", "stage1"])
+def test_one_host_with_four_chips_steps_on_exactly_the_global_batch(trainer, tmp_path, monkeypatch):
+    """The layout of one host of a TPU slice (1 loading process × 4 chips), micro_batch_size 1 per chip and a
+    global batch of 8: the host loads 4 samples per micro-step, sharded over the 4 chips, and accumulates
+    8 / (1 × 4) = 2 micro-steps per optimiser step (issue #13: the decoder used to take 8 micro-steps)."""
+    from scale_rae_core.train.decoder import train_decoder
+
+    synthesize(tmp_path / "shapes", 16, image_size=64, seed=0)
+    data = tmp_path / "packed"
+    section = "decoder_training" if trainer == "decoder" else "stage1"
+    pack(tmp_path / "shapes" / ("classes" if trainer == "decoder" else "conversations.jsonl"), data)
+    profile = load_profile("tiny-cpu", XLA + [f"{section}.global_batch_size=8", f"{section}.micro_batch_size=1",
+                                              f"{section}.steps=2", "decoder_training.warmup_epochs=0",
+                                              "checkpoint.export=false"])
+    plan = profile.batch_plan(section)
+    assert (plan.num_processes, plan.data_parallel_size, plan.per_process_micro_batch, plan.accum_steps) == (1, 4, 4, 2)
+    steps, specs = _tally_steps(monkeypatch)
+    if trainer == "decoder":
+        result = train_decoder(profile, data, tmp_path / "run")
+    else:
+        result = train_unified(profile, "stage1", data, tmp_path / "run")
+    assert result.step == 2
+    assert steps == [[4, 4], [4, 4]]  # 2 micro-steps of 4 = the global batch of 8, each step
+    assert specs and all("devices=[4," in s for s in specs), specs[:2]  # batch axis split over the 4 chips

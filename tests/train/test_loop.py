@@ -1,0 +1,145 @@
+"""The training loop on its own, with a tiny task (a linear model on index-derived data): resume meaning,
+stop_at, cadence, metrics.jsonl truncation, RUN/profile.json, events and the export hook."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from scale_rae_core.backends.cpu_cuda import CpuCudaBackend
+from scale_rae_core.config import BackendSettings, load_profile
+from scale_rae_core.errors import CheckpointError
+from scale_rae_core.events import Reporter
+from scale_rae_core.train.loop import TrainLoop, TrainState, TrainTask
+
+SETS = ["stage1.steps=5", "stage1.global_batch_size=4", "stage1.micro_batch_size=2", "checkpoint.every_steps=2",
+        "checkpoint.keep=3", "output.log_every=2"]
+
+
+class LinearTask(TrainTask):
+    """y = x·w on samples x_i = (i, 1) / 10: the data position is the next sample index."""
+
+    def __init__(self, profile, run_dir: Path) -> None:
+        torch.manual_seed(0)
+        self.plan = profile.batch_plan("stage1")
+        self.total_steps = profile.stage1.steps
+        self.run_dir = run_dir
+        self.model = nn.Linear(2, 1)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.1)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0 / (s + 1))
+        self.position = 0
+        self.exports = 0
+
+    def state(self) -> TrainState:
+        return TrainState(self.model, self.opt, self.sched)
+
+    def train_step(self, done: int) -> dict[str, Any]:
+        total = 0.0
+        for _ in range(self.plan.accum_steps):
+            i = torch.arange(self.position, self.position + self.plan.per_process_micro_batch, dtype=torch.float32)
+            self.position += len(i)
+            x = torch.stack([i / 10, torch.ones_like(i)], 1)  # (B, 2)
+            loss = (self.model(x).squeeze(1) - 3 * i / 10).pow(2).mean() + 0.01 * torch.randn(())  # RNG used
+            (loss / self.plan.accum_steps).backward()
+            total += float(loss.detach()) / self.plan.accum_steps
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"loss": total, "lr": lr, "position": self.position}
+
+    def data_position(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def restore(self, info: dict[str, Any]) -> dict[str, Any]:
+        self.position = info["data_position"]["position"]
+        return {"position": self.position}
+
+    def export(self) -> Path:
+        self.exports += 1
+        out = self.run_dir / "export"
+        out.mkdir(exist_ok=True)
+        return out
+
+
+def run(run_dir: Path, *, resume: bool = False, stop_at: int | None = None, events: Path | None = None, sets=()):
+    profile = load_profile("tiny-cpu", [*SETS, *sets])
+    with CpuCudaBackend(BackendSettings()) as backend, Reporter(events) as rep:
+        loop = TrainLoop("toy", profile, run_dir, backend, resume=resume, reporter=rep)
+        backend.seed_everything(0)
+        task = LinearTask(profile, loop.run_dir)
+        return loop.run(task, stop_at=stop_at), task
+
+
+def metrics_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_stop_and_resume_repeat_the_uninterrupted_run(tmp_path):
+    full, task = run(tmp_path / "full")
+    assert [r["step"] for r in full.records] == [1, 2, 3, 4, 5] and task.exports == 1
+    assert [r["position"] for r in full.records] == [4, 8, 12, 16, 20]  # 4 samples per step: the global batch
+    assert full.export_dir == tmp_path / "full" / "export"
+    assert metrics_steps(tmp_path / "full") == [2, 4, 5]  # every log_every steps, and the last
+    ckpts = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000002", "step-00000004", "step-00000005"]  # every_steps, and the last
+
+    cut, cut_task = run(tmp_path / "cut", stop_at=3)
+    assert (cut.step, cut.export_dir, cut_task.exports) == (3, None, 0)  # preempted: saved, not exported
+    assert (tmp_path / "cut" / "checkpoints" / "step-00000003").is_dir()
+    rest, _ = run(tmp_path / "cut", resume=True)
+    assert (rest.start_step, rest.resumed_from.name) == (3, "step-00000003")
+    assert cut.records + rest.records == full.records  # every loss, lr and data position, exactly
+    assert rest.export_dir is not None
+
+
+def test_metrics_after_the_resumed_checkpoint_are_dropped(tmp_path):
+    """A run killed after logging step 3 but before its step-3 checkpoint completed resumes from step 2:
+    metrics.jsonl keeps steps 1-2 and the resumed run writes 3-5 again, once."""
+    run(tmp_path / "r", stop_at=3, sets=["output.log_every=1"])
+    assert metrics_steps(tmp_path / "r") == [1, 2, 3]
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "step-00000003")
+    rest, _ = run(tmp_path / "r", resume=True, sets=["output.log_every=1"])
+    assert rest.start_step == 2
+    assert metrics_steps(tmp_path / "r") == [1, 2, 3, 4, 5]
+
+
+def test_resume_meaning_is_continue_or_start_fresh(tmp_path):
+    events = tmp_path / "events.jsonl"
+    fresh, _ = run(tmp_path / "r", resume=True, stop_at=2, events=events)
+    assert (fresh.start_step, fresh.step, fresh.resumed_from) == (0, 2, None)
+    names = [json.loads(line)["event"] for line in events.read_text().splitlines()]
+    assert names == ["toy.fresh_start", "toy.start", "toy.step", "toy.checkpoint", "toy.done"]
+    start = json.loads(events.read_text().splitlines()[1])
+    assert (start["accum_steps"], start["per_process_micro_batch"], start["global_batch_size"]) == (2, 2, 4)
+    with pytest.raises(CheckpointError, match=r"already holds a run \(checkpoint step-00000002\); pass --resume"):
+        run(tmp_path / "r")
+    again, _ = run(tmp_path / "r", resume=True)
+    assert again.start_step == 2 and again.step == 5
+
+
+def test_profile_json_is_the_resolved_profile(tmp_path):
+    run(tmp_path / "r", stop_at=1)
+    saved = json.loads((tmp_path / "r" / "profile.json").read_text())
+    assert saved == load_profile("tiny-cpu", SETS).to_toml_dict()
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]  # written atomically
+
+
+def test_run_can_continue_in_process(tmp_path):
+    """Benchmarks call run() again on the same task to evaluate between chunks: no reload, no repeat."""
+    profile = load_profile("tiny-cpu", SETS)
+    with CpuCudaBackend(BackendSettings()) as backend:
+        loop = TrainLoop("toy", profile, tmp_path / "r", backend, resume=False)
+        backend.seed_everything(0)
+        task = LinearTask(profile, loop.run_dir)
+        first = loop.run(task, stop_at=2)
+        second = loop.run(task, stop_at=5)
+    full, _ = run(tmp_path / "full")
+    assert (first.step, second.start_step, second.step) == (2, 2, 5)
+    assert first.records + second.records == full.records
