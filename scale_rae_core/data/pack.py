@@ -28,7 +28,9 @@ import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import tarfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -395,13 +397,37 @@ def _encode(job: tuple[str | None, _EncodeOptions]) -> bytes | str | None:
         return None
     try:
         im = load_image(Path(path), max_pixels=max_pixels)
+        return encode_image(resize_max_side(im, image_size), codec, quality)
     except BadImage as err:
         return str(err)
-    return encode_image(resize_max_side(im, image_size), codec, quality)
+    except Exception as err:  # whatever one image does, it costs that image only (a reject), never the pack
+        return f"cannot use the image ({type(err).__name__}: {str(err)[:200]})"
 
 
 def _encode_chunk(jobs: list[tuple[str | None, _EncodeOptions]]) -> list[bytes | str | None]:
     return [_encode(job) for job in jobs]
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker as soon as the packing process is gone, also after ``kill -9``
+    (which runs no clean-up in the parent). Linux: the kernel's parent-death signal; everywhere: a watchdog
+    thread that polls the parent id once a second."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="srae-pack-parent-watch", daemon=True).start()
 
 
 def _encoded(
@@ -423,7 +449,8 @@ def _encoded(
     # fails for stdin/notebook callers); a worker that dies makes the pool raise instead of hanging.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     i = first
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         pending: deque[Future[list[bytes | str | None]]] = deque()
         submitted = 0
         while pending or submitted < len(chunks):
