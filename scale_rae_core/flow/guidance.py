@@ -50,7 +50,7 @@ class Guidance:
 
 def check_guidance(model: nn.Module, guidance: Guidance, guide_model: nn.Module | None) -> None:
     """One-line errors for a guidance setup that cannot work with `model`."""
-    if guidance.method == "cfg" and not model.has_null_label:
+    if guidance.method == "cfg" and guidance.scale != 1.0 and not model.has_null_label:
         raise ConfigError(
             "classifier-free guidance needs a model trained with class dropout (it has no null class); "
             "use --guidance none or autoguidance"

@@ -104,7 +104,7 @@ class ClassDiTConfig:
 
     def _blocks(self, width: int, depth: int, heads: int) -> DiTConfig:
         return DiTConfig(
-            in_channels=self.in_channels, grid=self.grid, hidden=width, depth=max(depth, 1), heads=heads,
+            in_channels=self.in_channels, grid=self.grid, hidden=width, depth=depth, heads=heads,
             cond_dim=width, mlp_ratio=self.mlp_ratio, class_dropout_prob=0.0, qkv_bias=True,
             rope_theta=self.rope_theta, norm_eps=self.norm_eps,
         )
