@@ -29,9 +29,9 @@ Where srae intentionally differs from RAE's `transport/` (rae.md §12):
   srae's `sbdm` is +t/(1 − t), the forward process's g²/2, evaluated at min(t, 1 − 1e-3) since it is infinite at
   t = 1; the default is `sigma` (D = t);
 * RAE's last SDE step (`Mean`, `Tweedie`, `Euler`) is evaluated at the unshifted time 1 − t1 = 0.04 while the
-  sample sits at the shifted shift(0.04) ≈ 0.22, so it stops short of data; srae's Tweedie step goes from the last
-  grid point to 0. (RAE's default `Mean` step, the drift of the SDE over one big interval, over-corrects: for a
-  point mass it leaves −t·ε of noise; it is not offered.)
+  sample sits at shift(0.04) ≈ 0.22 (256 px), so it stops short of data; srae's Tweedie step goes from the last
+  grid point to 0. (RAE's default `Mean` step, the SDE drift over one big interval, over-corrects: with D = t and
+  a point mass it leaves −t·ε of noise; it is not offered.)
 * RAE's stochastic Heun with `last_step: None` evaluates the score at t = 0 (NaN); srae takes the first-order step.
 """
 
