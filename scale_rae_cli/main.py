@@ -102,8 +102,11 @@ def _register() -> None:
     from scale_rae_cli import (
         convert,
         data,
+        data_npz,
         demo,
         env,
+        eval_fid,
+        eval_probe,
         eval_recon,
         eval_shapes,
         generate,
@@ -122,11 +125,14 @@ def _register() -> None:
     train_app.command("stage1", epilog=train_unified.STAGE1_EPILOG)(train_unified.stage1)
     train_app.command("stage2", epilog=train_unified.STAGE2_EPILOG)(train_unified.stage2)
     app.add_typer(train_app, name="train")
+    data.app.command("npz", epilog=data_npz.EPILOG)(data_npz.npz)
     app.add_typer(data.app, name="data")
     app.command("stat", epilog=stat.EPILOG)(stat.stat)
     eval_app = typer.Typer(help="Evaluate models.", no_args_is_help=True)
     eval_app.command("recon", epilog=eval_recon.EPILOG)(eval_recon.recon)
     eval_app.command("shapes", epilog=eval_shapes.EPILOG)(eval_shapes.shapes)
+    eval_app.command("fid", epilog=eval_fid.EPILOG)(eval_fid.fid)
+    eval_app.command("probe", epilog=eval_probe.EPILOG)(eval_probe.probe)
     app.add_typer(eval_app, name="eval")
     convert_app = typer.Typer(help="Convert released checkpoints into srae's format.", no_args_is_help=True)
     convert_app.command("decoder", epilog=convert.EPILOG)(convert.convert_decoder)

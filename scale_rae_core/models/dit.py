@@ -185,11 +185,15 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Gaussian-Fourier features [sin 2πtW, cos 2πtW] (512) -> Linear -> SiLU -> Linear, width Z."""
+    """Gaussian-Fourier features [sin 2πtW, cos 2πtW] (512) -> Linear -> SiLU -> Linear, width Z.
 
-    def __init__(self, cond_dim: int) -> None:
+    `persistent_w`: keep W in the state dict (RAE's checkpoints carry their own random W; Scale-RAE's do not,
+    so there W is regenerated from the fixed seed).
+    """
+
+    def __init__(self, cond_dim: int, persistent_w: bool = False) -> None:
         super().__init__()
-        self.register_buffer("W", fourier_frequencies(), persistent=False)
+        self.register_buffer("W", fourier_frequencies(), persistent=persistent_w)
         self.mlp = nn.Sequential(
             nn.Linear(2 * FOURIER_FEATURES, cond_dim),
             nn.SiLU(),
