@@ -69,6 +69,12 @@ def _read_regular_file(path: Path) -> bytes:
         os.close(fd)
 
 
+def _pillow_bomb(max_pixels: int) -> BadImage:
+    """Pillow's own refusal (above twice its ``MAX_IMAGE_PIXELS``, before our limit is checked), in our words."""
+    pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return BadImage(f"decompression bomb: more than {pillow_limit} pixels (the limit is {max_pixels})")
+
+
 def _decode(data: bytes, max_pixels: int) -> Image.Image:
     """Open and fully decode ``data`` after checking its header's pixel count; EXIF orientation applied."""
     with warnings.catch_warnings():
@@ -76,8 +82,8 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             im = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as err:
-            raise BadImage(f"decompression bomb: {err}") from None
+        except Image.DecompressionBombError:
+            raise _pillow_bomb(max_pixels) from None
         except UnidentifiedImageError:
             raise BadImage("not an image (Pillow cannot identify it)") from None
         except (OSError, SyntaxError, ValueError) as err:
@@ -90,8 +96,8 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
         try:
             im.load()
             return ImageOps.exif_transpose(im)
-        except Image.DecompressionBombError as err:
-            raise BadImage(f"decompression bomb: {err}") from None
+        except Image.DecompressionBombError:
+            raise _pillow_bomb(max_pixels) from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as err:
             raise BadImage(f"truncated or corrupt image: {err}") from None
 
