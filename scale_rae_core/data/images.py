@@ -69,10 +69,9 @@ def _read_regular_file(path: Path) -> bytes:
         os.close(fd)
 
 
-def _pillow_bomb(max_pixels: int) -> BadImage:
+def _pillow_bomb() -> BadImage:
     """Pillow's own refusal (above twice its ``MAX_IMAGE_PIXELS``, before our limit is checked), in our words."""
-    pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-    return BadImage(f"decompression bomb: more than {pillow_limit} pixels (the limit is {max_pixels})")
+    return BadImage(f"decompression bomb: more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels (Pillow's hard limit)")
 
 
 def _decode(data: bytes, max_pixels: int) -> Image.Image:
@@ -83,7 +82,7 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
         try:
             im = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:
-            raise _pillow_bomb(max_pixels) from None
+            raise _pillow_bomb() from None
         except UnidentifiedImageError:
             raise BadImage("not an image (Pillow cannot identify it)") from None
         except (OSError, SyntaxError, ValueError) as err:
@@ -97,7 +96,7 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
             im.load()
             return ImageOps.exif_transpose(im)
         except Image.DecompressionBombError:
-            raise _pillow_bomb(max_pixels) from None
+            raise _pillow_bomb() from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as err:
             raise BadImage(f"truncated or corrupt image: {err}") from None
 
