@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicCache
@@ -475,6 +476,11 @@ class UnifiedLM(nn.Module):
             mask[r, T - p.shape[0] :] = 1
         cache = DynamicCache(config=self.llm.config)
         hidden = self._extend(embeds, mask, cache)
+        if cache.get_seq_length() != T:  # a transformers without the `cache=` argument ignores it silently
+            raise ConfigError(
+                f"transformers {transformers.__version__} did not fill the KV cache passed as cache=; "
+                "install transformers>=5.24 (pip install -U 'transformers>=5.24')"
+            )
         done = [False] * B
         for step in range(max_new_tokens + 1):
             choice = self.llm.lm_head(hidden[:, -1]).float().argmax(-1).tolist()  # one host read per token

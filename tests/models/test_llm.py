@@ -439,6 +439,18 @@ def test_decode_uses_the_cache_api_without_deprecation_warnings(tok):
     assert len(out.tokens[0]) == 3
 
 
+def test_a_transformers_that_ignores_the_cache_argument_is_named_not_silently_wrong(tok, monkeypatch):
+    m = tiny_unified(tok)
+    forward = type(m.llm.model).forward
+
+    def without_cache(self, *args, cache=None, **kwargs):  # what a transformers before 5.24 does with `cache=`
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(m.llm.model), "forward", without_cache)
+    with pytest.raises(ConfigError, match=r"did not fill the KV cache.*transformers>=5\.24"):
+        m.decode([_prompt(m, tok, GEN[:1])], max_new_tokens=3, stop_ids=[], image_start_id=-1)
+
+
 def test_reference_parameter_names_round_trip(tok):
     m = tiny_unified(tok)
     assert from_reference_key("model.mm_projector.0.weight") == "mm_projector.0.weight"
