@@ -326,6 +326,17 @@ class Decoded:
     conditions: torch.Tensor | None  # (B, N, Z) of the opened images; zeros for other rows; None if none opened
 
 
+def _left_pad(prompts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts (T_i, d) -> embeddings (B, T, d) padded with zeros on the left, and their mask (B, T)."""
+    B, T = len(prompts), max(p.shape[0] for p in prompts)
+    embeds = prompts[0].new_zeros(B, T, prompts[0].shape[-1])
+    mask = torch.zeros(B, T, dtype=torch.long, device=embeds.device)
+    for r, p in enumerate(prompts):  # every row's last prompt token sits at T − 1
+        embeds[r, T - p.shape[0] :] = p
+        mask[r, T - p.shape[0] :] = 1
+    return embeds, mask
+
+
 class UnifiedLM(nn.Module):
     """A Qwen2 causal LM with the Scale-RAE image interfaces around it.
 
@@ -464,19 +475,14 @@ class UnifiedLM(nn.Module):
         """
         if not prompts:
             raise ConfigError("decode got no prompts")
-        B, N = len(prompts), self.cfg.num_image_tokens
+        B = len(prompts)
         out = Decoded([[] for _ in range(B)], [False] * B, [False] * B, None)
         if max_new_tokens == 0 and not force_image:
             return out
-        T = max(p.shape[0] for p in prompts)
-        embeds = prompts[0].new_zeros(B, T, prompts[0].shape[-1])  # (B, T, d)
-        mask = torch.zeros(B, T, dtype=torch.long, device=embeds.device)
-        for r, p in enumerate(prompts):  # left padding: every row's last prompt token sits at T − 1
-            embeds[r, T - p.shape[0] :] = p
-            mask[r, T - p.shape[0] :] = 1
+        embeds, mask = _left_pad(prompts)  # (B, T, d), (B, T)
         cache = DynamicCache(config=self.llm.config)
         hidden = self._extend(embeds, mask, cache)
-        if cache.get_seq_length() != T:  # a transformers without the `cache=` argument ignores it silently
+        if cache.get_seq_length() != mask.shape[1]:  # a transformers without `cache=` ignores it silently
             raise ConfigError(
                 f"transformers {transformers.__version__} did not fill the KV cache passed as cache=; "
                 "install transformers>=5.24 (pip install -U 'transformers>=5.24')"
@@ -501,14 +507,23 @@ class UnifiedLM(nn.Module):
             if all(done):
                 break
             hidden = self._extend(new, mask, cache)
-        if any(out.opened):  # the last tokens and the N latent queries of every opened row, in one forward
-            opened = torch.tensor(out.opened, device=mask.device)  # (B,)
-            queries = self.latent_queries.to(new.dtype).expand(B, N, -1)  # (B, N, d)
-            mask = torch.cat([mask, opened[:, None].long().expand(B, N)], 1)
-            hidden = self._extend(torch.cat([new, queries], 1), mask, cache)
-            conditions = self.conditions(hidden[:, -N:])  # (B, N, Z)
-            out.conditions = torch.where(opened[:, None, None], conditions, torch.zeros_like(conditions))
+        if any(out.opened):
+            out.conditions = self._image_conditions(new, mask, cache, out.opened)
         return out
+
+    def _image_conditions(
+        self, new: torch.Tensor, mask: torch.Tensor, cache: Cache, opened: list[bool]
+    ) -> torch.Tensor:
+        """The rows' last tokens ``new`` (B, 1, d) and, where ``opened``, the N latent queries, in one forward
+        -> conditions (B, N, Z) of the opened images (zeros in the other rows, whose queries are masked)."""
+        B, N = new.shape[0], self.cfg.num_image_tokens
+        is_open = torch.tensor(opened, device=mask.device)  # (B,)
+        queries = self.latent_queries.to(new.dtype).expand(B, N, -1)  # (B, N, d)
+        mask = torch.cat([mask, is_open[:, None].long().expand(B, N)], 1)
+        hidden = self._extend(torch.cat([new, queries], 1), mask, cache)
+        conditions = self.conditions(hidden[:, -N:])  # (B, N, Z)
+        return torch.where(is_open[:, None, None], conditions, torch.zeros_like(conditions))
+
 
 # ----------------------------------------------------------------------------------------------------
 # Reference parameter names
