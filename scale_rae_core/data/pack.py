@@ -40,16 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scale_rae_core.data.images import DEFAULT_MAX_PIXELS, BadImage, read_image
 from scale_rae_core.data.shards import MANIFEST_NAME, _sha256
 from scale_rae_core.data.sources import FORMATS, TASKS, Entry, detect_format, entries_digest, list_entries
-from scale_rae_core.data.transforms import (
-    CODECS,
-    DEFAULT_MAX_PIXELS,
-    BadImage,
-    encode_image,
-    load_image,
-    resize_max_side,
-)
+from scale_rae_core.data.transforms import CODECS, encode_image, resize_max_side
 from scale_rae_core.errors import DataError
 from scale_rae_core.events import Reporter
 from scale_rae_core.runlock import LOCK_NAME, locked
@@ -420,7 +414,7 @@ def _encode(job: tuple[str | None, _EncodeOptions]) -> bytes | str | None:
     if path is None:
         return None
     try:
-        im = load_image(Path(path), max_pixels=max_pixels)
+        im = read_image(path, max_pixels=max_pixels)
         return encode_image(resize_max_side(im, image_size), codec, quality)
     except BadImage as err:
         return str(err)

@@ -13,8 +13,9 @@ attn.proj,norm2,mlp.w12,mlp.w3,adaLN_modulation.1}`, `final_layer.{norm_final,li
 reference state dict loads strictly once `REFERENCE_DIT_PREFIX` is stripped (`dit_state_dict_from_reference`).
 The Fourier frequencies `t_embedder.W` are not in those checkpoints: they are regenerated from a fixed seed.
 
-Unlike the reference, `forward_with_cfg` applies real guidance v_u + w·(v_c − v_u) (the released code never
-does, see the reference notes §8.1).
+Classifier-free guidance is the sampler's (`flow/sampler.py: guided_velocity`, with `null_condition` as the
+unconditional y); unlike the reference it really applies v_u + w·(v_c − v_u) (the released code never does,
+see the reference notes §8.1).
 """
 
 from __future__ import annotations
@@ -385,30 +386,6 @@ class LightningDiT(nn.Module):
             s = block(s, c, self.feat_rope)
         out = self.final_layer(s, c)  # (B, N, C)
         return tokens_to_grid(out, cfg.grid)  # (B, C, g, g)
-
-    def forward_with_cfg(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        scale: float,
-        interval: tuple[float, float] | None = None,
-    ) -> torch.Tensor:
-        """Guided velocity v_u + scale·(v_c − v_u) from one forward over [cond; null] (2B rows).
-
-        Guidance applies to samples whose t lies in the closed `interval` (all samples if None); outside it
-        the conditional velocity is returned. `scale == 1` runs the conditional branch only.
-        """
-        if scale == 1.0:
-            return self.forward(x, t, y)
-        B = x.shape[0]
-        y_both = torch.cat([y, self.null_condition(B).to(y.dtype)])  # (2B, N, Z)
-        v_cond, v_uncond = self.forward(torch.cat([x, x]), torch.cat([t, t]), y_both).chunk(2)
-        guided = v_uncond + scale * (v_cond - v_uncond)
-        if interval is None:
-            return guided
-        inside = ((t >= interval[0]) & (t <= interval[1])).view(B, 1, 1, 1)
-        return torch.where(inside, guided, v_cond)
 
 
 def count_reference_params(model: LightningDiT) -> int:

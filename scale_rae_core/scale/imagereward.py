@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from scale_rae_core.data.images import as_rgb, open_image_file, to_tensor
 from scale_rae_core.errors import CheckpointError, DataError
 from scale_rae_core.files import read_plain_state_dict
 
@@ -525,13 +526,11 @@ def _hub_vocab(repo: str) -> Path:
 
 
 def _as_pil(image: Image.Image | str | Path | torch.Tensor) -> Image.Image:
+    """An 8-bit RGB image: files through the shared reader, PIL images through its mode conversion."""
     if isinstance(image, Image.Image):
-        return image
+        return as_rgb(image)
     if isinstance(image, (str, Path)):
-        try:
-            return Image.open(image)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{image}: cannot open as an image ({e})") from e
+        return open_image_file(image)
     if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
         array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
         return Image.fromarray(array)
@@ -548,8 +547,7 @@ def _preprocess_one(image: Image.Image, size: int) -> torch.Tensor:
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size)).convert("RGB")
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+    x = to_tensor(image.crop((left, top, left + size, top + size)))  # (3, S, S) in [0, 1]
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return (x - mean) / std

@@ -220,3 +220,20 @@ def test_preprocess_resizes_short_side_and_center_crops(tmp_path):
     torch.testing.assert_close(x[0, :, 16, 16], green)  # the center crop is the green third
     tensor_in = model.preprocess([torch.ones(3, 32, 32)])  # (3, H, W) tensors in [0, 1] are accepted
     assert tensor_in.shape == (1, 3, 32, 32)
+
+
+def test_preprocess_reads_files_and_modes_with_the_shared_reader(tmp_path):
+    import numpy as np
+
+    from scale_rae_core.errors import DataError
+
+    model = tiny_model(tmp_path)
+    clear = Image.new("RGBA", (32, 32), (255, 0, 0, 0))  # fully transparent red: white, as everywhere else
+    white = model.preprocess([Image.new("RGB", (32, 32), (255, 255, 255))])
+    torch.testing.assert_close(model.preprocess([clear]), white)
+    deep = tmp_path / "deep.png"  # a 16-bit mid-grey file: grey, not Pillow's saturated white
+    Image.fromarray(np.full((32, 32), 32896, np.uint16)).save(deep)
+    grey = model.preprocess([Image.new("RGB", (32, 32), (128, 128, 128))])
+    torch.testing.assert_close(model.preprocess([deep]), grey)
+    with pytest.raises(DataError, match=r"^image .*missing\.png: not found"):
+        model.preprocess([tmp_path / "missing.png"])
