@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from scale_rae_core.errors import CheckpointError, ConfigError
+from scale_rae_core.models.decoder import DECODER_PRESETS
+from scale_rae_core.models.io import key_mismatch
 
 if TYPE_CHECKING:
     from scale_rae_core.config import EncoderSettings
@@ -227,8 +229,6 @@ def released_decoder_keys(num_layers: int) -> list[str]:
 
 def check_released_decoder(state: Mapping[str, torch.Tensor], source: str) -> int:
     """Validate the key set strictly; return the number of layers."""
-    from scale_rae_core.models.io import key_mismatch
-
     indices = {int(m.group(1)) for k in state if (m := _DECODER_LAYER_RE.match(k))}
     num_layers = max(indices) + 1 if indices else 0
     expected = set(released_decoder_keys(num_layers))
@@ -286,8 +286,6 @@ def released_decoder_sizes(
     The reference overwrites ``hidden_size``, ``patch_size`` and ``image_size`` of the json at run time, so those
     json fields are not trusted; without a json (RAE-collections) a size preset fixes the head count.
     """
-    from scale_rae_core.models.decoder import DECODER_PRESETS
-
     D, C = state["decoder_embed.weight"].shape
     out_dim = state["decoder_pred.weight"].shape[0]
     p = math.isqrt(out_dim // 3)

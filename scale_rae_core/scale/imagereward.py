@@ -304,7 +304,7 @@ class ImageReward(nn.Module):
 # ----------------------------------------------------------------------------------------------- helpers
 def _resolve(src: str | os.PathLike[str]) -> tuple[Path, Path | None]:
     """(weights file, med_config.json or None) from a file, a directory or a Hugging Face repo id."""
-    source = resolve(str(src), flag="ImageReward", allow_patterns=[WEIGHTS_FILE, MED_CONFIG_FILE], files_ok=True)
+    source = resolve(str(src), flag="ImageReward weights (--ir-weights)", allow_patterns=[WEIGHTS_FILE, MED_CONFIG_FILE], files_ok=True)
     weights = source.path if source.path.is_file() else source.path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing; an ImageReward directory or repo holds {WEIGHTS_FILE} + {MED_CONFIG_FILE}")
@@ -368,7 +368,7 @@ def load_blip_tokenizer(source: str | os.PathLike[str] | None = None, search: Se
 
 
 def _hub_vocab(repo: str) -> Path:
-    return resolve(repo, flag="tokenizer", allow_patterns=["vocab.txt"]).path
+    return resolve(repo, flag="ImageReward tokenizer (--ir-tokenizer)", allow_patterns=["vocab.txt"]).path
 
 
 def _as_pil(image: Image.Image | str | Path | torch.Tensor) -> Image.Image:
