@@ -341,7 +341,7 @@ class UnifiedLM(nn.Module):
     """A Qwen2 causal LM with the Scale-RAE image interfaces around it.
 
     ``llm`` is a transformers ``Qwen2ForCausalLM`` (built from a config or loaded from a checkpoint);
-    its width d sets the projectors' sizes. Parameters (reference names in :func:`to_reference_key`):
+    its width d sets the projectors' sizes. Parameters (reference names in ``models.adapters.to_reference_key``):
     ``mm_projector`` Linear(C→d) → GELU → Linear(d→d); ``latent_queries`` (N, d) ~ N(0, 1)/√d;
     ``diff_head_projector`` Linear(d→Z).
     """
@@ -524,33 +524,3 @@ class UnifiedLM(nn.Module):
         conditions = self.conditions(hidden[:, -N:])  # (B, N, Z)
         return torch.where(is_open[:, None, None], conditions, torch.zeros_like(conditions))
 
-
-# ----------------------------------------------------------------------------------------------------
-# Reference parameter names
-# ----------------------------------------------------------------------------------------------------
-
-# reference prefix → srae prefix; first match wins (the image modules sit under `model.` there)
-_REFERENCE_PREFIXES = (
-    ("model.mm_projector.", "mm_projector."),
-    ("model.latent_queries", "latent_queries"),
-    ("diff_head_projector.", "diff_head_projector."),
-    ("model.", "llm.model."),
-    ("lm_head.", "llm.lm_head."),
-)
-
-
-def from_reference_key(key: str) -> str | None:
-    """A reference checkpoint key (``model.mm_projector.0.weight``) → the :class:`UnifiedLM` key
-    (``mm_projector.0.weight``); None for keys this module does not own (``diff_head.*`` etc.)."""
-    for ref, ours in _REFERENCE_PREFIXES:
-        if key.startswith(ref):
-            return ours + key[len(ref) :]
-    return None
-
-
-def to_reference_key(key: str) -> str:
-    """A :class:`UnifiedLM` key → the reference checkpoint key (inverse of :func:`from_reference_key`)."""
-    for ref, ours in _REFERENCE_PREFIXES:
-        if key.startswith(ours):
-            return ref + key[len(ours) :]
-    raise KeyError(f"{key} is not a UnifiedLM parameter name")

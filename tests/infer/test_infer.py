@@ -187,12 +187,12 @@ def test_released_layout_loads_every_key_and_generates_the_same_image(files, ses
 
 
 def test_offline_missing_repo_fails_in_one_line(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(CheckpointError) as err:
         load_model("nobody/no-such-model@v1")
     msg = str(err.value)
-    assert "\n" not in msg and "huggingface-cli download nobody/no-such-model --revision v1" in msg
+    assert "\n" not in msg and "`hf download nobody/no-such-model --revision v1`" in msg
     with pytest.raises(CheckpointError, match="not a Hugging Face repo id"):
         load_model(str(tmp_path / "nope" / "deeper"))
 

@@ -9,14 +9,13 @@ import torch
 
 from scale_rae_core.errors import CheckpointError, ConfigError
 from scale_rae_core.flow.sampler import guided_velocity
+from scale_rae_core.models.adapters import REFERENCE_DIT_PREFIX, dit_state_dict_from_reference
 from scale_rae_core.models.dit import (
     DIT_PRESETS,
-    REFERENCE_DIT_PREFIX,
     ConditionEmbedder,
     DiTConfig,
     LightningDiT,
     count_reference_params,
-    dit_state_dict_from_reference,
     grid_to_tokens,
     tokens_to_grid,
 )

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from scale_rae_core.errors import ConfigError, DataError
+from scale_rae_core.models.adapters import from_reference_key, to_reference_key
 from scale_rae_core.models.llm import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER_ID,
@@ -18,9 +19,7 @@ from scale_rae_core.models.llm import (
     add_image_tokens,
     build_sample,
     collate,
-    from_reference_key,
     image_token_ids,
-    to_reference_key,
 )
 from scale_rae_core.models.tokenizer import build_tiny_tokenizer
 
