@@ -54,11 +54,11 @@ def pack(
     quiet: QuietOpt = False,
 ) -> None:
     """Pack images with captions or conversations into WebDataset tar shards + wds_manifest.json."""
+    from scale_rae_core.data.pack import EVENTS_NAME
     from scale_rae_core.data.pack import pack as run_pack
     from scale_rae_core.events import Reporter
 
-    with Reporter(out.parent / f"{out.name}.events.jsonl", show_progress=not quiet) as rep:
-        rep.event("pack.start", input=str(input), out=str(out), workers=workers, resume=resume)
+    with Reporter(out / EVENTS_NAME, show_progress=not quiet) as rep:
         with rep.task("packing", None) as advance:
             last = 0
 
@@ -71,8 +71,8 @@ def pack(
                 input, out, format=format, task=task, samples_per_shard=samples_per_shard,
                 max_shard_bytes=shard_bytes, image_size=image_size, codec=codec, quality=quality,
                 workers=workers, resume=resume, dataset_name=name, image_root=image_root, progress=progress,
+                reporter=rep,
             )
-        rep.event("pack.done", packed=s.packed, skipped=s.skipped, shards=s.shards, bytes=s.bytes, seconds=s.seconds)
     rate = s.packed / s.seconds if s.seconds else 0.0
     typer.echo(
         f"packed {s.packed} samples into {s.shards} shards ({s.bytes / 1e6:.1f} MB, {rate:.0f} samples/s), "

@@ -29,7 +29,7 @@ def list_() -> None:
 
 @app.command("show", epilog="Example: srae profiles show v4-256 --set stage1.lr=1e-4")
 def show(
-    name: str = typer.Argument("tiny-cpu", help="Profile name or path to a TOML file."),
+    name: str | None = typer.Argument(None, help="Profile name or path to a TOML file. Default: $SRAE_PROFILE or tiny-cpu."),
     set_: SetOpt = None,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of TOML-like text."),
 ) -> None:

@@ -72,5 +72,5 @@ def stage2(
     steps: StepsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Stage 2: finetune a stage-1 model (e.g. on instruction JSONL) with the [stage2] optimisation."""
+    """Stage 2: finetune a stage-1 model (e.g. on instruction JSONL) with the stage2 section of the profile."""
     _run("stage2", profile, overrides, data, out, init_from, resume, steps, quiet)

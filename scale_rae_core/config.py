@@ -35,7 +35,7 @@ ENV_DELIMITER = "__"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -386,6 +386,8 @@ def resolve_profile_path(name_or_path: str | os.PathLike | None) -> Path:
     text = str(name_or_path)
     candidate = Path(text).expanduser()
     if candidate.suffix == ".toml" or os.sep in text or candidate.exists():
+        if candidate.is_dir():
+            raise ConfigError(f"profile {candidate} is a folder; pass a TOML file or a shipped name ({', '.join(list_profiles())})")
         if not candidate.is_file():
             raise ConfigError(f"profile file {candidate} does not exist; pass a shipped name ({', '.join(list_profiles())}) or a TOML path")
         return candidate
@@ -481,7 +483,11 @@ def load_profile(name_or_path: str | os.PathLike | None = None, overrides: Seque
     """Resolve, read and validate a profile with `--set` overrides and SRAE_* environment variables."""
     path = resolve_profile_path(name_or_path)
     try:
-        file_data = tomllib.loads(path.read_text())
+        file_data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); pass a TOML profile") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__}); pass a readable TOML profile") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
     set_data = parse_overrides(overrides)

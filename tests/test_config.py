@@ -199,3 +199,32 @@ def test_profiles_resolve_from_an_installed_copy(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     path = Path(out.stdout.strip())
     assert path.is_file() and path.parent.name == "profiles" and path.parent.parent.name == "scale_rae_core"
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", "1e400"])
+def test_non_finite_numbers_are_refused_naming_the_key(value):
+    with pytest.raises(ConfigError) as err:
+        load_profile("tiny-cpu", [f"stage1.lr={value}"])
+    assert "--set stage1.lr" in str(err.value) and "finite number" in str(err.value)
+
+
+def test_a_folder_or_a_binary_file_as_profile_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_profile(str(tmp_path))
+    binary = tmp_path / "p.toml"
+    binary.write_bytes(b"\xff\xfe\x00garbage\x80")
+    with pytest.raises(ConfigError, match="not a text file"):
+        load_profile(str(binary))
+
+
+def test_profiles_show_follows_srae_profile(monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from scale_rae_cli.main import app
+
+    monkeypatch.setenv("SRAE_PROFILE", "gpu-1")
+    result = CliRunner().invoke(app, ["profiles", "show", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["source"].endswith("gpu-1.toml")

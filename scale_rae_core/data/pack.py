@@ -28,7 +28,9 @@ import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import tarfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -38,21 +40,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scale_rae_core.data.images import DEFAULT_MAX_PIXELS, BadImage, read_image
 from scale_rae_core.data.shards import MANIFEST_NAME, _sha256
 from scale_rae_core.data.sources import FORMATS, TASKS, Entry, detect_format, entries_digest, list_entries
-from scale_rae_core.data.transforms import (
-    CODECS,
-    DEFAULT_MAX_PIXELS,
-    BadImage,
-    encode_image,
-    load_image,
-    resize_max_side,
-)
+from scale_rae_core.data.transforms import CODECS, encode_image, resize_max_side
 from scale_rae_core.errors import DataError
+from scale_rae_core.events import Reporter
+from scale_rae_core.runlock import LOCK_NAME, locked
 
 FORMAT_VERSION = 1
 STATE_NAME = ".srae_pack_state.json"
 REJECTS_NAME = "rejects.jsonl"
+EVENTS_NAME = "pack.events.jsonl"
 SHARD_NAME = "shard-{:06d}.tar"
 _TAR_BLOCK = 512
 
@@ -91,6 +90,7 @@ def pack(
     image_root: Path | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Progress | None = None,
+    reporter: Reporter | None = None,
 ) -> PackSummary:
     """Pack ``input`` into tar shards under ``out``; see the module docstring for the layout.
 
@@ -98,7 +98,9 @@ def pack(
     conversations made from captions. ``image_size`` shrinks images so their longer side is at most that
     (``None`` keeps them). A shard holds at most ``samples_per_shard`` samples and is at most
     ``max_shard_bytes`` on disk (unless one sample alone is larger). ``image_root`` is where CSV/JSONL image paths are resolved and must stay (default:
-    the file's folder). ``progress(done, total)`` is called after each input item.
+    the file's folder). ``progress(done, total)`` is called after each input item. ``reporter`` gets the
+    ``pack.start`` / ``pack.done`` events (the CLI logs them to ``out/pack.events.jsonl``), emitted only once
+    ``out`` is known to be ours. ``out`` is locked for the whole pack (:mod:`scale_rae_core.runlock`).
     """
     start = time.perf_counter()
     input, out = Path(input), Path(out)
@@ -107,6 +109,22 @@ def pack(
     )
     if image_root is not None and not Path(image_root).is_dir():
         raise DataError(f"--image-root {image_root}: not a folder")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose an empty output directory")
+    reporter = reporter or Reporter()
+    with locked(out):
+        summary = _pack_locked(input, out, format, task, samples_per_shard, max_shard_bytes, image_size, codec,
+                               quality, workers, resume, dataset_name, image_root, max_pixels, progress, reporter, start)
+    reporter.event("pack.done", packed=summary.packed, skipped=summary.skipped, shards=summary.shards,
+                   bytes=summary.bytes, seconds=summary.seconds)
+    return summary
+
+
+def _pack_locked(
+    input: Path, out: Path, format: str | None, task: str, samples_per_shard: int, max_shard_bytes: int,
+    image_size: int | None, codec: str, quality: int, workers: int, resume: bool, dataset_name: str | None,
+    image_root: Path | None, max_pixels: int, progress: Progress | None, reporter: Reporter, start: float,
+) -> PackSummary:
     fmt = format or detect_format(input)
     entries = list_entries(input, fmt, task, Path(image_root) if image_root else None)
     if not entries:
@@ -128,6 +146,8 @@ def pack(
     }
 
     shards, done = _prepare_out(out, options, resume)
+    reporter.event("pack.start", input=str(input), out=str(out), workers=workers, resume=resume,
+                   resumed_shards=len(shards))
     resumed = len(shards)
     if done:
         return _summary(out, fmt, shards, resumed, start)
@@ -222,12 +242,12 @@ def _prepare_out(out: Path, options: dict[str, Any], resume: bool) -> tuple[list
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; choose an empty output directory")
     out.mkdir(parents=True, exist_ok=True)
-    present = sorted(p.name for p in out.iterdir())
+    present = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
     if not present:
         return [], False
     if not resume:
         raise DataError(f"{out}: not empty; pass --resume to continue an interrupted pack, or choose an empty directory")
-    ours = {MANIFEST_NAME, STATE_NAME, REJECTS_NAME, MANIFEST_NAME + ".tmp", STATE_NAME + ".tmp"}
+    ours = {MANIFEST_NAME, STATE_NAME, REJECTS_NAME, MANIFEST_NAME + ".tmp", STATE_NAME + ".tmp", EVENTS_NAME, LOCK_NAME}
     foreign = [n for n in present if n not in ours and not _is_shard_name(n)]
     if foreign:
         raise DataError(f"{out}: holds files srae did not write ({foreign[0]}); choose an empty directory")
@@ -394,14 +414,38 @@ def _encode(job: tuple[str | None, _EncodeOptions]) -> bytes | str | None:
     if path is None:
         return None
     try:
-        im = load_image(Path(path), max_pixels=max_pixels)
+        im = read_image(path, max_pixels=max_pixels)
+        return encode_image(resize_max_side(im, image_size), codec, quality)
     except BadImage as err:
         return str(err)
-    return encode_image(resize_max_side(im, image_size), codec, quality)
+    except Exception as err:  # whatever one image does, it costs that image only (a reject), never the pack
+        return f"cannot use the image ({type(err).__name__}: {str(err)[:200]})"
 
 
 def _encode_chunk(jobs: list[tuple[str | None, _EncodeOptions]]) -> list[bytes | str | None]:
     return [_encode(job) for job in jobs]
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker as soon as the packing process is gone, also after ``kill -9``
+    (which runs no clean-up in the parent). Linux: the kernel's parent-death signal; everywhere: a watchdog
+    thread that polls the parent id once a second."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="srae-pack-parent-watch", daemon=True).start()
 
 
 def _encoded(
@@ -423,7 +467,8 @@ def _encoded(
     # fails for stdin/notebook callers); a worker that dies makes the pool raise instead of hanging.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     i = first
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         pending: deque[Future[list[bytes | str | None]]] = deque()
         submitted = 0
         while pending or submitted < len(chunks):

@@ -50,7 +50,7 @@ def normalize_conversations(raw: Any) -> list[dict[str, str]]:
             raise ValueError(f"conversation turn {i} is {type(turn).__name__}, not an object")
         role = turn.get("from", turn.get("role"))
         value = turn.get("value", turn.get("content"))
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise ValueError(f"conversation turn {i} has role {role!r}; use human/user or gpt/assistant")
         if not isinstance(value, str):
             raise ValueError(f"conversation turn {i} has no string 'value' (or 'content')")

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scale_rae_core.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, read_image
 from scale_rae_core.data.sample import Sample, normalize_conversations
-from scale_rae_core.data.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, load_image
 from scale_rae_core.errors import DataError
 
 MANIFEST_NAME = "wds_manifest.json"
@@ -41,6 +41,13 @@ def manifest_path(path: Path) -> Path:
     return path / MANIFEST_NAME if path.is_dir() else path
 
 
+def _count(value: object, mpath: Path, key: str) -> int:
+    """A per-tar sample count from a manifest: a non-negative integer, else one DataError naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DataError(f"{mpath}: {key} = {value!r} is not a sample count (a whole number >= 0); re-run `srae data pack`")
+    return value
+
+
 def load_manifest(path: Path) -> Manifest:
     """Load a manifest given its path or its folder; raise :class:`DataError` if it is missing or malformed."""
     mpath = manifest_path(path)
@@ -56,13 +63,17 @@ def load_manifest(path: Path) -> Manifest:
     shards = raw.get("shards")
     if isinstance(shards, list) and shards and all(isinstance(s, dict) and "name" in s for s in shards):
         # srae manifest: names relative to the manifest, so the folder can be moved.
-        tars = [base / s["name"] for s in shards]
-        counts = [int(s["count"]) for s in shards]
+        tars = [base / str(s["name"]) for s in shards]
+        counts = [_count(s.get("count"), mpath, f"shards[{i}].count") for i, s in enumerate(shards)]
         sha = [str(s.get("sha256", "")) for s in shards]
     elif isinstance(raw.get("tars"), list) and raw["tars"]:
+        if not all(isinstance(t, str) and t for t in raw["tars"]):
+            raise DataError(f"{mpath}: 'tars' must be a list of tar paths (strings); re-run `srae data pack`")
         tars = [Path(t) if Path(t).is_absolute() else base / t for t in raw["tars"]]
         per = raw.get("samples_per_tar")
-        counts = [int(c) for c in per] if isinstance(per, list) and len(per) == len(tars) else None
+        counts = None
+        if isinstance(per, list) and len(per) == len(tars):
+            counts = [_count(c, mpath, f"samples_per_tar[{i}]") for i, c in enumerate(per)]
         sha = None
     else:
         raise DataError(f"{mpath}: manifest lists no tars; re-run `srae data pack`")
@@ -132,7 +143,7 @@ def decode_sample(
         meta = obj.get("metadata") or {}
         if not isinstance(meta, dict):
             raise ValueError("metadata is not an object")
-        im = load_image(image, max_pixels=max_pixels) if (image is not None and decode_image) else None
+        im = read_image(image, max_pixels=max_pixels) if (image is not None and decode_image) else None
     except (ValueError, BadImage) as err:
         raise DataError(f"{where}:{name}: {err}; run `srae data verify` on the shards") from err
     return Sample(key=name[: -len(".json")], image=im, conversations=turns, metadata=meta)
@@ -272,7 +283,7 @@ def _verify_tar(tar: Path, report: VerifyReport, max_pixels: int) -> int | None:
                 elif suffix in IMAGE_EXTENSIONS:
                     images.add(member.name)
                     try:
-                        load_image(data, max_pixels=max_pixels)
+                        read_image(data, max_pixels=max_pixels)
                     except BadImage as err:
                         report.problems.append(Problem(name, f"{member.name}: image does not decode ({err})"))
                 else:

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scale_rae_core.data.images import IMAGE_EXTENSIONS
 from scale_rae_core.data.sample import IMAGE_TOKEN, reference_record
-from scale_rae_core.data.transforms import IMAGE_EXTENSIONS
 from scale_rae_core.errors import DataError
 
 FORMATS = ("captions", "conversations", "classes")
@@ -175,13 +175,18 @@ def _resolve_image(raw: Any, root: Path) -> Path:
     """Resolve an image path from a CSV/JSONL row against ``root``; ``ValueError`` with the reason."""
     if not isinstance(raw, str) or not raw.strip():
         raise ValueError("missing image path")
+    if "\0" in raw:
+        raise ValueError("image path contains a NUL character")
     p = Path(raw)
     candidate = p if p.is_absolute() else root / p
-    resolved = candidate.resolve()
-    if not resolved.is_relative_to(root):
-        raise ValueError(f"path escapes the input root {root}: {raw}")
-    if not resolved.is_file():
-        raise ValueError(f"image file not found: {raw}")
+    try:
+        resolved = candidate.resolve()
+        if not resolved.is_relative_to(root):
+            raise ValueError(f"path escapes the input root {root}: {raw}")
+        if not resolved.is_file():
+            raise ValueError(f"image file not found: {raw}")
+    except OSError as err:  # e.g. a name longer than the file system allows
+        raise ValueError(f"image path unusable ({err.strerror or type(err).__name__}): {raw[:200]}") from None
     return resolved
 
 
@@ -206,8 +211,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
             source = f"{path.name}:{lineno}"
             try:
                 obj = json.loads(raw)
-            except ValueError as err:
-                yield source, None, f"line is not valid JSON: {err}"
+            except (ValueError, RecursionError) as err:
+                yield source, None, f"line is not valid JSON: {type(err).__name__}: {str(err)[:200]}"
                 continue
             if not isinstance(obj, dict):
                 yield source, None, f"line is a JSON {type(obj).__name__}, not an object"
@@ -247,23 +252,61 @@ def _caption_folder_entries(root: Path, task: str) -> Iterator[Entry]:
         yield Entry(source=rel, image=image, variants=caption_variants(caption, task))
 
 
-def _caption_csv_entries(path: Path, root: Path, task: str) -> Iterator[Entry]:
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        if "image" not in columns or "caption" not in columns:
-            raise DataError(f"{path}: needs a header with 'image' and 'caption' columns, found {columns}")
-        for row in reader:
-            source = f"{path.name}:{reader.line_num}"
+CSV_FIELD_LIMIT = 16 << 20  # characters per CSV field; a longer field rejects its row (Python's default is 128 Ki)
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """Yield ``(source, row, reject)`` per CSV row: a row that is not UTF-8 or does not parse (a field over
+    :data:`CSV_FIELD_LIMIT`, a stray quote) is rejected on its own and the rows after it are still read."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        # surrogateescape: a row with bytes that are not UTF-8 still parses; it is rejected below, alone
+        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            reader = csv.DictReader(f)
             try:
-                image = _resolve_image(row.get("image"), root)
-                caption = (row.get("caption") or "").strip()
-                if not caption:
-                    raise ValueError("missing caption")
-            except ValueError as err:
-                yield Entry(source=source, reject=str(err))
-                continue
-            yield Entry(source=source, image=image, variants=caption_variants(caption, task))
+                columns = reader.fieldnames or []
+            except csv.Error as err:
+                raise DataError(f"{path}: the header row does not parse as CSV ({err})") from None
+            if "image" not in columns or "caption" not in columns:
+                raise DataError(f"{path}: needs a header with 'image' and 'caption' columns, found {columns}")
+            while True:
+                line = reader.line_num + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as err:
+                    yield f"{path.name}:{line}", None, f"row does not parse as CSV: {err}"
+                    continue
+                source = f"{path.name}:{reader.line_num}"
+                if any(_not_utf8(v) for v in row.values()):
+                    yield source, None, "row is not UTF-8 text"
+                    continue
+                yield source, row, None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _not_utf8(value: Any) -> bool:
+    values = value if isinstance(value, list) else [value]  # extra cells land in a list under the None key
+    return any(isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v) for v in values)
+
+
+def _caption_csv_entries(path: Path, root: Path, task: str) -> Iterator[Entry]:
+    for source, row, reject in _csv_rows(path):
+        if reject is not None:
+            yield Entry(source=source, reject=reject)
+            continue
+        try:
+            image = _resolve_image(row.get("image"), root)
+            caption = (row.get("caption") or "").strip()
+            if not caption:
+                raise ValueError("missing caption")
+        except ValueError as err:
+            yield Entry(source=source, reject=str(err))
+            continue
+        yield Entry(source=source, image=image, variants=caption_variants(caption, task))
 
 
 def _caption_jsonl_entries(path: Path, root: Path, task: str) -> Iterator[Entry]:

@@ -24,7 +24,11 @@ antialiased at any ``image_size`` from 16 up. ``caption`` writes one of a few ca
                             answer), one caption ("Describe this image." → the caption) and two
                             verification samples (the self-verification question about a caption that
                             matches → "yes", and about one that differs in colour, shape or position → "no")
-      classes/red_circle/000000.png ...   ImageNet-style class folders (label = colour_shape)
+      classes/red_circle/000000.png ...   ImageNet-style class folders (label = colour_shape): the class-conditional
+                            task of 12 classes, ``SHAPE_CLASSES``; all 12 folders always exist (empty when a
+                            small split drew no image of a class), so the sorted folder names — the class index
+                            of ``srae data pack --format classes`` and ``data.labelled`` — are the same for
+                            every split and size
       heldout/              the same layout again, for evaluation only
 
 The held-out split is a separate folder drawn from its own random stream, so no held-out image (or
@@ -63,6 +67,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "cream": (246, 240, 226),
 }
 SIZE_THRESHOLD = 0.26  # a box side above this fraction of the image side reads as "large"
+# The class-conditional task: colour x shape, in sorted order (= the class index, as for any class-folder tree).
+SHAPE_CLASSES: tuple[str, ...] = tuple(sorted(f"{colour}_{shape}" for colour in COLOURS for shape in SHAPES))
 
 COLOUR_JITTER = 15  # max per-channel offset of the shape colour, in 0..255 units
 POSITION_JITTER = 0.03  # max horizontal offset of the centre, fraction of width
@@ -271,6 +277,8 @@ def _write_split(root: Path, n: int, image_size: int, seed: int, split: str) -> 
     """Write one split's formats under ``root``; return its counts and paths."""
     captioned, classes = root / "captioned", root / "classes"
     captioned.mkdir(parents=True, exist_ok=True)
+    for label in SHAPE_CLASSES:
+        (classes / label).mkdir(parents=True, exist_ok=True)
     rows, conversations, labels = [], [], {}
     tasks = random.Random(f"srae-shapes/{seed}/{split}/tasks")  # own stream: the images do not depend on it
     for index, (spec, text, prompt) in enumerate(_split_specs(n, seed, split)):
@@ -355,6 +363,6 @@ def synthesize(out_dir: Path, n: int, *, image_size: int = 64, seed: int = 0,
 
 
 __all__ = [
-    "BACKGROUNDS", "COLOURS", "POSITIONS", "SHAPES", "SIZES", "SIZE_THRESHOLD", "ShapeSpec",
+    "BACKGROUNDS", "COLOURS", "POSITIONS", "SHAPES", "SHAPE_CLASSES", "SIZES", "SIZE_THRESHOLD", "ShapeSpec",
     "caption", "questions", "random_spec", "render", "synthesize", "verification_claims", "hard_negative",
 ]

@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from scale_rae_core.data.images import DEFAULT_MAX_PIXELS
 from scale_rae_core.data.sample import Sample
 from scale_rae_core.data.shards import TarIndex, decode_sample, load_manifest
-from scale_rae_core.data.transforms import DEFAULT_MAX_PIXELS
 from scale_rae_core.errors import DataError
 
 STATE_VERSION = 1
@@ -219,6 +219,18 @@ class WebDatasetReader(IterableDataset):
             torch.set_num_threads(1)
         return self._iter_slot(self.epoch, slot)
 
+    def _open_tar(self, t: int) -> TarIndex:
+        """Tar ``t``, after checking that it holds the number of samples the manifest says (the epoch's order
+        is computed from those counts: a wrong count would crash later or silently skip samples)."""
+        index = TarIndex(self.tars[t])
+        if len(index) != self.counts[t]:
+            index.close()
+            raise DataError(
+                f"{self.tars[t]}: holds {len(index)} samples but {self.manifest} says {self.counts[t]}; the manifest "
+                "does not belong to these shards: re-pack, or check them with `srae data verify`"
+            )
+        return index
+
     def _iter_slot(self, epoch: int, slot: int) -> Iterator[Sample]:
         order = self._slot_order(epoch, slot)
         n = len(order)
@@ -248,7 +260,7 @@ class WebDatasetReader(IterableDataset):
                         if current is None or current[0] != t:
                             if current is not None:
                                 current[1].close()
-                            current = (t, TarIndex(self.tars[t]))
+                            current = (t, self._open_tar(t))
                         local = g - (ends[k] - self.counts[t])
                         name, data, image = current[1].raw(local)
                         pending[s] = (str(self.tars[t]), name, data, image)

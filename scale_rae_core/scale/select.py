@@ -34,11 +34,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from scale_rae_core.errors import DataError
+from scale_rae_core.runlock import locked
 
 SAMPLE_RE = re.compile(r"^(\d{5,})\.png$")
 PER_SAMPLE_FIELDS = ("text_responses", "all_ir_scores", "top_ir_scores", "top_ir_indices", "scores")
@@ -260,10 +262,36 @@ def write_selection(
             raise DataError(f"{out}: exists and is not empty; pass --overwrite or another --out")
         if not (out / "report.json").is_file():
             raise DataError(f"{out}: not an srae verify output (no report.json); refusing to overwrite it")
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    with locked(directory, flag="DIRECTORY (a running `srae scale` writes it)"):
+        return _write_tree(directory, runs, skipped, metric, keep, out)
+
+
+PARTIAL_MARK = ".srae-verify-partial"  # inside the temporary tree, so a stale one can be told from a user folder
+
+
+def _write_tree(directory: Path, runs: list[Any], skipped: list[dict[str, Any]], metric: str, keep: int,
+                out: Path) -> dict[str, Any]:
+    """Write the selected tree under a fresh temporary folder beside ``out`` and rename it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed verify: ours by the mark only
+        if (stale / PARTIAL_MARK).is_file():
+            shutil.rmtree(stale, ignore_errors=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    (partial / PARTIAL_MARK).write_text("")
+    try:
+        report = _fill_tree(partial, directory, runs, skipped, metric, keep, out)
+        (partial / PARTIAL_MARK).unlink()
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return report
+
+
+def _fill_tree(partial: Path, directory: Path, runs: list[Any], skipped: list[dict[str, Any]], metric: str,
+               keep: int, out: Path) -> dict[str, Any]:
 
     short: dict[str, int] = {}
     unscored: dict[str, int] = {}
@@ -307,9 +335,6 @@ def write_selection(
         "metrics": compare_metrics(runs, keep),
     }
     (partial / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
     return report
 
 

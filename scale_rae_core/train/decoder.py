@@ -36,7 +36,6 @@ the end the EMA decoder is exported in our format (`<run>/decoder`, read by `loa
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,8 +129,7 @@ def _load_discriminator(profile: Profile, given: nn.Module | None) -> nn.Module 
         )
     from scale_rae_core.train.gan import DinoDiscriminator, DiscriminatorConfig
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    return DinoDiscriminator.from_pretrained(DiscriminatorConfig(backbone=cfg.disc_backbone, local_files_only=offline))
+    return DinoDiscriminator.from_pretrained(DiscriminatorConfig(backbone=cfg.disc_backbone))
 
 
 class DecoderTrainer(TrainTask):

@@ -27,7 +27,7 @@ def test_synth_pack_inspect_verify(tmp_path):
     assert "packed 234 samples into 6 shards" in out and "skipped 0" in out
     manifest = json.loads((packed / "wds_manifest.json").read_text())
     assert manifest["total"] == 234 and len(manifest["tars"]) == 6
-    events = [json.loads(line) for line in (tmp_path / "packed.events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (packed / "pack.events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["pack.start", "pack.done"] and events[1]["packed"] == 234
     info = json.loads(_ok(["data", "inspect", str(packed), "--json", "--samples", "2"]))
     assert info["total"] == 234 and len(info["samples"]) == 2 and info["samples"][0]["image_size"] == [32, 32]

@@ -397,3 +397,131 @@ def test_verify_detects_tampered_truncated_and_missing_shards(tmp_path):
     assert any(f == "shard-000001.tar" and r.startswith("unreadable tar") for f, r in problems)
     assert ("shard-000002.tar", "missing") in problems
     assert any(f == "wds_manifest.json" and "the manifest says 6" in r for f, r in problems)
+
+
+# ------------------------------------------------------------------------------------ one bad record, one reject
+
+
+def test_records_that_used_to_abort_a_pack_are_rejected_one_by_one(tmp_path):
+    """An unhashable role, a path longer than the file-name limit, nested-too-deep JSON: each costs its line."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "ok.png").write_bytes(png_bytes(0))
+    good = {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}
+    rows = [
+        json.dumps(good),
+        json.dumps({**good, "conversations": [{"from": ["human"], "value": "x"}]}),
+        json.dumps({**good, "image": "x" * 5000 + ".png"}),
+        "[" * 100000 + "]" * 100000,
+        json.dumps({**good, "image": "ok\u0000.png"}),
+        json.dumps(good),
+    ]
+    (root / "conv.jsonl").write_text("\n".join(rows) + "\n")
+    s = pack(root / "conv.jsonl", tmp_path / "out")
+    assert (s.packed, s.skipped) == (2, 4)
+    reasons = {r["source"]: r["reason"] for r in read_rejects(tmp_path / "out")}
+    assert "role ['human']" in reasons["conv.jsonl:2"]
+    assert reasons["conv.jsonl:3"].startswith("image path unusable (File name too long)")
+    assert reasons["conv.jsonl:4"].startswith("line is not valid JSON: RecursionError")
+    assert reasons["conv.jsonl:5"] == "image path contains a NUL character"
+
+
+def test_csv_rows_that_are_not_utf8_or_too_long_are_rejected_alone(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(png_bytes(i))
+    huge = "y" * 200_000  # over Python's default 131072-character field limit: still fine here
+    lines = [b"image,caption", b"0.png,first", b"1.png,caf\xe9 latin-1", f"2.png,{huge}".encode(), b"0.png,last"]
+    (root / "caps.csv").write_bytes(b"\n".join(lines) + b"\n")
+    s = pack(root / "caps.csv", tmp_path / "out", task="understanding")
+    assert (s.packed, s.skipped) == (3, 1)
+    assert read_rejects(tmp_path / "out") == [{"source": "caps.csv:3", "reason": "row is not UTF-8 text"}]
+    captions = [json.loads(v)["conversations"][1]["value"] for k, v in sorted(tar_members(s.out / "shard-000000.tar").items())
+                if k.endswith(".json")]
+    assert captions == ["first", huge, "last"]
+
+
+def test_a_field_over_the_csv_limit_rejects_only_its_row(tmp_path, monkeypatch):
+    from scale_rae_core.data import sources
+
+    monkeypatch.setattr(sources, "CSV_FIELD_LIMIT", 1000)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "0.png").write_bytes(png_bytes(0))
+    (root / "caps.csv").write_text("image,caption\n0.png,short\n0.png," + "z" * 2000 + "\n0.png,after\n")
+    s = pack(root / "caps.csv", tmp_path / "out", task="understanding")
+    assert (s.packed, s.skipped) == (2, 1)
+    (reject,) = read_rejects(tmp_path / "out")
+    assert reject["reason"].startswith("row does not parse as CSV: field larger than field limit (1000)")
+    import csv
+
+    assert csv.field_size_limit() == 131072  # the process-wide limit is restored
+
+
+def test_an_image_that_fails_in_an_unexpected_way_is_a_reject(tmp_path, monkeypatch):
+    from scale_rae_core.data import pack as pack_module
+
+    def boom(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(pack_module, "encode_image", boom)
+    src = caption_folder(tmp_path / "in", 2)
+    with pytest.raises(DataError, match="all 2 inputs were rejected"):
+        pack(src, tmp_path / "out")
+    assert {r["reason"] for r in read_rejects(tmp_path / "out")} == {"cannot use the image (MemoryError: simulated)"}
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        out.update(int(c) for c in children)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the worker processes")
+def test_pack_workers_die_with_a_killed_parent(tmp_path):
+    """kill -9 of `srae data pack --workers 2` must not leave its workers running."""
+    import signal
+    import time
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    big = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (1200, 1200, 3), dtype=np.uint8)).save(big, format="PNG")
+    for i in range(60):  # slow enough to kill mid-pack: ~0.3 s per image
+        (src / f"{i:02d}.png").write_bytes(big.getvalue())
+        (src / f"{i:02d}.txt").write_text("noise")
+    code = (
+        "import sys; from pathlib import Path; from scale_rae_core.data.pack import pack; "
+        "pack(Path(sys.argv[1]), Path(sys.argv[2]), workers=2)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(src), str(tmp_path / "out")], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        workers: set[int] = set()
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            workers = _children(proc.pid)
+        assert len(workers) >= 2, "the workers never started"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        alive = workers
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = {w for w in alive if Path(f"/proc/{w}").exists() and "Z" not in _state(w)}
+        assert not alive, f"workers {alive} outlived their killed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"

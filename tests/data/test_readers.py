@@ -226,3 +226,33 @@ def test_webdataset_set_epoch_keeps_position_of_current_epoch(shards):
     assert head + keys(resumed) == full
     resumed.set_epoch(2)
     assert resumed.state_dict()["consumed"] == [0] and len(keys(resumed)) == 23
+
+
+@pytest.mark.parametrize("count", [3, 500])
+def test_a_manifest_count_that_disagrees_with_its_shard_is_one_line(shards, tmp_path, count):
+    """Over-counting used to crash with IndexError after some steps; under-counting trained on a subset."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    manifest = json.loads((copy / "wds_manifest.json").read_text())
+    manifest["shards"][1]["count"] = count
+    (copy / "wds_manifest.json").write_text(json.dumps(manifest))
+    reader = WebDatasetReader(copy, shuffle=False, decode_images=False)
+    with pytest.raises(DataError) as err:
+        list(reader)
+    msg = str(err.value)
+    assert "\n" not in msg and "shard-000001.tar" in msg and f"says {count}" in msg and "holds 5 samples" in msg
+
+
+@pytest.mark.parametrize("bad", ["many", -1, 2.5, None, True])
+def test_a_manifest_count_that_is_not_a_number_is_one_line(shards, tmp_path, bad):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    manifest = json.loads((copy / "wds_manifest.json").read_text())
+    manifest["shards"][0]["count"] = bad
+    (copy / "wds_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"shards\[0\]\.count = .* is not a sample count"):
+        WebDatasetReader(copy)

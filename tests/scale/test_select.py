@@ -150,3 +150,26 @@ def test_unreadable_prompts_are_skipped_and_reported(run_dir, tmp_path):
     assert skipped[0]["folder"] == "00002" and "missing" in skipped[0]["reason"]
     with pytest.raises(DataError, match="no prompt folders"):
         read_run(tmp_path / "2_verify_scale_latent" / "00000" / "samples")
+
+
+def test_verify_never_deletes_a_user_folder_named_like_its_temporary_tree(run_dir, tmp_path):
+    out = tmp_path / "selected"
+    mine = tmp_path / "selected.partial"  # the name the temporary tree used to have
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    stale = tmp_path / ".selected.partial-killed"  # what a killed verify leaves: marked as ours
+    stale.mkdir()
+    (stale / ".srae-verify-partial").write_text("")
+    write_selection(run_dir, "loss", 1, out)
+    assert (mine / "notes.txt").read_text() == "mine"
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".selected")) == []
+    assert not (out / ".srae-verify-partial").exists() and (out / "report.json").is_file()
+
+
+def test_verify_waits_for_nobody_while_scale_writes_the_run(run_dir, tmp_path):
+    from scale_rae_core.runlock import FolderInUseError, RunLock
+
+    with RunLock(run_dir), pytest.raises(FolderInUseError, match="is in use by"):
+        write_selection(run_dir, "loss", 1, tmp_path / "selected")
+    assert not (tmp_path / "selected").exists()
