@@ -14,6 +14,8 @@ process) bf16 is applied by :meth:`autocast` alone.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 from collections.abc import Sequence
 
@@ -79,6 +81,10 @@ class CpuCudaBackend(Backend):
                 kwargs = {"device_id": self._device} if settings.kind == "cuda" else {}
                 dist.init_process_group(backend=name, **kwargs)
                 self._owns_group = True
+                # Sharded modules hold reference cycles through their process group; left to the interpreter's
+                # final teardown, collecting them aborted ~1 in 10 clean gloo runs ("terminate called without an
+                # active exception", SIGABRT after the work was done). Collect them while Python is still whole.
+                atexit.register(gc.collect)
             self._mesh = init_device_mesh(self._device.type, (self._world,), mesh_dim_names=("dp",))
 
     # ------------------------------------------------------------------------------------- identity
