@@ -35,7 +35,7 @@ def iter_json_array(path: Path) -> Iterator[Any]:
         with path.open(encoding="utf-8-sig") as f:
             yield from reader.elements(f)
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start} of a chunk); save it as UTF-8") from None
+        raise DataError(f"{path}: not UTF-8 text ({err.reason}); save it as UTF-8") from None
 
 
 class _ArrayReader:
@@ -85,6 +85,7 @@ class _ArrayReader:
                 return ""
 
     def _value(self) -> Any:
+        self._peek()  # raw_decode does not skip leading white space
         while True:
             try:
                 value, end = self.decoder.raw_decode(self.buf, self.pos)
@@ -94,10 +95,15 @@ class _ArrayReader:
                 raise self._error(err.msg, err.pos) from None
             except RecursionError:
                 raise self._error("an element is nested too deeply", self.pos) from None
-            if end == len(self.buf) and self._fill():  # a number might go on in the next chunk
+            if self._number_may_go_on(value, end) and self._fill():  # "-0" may be "-0.5" after the chunk end
                 continue
             self.pos = end
             return value
+
+    def _number_may_go_on(self, value: Any, end: int) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False  # objects, arrays, strings and literals end with their own closing character
+        return end == len(self.buf) or self.buf[end] in "0123456789.eE+-"
 
     def _error(self, what: str, pos: int) -> DataError:
         return DataError(

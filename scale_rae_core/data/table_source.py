@@ -112,7 +112,9 @@ def choose_columns(schema: Any, fields: Fields, format: str | None, where: str) 
     listing = ", ".join(f"{f.name} ({f.type})" for f in schema)
 
     def named(name: str, kind: str, flag: str) -> str:
-        if kinds.get(name) != kind:
+        if name not in kinds:
+            raise DataError(f"{where}: {flag} {name!r}: no such column; the columns are: {listing}")
+        if kinds[name] != kind:
             what = "an image (bytes) column" if kind == "image" else "a text column"
             raise DataError(f"{where}: {flag} {name!r} is not {what}; the columns are: {listing}")
         return name

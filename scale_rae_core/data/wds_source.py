@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from scale_rae_core.data.sample import reference_record
+from scale_rae_core.data.shards import split_key
 from scale_rae_core.data.sources import Entry, Fields, Input, TarMember, caption_variants
 from scale_rae_core.data.transforms import IMAGE_EXTENSIONS
 from scale_rae_core.errors import DataError
@@ -34,15 +35,6 @@ from scale_rae_core.errors import DataError
 CAPTION_MEMBERS = ("txt",)
 JSON_CAPTION_FIELDS = ("caption", "text", "prompt")
 _IMAGE_EXTS = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS)
-
-
-def split_key(name: str) -> tuple[str, str] | None:
-    """``("dir/000042", "jpg")`` for ``dir/000042.jpg``; None for a name without an extension or a hidden file."""
-    folder, _, base = name.rpartition("/")
-    if not base or base.startswith(".") or "." not in base:
-        return None
-    stem, ext = base.split(".", 1)
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
 def wds_entries(inp: Input, format: str | None, task: str, fields: Fields) -> tuple[str, list[Entry]]:
@@ -166,5 +158,6 @@ def _caption(members: Members, obj: Any, fields: Fields) -> tuple[str, dict[str,
             continue
         if text:
             return text, meta
-    where = f"'{fields.caption}'" if fields.caption is not None else "a .txt member or a json caption/text/prompt field"
-    raise ValueError(f"missing caption (no {where})")
+    if fields.caption is not None:
+        raise ValueError(f"missing caption (no member .{fields.caption} and no json field {fields.caption!r})")
+    raise ValueError("missing caption (no .txt member and no json caption / text / prompt field)")
