@@ -76,6 +76,7 @@ def _samples(tar: Path) -> Iterator[tuple[str, Members, str | None]]:
     key: str | None = None
     members: Members = {}
     count = 0
+    size = tar.stat().st_size
     with tf:
         try:
             for info in tf:
@@ -87,6 +88,9 @@ def _samples(tar: Path) -> Iterator[tuple[str, Members, str | None]]:
                         yield key, members, None
                         count += 1
                     key, members = parts[0], {}
+                if info.offset_data + info.size > size:  # tarfile ends quietly at a cut; the cut member tells
+                    yield key, {}, f"the tar breaks off inside {info.name} after {count} samples; re-download it"
+                    return
                 ext = parts[1]
                 if ext.rsplit(".", 1)[-1] in _IMAGE_EXTS:
                     members[ext] = (info, None)
