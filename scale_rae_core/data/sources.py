@@ -191,7 +191,7 @@ def _pattern_input(pattern: str) -> Input:
 
 
 def _folder_input(path: Path, split: str) -> Input:
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+    if (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()):
         return Input("hf", str(path), (path,), path, spec=str(path), split=split)
     tars: list[Path] = []
     parquets: list[Path] = []
@@ -222,14 +222,26 @@ def read_input(
     if inp.kind == "wds":
         from scale_rae_core.data.wds_source import wds_entries
 
-        return wds_entries(inp, format, task, fields)
-    if inp.kind in ("parquet", "hf"):
+        fmt, entries = wds_entries(inp, format, task, fields)
+    elif inp.kind in ("parquet", "hf"):
         from scale_rae_core.data.table_source import table_entries
 
-        return table_entries(inp, format, task, image_root, fields)
-    path = inp.paths[0]
-    fmt = format or detect_format(path)
-    return fmt, list_entries(path, fmt, task, image_root, fields)
+        fmt, entries = table_entries(inp, format, task, image_root, fields)
+    else:
+        fmt = format or detect_format(inp.paths[0])
+        entries = list_entries(inp.paths[0], fmt, task, image_root, fields)
+    return fmt, [_writable(e) for e in entries]
+
+
+def _writable(e: Entry) -> Entry:
+    """``e``, or a reject if its text cannot be written as UTF-8 (a JSON ``\\ud800`` escape decodes to a lone
+    surrogate, which no UTF-8 file can hold)."""
+    if e.reject is None:
+        try:
+            json.dumps([e.variants, e.metadata], ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            return Entry(source=e.source, reject="text holds a lone surrogate (a \\ud800-\\udfff escape), not valid Unicode")
+    return e
 
 
 def entries_digest(entries: list[Entry]) -> str:

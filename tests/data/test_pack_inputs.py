@@ -206,6 +206,7 @@ def test_missing_optional_packages_name_the_extra(tmp_path, monkeypatch):
     (tmp_path / "t.parquet").write_bytes(b"PAR1")
     (tmp_path / "disk").mkdir()
     (tmp_path / "disk" / "state.json").write_text("{}")
+    (tmp_path / "disk" / "dataset_info.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as if not installed
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DataError, match=r"t.parquet: reading parquet needs pyarrow; install it with: pip install 'srae\[parquet\]'"):
@@ -310,6 +311,17 @@ def test_a_broken_json_array_names_the_character(tmp_path):
     with pytest.raises(DataError, match=r"bad.json: not a valid JSON array \(Expecting property name enclosed in double "
                                         rf"quotes at character {at}\); fix the file"):
         pack(tmp_path / "bad.json", tmp_path / "out", format="conversations")
+
+
+def test_text_that_is_not_unicode_is_a_reject_not_a_crash(tmp_path):
+    (tmp_path / "a.png").write_bytes(image_bytes(0))
+    turns = '[{"from": "human", "value": "<image>\\n\\ud800?"}, {"from": "gpt", "value": "x"}]'
+    (tmp_path / "l.json").write_text(f'[{{"image": "a.png", "conversations": {turns}}}, {{"image": "a.png", "conversations": '
+                                     '[{"from": "human", "value": "fine"}]}]')
+    s = pack(tmp_path / "l.json", tmp_path / "out")
+    assert (s.packed, s.skipped) == (1, 1)
+    assert rejects(tmp_path / "out") == [{"source": "l.json[0]", "reason": "text holds a lone surrogate "
+                                          "(a \\ud800-\\udfff escape), not valid Unicode"}]
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 5, 64, 1 << 20])
