@@ -88,13 +88,12 @@ def baseline_image(session: Any, prompt: str, tokens: int, steps: int, guidance:
     import torch
 
     from scale_rae_core.flow.sampler import reference_schedule
-    from scale_rae_core.infer.generate import _stop_ids
     from scale_rae_core.models.dit import grid_to_tokens
-    from scale_rae_core.models.llm import build_sample, image_token_ids
+    from scale_rae_core.models.llm import build_sample, image_token_ids, stop_token_ids
 
     model, tok, device = session.model, session.tokenizer, session.runtime.device
     lm, N = model.lm, model.cfg.lm.num_image_tokens
-    im_start, stops = image_token_ids(tok).im_start, _stop_ids(tok)
+    im_start, stops = image_token_ids(tok).im_start, stop_token_ids(tok)
     with torch.inference_mode():
         ids = build_sample([{"from": "human", "value": prompt}], tok, N, 4096, add_generation_prompt=True).input_ids
         embeds = lm.embed_text(torch.tensor([ids], device=device))

@@ -36,8 +36,8 @@ def shapes(
     from scale_rae_core.infer.pipeline import Session
 
     prof = load(profile, set_)
-    session = Session.open(require_model(model), prof, decoder=decoder)
-    with Reporter(None, show_progress=prof.output.progress and not quiet) as rep:
+    with (Session.open(require_model(model), prof, decoder=decoder) as session,
+          Reporter(None, show_progress=prof.output.progress and not quiet) as rep):
         result = run_benchmark(session, out, n_prompts=n_prompts, k=k, n_images=n_images, seed=seed, steps=steps,
                                guidance=guidance, verify_on=verify_on, selector=select, reporter=rep)
     print_table(result)

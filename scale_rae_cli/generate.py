@@ -92,8 +92,8 @@ def generate(
     texts = read_prompts(list(prompts or []), prompts_file)
     settings = SamplerSettings(steps=steps, guidance=guidance, interval=parse_interval(guidance_interval), method=sampler)
     folder = out_dir(out, prof)
-    session = Session.open(require_model(model), prof, dtype=dtype, decoder=decoder)
-    with Reporter(folder / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep:
+    with (Session.open(require_model(model), prof, dtype=dtype, decoder=decoder) as session,
+          Reporter(folder / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep):
         result = generate_images(
             session, texts, folder, settings, seed=prof.run.seed if seed is None else seed, n=n, batch_size=batch_size,
             max_new_tokens=max_new_tokens, save_latents=save_latent, decode=not skip_decoder, reporter=rep,

@@ -55,11 +55,11 @@ def _answer(action: str, latent: Path, prompt: str, model: str | None, max_new_t
 
     prof = load(profile, set_)
     settings = SamplerSettings(steps=steps, guidance=guidance, interval=parse_interval(guidance_interval), method=sampler)
-    session = Session.open(require_model(model), prof, dtype=dtype, decoder=decoder)
-    result = latent_answer(
-        session, latent, prompt, action, out_dir(out, prof), settings,
-        seed=prof.run.seed if seed is None else seed, max_new_tokens=max_new_tokens, save_latents=save_latent,
-    )
+    with Session.open(require_model(model), prof, dtype=dtype, decoder=decoder) as session:
+        result = latent_answer(
+            session, latent, prompt, action, out_dir(out, prof), settings,
+            seed=prof.run.seed if seed is None else seed, max_new_tokens=max_new_tokens, save_latents=save_latent,
+        )
     typer.echo(result.text)
     if result.png:
         typer.echo(f"image: {result.png}")

@@ -104,11 +104,11 @@ def scale(
     settings = ScaleSettings(n=n, rounds=rounds, verify_on=verify_on, seed=seed, batch_size=batch_size,
                              max_new_tokens=max_new_tokens, verify_max_new_tokens=verify_max_new_tokens)
     lines = read_prompt_file(prompts)
-    session = Session.open(model, prof, dtype=dtype, decoder=decoder)
-    device = session.runtime.device
-    options = {"image_reward": {"weights": ir_weights, "tokenizer": ir_tokenizer}}
-    scorers = [build_scorer(name, device=device, **options.get(name, {})) for name in (scorer or ["image_reward"])]
-    with Reporter(None, show_progress=prof.output.progress and not quiet) as rep:
-        root = run_scaling(session, lines, out, model, settings, SamplerSettings(steps=steps, guidance=guidance),
-                           scorers, rep)
+    with Session.open(model, prof, dtype=dtype, decoder=decoder) as session:
+        device = session.runtime.device
+        options = {"image_reward": {"weights": ir_weights, "tokenizer": ir_tokenizer}}
+        scorers = [build_scorer(name, device=device, **options.get(name, {})) for name in (scorer or ["image_reward"])]
+        with Reporter(None, show_progress=prof.output.progress and not quiet) as rep:
+            root = run_scaling(session, lines, out, model, settings, SamplerSettings(steps=steps, guidance=guidance),
+                               scorers, rep)
     typer.echo(f"wrote {root} ({len(lines)} prompts × {settings.total} samples); select with: srae verify {root}")

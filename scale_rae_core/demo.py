@@ -375,13 +375,12 @@ def _generate(ctx: Ctx, resume: bool) -> dict[str, Any]:
     requests = [GENERATION_REQUEST.format(prompt=p) for p in prompts]
     result = generate_images(ctx.session(), requests, folder, ctx.sampler(), seed=ctx.seed, n=ctx.options.gen_per_prompt,
                              max_new_tokens=8)
-    from PIL import Image
+    from scale_rae_core.data.images import read_image
 
     rows = []
     for rec in result.images:
         caption = prompts[requests.index(rec.prompt)]
-        with Image.open(rec.png) as im:
-            m = match(caption, im.convert("RGB"))
+        m = match(caption, read_image(rec.png))
         rows.append({"prompt": caption, "request": rec.prompt, "seed": rec.seed, "png": rec.png.name,
                      "full": bool(m["full"]), "colour": bool(m["colour"]), "shape": bool(m["shape"]),
                      "position": bool(m["position"])})

@@ -24,8 +24,8 @@ from typing import IO, Any
 
 from torch.utils.data import Dataset
 
+from scale_rae_core.data.images import DEFAULT_MAX_PIXELS, BadImage, read_image
 from scale_rae_core.data.sample import Sample, reference_record
-from scale_rae_core.data.transforms import DEFAULT_MAX_PIXELS, BadImage, load_image
 from scale_rae_core.errors import DataError
 
 
@@ -91,7 +91,7 @@ class JsonlDataset(Dataset):
                 if not isinstance(image_ref, str):
                     raise ValueError("'image' must be a path string")
                 p = Path(image_ref)
-                image = load_image(p if p.is_absolute() else self.image_folder / p, max_pixels=self.max_pixels)
+                image = read_image(p if p.is_absolute() else self.image_folder / p, max_pixels=self.max_pixels)
         except (ValueError, BadImage) as err:
             raise DataError(f"{where}: {err}; fix or remove the line") from err
         key = obj.get("id")

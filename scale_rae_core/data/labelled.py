@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from scale_rae_core.data.images import IMAGE_EXTENSIONS, BadImage, read_image
 from scale_rae_core.data.shards import MANIFEST_NAME
-from scale_rae_core.data.transforms import IMAGE_EXTENSIONS, BadImage, load_image
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.train.decoder_data import to_square_tensor
 
@@ -81,7 +81,7 @@ class LabelledFolder:
         for j in range(self.consumed, len(order)):
             path, label = self.items[order[j]]
             try:
-                im = load_image(path)
+                im = read_image(path)
             except BadImage as err:
                 raise DataError(f"{path}: {err}; remove or replace the file") from err
             self.consumed = j + 1

@@ -46,6 +46,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from scale_rae_core.data.images import DEFAULT_MAX_PIXELS, BadImage, read_image
 from scale_rae_core.data.shards import MANIFEST_NAME, _sha256
 from scale_rae_core.data.sources import (
     FORMATS,
@@ -59,14 +60,7 @@ from scale_rae_core.data.sources import (
     open_input,
     read_input,
 )
-from scale_rae_core.data.transforms import (
-    CODECS,
-    DEFAULT_MAX_PIXELS,
-    BadImage,
-    encode_image,
-    load_image,
-    resize_max_side,
-)
+from scale_rae_core.data.transforms import CODECS, encode_image, resize_max_side
 from scale_rae_core.errors import DataError
 from scale_rae_core.events import Reporter
 from scale_rae_core.runlock import LOCK_NAME, locked
@@ -460,7 +454,7 @@ def _encode(job: tuple[ImageJob, _EncodeOptions]) -> bytes | str | None:
                 source = source.read()
             except OSError as err:
                 return f"unreadable tar member ({err.strerror or err})"
-        im = load_image(source, max_pixels=max_pixels)
+        im = read_image(source, max_pixels=max_pixels)
         return encode_image(resize_max_side(im, image_size), codec, quality)
     except BadImage as err:
         return str(err)

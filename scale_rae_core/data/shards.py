@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
+from scale_rae_core.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, read_image
 from scale_rae_core.data.sample import Sample, normalize_conversations
-from scale_rae_core.data.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, load_image
 from scale_rae_core.errors import DataError
 
 MANIFEST_NAME = "wds_manifest.json"
@@ -280,7 +280,7 @@ def decode_sample(
         meta = obj.get("metadata") or {}
         if not isinstance(meta, dict):
             raise ValueError("metadata is not an object")
-        im = load_image(image, max_pixels=max_pixels) if (image is not None and decode_image) else None
+        im = read_image(image, max_pixels=max_pixels) if (image is not None and decode_image) else None
     except (ValueError, BadImage) as err:
         raise DataError(f"{where}:{name}: {err}; run `srae data verify` on the shards") from err
     return Sample(key=name[: -len(".json")], image=im, conversations=turns, metadata=meta)
@@ -470,7 +470,7 @@ def _verify_members(stream: _Hashing, name: str, report: VerifyReport, max_pixel
                 elif suffix in IMAGE_EXTENSIONS:
                     images.add(member.name)
                     try:
-                        load_image(data, max_pixels=max_pixels)
+                        read_image(data, max_pixels=max_pixels)
                     except BadImage as err:
                         report.problems.append(Problem(name, f"{member.name}: image does not decode ({err})"))
                 else:

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from scale_rae_core.data.images import IMAGE_EXTENSIONS
 from scale_rae_core.data.json_array import first_char, iter_json_array
 from scale_rae_core.data.sample import IMAGE_TOKEN, reference_record
-from scale_rae_core.data.transforms import IMAGE_EXTENSIONS
 from scale_rae_core.errors import DataError
 
 FORMATS = ("captions", "conversations", "classes")

@@ -26,10 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from scale_rae_core.data.images import IMAGE_EXTENSIONS
 from scale_rae_core.data.sample import reference_record
 from scale_rae_core.data.shards import split_key
 from scale_rae_core.data.sources import Entry, Fields, Input, TarMember, caption_variants
-from scale_rae_core.data.transforms import IMAGE_EXTENSIONS
 from scale_rae_core.errors import DataError
 
 CAPTION_MEMBERS = ("txt",)

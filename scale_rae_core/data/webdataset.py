@@ -45,9 +45,9 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from scale_rae_core.data.images import DEFAULT_MAX_PIXELS
 from scale_rae_core.data.sample import Sample
 from scale_rae_core.data.shards import TarIndex, TarStream, decode_sample, load_manifest, open_shard
-from scale_rae_core.data.transforms import DEFAULT_MAX_PIXELS
 from scale_rae_core.errors import DataError
 
 STATE_VERSION = 1

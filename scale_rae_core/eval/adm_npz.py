@@ -24,7 +24,7 @@ from typing import IO
 import numpy as np
 from PIL import Image
 
-from scale_rae_core.data.transforms import IMAGE_EXTENSIONS, BadImage, load_image
+from scale_rae_core.data.images import IMAGE_EXTENSIONS, BadImage, read_image
 from scale_rae_core.errors import DataError
 
 ARRAY = "arr_0"
@@ -92,7 +92,7 @@ class FolderImages(ImageBatches):
 
 def _load(file: Path) -> Image.Image:
     try:
-        return load_image(file)
+        return read_image(file)
     except BadImage as err:
         raise DataError(f"{file}: {err}; remove or replace the file") from err
 

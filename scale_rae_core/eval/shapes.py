@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from scale_rae_core.data.images import as_rgb
 from scale_rae_core.data.synth import COLOURS, SHAPES, SIZE_THRESHOLD
 from scale_rae_core.errors import DataError
 
@@ -58,7 +59,7 @@ NO_SHAPE = ShapeReading(None, None, None, None, 0.0, 0.0)
 def _as_rgb_array(img: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
     """(H, W, 3) float64 in [0, 1] from a PIL image, an (H, W, 3) array or a (3, H, W) tensor."""
     if isinstance(img, Image.Image):
-        return np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+        return np.asarray(as_rgb(img), dtype=np.float64) / 255.0
     if hasattr(img, "detach"):  # a torch tensor: (3, H, W) or (1, 3, H, W), values in [0, 1]
         array = img.detach().cpu().float().numpy()
         if array.ndim == 4 and array.shape[0] == 1:

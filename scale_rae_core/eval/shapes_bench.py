@@ -32,8 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from scale_rae_core.data.synth import (
     COLOURS,
     POSITIONS,
@@ -101,12 +99,10 @@ def _rates(rows: list[dict[str, bool]]) -> dict[str, float]:
 
 
 def _judge(prompt: str, png: Path) -> dict[str, Any]:
-    from PIL import Image
-
+    from scale_rae_core.data.images import read_image
     from scale_rae_core.eval.shapes import match
 
-    with Image.open(png) as im:
-        m = match(prompt, im.convert("RGB"))
+    m = match(prompt, read_image(png))
     r = m["reading"]
     return {
         **{key: bool(m[key]) for key in (*ATTRIBUTES, "colour_shape", "full")},
@@ -165,8 +161,6 @@ def evaluate_generation(
 def evaluate_understanding(session: Session, specs: list[ShapeSpec], *, image_size: int, max_new_tokens: int = 4,
                            images_dir: Path | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
     """Exact-match accuracy of the model's answers to the world's four questions about each of ``specs``."""
-    import numpy as np
-
     from scale_rae_core.infer.understand import _request, answer
 
     reporter = reporter or Reporter()
@@ -180,12 +174,11 @@ def evaluate_understanding(session: Session, specs: list[ShapeSpec], *, image_si
                 images_dir.mkdir(parents=True, exist_ok=True)
                 png = images_dir / f"{i:05d}.png"
                 image.save(png)
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None].float() / 255.0
-            features = session.encode_image(pixels)  # (1, N, C)
+            features = session.encode_image(session.encoder_pixels([image]))  # (1, N, C), as understand reads it
             qa = []
             for question, expected in questions(spec):
-                ids, _ = answer(session, features, _request(question, 1), max_new_tokens)
-                text = session.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                (reply,) = answer(session, [_request(question, 1)], [features], max_new_tokens)
+                text = session.tokenizer.decode(reply.ids, skip_special_tokens=True).strip()
                 ok = normalise_answer(text) == expected
                 attr = attribute_of[question]
                 by_attribute.setdefault(attr, []).append(ok)

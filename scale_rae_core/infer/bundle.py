@@ -11,69 +11,48 @@ Every command that takes ``--model`` uses ``MODEL/decoder`` when ``--decoder`` i
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from scale_rae_core.errors import CheckpointError, SraeError
 from scale_rae_core.infer.loading import BUNDLED_DECODER
-from scale_rae_core.models.scale_rae import WEIGHTS_FILE, is_export
+from scale_rae_core.models.io import WEIGHTS_FILE, write_model_folder
+from scale_rae_core.models.scale_rae import is_export
 
 ABOUT_FILE = "ABOUT.json"
 
 
-def _half_copy(src: Path, dst: Path) -> None:
-    """Copy a safetensors file with its floating-point tensors stored as fp16 (loading casts back to fp32)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(str(src))
-    for name, tensor in state.items():
-        if tensor.is_floating_point():
-            if tensor.abs().max() > torch.finfo(torch.float16).max:
-                raise CheckpointError(f"{src}: tensor {name} exceeds the fp16 range; bundle it without half=True")
-            state[name] = tensor.half().contiguous()
-    save_file(state, str(dst), metadata={"format": "pt"})
-
-
 def bundle_model(export: str | Path, decoder: str | Path, dest: str | Path, *, half: bool = False,
                  about: dict[str, Any] | None = None) -> Path:
-    """Write ``dest`` = ``export`` + ``decoder/`` (atomically: a temporary folder renamed into place).
+    """Write ``dest`` = ``export`` + ``decoder/`` (atomically: ``models.io.write_model_folder``).
 
-    ``half`` stores the model weights as fp16 (half the size; what the package ships). ``about`` goes to
-    ``ABOUT.json`` (provenance: command, data, benchmark).
+    ``half`` stores the model weights as fp16 (half the size; loading casts them back to fp32; what the package
+    ships). ``about`` goes to ``ABOUT.json`` (provenance: command, data, benchmark).
     """
+    from safetensors.torch import load_file
+
     export, decoder, dest = Path(export), Path(decoder), Path(dest)
     if not is_export(export):
         raise CheckpointError(f"{export}: not an srae export (config.json + {WEIGHTS_FILE}); train stage 1 first")
     if not (decoder / "config.json").is_file():
         raise CheckpointError(f"{decoder}: not a decoder directory (config.json missing); train one with `srae train decoder`")
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for path in sorted(export.iterdir()):
-        if not path.is_file():
-            continue
-        if half and path.name == WEIGHTS_FILE:
-            _half_copy(path, tmp / path.name)
-        else:
-            shutil.copyfile(path, tmp / path.name)
-    shutil.copytree(decoder, tmp / BUNDLED_DECODER)
+    files: dict[str, str | Path] = {p.name: p for p in sorted(export.iterdir()) if p.is_file() and p.name != WEIGHTS_FILE}
+    files[BUNDLED_DECODER] = decoder
     if about is not None:
-        (tmp / ABOUT_FILE).write_text(json.dumps(about, indent=1) + "\n")
-    _swap_into_place(tmp, dest)
-    return dest
+        files[ABOUT_FILE] = _about_text(about)
+    return write_model_folder(dest, load_file(str(export / WEIGHTS_FILE)), None, files, half=half)
 
 
 def copy_bundle(model: str | Path, dest: str | Path, about: dict[str, Any]) -> Path:
     """Copy the model folder ``model`` to ``dest`` with ``about`` as its ``ABOUT.json``, replacing ``dest`` whole."""
-    model, dest = Path(model), Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model, tmp)
-    (tmp / ABOUT_FILE).write_text(json.dumps(about, indent=1) + "\n")
-    _swap_into_place(tmp, dest)
-    return dest
+    model = Path(model)
+    files: dict[str, str | Path] = {p.name: p for p in sorted(model.iterdir()) if p.name != ABOUT_FILE}
+    files[ABOUT_FILE] = _about_text(about)
+    return write_model_folder(dest, None, None, files)
+
+
+def _about_text(about: dict[str, Any]) -> str:
+    return json.dumps(about, indent=1) + "\n"
 
 
 def install_bundled(model: str | Path, bench_file: str | Path, quality: list[dict[str, Any]],
@@ -99,13 +78,3 @@ def install_bundled(model: str | Path, bench_file: str | Path, quality: list[dic
     about.update(about_fields(json.loads(bench_file.read_text())))
     about["quality_bars"] = {q["key"]: {"value": q["value"], "minimum": q["minimum"]} for q in quality}
     return copy_bundle(model, dest or loading.BUNDLED_MODEL, about)
-
-
-def _swap_into_place(tmp: Path, dest: Path) -> None:
-    """Rename the finished ``tmp`` to ``dest``; the old ``dest`` stays whole until then."""
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)

@@ -92,85 +92,31 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     return out
 
 
-def _stop_ids(tokenizer: Any) -> set[int]:
-    from scale_rae_core.models.tokenizer import PAD_TOKEN, TURN_END
-
-    vocab = tokenizer.get_vocab()
-    ids = {vocab[t] for t in (TURN_END, PAD_TOKEN) if t in vocab}
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
-
-
-def _lm_forward(lm: Any, embeds: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
-    """New positions ``embeds`` (B, T, d) on top of ``cache``; ``mask`` (B, L) covers cached + new positions."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]  # each row counts from its first real token
-    out = lm.llm.model(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-    )
-    return out.last_hidden_state, out.past_key_values  # (B, T, d) post-norm
-
-
 @torch.inference_mode()
 def decode_to_image_start(session: Session, prompts: list[str], max_new_tokens: int) -> tuple[list[TextResult], torch.Tensor]:
-    """Greedy text for a batch of prompts until ``<im_start>`` -> (texts, conditions (B, N, Z) on the device)."""
-    from scale_rae_core.models.llm import build_sample, image_token_ids
+    """Greedy text for a batch of prompts until ``<im_start>`` (forced at a turn end or the token limit)
+    -> (texts, conditions (B, N, Z) on the device)."""
+    from scale_rae_core.models.llm import build_sample, image_token_ids, stop_token_ids
 
     lm, tok, device = session.model.lm, session.tokenizer, session.runtime.device
-    im_start = image_token_ids(tok).im_start
-    stops = _stop_ids(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    N = lm.cfg.num_image_tokens
-    max_len = int(lm.llm.config.max_position_embeddings)
+    N, max_len = lm.cfg.num_image_tokens, int(lm.llm.config.max_position_embeddings)
     ids = [build_sample([{"from": "human", "value": p}], tok, N, max_len, add_generation_prompt=True).input_ids for p in prompts]
-    B, T = len(ids), max(len(x) for x in ids)
-    input_ids = torch.full((B, T), pad, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for r, row in enumerate(ids):  # left padding: every row's last prompt token sits at T − 1
-        input_ids[r, T - len(row):] = torch.tensor(row)
-        mask[r, T - len(row):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-
-    generated: list[list[int]] = [[] for _ in range(B)]
-    forced = [False] * B
-    done = [False] * B
     with session.runtime.autocast():
-        hidden, cache = _lm_forward(lm, lm.embed_text(input_ids), mask, None)
-        for step in range(max_new_tokens + 1):
-            choice = lm.llm.lm_head(hidden[:, -1]).float().argmax(-1).tolist()  # one host read per token
-            fed, fed_mask = [], []
-            for r in range(B):
-                if done[r]:
-                    fed.append(pad)
-                    fed_mask.append(0)  # a finished row waits on a masked position
-                    continue
-                token = choice[r]
-                if token != im_start and (token in stops or step == max_new_tokens):
-                    token, forced[r] = im_start, True
-                generated[r].append(token)
-                fed.append(token)
-                fed_mask.append(1)
-                done[r] = token == im_start
-            new = lm.embed_text(torch.tensor(fed, device=device)[:, None])  # (B, 1, d)
-            mask = torch.cat([mask, torch.tensor(fed_mask, device=device)[:, None]], 1)
-            if all(done):  # feed the last token and the N latent queries in one forward
-                queries = lm.latent_queries.to(new.dtype).expand(B, N, -1)  # (B, N, d)
-                mask = torch.cat([mask, torch.ones(B, N, dtype=mask.dtype, device=device)], 1)
-                hidden, cache = _lm_forward(lm, torch.cat([new, queries], 1), mask, cache)
-                conditions = lm.conditions(hidden[:, -N:])  # (B, N, Z)
-                break
-            hidden, cache = _lm_forward(lm, new, mask, cache)
+        embeds = [lm.embed_text(torch.tensor(row, device=device)) for row in ids]  # (T_i, d) each
+        out = lm.decode(embeds, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tok),
+                        image_start_id=image_token_ids(tok).im_start, force_image=True)
     results = [
         TextResult(
             prompt=p,
             request=tok.decode(ids[r]),
-            generated_ids=generated[r],
-            text=tok.decode(generated[r], skip_special_tokens=True).strip(),
-            forced=forced[r],
+            generated_ids=out.tokens[r],
+            text=tok.decode(out.tokens[r], skip_special_tokens=True).strip(),
+            forced=out.forced[r],
         )
         for r, p in enumerate(prompts)
     ]
-    return results, conditions
+    assert out.conditions is not None and all(out.opened)  # force_image: every row opens its image
+    return results, out.conditions
 
 
 def generate_images(

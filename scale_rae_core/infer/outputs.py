@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from scale_rae_core.errors import DataError
-from scale_rae_core.files import atomic_write
+from scale_rae_core.files import atomic_write, read_plain_tensor
 
 LATENT_FORMAT = "srae-latent"
 LATENT_KEY = "latent"
@@ -122,12 +122,7 @@ def load_latent(path: Path, tokens_per_image: int, channels: int) -> LatentFile:
         except SafetensorError as exc:
             raise DataError(f"{flag}: unreadable safetensors ({exc}); regenerate it") from None
     else:
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle / zip errors of many types
-            raise DataError(f"{flag}: cannot read as a weights-only torch tensor ({type(exc).__name__}); pass a reference latent .pt") from None
-        if not isinstance(raw, torch.Tensor):
-            raise DataError(f"{flag}: holds a {type(raw).__name__}, not a tensor (256·n, C); pass a reference latent .pt")
+        raw = read_plain_tensor(path, "a tensor (256·n, C)", fix="pass a reference latent .pt", error=DataError)
     if raw.ndim == 3:
         raw = raw.reshape(-1, raw.shape[-1])
     if raw.ndim != 2 or raw.shape[0] == 0 or raw.shape[0] % tokens_per_image:

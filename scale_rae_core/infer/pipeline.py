@@ -1,9 +1,12 @@
-"""The inference session shared by `generate`, `understand` and `latent`: device, precision, model, decoder,
-encoder, the flow sampler over the head, pixel decoding and the manifest fields every output carries.
+"""The inference session shared by `generate`, `understand`, `latent` and `scale`: device, precision, model,
+decoder, encoder, the flow sampler over the head, pixel decoding and the manifest fields every output carries.
 
-    profile ──> device (backend) + dtype ──> load_model(--model) ──> ScaleRAE (LLM + projectors + DiT) on device
+    profile ──> backend (device) + dtype ──> load_model(--model) ──> ScaleRAE (LLM + projectors + DiT) on device
                                              load_pixel_decoder(--decoder)   (lazily, on the same device)
                                              build_encoder(model's encoder)   (lazily, on the same device)
+
+A :class:`Session` owns the backend it opened (under torchrun that is the process group) and closes it:
+``with Session.open(model, profile) as session: ...``.
 
 Precision: weights stay fp32; ``dtype = "bf16"`` (CUDA only) runs every forward under bf16 autocast. The sampler
 integrates in fp32 whatever the dtype (``FlowSampler.step``).
@@ -17,20 +20,25 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from scale_rae_core import __version__
+from scale_rae_core.backends.base import Backend
 from scale_rae_core.config import Profile
 from scale_rae_core.errors import BackendError, ConfigError
+from scale_rae_core.flow.sampler import SAMPLER_METHODS
 from scale_rae_core.infer.loading import LoadedModel, Source, load_model, load_pixel_decoder
 from scale_rae_core.models.decoder import Decoder
 from scale_rae_core.models.dit import grid_to_tokens
+from scale_rae_core.models.rae import to_pixels
 
-SAMPLERS = ("euler", "heun", "reference")
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -43,8 +51,8 @@ class SamplerSettings:
     method: str = "euler"  # euler | heun | reference
 
     def __post_init__(self) -> None:
-        if self.method not in SAMPLERS:
-            raise ConfigError(f"--sampler '{self.method}' is unknown; choose one of {', '.join(SAMPLERS)}")
+        if self.method not in SAMPLER_METHODS:
+            raise ConfigError(f"--sampler '{self.method}' is unknown; choose one of {', '.join(SAMPLER_METHODS)}")
         if self.steps < (2 if self.method == "reference" else 1):
             raise ConfigError(f"--steps {self.steps} is too small for the {self.method} sampler; use at least 2")
         if self.guidance < 0:
@@ -84,21 +92,23 @@ class Runtime:
         return contextlib.nullcontext()
 
 
-def runtime_for(profile: Profile, dtype: str | None) -> Runtime:
-    """The device from the profile's backend (cpu or cuda) and the compute dtype (``--dtype`` or the profile's)."""
+def open_backend(profile: Profile, dtype: str | None) -> tuple[Backend, Runtime]:
+    """The profile's backend (cpu or cuda; the caller closes it) and the runtime: its device and the compute
+    dtype (``--dtype`` or the profile's)."""
     from scale_rae_core.backends.base import get_backend
 
     if profile.backend.kind == "xla":
         raise BackendError(
             f"{profile.source}: backend.kind = 'xla'; inference runs on cpu or cuda, use --profile tiny-cpu or gpu-1"
         )
-    device = get_backend(profile.backend).device
     dtype = dtype or profile.backend.precision
     if dtype not in ("fp32", "bf16"):
         raise ConfigError(f"--dtype '{dtype}' is unknown; use fp32 or bf16")
-    if dtype == "bf16" and device.type != "cuda":
+    backend = get_backend(profile.backend)
+    if dtype == "bf16" and backend.device.type != "cuda":
+        backend.close()
         raise ConfigError("--dtype bf16 needs a CUDA device (a cuda profile such as gpu-1); use --dtype fp32 on CPU")
-    return Runtime(device, dtype)
+    return backend, Runtime(backend.device, dtype)
 
 
 def seconds_since(start: float) -> float:
@@ -107,22 +117,45 @@ def seconds_since(start: float) -> float:
 
 @dataclass
 class Session:
-    """A loaded model (plus lazily loaded decoder and encoder) and where and how it runs."""
+    """A loaded model (plus lazily loaded decoder and encoder) and where and how it runs.
+
+    :meth:`open` opens the profile's backend and the session owns it: :meth:`close` (or leaving a ``with``
+    block) closes it. A session built directly from a :class:`Runtime` (tests, benchmarks) owns none.
+    """
 
     loaded: LoadedModel
     runtime: Runtime
     profile: Profile
     decoder_spec: str | None = None  # --decoder
     load_seconds: float = 0.0
+    backend: Backend | None = field(default=None, repr=False)  # owned: closed by close()
     _decoder: tuple[Decoder, Source] | None = field(default=None, repr=False)
     _encoder: Any = field(default=None, repr=False)
 
     @classmethod
     def open(cls, model: str, profile: Profile, *, dtype: str | None = None, decoder: str | None = None) -> Session:
-        runtime = runtime_for(profile, dtype)
+        backend, runtime = open_backend(profile, dtype)
         start = time.perf_counter()
-        loaded = load_model(model, runtime.device)
-        return cls(loaded, runtime, profile, decoder_spec=decoder, load_seconds=seconds_since(start))
+        try:
+            loaded = load_model(model, runtime.device)
+        except BaseException:
+            backend.close()
+            raise
+        return cls(loaded, runtime, profile, decoder_spec=decoder, load_seconds=seconds_since(start), backend=backend)
+
+    def close(self) -> None:
+        """Close the backend this session opened (a no-op for one it does not own, or a second time)."""
+        if self.backend is not None:
+            backend, self.backend = self.backend, None
+            backend.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.backend is not None:  # the backend's own exit: under torchrun a clean end waits for every rank
+            backend, self.backend = self.backend, None
+            backend.__exit__(*exc)
 
     @property
     def model(self) -> Any:  # ScaleRAE
@@ -172,15 +205,16 @@ class Session:
         """Conditions (B, N, Z) -> encoder-space latent tokens (B, N, C) on the CPU, float32."""
         return sample_latents(self.model, conditions, seeds, settings, self.runtime)
 
-    @torch.inference_mode()
     def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
         """Encoder-space tokens (B, N, C) -> images (B, 3, H, W) in [0, 1] on the CPU."""
-        decoder, _ = self.decoder()
-        with self.runtime.autocast():
-            x = decoder(tokens.to(self.runtime.device, torch.float32)).float()  # (B, 3, H, W), normalised pixels
-        mean = torch.tensor(decoder.cfg.pixel_mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(decoder.cfg.pixel_std, device=x.device).view(1, 3, 1, 1)
-        return (x * std + mean).clamp(0, 1).cpu()
+        return decode_pixels(self.decoder()[0], tokens, self.runtime)
+
+    def encoder_pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Images (any size and mode) -> (B, 3, S, S) in [0, 1] at the encoder's input size, as in training."""
+        from scale_rae_core.data.images import square_pixels
+
+        size = self.encoder().input_size
+        return torch.stack([square_pixels(im, size) for im in images])
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -210,6 +244,14 @@ def check_decoder(decoder: Decoder, tokens: int, channels: int, spec: str) -> No
             f"--decoder {spec} reads {decoder.cfg.num_patches} × {decoder.cfg.latent_dim} latents but the model makes "
             f"{tokens} × {channels}; pass the decoder trained for the model's encoder"
         )
+
+
+@torch.inference_mode()
+def decode_pixels(decoder: Decoder, tokens: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Encoder-space tokens (B, N, C) -> images (B, 3, H, W) in [0, 1] on the CPU, through ``decoder``."""
+    with runtime.autocast():
+        x = decoder(tokens.to(runtime.device, torch.float32)).float()  # (B, 3, H, W), normalised pixels
+    return to_pixels(x, decoder.cfg.pixel_mean, decoder.cfg.pixel_std).clamp(0, 1).cpu()
 
 
 def sample_latents(

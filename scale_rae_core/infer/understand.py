@@ -3,7 +3,10 @@ decode|qa|continue`` (a saved latent -> pixels, or -> projector -> answer), as t
 
 The request is one user turn ``<im_start><image><im_end>\\n{question}`` (the reference's prompt; ``<image>`` in the
 question places the image elsewhere), where the N image positions hold ``mm_projector(encoder tokens)``. The answer
-is decoded greedily with a KV cache until ``<|im_end|>`` or ``max_new_tokens``. Should the model open an image
+is decoded greedily with a KV cache until ``<|im_end|>`` or ``max_new_tokens`` (several conversations can be answered
+together: :func:`answer` decodes them as one batch). The image file is read by ``data.images`` (EXIF orientation,
+transparency over white, 16-bit and float images scaled) and squashed to the encoder's input size by the same
+antialiased bicubic resize as training (``square_pixels``). Should the model open an image
 (``<im_start>``), the latent queries are fed and the image is sampled and written like ``generate`` does.
 
 ``latent qa`` and ``latent continue`` differ only for our latent files, which remember their prompt: ``continue``
@@ -15,6 +18,7 @@ reference's single path: the latent as a context image with PROMPT.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from scale_rae_core.infer.outputs import (
     write_manifest,
     write_png,
 )
-from scale_rae_core.infer.pipeline import SamplerSettings, Session, seconds_since
+from scale_rae_core.infer.pipeline import SamplerSettings, Session, decode_pixels, open_backend, seconds_since
 
 DEFAULT_MAX_NEW_TOKENS = 512
 
@@ -43,21 +47,10 @@ class Answer:
     latent: Path | None = None
 
 
-def load_image(path: Path) -> torch.Tensor:
-    """An image file -> (1, 3, H, W) float in [0, 1] (RGB)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise DataError(f"image {path}: not found; pass an image file (png, jpg, webp, ...)")
-    try:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"image {path}: cannot be read as an image ({type(exc).__name__}); pass a png/jpg/webp file") from None
-    import numpy as np
-
-    arr = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())  # (H, W, 3)
-    return arr.permute(2, 0, 1)[None].float() / 255.0
+@dataclass
+class Reply:
+    ids: list[int]  # the greedy answer, ending with the stop id or <im_start> it ended on (if any)
+    conditions: torch.Tensor | None  # (1, N, Z) if the model opened an image, else None
 
 
 def _request(question: str, n_images: int, history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
@@ -76,41 +69,45 @@ def _request(question: str, n_images: int, history: list[dict[str, str]] | None 
 
 @torch.inference_mode()
 def answer(
-    session: Session, features: torch.Tensor, conversation: list[dict[str, str]], max_new_tokens: int
-) -> tuple[list[int], torch.Tensor | None]:
-    """Greedy answer to ``conversation`` whose images are ``features`` (n, N, C) (all read as context images).
-
-    Returns (generated ids, conditions (1, N, Z) if the model opened an image, else None).
-    """
-    from scale_rae_core.infer.generate import _stop_ids
-    from scale_rae_core.models.llm import build_sample, collate, image_token_ids
+    session: Session, conversations: Sequence[list[dict[str, str]]], features: Sequence[torch.Tensor], max_new_tokens: int
+) -> list[Reply]:
+    """Greedy answers to a batch of ``conversations``, decoded together; ``features[i]`` (n_i, N, C) are the
+    images of conversation i, all read as context images (projector). An answer ends at ``<|im_end|>``, at
+    ``max_new_tokens``, or when the model opens an image (its conditions are returned)."""
+    from scale_rae_core.models.llm import build_sample, collate, image_token_ids, stop_token_ids
 
     lm, tok, device = session.model.lm, session.tokenizer, session.runtime.device
-    N = lm.cfg.num_image_tokens
-    sample = build_sample(conversation, tok, N, int(lm.llm.config.max_position_embeddings), add_generation_prompt=True)
-    n = features.shape[0]
-    if len(sample.image_starts) != n:
-        raise DataError(f"the request has {len(sample.image_starts)} image(s) but {n} latent image(s) are given")
+    N, max_len = lm.cfg.num_image_tokens, int(lm.llm.config.max_position_embeddings)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batch = collate([sample], len(sample.input_ids), pad, max_images=n, image_features=[features.float().cpu()])
-    batch = {k: v.to(device) for k, v in batch.items()}
+    embeds = []
     with session.runtime.autocast():
-        embeds = lm.embed(
-            batch["input_ids"], batch["image_features"], batch["image_positions"],
-            torch.zeros_like(batch["answer_image_mask"]),  # every image is read (projector), none is generated
-            batch["image_valid"],
-        )
-        return lm.greedy_decode(
-            embeds, max_new_tokens=max_new_tokens, stop_ids=sorted(_stop_ids(tok)), image_start_id=image_token_ids(tok).im_start
-        )
+        for conversation, feats in zip(conversations, features, strict=True):
+            sample = build_sample(conversation, tok, N, max_len, add_generation_prompt=True)
+            n = feats.shape[0]
+            if len(sample.image_starts) != n:
+                raise DataError(f"the request has {len(sample.image_starts)} image(s) but {n} latent image(s) are given")
+            batch = collate([sample], len(sample.input_ids), pad, max_images=n, image_features=[feats.float().cpu()])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            embeds.append(lm.embed(
+                batch["input_ids"], batch["image_features"], batch["image_positions"],
+                torch.zeros_like(batch["answer_image_mask"]),  # every image is read (projector), none is generated
+                batch["image_valid"],
+            )[0])  # (T_i, d)
+        out = lm.decode(embeds, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tok),
+                        image_start_id=image_token_ids(tok).im_start)
+    return [
+        Reply(ids, out.conditions[r:r + 1] if out.opened[r] and out.conditions is not None else None)
+        for r, ids in enumerate(out.tokens)
+    ]
 
 
 def _finish(
-    session: Session, mode: str, label: str, ids: list[int], conditions: torch.Tensor | None, fields: dict[str, Any],
+    session: Session, mode: str, label: str, reply: Reply, fields: dict[str, Any],
     out_dir: Path, settings: SamplerSettings, seed: int, save_latents: bool, timings: dict[str, float],
 ) -> Answer:
     """Write the manifest (and the image the model chose to make, if any)."""
-    text = session.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    text = session.tokenizer.decode(reply.ids, skip_special_tokens=True).strip()
+    conditions = reply.conditions
     stem = claim_stem(out_dir, label, seed if conditions is not None else None)
     png = latent = None
     extra: dict[str, Any] = {}
@@ -146,13 +143,20 @@ def understand_image(
 ) -> Answer:
     """``srae understand IMAGE QUESTION``."""
     start = time.perf_counter()
-    features = session.encode_image(load_image(image))  # (1, N, C)
+    features = session.encode_image(image_pixels(session, image))  # (1, N, C)
     encode_s = seconds_since(start)
     start = time.perf_counter()
-    ids, conditions = answer(session, features, _request(question, 1), max_new_tokens)
+    (reply,) = answer(session, [_request(question, 1)], [features], max_new_tokens)
     timings = {"encode": encode_s, "text": seconds_since(start)}
     fields = {"input_image": str(image), "question": question}
-    return _finish(session, "understand", question, ids, conditions, fields, out_dir, settings, seed, save_latents, timings)
+    return _finish(session, "understand", question, reply, fields, out_dir, settings, seed, save_latents, timings)
+
+
+def image_pixels(session: Session, path: Path) -> torch.Tensor:
+    """An image file -> (1, 3, S, S) in [0, 1] for the model's encoder: the reader and the resize of training."""
+    from scale_rae_core.data.images import open_image_file
+
+    return session.encoder_pixels([open_image_file(path)])
 
 
 def read_latent(session: Session, path: Path) -> LatentFile:
@@ -178,10 +182,10 @@ def latent_answer(
         history = [{"from": "human", "value": original}, {"from": "gpt", "value": "<image>" * latent.tokens.shape[0]}]
     n_new = 0 if history else latent.tokens.shape[0]  # with history the images sit in the replayed assistant turn
     start = time.perf_counter()
-    ids, conditions = answer(session, latent.tokens, _request(prompt, n_new, history), max_new_tokens)
+    (reply,) = answer(session, [_request(prompt, n_new, history)], [latent.tokens], max_new_tokens)
     fields = {"latent_path": str(path), "latent_format": "reference-pt" if latent.is_reference else "srae",
               "prompt": prompt, "history": history}
-    return _finish(session, f"latent-{action}", prompt, ids, conditions, fields, out_dir, settings, seed,
+    return _finish(session, f"latent-{action}", prompt, reply, fields, out_dir, settings, seed,
                    save_latents, {"text": seconds_since(start)})
 
 
@@ -193,13 +197,11 @@ def decode_latent_file(
     The decoder is ``--decoder``, else the released decoder for the encoder recorded in the file, else the
     profile's ``model.decoder.path``.
     """
+    from safetensors import safe_open
+
     from scale_rae_core import __version__
     from scale_rae_core.config import EncoderSettings
     from scale_rae_core.infer.loading import DEFAULT_DECODERS, load_pixel_decoder
-    from scale_rae_core.infer.pipeline import runtime_for
-
-    runtime = runtime_for(profile, dtype)
-    from safetensors import safe_open
 
     meta: dict[str, str] = {}
     if path.suffix == ".safetensors" and path.is_file():
@@ -212,18 +214,16 @@ def decode_latent_file(
     spec = decoder_spec or DEFAULT_DECODERS.get(kind) or profile.model.decoder.path
     if not spec:
         raise ConfigError(f"latent decode {path}: no decoder known; pass --decoder DIR_OR_REPO or set model.decoder.path in the profile")
-    start = time.perf_counter()
-    encoder = EncoderSettings(kind=kind or profile.model.encoder.kind, path=meta.get("encoder_path") or profile.model.encoder.path)
-    decoder, source = load_pixel_decoder(spec, encoder, runtime.device)
-    load_s = seconds_since(start)
-    latent = load_latent(path, decoder.cfg.num_patches, decoder.cfg.latent_dim)
-    start = time.perf_counter()
-    with torch.inference_mode(), runtime.autocast():
-        x = decoder(latent.tokens.to(runtime.device)).float()
-    mean = torch.tensor(decoder.cfg.pixel_mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(decoder.cfg.pixel_std, device=x.device).view(1, 3, 1, 1)
-    pixels = (x * std + mean).clamp(0, 1).cpu()
-    decode_s = seconds_since(start)
+    backend, runtime = open_backend(profile, dtype)
+    with backend:
+        start = time.perf_counter()
+        encoder = EncoderSettings(kind=kind or profile.model.encoder.kind, path=meta.get("encoder_path") or profile.model.encoder.path)
+        decoder, source = load_pixel_decoder(spec, encoder, runtime.device)
+        load_s = seconds_since(start)
+        latent = load_latent(path, decoder.cfg.num_patches, decoder.cfg.latent_dim)
+        start = time.perf_counter()
+        pixels = decode_pixels(decoder, latent.tokens, runtime)  # (n, 3, H, W) in [0, 1]
+        decode_s = seconds_since(start)
     label = meta.get("prompt") or path.stem
     written = []
     for k in range(pixels.shape[0]):

@@ -6,9 +6,9 @@ tokens). It is generated once with `save_pretrained` into the srae cache (`$SRAE
 so every process and every machine reads the same bytes. Its weights do not depend on transformers' own
 initialisers: every tensor is drawn from one `torch.Generator` in sorted-name order (`_init_tiny`).
 
-`model.decoder.path` is ours (a directory with an srae `config.json`, read by `load_decoder`) or a released
-decoder (`model.pt` + vit_mae `config.json`, a local directory or a hub repo id, read by
-`load_released_decoder`); empty means a fresh decoder from `model.decoder.preset`.
+`model.decoder.path` is ours (a directory with an srae `config.json`) or a released decoder (`model.pt` +
+vit_mae `config.json`), a local path or a hub repo id (`convert.load_any_decoder`); empty means a fresh decoder
+from `model.decoder.preset`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from typing import Any
 import torch
 
 from scale_rae_core.config import DecoderSettings, EncoderSettings, ModelSettings, Profile
-from scale_rae_core.errors import CheckpointError, ConfigError
-from scale_rae_core.models.decoder import FORMAT as DECODER_FORMAT
-from scale_rae_core.models.decoder import Decoder, load_decoder
+from scale_rae_core.errors import ConfigError
+from scale_rae_core.models.decoder import Decoder
 from scale_rae_core.models.encoder import EncoderConfig, FrozenEncoder
 from scale_rae_core.models.rae import RAE, decoder_config_for
 from scale_rae_core.models.stats import LatentStats, load_stats
@@ -127,7 +126,7 @@ def tiny_random_encoder_dir() -> Path:
 # components
 
 
-def build_encoder(settings: EncoderSettings, *, local_files_only: bool | None = None) -> FrozenEncoder:
+def build_encoder(settings: EncoderSettings) -> FrozenEncoder:
     """The frozen encoder `model.encoder` names (a hub id, a local directory, or "tiny-random")."""
     path = settings.path
     if path == TINY_RANDOM:
@@ -137,43 +136,23 @@ def build_encoder(settings: EncoderSettings, *, local_files_only: bool | None = 
                 "set kind = 'siglip'"
             )
         path = str(tiny_random_encoder_dir())
-    if local_files_only is None:
-        local_files_only = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar inside srae's own progress display
     try:
-        return FrozenEncoder(
-            EncoderConfig(settings.kind, path, input_size=settings.input_size, local_files_only=local_files_only,
-                          name=settings.path)
-        )
+        return FrozenEncoder(EncoderConfig(settings.kind, path, input_size=settings.input_size, name=settings.path))
     finally:
         if bar:
             hf_logging.enable_progress_bar()
 
 
-def _is_ours(path: Path) -> bool:
-    try:
-        return json.loads((path / "config.json").read_text()).get("format") == DECODER_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def load_trained_decoder(path: str, encoder: FrozenEncoder, *, what: str = "model.decoder.path") -> Decoder:
-    """Ours (srae config.json + model.safetensors) or a released one (model.pt; local or hub repo id)."""
-    local = Path(path).expanduser()
-    if local.is_dir() and _is_ours(local):
-        return load_decoder(local)
-    if local.is_dir() or local.is_file() or (path.count("/") == 1 and not path.startswith((".", "/"))):
-        from scale_rae_core.models.convert import RELEASED_DECODERS, load_released_decoder
+    """Ours (srae config.json + model.safetensors) or a released one (model.pt), a local path or a hub repo id."""
+    from scale_rae_core.models.convert import load_any_decoder
 
-        kind = None if path in RELEASED_DECODERS else encoder.kind
-        return load_released_decoder(path, encoder_kind=kind, encoder_id=encoder.cfg.label)
-    raise CheckpointError(
-        f"{what} = '{path}': no such directory and not a hub repo id; train one with "
-        "`srae train decoder` or convert a released one with `srae convert decoder`"
-    )
+    decoder, _ = load_any_decoder(path, flag=what, encoder_kind=encoder.kind, encoder_id=encoder.cfg.label)
+    return decoder
 
 
 def build_decoder(settings: DecoderSettings, encoder: FrozenEncoder) -> Decoder:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scale_rae_core.errors import CheckpointError, ConfigError
-from scale_rae_core.files import atomic_write
+from scale_rae_core.models.io import load_state, read_safetensors, write_model_folder
 
 FORMAT = "srae-decoder"
 FORMAT_VERSION = 1
@@ -234,20 +234,10 @@ DECODER_PRESETS: dict[str, dict[str, int]] = {
 # our checkpoint format: <dir>/config.json + <dir>/model.safetensors
 
 
-
-
 def save_decoder(decoder: Decoder, out_dir: str | os.PathLike[str]) -> Path:
-    """Write `model.safetensors` then `config.json` (the config last: its presence marks a complete dir)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in decoder.state_dict().items()}
-    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
+    """Write the folder `model.safetensors` + `config.json` whole and atomically (`models.io.write_model_folder`)."""
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(decoder.cfg)}
-    text = json.dumps(meta, indent=2) + "\n"
-    atomic_write(out / "config.json", lambda p: Path(p).write_text(text))
-    return out
+    return write_model_folder(out_dir, decoder.state_dict(), meta, metadata={"format": FORMAT})
 
 
 def read_decoder_config(path: str | os.PathLike[str]) -> DecoderConfig:
@@ -281,26 +271,8 @@ def read_decoder_config(path: str | os.PathLike[str]) -> DecoderConfig:
         raise CheckpointError(f"{path}: {e}") from e
 
 
-def _strict_load(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True) with a one-line CheckpointError naming the offending keys."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                shown = ", ".join(keys[:8]) + (f", ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-                parts.append(f"{label} keys: {shown}")
-        raise CheckpointError(f"{source}: weights do not match the decoder config; " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
-
-
 def load_decoder(model_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Decoder:
     """Read a directory written by `save_decoder` (strict: every key must match)."""
-    from safetensors.torch import load_file
-
     root = Path(model_dir)
     cfg = read_decoder_config(root / "config.json")
     weights = root / "model.safetensors"
@@ -309,5 +281,6 @@ def load_decoder(model_dir: str | os.PathLike[str], device: str | torch.device =
             f"{weights}: missing; the decoder directory is incomplete, re-save or re-convert it"
         )
     decoder = Decoder(cfg)
-    _strict_load(decoder, load_file(weights, device="cpu"), str(weights))
+    fix = "re-save or re-convert the decoder"
+    load_state(decoder, read_safetensors([weights], fix=fix), source=str(weights), fix=fix, what="its config.json")
     return decoder.to(device)

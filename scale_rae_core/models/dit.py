@@ -10,32 +10,27 @@ Data flow for x ∈ (B, C, g, g), t ∈ [0, 1]^B (t=0 data, t=1 noise; see `flow
 Module and parameter names follow the released Scale-RAE checkpoints (`x_embedder`, `t_embedder.mlp`,
 `y_embedder.dropout_embedding`, `pos_embed`, `feat_rope.freqs_cos/_sin`, `dit_blocks.N.{norm1,attn.qkv,
 attn.proj,norm2,mlp.w12,mlp.w3,adaLN_modulation.1}`, `final_layer.{norm_final,linear,adaLN_modulation.1}`), so a
-reference state dict loads strictly once `REFERENCE_DIT_PREFIX` is stripped (`dit_state_dict_from_reference`).
+reference state dict loads strictly once its prefix is stripped (`models.adapters.dit_state_dict_from_reference`).
 The Fourier frequencies `t_embedder.W` are not in those checkpoints: they are regenerated from a fixed seed.
 
-Unlike the reference, `forward_with_cfg` applies real guidance v_u + w·(v_c − v_u) (the released code never
-does, see the reference notes §8.1).
+Classifier-free guidance is the sampler's (`flow/sampler.py: guided_velocity`, with `null_condition` as the
+unconditional y); unlike the reference it really applies v_u + w·(v_c − v_u) (the released code never does,
+see the reference notes §8.1).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scale_rae_core.errors import CheckpointError, ConfigError
+from scale_rae_core.errors import ConfigError
 
 FOURIER_SEED = 114514  # seed of the reference's fixed Gaussian-Fourier frequencies
 FOURIER_FEATURES = 256
-
-# Where the DiT lives inside a released `ScaleRAEQwenForCausalLM` state dict: the causal LM holds
-# `diff_head` (the rectified-flow wrapper), whose `model` is the LightningDiT. The condition projector is
-# `diff_head_projector.{weight,bias}` at the same top level (not part of this module).
-REFERENCE_DIT_PREFIX = "diff_head.model."
 
 
 @dataclass(frozen=True)
@@ -386,51 +381,11 @@ class LightningDiT(nn.Module):
         out = self.final_layer(s, c)  # (B, N, C)
         return tokens_to_grid(out, cfg.grid)  # (B, C, g, g)
 
-    def forward_with_cfg(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        scale: float,
-        interval: tuple[float, float] | None = None,
-    ) -> torch.Tensor:
-        """Guided velocity v_u + scale·(v_c − v_u) from one forward over [cond; null] (2B rows).
-
-        Guidance applies to samples whose t lies in the closed `interval` (all samples if None); outside it
-        the conditional velocity is returned. `scale == 1` runs the conditional branch only.
-        """
-        if scale == 1.0:
-            return self.forward(x, t, y)
-        B = x.shape[0]
-        y_both = torch.cat([y, self.null_condition(B).to(y.dtype)])  # (2B, N, Z)
-        v_cond, v_uncond = self.forward(torch.cat([x, x]), torch.cat([t, t]), y_both).chunk(2)
-        guided = v_uncond + scale * (v_cond - v_uncond)
-        if interval is None:
-            return guided
-        inside = ((t >= interval[0]) & (t <= interval[1])).view(B, 1, 1, 1)
-        return torch.where(inside, guided, v_cond)
-
 
 def count_reference_params(model: LightningDiT) -> int:
     """Parameters as the reference counts them: trainable parameters plus the fixed 256·H `pos_embed`
     (an `nn.Parameter(requires_grad=False)` there, a buffer here). RoPE tables and W are not counted."""
     return sum(p.numel() for p in model.parameters()) + model.pos_embed.numel()
-
-
-def dit_state_dict_from_reference(
-    state: Mapping[str, torch.Tensor], prefix: str = REFERENCE_DIT_PREFIX
-) -> dict[str, torch.Tensor]:
-    """The LightningDiT part of a released Scale-RAE state dict, with keys as `LightningDiT` names them.
-
-    Names already match; this selects the keys under `prefix` (`diff_head.model.` in a full
-    `ScaleRAEQwenForCausalLM` state dict; pass `""` for a bare DiT state dict) and strips it.
-    """
-    out = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-    if not out:
-        raise CheckpointError(
-            f"no DiT weights under the prefix '{prefix}' in the checkpoint; pass the prefix its keys use"
-        )
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scale_rae_core.errors import CheckpointError, ConfigError
+from scale_rae_core.hub import resolve_transformers
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,11 +63,11 @@ class EncoderConfig:
     """Which frozen encoder to load and at what input resolution.
 
     kind: one of `FAMILIES` (`siglip`, `siglip2`, `dinov2-reg`, `webssl-dino`, `mae`).
-    path_or_repo: a local directory written by `save_pretrained`, or a Hugging Face repo id.
+    path_or_repo: a local directory written by `save_pretrained`, or a Hugging Face repo id (`owner/name[@rev]`,
+        fetched by `scale_rae_core.hub`; offline, it must be in the local cache).
     input_size: square side the pixels are resized to; None reads the preprocessor config (crop or size),
         else the model config's `image_size`.
     revision: hub revision (ignored for local directories).
-    local_files_only: never touch the network (a hub id must then be in the local cache).
     name: what the user called it (``model.encoder.path``, e.g. "tiny-random" for a generated cache folder);
         recorded in decoder configs instead of a machine-local path. Default: ``path_or_repo``.
     """
@@ -75,7 +76,6 @@ class EncoderConfig:
     path_or_repo: str
     input_size: int | None = None
     revision: str | None = None
-    local_files_only: bool = False
     name: str = ""
 
     @property
@@ -87,27 +87,11 @@ class EncoderConfig:
 # helpers
 
 
-def _read_preprocessor(cfg: EncoderConfig) -> dict[str, Any] | None:
+def _read_preprocessor(folder: Path) -> dict[str, Any] | None:
     """The saved `preprocessor_config.json` as a dict, or None when the checkpoint has none."""
-    local = Path(cfg.path_or_repo)
-    if local.is_dir():
-        path: Path | None = local / "preprocessor_config.json"
-        if not path.is_file():
-            return None
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(
-                hf_hub_download(
-                    cfg.path_or_repo,
-                    "preprocessor_config.json",
-                    revision=cfg.revision,
-                    local_files_only=cfg.local_files_only,
-                )
-            )
-        except Exception:  # no such file in the repo, or offline and not cached: use family defaults
-            return None
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return None
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -123,36 +107,35 @@ def _side(value: Any) -> int | None:
     return None
 
 
-def _load_backbone(cfg: EncoderConfig, family: _Family) -> nn.Module:
+def _load_backbone(cfg: EncoderConfig, family: _Family, folder: Path) -> nn.Module:
     import transformers
 
-    where = {"revision": cfg.revision, "local_files_only": cfg.local_files_only}
     try:
-        raw_config, _ = transformers.PretrainedConfig.get_config_dict(cfg.path_or_repo, **where)
+        raw_config, _ = transformers.PretrainedConfig.get_config_dict(str(folder))
     except (OSError, ValueError) as e:
         raise CheckpointError(
-            f"encoder {cfg.path_or_repo!r}: no config.json found ({e}); pass a local directory written by "
-            "save_pretrained, or download the repo with `hf download`"
-        ) from e
+            f"encoder {cfg.path_or_repo!r}: no config.json found ({type(e).__name__}); pass a local directory "
+            "written by save_pretrained, or a Hugging Face repo id"
+        ) from None
     model_type = raw_config.get("model_type")
     if model_type not in family.model_types:
         raise CheckpointError(
             f"encoder {cfg.path_or_repo!r}: config.json has model_type {model_type!r}, but kind "
             f"{cfg.kind!r} expects {family.model_types[0]!r}; set the encoder kind to match the checkpoint"
         )
-    kwargs: dict[str, Any] = dict(where)
+    kwargs: dict[str, Any] = {}
     if cfg.kind in ("siglip", "siglip2"):
         kwargs["vision_use_head"] = False  # the pooling head is never used; skip building it
     if cfg.kind == "mae":
         kwargs["mask_ratio"] = 0.0  # keep every patch
     model_cls = getattr(transformers, family.model_cls)
     try:
-        return model_cls.from_pretrained(cfg.path_or_repo, **kwargs)
+        return model_cls.from_pretrained(str(folder), **kwargs)
     except OSError as e:
         raise CheckpointError(
-            f"encoder {cfg.path_or_repo!r}: cannot load the {family.model_cls} weights ({e}); "
+            f"encoder {cfg.path_or_repo!r}: cannot load the {family.model_cls} weights ({type(e).__name__}); "
             "check that the directory holds the weights next to config.json"
-        ) from e
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,7 +151,8 @@ class FrozenEncoder(nn.Module):
             raise ConfigError(f"encoder kind {cfg.kind!r} is unknown; use one of {sorted(FAMILIES)}")
         self.cfg = cfg
         family = FAMILIES[cfg.kind]
-        self.backbone = _load_backbone(cfg, family)
+        folder = resolve_transformers(cfg.path_or_repo, flag="encoder", revision=cfg.revision).path
+        self.backbone = _load_backbone(cfg, family, folder)
         mcfg = self.backbone.config
 
         # The last norm: replaced by an affine-free LN (or removed for SigLIP, whose LN we apply ourselves).
@@ -181,7 +165,7 @@ class FrozenEncoder(nn.Module):
                 nn.LayerNorm(mcfg.hidden_size, eps=mcfg.layer_norm_eps, elementwise_affine=False),
             )
 
-        proc = _read_preprocessor(cfg) or {}
+        proc = _read_preprocessor(folder) or {}
         mean = tuple(proc.get("image_mean", family.mean))
         std = tuple(proc.get("image_std", family.std))
         if len(mean) != 3 or len(std) != 3:

@@ -20,21 +20,23 @@ channels, d LLM width, Z condition width, V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.models.tokenizer import (
     DEFAULT_SYSTEM_MESSAGE,
     IMAGE_END,
     IMAGE_START,
+    PAD_TOKEN,
     TURN_END,
     TURN_START,
 )
@@ -66,6 +68,15 @@ def image_token_ids(tokenizer: PreTrainedTokenizerBase) -> ImageTokenIds:
             "scale_rae_core.models.llm.add_image_tokens(tokenizer, model) first"
         )
     return ImageTokenIds(vocab[IMAGE_START], vocab[IMAGE_END])
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Ids that end a turn in decoding: ``<|im_end|>``, the pad token and the tokenizer's eos."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in (TURN_END, PAD_TOKEN) if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
 
 
 def add_image_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> ImageTokenIds:
@@ -305,17 +316,32 @@ class UnifiedLMConfig:
                 raise ConfigError(f"model.{name} is {getattr(self, name)}; it must be > 0")
 
 
-class DecodeStep(NamedTuple):
-    logits: torch.Tensor  # (B, V) next-token logits at the last position, float32
-    hidden_states: torch.Tensor  # (B, T, d) final post-norm hidden states of the positions fed
-    past_key_values: Cache
+@dataclass
+class Decoded:
+    """What :meth:`UnifiedLM.decode` wrote for each of B prompts."""
+
+    tokens: list[list[int]]  # per row: the text ids, then the id it ended on (<im_start> or a stop id), if any
+    opened: list[bool]  # the row ends with <im_start>: an answer image follows, its conditions are valid
+    forced: list[bool]  # that <im_start> was forced (force_image, at a stop id or the token limit)
+    conditions: torch.Tensor | None  # (B, N, Z) of the opened images; zeros for other rows; None if none opened
+
+
+def _left_pad(prompts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts (T_i, d) -> embeddings (B, T, d) padded with zeros on the left, and their mask (B, T)."""
+    B, T = len(prompts), max(p.shape[0] for p in prompts)
+    embeds = prompts[0].new_zeros(B, T, prompts[0].shape[-1])
+    mask = torch.zeros(B, T, dtype=torch.long, device=embeds.device)
+    for r, p in enumerate(prompts):  # every row's last prompt token sits at T − 1
+        embeds[r, T - p.shape[0] :] = p
+        mask[r, T - p.shape[0] :] = 1
+    return embeds, mask
 
 
 class UnifiedLM(nn.Module):
     """A Qwen2 causal LM with the Scale-RAE image interfaces around it.
 
     ``llm`` is a transformers ``Qwen2ForCausalLM`` (built from a config or loaded from a checkpoint);
-    its width d sets the projectors' sizes. Parameters (reference names in :func:`to_reference_key`):
+    its width d sets the projectors' sizes. Parameters (reference names in ``models.adapters.to_reference_key``):
     ``mm_projector`` Linear(C→d) → GELU → Linear(d→d); ``latent_queries`` (N, d) ~ N(0, 1)/√d;
     ``diff_head_projector`` Linear(d→Z).
     """
@@ -412,93 +438,89 @@ class UnifiedLM(nn.Module):
 
     # ---- inference ---------------------------------------------------------------------------------
 
-    def next_token_logits(
-        self,
-        inputs_embeds: torch.Tensor,
-        *,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-    ) -> DecodeStep:
-        """Run the new positions ``inputs_embeds`` (B, T, d) on top of ``past_key_values``.
+    def _extend(self, embeds: torch.Tensor, mask: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """Run the new positions ``embeds`` (B, T, d) on top of ``cache`` (updated in place).
 
-        With a cache only the new positions are computed; ``attention_mask`` (if given) covers the
-        cached and the new positions. Returns the last position's logits, the new positions' hidden
-        states (for answer-image conditions) and the updated cache.
+        ``mask`` (B, L) covers the cached and the new positions; each row counts its positions from its
+        first unmasked one, so a left-padded row sees the same positions as alone. Returns the new
+        positions' final post-norm hidden states (B, T, d).
         """
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1] :]  # (B, T)
         out = self.llm.model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            use_cache=True,
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
         )
-        hidden = out.last_hidden_state  # (B, T, d)
-        logits = self.llm.lm_head(hidden[:, -1]).float()  # (B, V)
-        return DecodeStep(logits, hidden, out.past_key_values)
+        return out.last_hidden_state
 
     @torch.no_grad()
-    def greedy_decode(
+    def decode(
         self,
-        prompt_embeds: torch.Tensor,
+        prompts: Sequence[torch.Tensor],
         *,
         max_new_tokens: int,
-        stop_ids: Sequence[int],
+        stop_ids: Collection[int],
         image_start_id: int,
-    ) -> tuple[list[int], torch.Tensor | None]:
-        """Greedy decoding of one sample with a KV cache (reference §2.5, without its O(L²) re-forward).
+        force_image: bool = False,
+    ) -> Decoded:
+        """Greedy decoding of a batch of prompts with one KV cache, until each row opens an image or stops.
 
-        ``prompt_embeds`` (1, T, d) is the embedded prompt (e.g. :meth:`embed` of a
-        :func:`build_sample` with ``add_generation_prompt=True``). Text is generated until a stop id or
-        ``max_new_tokens``. When ``<im_start>`` is chosen, the N latent queries are fed after it and
-        decoding ends, as in the reference: returns (generated ids incl. ``<im_start>``, the image's
-        conditions (1, N, Z)); otherwise (generated ids, None).
+        ``prompts``: one embedded prompt (T_i, d) per row (e.g. :meth:`embed` of a :func:`build_sample`
+        with ``add_generation_prompt=True``). Rows are left-padded to a common length; a row that is done
+        waits on masked positions while the others go on, so every row decodes exactly as it would alone.
+
+        A row ends when it writes ``<im_start>`` (the N latent queries are then fed after it, and its
+        answer-image conditions are returned, as in the reference), a stop id (kept in its tokens), or
+        ``max_new_tokens`` tokens. With ``force_image`` a stop id, or reaching the limit, is replaced by a
+        forced ``<im_start>`` (so at most ``max_new_tokens`` text tokens, then ``<im_start>``; 0 forces it
+        at once). One host read per generated token; the queries of all opened rows go in one last forward.
         """
-        if prompt_embeds.shape[0] != 1:
-            raise ConfigError(f"greedy_decode takes one sample, got a batch of {prompt_embeds.shape[0]}")
-        step = self.next_token_logits(prompt_embeds)
-        generated: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(step.logits[0].argmax())
-            generated.append(token)
-            if token in stop_ids:
+        if not prompts:
+            raise ConfigError("decode got no prompts")
+        B = len(prompts)
+        out = Decoded([[] for _ in range(B)], [False] * B, [False] * B, None)
+        if max_new_tokens == 0 and not force_image:
+            return out
+        embeds, mask = _left_pad(prompts)  # (B, T, d), (B, T)
+        cache = DynamicCache(config=self.llm.config)
+        hidden = self._extend(embeds, mask, cache)
+        if cache.get_seq_length() != mask.shape[1]:  # a transformers without `cache=` ignores it silently
+            raise ConfigError(
+                f"transformers {transformers.__version__} did not fill the KV cache passed as cache=; "
+                "install transformers>=5.24 (pip install -U 'transformers>=5.24')"
+            )
+        done = [False] * B
+        for step in range(max_new_tokens + 1):
+            choice = self.llm.lm_head(hidden[:, -1]).float().argmax(-1).tolist()  # one host read per token
+            fed, fed_mask = [0] * B, [0] * B  # a row that is done waits on a masked placeholder
+            for r in range(B):
+                if done[r]:
+                    continue
+                token = choice[r]
+                if force_image and token != image_start_id and (token in stop_ids or step == max_new_tokens):
+                    token, out.forced[r] = image_start_id, True
+                out.tokens[r].append(token)
+                fed[r], fed_mask[r] = token, 1
+                out.opened[r] = token == image_start_id
+                at_limit = not force_image and len(out.tokens[r]) == max_new_tokens
+                done[r] = out.opened[r] or token in stop_ids or at_limit
+            new = self.embed_text(torch.tensor(fed, device=mask.device)[:, None])  # (B, 1, d)
+            mask = torch.cat([mask, torch.tensor(fed_mask, device=mask.device)[:, None]], 1)
+            if all(done):
                 break
-            new = self.embed_text(torch.tensor([[token]], device=prompt_embeds.device))  # (1, 1, d)
-            if token == image_start_id:
-                queries = self.latent_queries.to(new.dtype)[None]  # (1, N, d)
-                step = self.next_token_logits(
-                    torch.cat([new, queries], 1), past_key_values=step.past_key_values
-                )
-                N = queries.shape[1]
-                return generated, self.conditions(step.hidden_states[:, -N:])  # (1, N, Z)
-            step = self.next_token_logits(new, past_key_values=step.past_key_values)
-        return generated, None
+            hidden = self._extend(new, mask, cache)
+        if any(out.opened):
+            out.conditions = self._image_conditions(new, mask, cache, out.opened)
+        return out
 
+    def _image_conditions(
+        self, new: torch.Tensor, mask: torch.Tensor, cache: Cache, opened: list[bool]
+    ) -> torch.Tensor:
+        """The rows' last tokens ``new`` (B, 1, d) and, where ``opened``, the N latent queries, in one forward
+        -> conditions (B, N, Z) of the opened images (zeros in the other rows, whose queries are masked)."""
+        B, N = new.shape[0], self.cfg.num_image_tokens
+        is_open = torch.tensor(opened, device=mask.device)  # (B,)
+        queries = self.latent_queries.to(new.dtype).expand(B, N, -1)  # (B, N, d)
+        mask = torch.cat([mask, is_open[:, None].long().expand(B, N)], 1)
+        hidden = self._extend(torch.cat([new, queries], 1), mask, cache)
+        conditions = self.conditions(hidden[:, -N:])  # (B, N, Z)
+        return torch.where(is_open[:, None, None], conditions, torch.zeros_like(conditions))
 
-# ----------------------------------------------------------------------------------------------------
-# Reference parameter names
-# ----------------------------------------------------------------------------------------------------
-
-# reference prefix → srae prefix; first match wins (the image modules sit under `model.` there)
-_REFERENCE_PREFIXES = (
-    ("model.mm_projector.", "mm_projector."),
-    ("model.latent_queries", "latent_queries"),
-    ("diff_head_projector.", "diff_head_projector."),
-    ("model.", "llm.model."),
-    ("lm_head.", "llm.lm_head."),
-)
-
-
-def from_reference_key(key: str) -> str | None:
-    """A reference checkpoint key (``model.mm_projector.0.weight``) → the :class:`UnifiedLM` key
-    (``mm_projector.0.weight``); None for keys this module does not own (``diff_head.*`` etc.)."""
-    for ref, ours in _REFERENCE_PREFIXES:
-        if key.startswith(ref):
-            return ours + key[len(ref) :]
-    return None
-
-
-def to_reference_key(key: str) -> str:
-    """A :class:`UnifiedLM` key → the reference checkpoint key (inverse of :func:`from_reference_key`)."""
-    for ref, ours in _REFERENCE_PREFIXES:
-        if key.startswith(ours):
-            return ref + key[len(ours) :]
-    raise KeyError(f"{key} is not a UnifiedLM parameter name")

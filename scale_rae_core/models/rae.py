@@ -3,13 +3,16 @@
     encode: pixels [B, 3, H, W] in [0, 1] -> encoder tokens [B, N, C]
             -> (training only, noise_tau > 0) z + sigma * eps, sigma ~ noise_tau * U(0, 1) per sample
             -> (stats given) (z - mean) / sqrt(var + 1e-5)
-    decode: latents [B, N, C] -> undo the stats -> decoder -> x * pixel_std + pixel_mean  (not clamped)
+    decode: latents [B, N, C] -> undo the stats -> decoder -> to_pixels: x * pixel_std + pixel_mean  (not clamped)
 
 The decoder always sees raw (un-normalised) encoder tokens; the stats only define the space a generator
-works in. `decode` leaves values outside [0, 1] alone (losses want them); clamp for display.
+works in. `to_pixels` is the one place a decoder's output is de-normalised (training, eval and inference
+all call it); it leaves values outside [0, 1] alone (losses want them); clamp for display.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -66,13 +69,23 @@ class RAE(nn.Module):
         """latents [B, N, C] -> pixels [B, 3, p*sqrt(N), p*sqrt(N)], ~[0, 1] (not clamped)."""
         if self.stats is not None:
             latents = self.stats.denormalize(latents)
-        x = self.decoder(latents)  # (B, 3, H, W), in the encoder's normalised pixel space
-        mean = self.encoder.mean.to(x.device, x.dtype)
-        std = self.encoder.std.to(x.device, x.dtype)
-        return x * std + mean
+        return to_pixels(self.decoder(latents), self.encoder.mean, self.encoder.std)  # buffers already on device
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(pixels))
+
+
+def to_pixels(
+    x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """A decoder's output (B, 3, H, W), in its encoder's normalised pixel space -> pixels, ~[0, 1] (not clamped).
+
+    ``mean`` / ``std``: the encoder's pixel normalisation (3 values each), as the encoder's buffers or a
+    decoder config's ``pixel_mean`` / ``pixel_std``.
+    """
+    mean = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return x * std + mean
 
 
 def decoder_config_for(

@@ -35,12 +35,12 @@ from scale_rae_core.config import DiTSettings, EncoderSettings, LLMSettings
 from scale_rae_core.errors import CheckpointError
 from scale_rae_core.flow.transport import FlowMatching
 from scale_rae_core.models.dit import DiTConfig, LightningDiT, tokens_to_grid
+from scale_rae_core.models.io import WEIGHTS_FILE, export_model, load_scale_rae, read_safetensors
 from scale_rae_core.models.llm import UnifiedLM, UnifiedLMConfig
 from scale_rae_core.models.stats import LatentStats, load_stats
 
 FORMAT = "srae-scale-rae"
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
 STATS_FILE = "latent_stats.safetensors"
 HEAD_MARKER = "diff_head"  # parameters whose name contains this train with the head's lr and betas
 
@@ -184,16 +184,16 @@ def build_llm(settings: LLMSettings, tokenizer_dir: str | Path) -> tuple[PreTrai
         tokenizer = tiny_tokenizer(tokenizer_dir)
         llm = Qwen2ForCausalLM(llm_config(settings.preset, vocab_size=len(tokenizer)))
     else:
-        import os
+        from scale_rae_core.hub import resolve_transformers
 
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        local = str(resolve_transformers(settings.path, flag="model.llm.path").path)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(settings.path, local_files_only=offline)
-            llm = Qwen2ForCausalLM.from_pretrained(settings.path, dtype=torch.float32, local_files_only=offline)
+            tokenizer = AutoTokenizer.from_pretrained(local)
+            llm = Qwen2ForCausalLM.from_pretrained(local, dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise CheckpointError(
                 f"model.llm.path = '{settings.path}': cannot load a Qwen2 model and tokenizer ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:160]}); pass a local directory or download it with `hf download`"
+                f"{str(exc).splitlines()[0][:160]}); pass a Qwen2 model folder or repo id"
             ) from None
     add_image_tokens(tokenizer, llm)
     tokenizer.save_pretrained(str(tokenizer_dir))
@@ -246,12 +246,10 @@ def save_export(model: ScaleRAE, tokenizer: PreTrainedTokenizerBase, out_dir: st
     """Write a single-process (unsharded) model as an export directory; see :func:`load_export`."""
     import tempfile
 
-    from scale_rae_core.train.checkpoint import export_model
-
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer.save_pretrained(tok_dir)
-        state = {k: v for k, v in model.state_dict().items()}
-        return export_model(out_dir, state, model.cfg.to_json(), export_files(model.cfg, Path(tok_dir), stats_path))
+        files = export_files(model.cfg, Path(tok_dir), stats_path)
+        return export_model(out_dir, model.state_dict(), model.cfg.to_json(), files)
 
 
 @dataclass
@@ -290,8 +288,6 @@ def read_export_config(path: str | Path) -> ScaleRAEConfig:
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedExport:
     """Load an export directory written by training (or :func:`save_export`) in fp32, in eval mode."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -303,22 +299,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedE
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: the tokenizer files are missing or broken ({type(exc).__name__}); re-export the model") from None
-    with torch.device("meta"):
-        model = ScaleRAE(cfg, stats=stats)
-    try:
-        state = load_file(str(path / WEIGHTS_FILE))
-    except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"{path / WEIGHTS_FILE}: cannot read the weights ({exc}); re-export the model") from None
-    model.to_empty(device="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm.llm.lm_head.weight"} if cfg.llm.get("tie_word_embeddings") else set()
-    if unexpected or set(missing) - tied:
-        raise CheckpointError(
-            f"{path / WEIGHTS_FILE} does not match its config.json (missing {sorted(set(missing) - tied)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}); re-export the model"
-        )
-    model.lm.llm.tie_weights()
-    model.diff_head.reset_fixed_buffers()  # non-persistent tables (Fourier W, RoPE) were left empty
-    rotary = model.lm.llm.model.rotary_emb  # its inv_freq buffer is non-persistent too: rebuild it
-    model.lm.llm.model.rotary_emb = type(rotary)(model.lm.llm.config)
+    weights = path / WEIGHTS_FILE
+    fix = "re-export the model"
+    model = load_scale_rae(cfg, read_safetensors([weights], fix=fix), source=str(weights), fix=fix, stats=stats)
     return LoadedExport(model.to(device).eval(), tokenizer, cfg, path)

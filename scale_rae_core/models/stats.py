@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from scale_rae_core.errors import CheckpointError
+from scale_rae_core.files import read_plain_state_dict
 
 FORMAT = "srae-latent-stats"
 DEFAULT_EPS = 1e-5
@@ -203,11 +204,8 @@ def load_stats(path: str | os.PathLike[str], layout: str = "tokens") -> LatentSt
             count = int(f.get_tensor("count").item()) if "count" in f.keys() else 0
         return LatentStats(mean=mean, var=var, count=count, eps=float(meta.get("eps", DEFAULT_EPS)))
 
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read as a weights-only torch file ({e})") from e
-    if not isinstance(raw, dict) or not ({"mean", "var"} & set(raw)):
+    raw = read_plain_state_dict(path, "a dict with 'mean' and/or 'var' tensors (RAE stat.pt)", allow_none=True)
+    if not ({"mean", "var"} & set(raw)):
         raise CheckpointError(f"{path}: expected a dict with 'mean' and/or 'var' tensors (RAE stat.pt)")
     unknown = sorted(set(raw) - {"mean", "var"})
     if unknown:

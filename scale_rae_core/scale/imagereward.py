@@ -10,23 +10,7 @@ undeclared ``clip`` module and a transformers-4 API), so the same network is reb
     reward = (r - 0.16717362830052426) / 1.0333394966054072
 
 The public checkpoint is a plain state dict of the reference ``ImageReward`` module (timm-style ViT keys,
-BLIP's ``med.py`` BERT keys). Every key is accounted for, strictly:
-
-    blip.visual_encoder.cls_token                   -> vision.embeddings.class_embedding
-    blip.visual_encoder.pos_embed                   -> vision.embeddings.position_embedding
-    blip.visual_encoder.patch_embed.proj.*          -> vision.embeddings.patch_embedding.*
-    blip.visual_encoder.blocks.i.norm1.*            -> vision.encoder.layers.i.layer_norm1.*
-    blip.visual_encoder.blocks.i.attn.qkv.*         -> vision.encoder.layers.i.self_attn.qkv.*
-    blip.visual_encoder.blocks.i.attn.proj.*        -> vision.encoder.layers.i.self_attn.projection.*
-    blip.visual_encoder.blocks.i.norm2.*            -> vision.encoder.layers.i.layer_norm2.*
-    blip.visual_encoder.blocks.i.mlp.fc{1,2}.*      -> vision.encoder.layers.i.mlp.fc{1,2}.*
-    blip.visual_encoder.norm.*                      -> vision.post_layernorm.*
-    blip.text_encoder.<name>                        -> text.<name>  (same names: embeddings.*,
-                                                       encoder.layer.i.{attention,crossattention}.*, ...)
-    blip.text_encoder.embeddings.position_ids       -> checked to be 0..P-1, not stored (a buffer)
-    blip.vision_proj.*, blip.text_proj.*            -> vision_proj.*, text_proj.* (BLIP's contrastive
-                                                       heads: loaded, unused by the reward)
-    mlp.layers.{0,2,4,6,7}.*                        -> mlp.layers.{0,2,4,6,7}.* (dropouts at 1, 3, 5)
+BLIP's ``med.py`` BERT keys); :mod:`scale_rae_core.models.adapters` maps every key, and loading is strict.
 
 Vision sizes come from the weights (BLIP's ViTs use 64-wide heads); text sizes from ``med_config.json``,
 cross-checked against the weights. The tokenizer is BERT's uncased vocabulary plus ``[DEC]`` (bos) and
@@ -37,9 +21,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +31,17 @@ import torch
 from PIL import Image
 from torch import nn
 
+from scale_rae_core.data.images import as_rgb, open_image_file, to_tensor
 from scale_rae_core.errors import CheckpointError, DataError
 from scale_rae_core.files import read_plain_state_dict
+from scale_rae_core.hub import resolve
+from scale_rae_core.models.adapters import (
+    IMAGEREWARD_POSITION_IDS,
+    imagereward_sizes,
+    imagereward_to_local,
+    imagereward_to_public,
+)
+from scale_rae_core.models.io import load_state
 
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
@@ -131,67 +123,6 @@ class ImageRewardConfig:
             "encoder_width": self.vision_width,
             "add_cross_attention": True,
         }
-
-
-# ----------------------------------------------------------------------------------------------- key map
-_VISION_TOP = {
-    "cls_token": "embeddings.class_embedding",
-    "pos_embed": "embeddings.position_embedding",
-    "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
-    "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
-    "norm.weight": "post_layernorm.weight",
-    "norm.bias": "post_layernorm.bias",
-}
-_VISION_BLOCK = {
-    "norm1": "layer_norm1",
-    "attn.qkv": "self_attn.qkv",
-    "attn.proj": "self_attn.projection",
-    "norm2": "layer_norm2",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
-_LAYER_RE = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-POSITION_IDS = "blip.text_encoder.embeddings.position_ids"
-
-
-def public_to_local(key: str) -> str | None:
-    """Our parameter name for a public ``ImageReward.pt`` key; None for a key this map does not know."""
-    if key.startswith("blip.visual_encoder."):
-        rest = key[len("blip.visual_encoder."):]
-        if rest in _VISION_TOP:
-            return "vision." + _VISION_TOP[rest]
-        m = _BLOCK_RE.match(rest)
-        if m and m.group(2) in _VISION_BLOCK:
-            return f"vision.encoder.layers.{m.group(1)}.{_VISION_BLOCK[m.group(2)]}.{m.group(3)}"
-        return None
-    if key.startswith("blip.text_encoder."):
-        return "text." + key[len("blip.text_encoder."):]
-    for head in ("blip.vision_proj.", "blip.text_proj."):
-        if key.startswith(head):
-            return key[len("blip."):]
-    if key.startswith("mlp.layers."):
-        return key
-    return None
-
-
-def local_to_public(key: str) -> str:
-    """The public ``ImageReward.pt`` key of one of our parameter names (inverse of ``public_to_local``)."""
-    if key.startswith("vision."):
-        rest = key[len("vision."):]
-        for public, ours in _VISION_TOP.items():
-            if rest == ours:
-                return "blip.visual_encoder." + public
-        m = _LAYER_RE.match(rest)
-        assert m, key
-        block = {ours: public for public, ours in _VISION_BLOCK.items()}[m.group(2)]
-        return f"blip.visual_encoder.blocks.{m.group(1)}.{block}.{m.group(3)}"
-    if key.startswith("text."):
-        return "blip.text_encoder." + key[len("text."):]
-    if key.startswith(("vision_proj.", "text_proj.")):
-        return "blip." + key
-    assert key.startswith("mlp.layers."), key
-    return key
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -315,39 +246,21 @@ class ImageReward(nn.Module):
     # -- public checkpoint layout
     def public_state_dict(self) -> dict[str, torch.Tensor]:
         """Our weights under the public ``ImageReward.pt`` names (with the ``position_ids`` buffer)."""
-        state = {local_to_public(k): v for k, v in self.state_dict().items()}
-        state[POSITION_IDS] = torch.arange(self.config.max_positions).unsqueeze(0)
+        state = {imagereward_to_public(k): v for k, v in self.state_dict().items()}
+        state[IMAGEREWARD_POSITION_IDS] = torch.arange(self.config.max_positions).unsqueeze(0)
         return state
 
     def load_public_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Load a public-layout state dict strictly: every key mapped, every parameter filled, shapes equal."""
-        ours = self.state_dict()
-        mapped: dict[str, torch.Tensor] = {}
-        unexpected: list[str] = []
-        for key, value in state.items():
-            if key == POSITION_IDS:
-                expect = torch.arange(value.shape[-1])
-                if value.reshape(-1).shape != expect.shape or not torch.equal(value.reshape(-1).long(), expect):
-                    raise CheckpointError(f"{source}: {POSITION_IDS} is not 0..{value.shape[-1] - 1}")
-                continue
-            local = public_to_local(key)
-            if local is None or local not in ours:
-                unexpected.append(key)
-            else:
-                mapped[local] = value
-        missing = sorted(local_to_public(k) for k in ours if k not in mapped)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{source}: does not match ImageReward ({len(missing)} missing: {_few(missing)}; "
-                f"{len(unexpected)} unexpected: {_few(sorted(unexpected))})"
-            )
-        wrong = [
-            f"{local_to_public(k)} {tuple(v.shape)} vs {tuple(ours[k].shape)}"
-            for k, v in mapped.items() if v.shape != ours[k].shape
-        ]
-        if wrong:
-            raise CheckpointError(f"{source}: shape mismatch (checkpoint vs model): {_few(wrong)}")
-        self.load_state_dict(mapped, strict=True)
+        state = dict(state)
+        positions = state.pop(IMAGEREWARD_POSITION_IDS, None)  # a buffer: optional, checked when present
+        if positions is not None:
+            expect = torch.arange(positions.shape[-1])
+            flat = positions.reshape(-1)
+            if flat.shape != expect.shape or not torch.equal(flat.long(), expect):
+                raise CheckpointError(f"{source}: {IMAGEREWARD_POSITION_IDS} is not 0..{positions.shape[-1] - 1}")
+        load_state(self, state, source=source, fix=f"pass the {WEIGHTS_FILE} of {DEFAULT_REPO}", what="ImageReward",
+                   rename=imagereward_to_local, file_key=imagereward_to_public)
 
     @classmethod
     def from_pretrained(
@@ -379,85 +292,25 @@ class ImageReward(nn.Module):
                 med = json.loads(med_file.read_text())
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{med_file}: not valid JSON ({e})") from e
-        state = _read_state(weights)
-        config = ImageRewardConfig.from_med_config(med, **_vision_sizes(state, str(weights)))
-        linear = sorted(int(m.group(1)) for k in state if (m := re.match(r"^mlp\.layers\.(\d+)\.weight$", k)))
-        head = tuple(int(state[f"mlp.layers.{i}.weight"].shape[0]) for i in linear[:-1])
-        config = _replace(config, embed_dim=_shape0(state, "blip.vision_proj.weight", config.embed_dim),
-                          head_widths=head or config.head_widths)
+        state = read_plain_state_dict(weights, "a plain state dict (name -> tensor), as the public ImageReward.pt")
+        sizes = imagereward_sizes(state, str(weights))
+        if sizes["vision_width"] % HEAD_DIM:
+            raise CheckpointError(f"{weights}: vision width {sizes['vision_width']} is not a multiple of BLIP's head size {HEAD_DIM}")
+        config = ImageRewardConfig.from_med_config(med, **sizes)
         model = cls(config, tokenizer=load_blip_tokenizer(tokenizer, search=[weights.parent]))
         model.load_public_state_dict(state, source=str(weights))
         return model.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _few(items: Sequence[str], n: int = 8) -> str:
-    return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "") if items else "none"
-
-
-def _replace(config: ImageRewardConfig, **changes: Any) -> ImageRewardConfig:
-    return ImageRewardConfig(**{**asdict(config), **changes})
-
-
-def _shape0(state: dict[str, torch.Tensor], key: str, default: int) -> int:
-    return int(state[key].shape[0]) if key in state else default
-
-
-def _vision_sizes(state: dict[str, torch.Tensor], source: str) -> dict[str, int]:
-    """Vision sizes read from the public weights (missing keys are reported by the strict load)."""
-    prefix = "blip.visual_encoder."
-    if f"{prefix}patch_embed.proj.weight" not in state or f"{prefix}pos_embed" not in state:
-        raise CheckpointError(
-            f"{source}: no {prefix}patch_embed.proj.weight / pos_embed; not an ImageReward.pt state dict"
-        )
-    width, _, patch, _ = state[f"{prefix}patch_embed.proj.weight"].shape
-    grid = int(round((state[f"{prefix}pos_embed"].shape[1] - 1) ** 0.5))
-    layers = 1 + max((int(m.group(1)) for k in state if (m := re.match(rf"^{re.escape(prefix)}blocks\.(\d+)\.", k))), default=-1)
-    mlp_key = f"{prefix}blocks.0.mlp.fc1.weight"
-    if width % HEAD_DIM:
-        raise CheckpointError(f"{source}: vision width {width} is not a multiple of BLIP's head size {HEAD_DIM}")
-    return {
-        "vision_width": int(width),
-        "patch_size": int(patch),
-        "image_size": int(grid * patch),
-        "vision_layers": int(layers),
-        "vision_mlp": int(state[mlp_key].shape[0]) if mlp_key in state else 4 * int(width),
-    }
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    return read_plain_state_dict(path, "a plain state dict (name -> tensor), as the public ImageReward.pt")
-
-
 def _resolve(src: str | os.PathLike[str]) -> tuple[Path, Path | None]:
     """(weights file, med_config.json or None) from a file, a directory or a Hugging Face repo id."""
-    path = Path(src).expanduser()
-    if path.is_file():
-        med = path.parent / MED_CONFIG_FILE
-        return path, (med if med.is_file() else None)
-    if path.is_dir():
-        weights = path / WEIGHTS_FILE
-        if not weights.is_file():
-            raise CheckpointError(f"{weights}: missing; an ImageReward directory holds {WEIGHTS_FILE} + {MED_CONFIG_FILE}")
-        med = path / MED_CONFIG_FILE
-        return weights, (med if med.is_file() else None)
-    repo = str(src)
-    if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
-        raise CheckpointError(f"{src}: no such file or directory, and not a Hugging Face repo id (owner/name)")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        weights = Path(hf_hub_download(repo, WEIGHTS_FILE))
-    except Exception as e:
-        raise CheckpointError(
-            f"{repo}: cannot get {WEIGHTS_FILE} ({type(e).__name__}; offline and not cached?); "
-            f"download it with `hf download {repo}` or pass a local path"
-        ) from e
-    try:
-        med_path: Path | None = Path(hf_hub_download(repo, MED_CONFIG_FILE))
-    except Exception:
-        med_path = None  # reported by from_pretrained with the fix
-    return weights, med_path
+    source = resolve(str(src), flag="ImageReward weights (--ir-weights)", allow_patterns=[WEIGHTS_FILE, MED_CONFIG_FILE], files_ok=True)
+    weights = source.path if source.path.is_file() else source.path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing; an ImageReward directory or repo holds {WEIGHTS_FILE} + {MED_CONFIG_FILE}")
+    med = weights.parent / MED_CONFIG_FILE
+    return weights, (med if med.is_file() else None)
 
 
 def _vocab_dirs(search: Sequence[Path]) -> list[Path]:
@@ -497,6 +350,8 @@ def load_blip_tokenizer(source: str | os.PathLike[str] | None = None, search: Se
             vocab_dir = path
         else:
             vocab_dir = _hub_vocab(str(source))
+            if not (vocab_dir / "vocab.txt").is_file():
+                raise CheckpointError(f"tokenizer {source}: the repo has no vocab.txt; pass bert-base-uncased's vocab.txt")
     else:
         vocab_dir = next((d for d in _vocab_dirs(search) if (d / "vocab.txt").is_file()), None)
         if vocab_dir is None:
@@ -514,24 +369,15 @@ def load_blip_tokenizer(source: str | os.PathLike[str] | None = None, search: Se
 
 
 def _hub_vocab(repo: str) -> Path:
-    if repo.count("/") != 1:
-        raise CheckpointError(f"{repo}: no such file or directory, and not a Hugging Face repo id (owner/name)")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(repo, "vocab.txt")).parent
-    except Exception as e:
-        raise CheckpointError(f"{repo}: cannot get vocab.txt ({type(e).__name__}; offline and not cached?)") from e
+    return resolve(repo, flag="ImageReward tokenizer (--ir-tokenizer)", allow_patterns=["vocab.txt"]).path
 
 
 def _as_pil(image: Image.Image | str | Path | torch.Tensor) -> Image.Image:
+    """An 8-bit RGB image: files through the shared reader, PIL images through its mode conversion."""
     if isinstance(image, Image.Image):
-        return image
+        return as_rgb(image)
     if isinstance(image, (str, Path)):
-        try:
-            return Image.open(image)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{image}: cannot open as an image ({e})") from e
+        return open_image_file(image)
     if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
         array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
         return Image.fromarray(array)
@@ -548,8 +394,7 @@ def _preprocess_one(image: Image.Image, size: int) -> torch.Tensor:
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size)).convert("RGB")
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+    x = to_tensor(image.crop((left, top, left + size, top + size)))  # (3, S, S) in [0, 1]
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return (x - mean) / std

@@ -6,9 +6,10 @@ For each prompt (index i, text p) and each sample k < n·rounds:
    ``<im_start>``, deterministic), then the flow head samples latent k from seed ``seed + k`` and the
    pixel decoder writes ``{root}/{i:05d}/samples/{k:05d}.png``;
 2. self-verification (``scale_rae_core.scale.verify``) on the latent (``verify_on="latent"``, the
-   reference's mode) or on the decoded image re-encoded by the model's encoder (``"image"``):
-   the yes/no answer to ``VERIFY_QUESTION`` with its logits and confidences, the teacher-forced caption
-   loss of p after ``CAPTION_QUESTION``, and the self-certainty over the image positions;
+   reference's mode) or on the written PNG, read and re-encoded as ``understand`` reads an image (``"image"``):
+   the yes/no answer to ``VERIFY_QUESTION`` (decoded as ``understand`` decodes) with its logits and
+   confidences, the teacher-forced caption loss of p after ``CAPTION_QUESTION``, and the self-certainty over
+   the image positions;
 3. every scorer (``scale_rae_core.scale.scorers``: ``image_reward``, ``shapes``, user scorers) scores the PNG;
 4. ``metadata.jsonl`` is rewritten atomically in the reference layout (input line fields, ``text_responses``
    {"<k>": ...}, ``all_ir_scores`` / ``top_ir_*`` when ImageReward runs) plus ``scores`` {scorer: [n]}
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 
+from scale_rae_core.data.images import read_image
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.events import Reporter
 from scale_rae_core.infer.outputs import atomic_write, write_png
@@ -132,7 +134,8 @@ def self_verify(
     # (a) yes/no answer; the step logits come from one teacher-forced pass over the greedy answer
     question = V.VERIFY_QUESTION.format(prompt=prompt)
     conversation = _request(question, 1)
-    ids, _ = answer(session, features[None], conversation, max_new_tokens)
+    (reply,) = answer(session, [conversation], [features[None]], max_new_tokens)
+    ids = reply.ids
     asked = build_sample(conversation, tok, N, max_len, add_generation_prompt=True)
     logits = _logits(session, asked.input_ids + ids, asked.image_starts[0], features)
     start = len(asked.input_ids) - 1
@@ -240,14 +243,14 @@ def run_scaling(
                 pixels = session.decode_pixels(tokens)  # (b, 3, H, W) in [0, 1]
                 for j, k in enumerate(ks):
                     png = write_png(folder / "samples" / f"{k:05d}.png", pixels[j])
-                    features = tokens[j] if settings.verify_on == "latent" else session.encode_image(pixels[j:j + 1])[0].cpu()
+                    image = read_image(png)  # what the scorers, and verify_on="image", see: the PNG
+                    if settings.verify_on == "latent":
+                        features = tokens[j]
+                    else:
+                        features = session.encode_image(session.encoder_pixels([image]))[0].cpu()
                     record = self_verify(session, line["prompt"], features, request_ids, text.generated_ids,
                                          yes_no, settings.verify_max_new_tokens)
                     record["gen_output_text"] = text.text
-                    from PIL import Image
-
-                    with Image.open(png) as im:
-                        image = im.convert("RGB")
                     for scorer in scorers:
                         meta["scores"][scorer.name].append(score_batch(scorer, [line["prompt"]], [image])[0])
                     meta["text_responses"][str(k)] = record

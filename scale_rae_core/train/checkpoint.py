@@ -1,4 +1,4 @@
-"""Resumable training checkpoints and self-contained model exports.
+"""Resumable training checkpoints (the self-contained model export they feed is ``models.io.export_model``).
 
 Layout of one run::
 
@@ -50,7 +50,6 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
@@ -65,6 +64,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from scale_rae_core.backends.base import Backend
 from scale_rae_core.errors import CheckpointError
+from scale_rae_core.models.io import export_model
 from scale_rae_core.train.rng import load_rng_state, save_rng_state
 
 FORMAT = "srae-checkpoint"
@@ -326,79 +326,6 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_model(
-    out_dir: str | Path,
-    state_dict: Mapping[str, torch.Tensor],
-    config: Mapping[str, Any],
-    extra_files: Mapping[str, str | bytes | Path] | None = None,
-    *,
-    backend: Backend | None = None,
-) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (+ ``extra_files``) as one directory, atomically.
-
-    ``state_dict``: full tensors (see :func:`full_model_state_dict`). ``extra_files``: name → text, bytes,
-    or a :class:`~pathlib.Path` of a file or folder to copy (e.g. tokenizer files). The directory is built
-    next to ``out_dir`` under a temporary name and renamed into place; an existing ``out_dir`` is replaced.
-    With a ``backend``, only the main rank writes and every rank waits at a barrier (*collective*).
-    """
-    out_dir = Path(out_dir)
-    if backend is not None and not backend.is_main:
-        backend.barrier()
-        return out_dir
-    if not state_dict:
-        raise CheckpointError(
-            f"export to {out_dir}: the state dict is empty; gather it with full_model_state_dict() on rank 0"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}{_TMP}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        tensors: dict[str, torch.Tensor] = {}
-        storages: set[int] = set()
-        for name, t in state_dict.items():
-            t = t.detach().to("cpu").contiguous()
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in storages:
-                t = t.clone()  # tied weights: safetensors refuses tensors that share storage
-            storages.add(t.untyped_storage().data_ptr())
-            tensors[name] = t
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", _to_json(dict(config), "config"))
-        for name, content in (extra_files or {}).items():
-            dest = tmp / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, Path):
-                if content.is_dir():
-                    shutil.copytree(content, dest)
-                elif content.is_file():
-                    shutil.copyfile(content, dest)
-                else:
-                    raise CheckpointError(
-                        f"export extra file {content} does not exist; pass an existing file or folder"
-                    )
-            elif isinstance(content, bytes):
-                dest.write_bytes(content)
-            else:
-                dest.write_text(content, encoding="utf-8")
-        _fsync_dir(tmp)
-        old = out_dir.with_name(f".{out_dir.name}{_OLD}-{os.getpid()}")
-        if out_dir.exists():
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if backend is not None:
-            backend.barrier()
-    return out_dir
-
-
 # --------------------------------------------------------------------------------------------- manager
 
 
@@ -640,6 +567,8 @@ class CheckpointManager:
         config: Mapping[str, Any],
         extra_files: Mapping[str, str | bytes | Path] | None = None,
     ) -> Path:
-        """*Collective.* Gather the full model to rank 0 and :func:`export_model` it to ``out_dir``."""
+        """*Collective.* Gather the full model to rank 0 and write it to ``out_dir`` (``models.io.export_model``:
+        ``model.safetensors`` + ``config.json`` + ``extra_files``, atomically; tuples in ``config`` are tagged as
+        in ``state.json``)."""
         state = self.backend.full_model_state(model)
-        return export_model(out_dir, state, config, extra_files, backend=self.backend)
+        return export_model(out_dir, state, _to_json(dict(config), "config"), extra_files, backend=self.backend)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,10 +129,7 @@ class DecoderTrainer:
                 )
             from scale_rae_core.train.gan import DinoDiscriminator, DiscriminatorConfig
 
-            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-            self.disc = DinoDiscriminator.from_pretrained(
-                DiscriminatorConfig(backbone=cfg.disc_backbone, local_files_only=offline)
-            )
+            self.disc = DinoDiscriminator.from_pretrained(DiscriminatorConfig(backbone=cfg.disc_backbone))
         if cfg.image_size != rae.decoder.cfg.image_size:
             raise ConfigError(
                 f"{profile.source}: decoder_training.image_size = {cfg.image_size} but the decoder outputs "

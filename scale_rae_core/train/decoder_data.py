@@ -9,8 +9,9 @@
   in sorted path order, shuffled per epoch by `Random(seed, epoch)` when training, split contiguously across
   ranks (drop-last, so every rank sees the same count).
 
-Images are resized (bicubic) so the shorter side is `image_size`, then cropped to a square: at random when
-`train`, centred otherwise. (RAE resizes to 1.5x before its random crop; at the shapes world's 64 px the
+Images are read by `data.images.read_image` (the reader packing and inference use), resized (bicubic) so the
+shorter side is `image_size`, then cropped to a square: at random when `train`, centred otherwise (the RAE
+reconstruction-eval convention; no squashing, so eval sees shapes undistorted as in training). (RAE resizes to 1.5x before its random crop; at the shapes world's 64 px the
 crop would cut shapes off, so the resize target is the crop size here.) Crops draw from torch's global RNG,
 which training checkpoints save and restore. `unique=True` skips repeated images (by pixel hash, per rank).
 """
@@ -24,12 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
+from scale_rae_core.data.images import IMAGE_EXTENSIONS, BadImage, read_image, to_tensor
 from scale_rae_core.data.shards import MANIFEST_NAME
-from scale_rae_core.data.transforms import IMAGE_EXTENSIONS, BadImage, load_image
 from scale_rae_core.errors import DataError
 
 Position = Any  # whatever the underlying reader needs to resume (JSON-serialisable)
@@ -49,8 +49,7 @@ def to_square_tensor(im: Image.Image, size: int, *, train: bool) -> torch.Tensor
         top, left = (h - size) // 2, (w - size) // 2
     if (w, h) != (size, size):
         im = im.crop((left, top, left + size, top + size))
-    arr = np.asarray(im, dtype=np.uint8).copy()  # (S, S, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+    return to_tensor(im)  # (3, S, S)
 
 
 class ImageStream(ABC):
@@ -140,7 +139,7 @@ class FolderImages(ImageStream):
         for j in range(self.consumed, len(order)):
             path = self.files[order[j]]
             try:
-                im = load_image(path)
+                im = read_image(path)
             except BadImage as err:
                 raise DataError(f"{path}: {err}; remove or replace the file") from err
             self.consumed = j + 1

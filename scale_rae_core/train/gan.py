@@ -49,11 +49,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class DiscriminatorConfig:
     """The discriminator's own settings.
 
-    backbone: HF repo id or local folder of a transformers `ViTModel` (DINO ViT-S/8: `facebook/dino-vits8`).
+    backbone: HF repo id (`owner/name[@rev]`) or local folder of a transformers `ViTModel` (DINO ViT-S/8:
+        `facebook/dino-vits8`), resolved by `scale_rae_core.hub` (offline: from the local cache only).
     key_depths: 0-based blocks whose outputs feed a head, besides the final block output.
     kernel_size: width of the residual Conv1d (circular padding), 9 in the reference.
     norm_eps: LocalNorm epsilon.
-    revision / local_files_only: passed to `from_pretrained`.
+    revision: hub revision when `backbone` carries no `@rev`.
     """
 
     backbone: str = "facebook/dino-vits8"
@@ -61,7 +62,6 @@ class DiscriminatorConfig:
     kernel_size: int = 9
     norm_eps: float = 1e-6
     revision: str | None = None
-    local_files_only: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -126,28 +126,31 @@ class DiscHead(nn.Module):
 def _load_vit(cfg: DiscriminatorConfig) -> nn.Module:
     import transformers
 
-    where = {"revision": cfg.revision, "local_files_only": cfg.local_files_only}
+    from scale_rae_core.hub import resolve_transformers
+
     hint = (
         "download a DINO ViTModel (e.g. `hf download facebook/dino-vits8`) and set "
         "decoder_training.disc_backbone to its repo id or folder"
     )
     if not cfg.backbone:
         raise CheckpointError(f"discriminator backbone is not set; {hint}")
+    folder = str(resolve_transformers(cfg.backbone, flag="decoder_training.disc_backbone", revision=cfg.revision,
+                                      hint=hint).path)
     try:
-        raw, _ = transformers.PretrainedConfig.get_config_dict(cfg.backbone, **where)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"discriminator backbone {cfg.backbone!r}: no config.json found; {hint}") from e
+        raw, _ = transformers.PretrainedConfig.get_config_dict(folder)
+    except (OSError, ValueError):
+        raise CheckpointError(f"discriminator backbone {cfg.backbone!r}: no config.json found; {hint}") from None
     if raw.get("model_type") != "vit":
         raise CheckpointError(
             f"discriminator backbone {cfg.backbone!r}: model_type is {raw.get('model_type')!r}, expected 'vit' "
             f"(a transformers ViTModel); {hint}"
         )
     try:
-        return transformers.ViTModel.from_pretrained(cfg.backbone, add_pooling_layer=False, **where)
+        return transformers.ViTModel.from_pretrained(folder, add_pooling_layer=False)
     except OSError as e:
         raise CheckpointError(
-            f"discriminator backbone {cfg.backbone!r}: cannot load the weights ({e}); {hint}"
-        ) from e
+            f"discriminator backbone {cfg.backbone!r}: cannot load the weights ({type(e).__name__}); {hint}"
+        ) from None
 
 
 class DinoDiscriminator(nn.Module):
@@ -180,7 +183,7 @@ class DinoDiscriminator(nn.Module):
 
     @classmethod
     def from_pretrained(cls, cfg: DiscriminatorConfig) -> DinoDiscriminator:
-        """Backbone from `cfg.backbone` (HF repo id or folder; offline with `local_files_only`/HF_HUB_OFFLINE)."""
+        """Backbone from `cfg.backbone` (HF repo id or folder; see `DiscriminatorConfig`)."""
         return cls(_load_vit(cfg), cfg)
 
     @classmethod

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from scale_rae_core.errors import CheckpointError
+from scale_rae_core.files import read_plain_state_dict
 
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -120,20 +121,16 @@ def _unit_normalise(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"LPIPS weights: {path} does not exist; check the path")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickle with non-tensor objects, wrong format
-        raise CheckpointError(f"LPIPS weights: cannot read {path} ({e}); re-download the file") from e
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"LPIPS weights: {path} is not a state dict of tensors; re-download the file")
-    return sd
+        try:
+            return load_file(str(path))
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"LPIPS weights: cannot read {path} ({type(e).__name__}); re-download the file") from None
+    return read_plain_state_dict(path, "a state dict of tensors (LPIPS weights)", fix="re-download the file",
+                                 inner="state_dict")
 
 
 _VGG_KEY = re.compile(r"^(?:.*\.)?(?:features|slice\d)\.(\d+)\.(weight|bias)$|^(\d+)\.(weight|bias)$")

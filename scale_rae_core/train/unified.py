@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -123,17 +122,12 @@ class ModelSource:
 
 def _write_model_dir(run_dir: Path, cfg: ScaleRAEConfig, tokenizer_dir: Path, stats: Path | None) -> Path:
     """RUN/model: config.json + tokenizer/ (+ stats), written atomically by the caller's rank 0."""
-    target = run_dir / MODEL_DIR
-    tmp = run_dir / f".{MODEL_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
-    shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+    from scale_rae_core.models.io import write_model_folder
+
+    files: dict[str, Path] = {TOKENIZER_DIR: tokenizer_dir}
     if stats is not None:
-        shutil.copyfile(stats, tmp / STATS_FILE)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
+        files[STATS_FILE] = stats
+    return write_model_folder(run_dir / MODEL_DIR, None, cfg.to_json(), files)
 
 
 def _fresh_stage1(profile: Profile, run_dir: Path, backend: Backend) -> ModelSource:
@@ -187,17 +181,13 @@ def _build_model(src: ModelSource) -> ScaleRAE:
 
     stats_file = src.model_dir / STATS_FILE
     stats = load_stats(stats_file) if stats_file.is_file() else None
-    model = ScaleRAE(src.config, llm=src.llm, stats=stats)
     if src.export_weights is not None:
-        from safetensors.torch import load_file
+        from scale_rae_core.models.io import load_scale_rae, read_safetensors
 
-        state = load_file(str(src.export_weights))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {"lm.llm.lm_head.weight"} if src.config.llm.get("tie_word_embeddings") else set()
-        if unexpected or set(missing) - tied:
-            raise CheckpointError(f"{src.export_weights} does not match its config.json; re-export the model")
-        model.lm.llm.tie_weights()
-    return model
+        fix = "re-export the model"
+        return load_scale_rae(src.config, read_safetensors([src.export_weights], fix=fix),
+                              source=str(src.export_weights), fix=fix, stats=stats)
+    return ScaleRAE(src.config, llm=src.llm, stats=stats)
 
 
 # ----------------------------------------------------------------------------------------------------

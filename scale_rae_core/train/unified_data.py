@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
-from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from scale_rae_core.data.images import square_pixels
 from scale_rae_core.data.sample import IMAGE_TOKEN, Sample
 from scale_rae_core.errors import DataError
 from scale_rae_core.models.llm import SequenceTooLongError, TokenizedSample, build_sample, collate
@@ -53,12 +52,9 @@ def open_source(path: str | Path, *, image_folder: str, rank: int, world_size: i
     return WebDatasetReader(path, rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer)
 
 
-def pil_to_pixels(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image → (3, size, size) float in [0, 1], squashed to a square (bicubic) like SigLIP's processor."""
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0  # (3, S, S)
+# A sample's image → (3, S, S) in [0, 1], squashed to a square like SigLIP's processor: the preprocessing
+# `understand` uses too. (train/unified.py imports it under this name.)
+pil_to_pixels = square_pixels
 
 
 @dataclass
@@ -99,7 +95,7 @@ def prepare(
         task = "generation" if tokens.answer_image_mask[0] else "understanding"
     else:
         task = "text"
-    pixels = pil_to_pixels(sample.image, input_size) if sample.image is not None else None
+    pixels = square_pixels(sample.image, input_size) if sample.image is not None else None
     return Prepared(tokens, pixels, task)
 
 

@@ -187,12 +187,12 @@ def test_released_layout_loads_every_key_and_generates_the_same_image(files, ses
 
 
 def test_offline_missing_repo_fails_in_one_line(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(CheckpointError) as err:
         load_model("nobody/no-such-model@v1")
     msg = str(err.value)
-    assert "\n" not in msg and "huggingface-cli download nobody/no-such-model --revision v1" in msg
+    assert "\n" not in msg and "`hf download nobody/no-such-model --revision v1`" in msg
     with pytest.raises(CheckpointError, match="not a Hugging Face repo id"):
         load_model(str(tmp_path / "nope" / "deeper"))
 
@@ -313,3 +313,100 @@ def test_a_model_folder_carries_its_decoder_and_the_bundle_is_the_default_model(
     with pytest.raises(CheckpointError, match="not a decoder directory"):
         bundle_model(files["export"], tmp_path, tmp_path / "x")
     assert not (tmp_path / "x").exists() and (bundle / "decoder" / "config.json").is_file()
+
+
+def _pixels_as_training_reads(path, tok, input_size):
+    """The image through the training data path: a reference JSONL line -> reader -> ``prepare``."""
+    from scale_rae_core.data.jsonl import JsonlDataset
+    from scale_rae_core.train.unified_data import prepare
+
+    line = {"image": path.name, "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                  {"from": "gpt", "value": "a shape"}]}
+    jsonl = path.with_suffix(".jsonl")
+    jsonl.write_text(json.dumps(line) + "\n")
+    return prepare(JsonlDataset(jsonl)[0], tok, N, 4096, input_size).pixels
+
+
+def test_understand_reads_an_image_exactly_as_training_does(session, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from scale_rae_core.infer.understand import image_pixels
+
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (90, 150, 4), dtype=np.uint8), mode="RGBA")  # non-square, alpha
+    path = tmp_path / "photo.png"
+    rgba.save(path)
+    size = session.encoder().input_size
+    ours = image_pixels(session, path)  # (1, 3, S, S)
+    assert ours.shape == (1, 3, size, size)
+    assert torch.equal(ours[0], _pixels_as_training_reads(path, session.tokenizer, size))
+    # the encoder's own resize (bicubic without antialiasing, what `understand` fed it before) differs
+    raw = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    unaliased = torch.nn.functional.interpolate(raw, size=(size, size), mode="bicubic", align_corners=False)
+    assert (unaliased - ours).abs().max() > 0.05
+    # 16-bit grey: a gradient, not the white Pillow's convert("RGB") makes of it
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))).save(deep)
+    assert image_pixels(session, deep).mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_understand_refuses_a_bomb_and_a_fifo_in_one_line(files, tmp_path, monkeypatch):
+    import os
+    import struct
+    import zlib
+
+    import typer
+    from typer.testing import CliRunner
+
+    from scale_rae_cli import understand
+    from scale_rae_cli.main import _SraeGroup
+
+    data = bytearray(_png_bytes())
+    data[16:24] = struct.pack(">II", 100_000, 100_000)  # the header claims 10^10 pixels
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bytes(data))
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    app = typer.Typer(cls=_SraeGroup)
+    app.command("understand")(understand.understand)
+    app.command("unused")(lambda: None)
+    monkeypatch.setenv("SRAE_MODEL_PATH", str(files["export"]))
+    for path, reason in ((bomb, "decompression bomb: more than"), (fifo, "not a regular file")):
+        res = CliRunner().invoke(app, ["understand", str(path), "What is it?", "--decoder", str(files["decoder"]),
+                                       "--out", str(tmp_path / "out"), "--profile", "tiny-cpu"])
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"error: image {path}: {reason}"), res.output
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_session_owns_its_backend_and_closes_it(files, tmp_path, monkeypatch):
+    import scale_rae_core.backends.base as backends
+
+    closed: list[str] = []
+    real = backends.get_backend
+
+    def spied(settings):
+        backend = real(settings)
+        monkeypatch.setattr(backend, "close", lambda: closed.append("closed"))
+        return backend
+
+    monkeypatch.setattr(backends, "get_backend", spied)
+    with Session.open(str(files["export"]), load_profile("tiny-cpu"), decoder=str(files["decoder"])) as session:
+        assert session.backend is not None and closed == []
+    assert closed == ["closed"] and session.backend is None
+    session.close()  # a second close is a no-op
+    assert closed == ["closed"]
+    with pytest.raises(CheckpointError):  # a model that fails to load does not leak the backend
+        Session.open(str(tmp_path / "no-model" / "here"), load_profile("tiny-cpu"))
+    assert closed == ["closed", "closed"]

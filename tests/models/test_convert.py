@@ -11,12 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from scale_rae_core.errors import CheckpointError, ConfigError
-from scale_rae_core.models.convert import (
-    convert_released_decoder,
-    load_released_decoder,
-    released_to_srae,
-    srae_to_released,
-)
+from scale_rae_core.models.adapters import released_decoder_to_srae, srae_decoder_to_released
+from scale_rae_core.models.convert import convert_released_decoder, load_released_decoder
 from scale_rae_core.models.decoder import load_decoder
 
 C, D, LAYERS, HEADS, MLP, P, N = 24, 32, 2, 4, 48, 4, 16
@@ -150,7 +146,7 @@ def test_missing_and_extra_keys_are_named(tmp_path):
         load_released_decoder(src, encoder_kind="siglip2")
     msg = str(err.value)
     assert "missing keys: decoder_layers.1.attention.attention.key.bias" in msg
-    assert "unexpected keys: decoder_layers.0.attention.mask_token" in msg
+    assert "unknown keys: decoder_layers.0.attention.mask_token" in msg
     assert "\n" not in msg
 
 
@@ -204,8 +200,8 @@ def test_half_precision_release_loads_as_float32(tmp_path):
 
 def test_renaming_is_a_bijection():
     sd = released_state()
-    ours = released_to_srae(sd)
+    ours = released_decoder_to_srae(sd)
     assert ours["blocks.0.attn.qkv.weight"].shape == (3 * D, D)
-    back = srae_to_released(ours)
+    back = srae_decoder_to_released(ours)
     assert set(back) == set(sd)
     assert all(torch.equal(back[k], sd[k]) for k in sd)

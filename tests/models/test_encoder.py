@@ -185,7 +185,7 @@ def test_errors_name_the_problem(ckpts, tmp_path):
     with pytest.raises(CheckpointError, match="model_type 'dinov2'"):
         FrozenEncoder(EncoderConfig("mae", str(ckpts["webssl-dino"])))
     with pytest.raises(CheckpointError, match="missing-dir"):
-        FrozenEncoder(EncoderConfig("mae", str(tmp_path / "missing-dir"), local_files_only=True))
+        FrozenEncoder(EncoderConfig("mae", str(tmp_path / "missing-dir")))
     with pytest.raises(ConfigError, match="multiple of the patch size 8"):
         FrozenEncoder(EncoderConfig("mae", str(ckpts["mae"]), input_size=36))
 

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from scale_rae_core.errors import ConfigError, DataError
+from scale_rae_core.models.adapters import from_reference_key, to_reference_key
 from scale_rae_core.models.llm import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER_ID,
@@ -18,9 +19,7 @@ from scale_rae_core.models.llm import (
     add_image_tokens,
     build_sample,
     collate,
-    from_reference_key,
     image_token_ids,
-    to_reference_key,
 )
 from scale_rae_core.models.tokenizer import build_tiny_tokenizer
 
@@ -317,41 +316,138 @@ def test_ce_loss_is_differentiable_into_every_image_parameter(tok):
     assert m.diff_head_projector.weight.grad.abs().sum() > 0
 
 
-def test_kv_cached_decoding_matches_a_full_forward(tok):
+def _greedy_without_cache(m: UnifiedLM, emb: torch.Tensor, steps: int) -> list[int]:
+    """The reference's way: the whole sequence re-run for every token, no cache, no padding."""
+    ids: list[int] = []
+    for _ in range(steps):
+        hidden = m.llm.model(inputs_embeds=emb[None], use_cache=False).last_hidden_state
+        ids.append(int(m.llm.lm_head(hidden[0, -1]).argmax()))
+        emb = torch.cat([emb, m.embed_text(torch.tensor(ids[-1:]))])
+    return ids
+
+
+def _conditions_without_cache(m: UnifiedLM, emb: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    seq = torch.cat([emb, m.embed_text(torch.tensor(ids)), m.latent_queries])[None]
+    return m.diff_head_projector(m.llm.model(inputs_embeds=seq).last_hidden_state[:, -N:])  # (1, N, Z)
+
+
+def _prompt(m: UnifiedLM, tok, conversation, features: torch.Tensor | None = None) -> torch.Tensor:
+    """An embedded prompt (T, d); ``features`` (n, N, C) fill its images as context images."""
+    sample = build_sample(conversation, tok, N, 64, add_generation_prompt=True)
+    n = len(sample.image_starts)
+    batch = collate([sample], len(sample.input_ids), 0, max_images=max(n, 1),
+                    image_features=[features if features is not None else torch.zeros(0, N, C)])
+    no = torch.zeros_like(batch["answer_image_mask"])
+    return m.embed(batch["input_ids"], batch["image_features"], batch["image_positions"], no, batch["image_valid"])[0]
+
+
+def test_kv_cached_greedy_decode_matches_an_uncached_greedy_loop(tok):
     m = tiny_unified(tok)
-    ids = torch.tensor([build_sample(GEN, tok, N, 64).input_ids[:12]])
-    emb = m.embed_text(ids)
-    full = m.llm(inputs_embeds=emb).logits.float()
-    step = m.next_token_logits(emb[:, :8])
-    torch.testing.assert_close(step.logits, full[:, 7])
-    for t in range(8, 12):
-        step = m.next_token_logits(emb[:, t : t + 1], past_key_values=step.past_key_values)
-        torch.testing.assert_close(step.logits, full[:, t], rtol=1e-4, atol=1e-5)
+    emb = _prompt(m, tok, GEN[:1])
+    with torch.no_grad():
+        out = m.decode([emb], max_new_tokens=6, stop_ids=[], image_start_id=-1)
+        assert out.tokens == [_greedy_without_cache(m, emb, 6)]
+    assert out.opened == [False] and out.forced == [False] and out.conditions is None
+    assert m.decode([emb], max_new_tokens=0, stop_ids=[], image_start_id=-1).tokens == [[]]
 
 
-def test_greedy_decode_feeds_latent_queries_after_im_start(tok):
-    m = tiny_unified(tok)
-    im = image_token_ids(tok)
-    prompt = build_sample(GEN[:1], tok, N, 64, add_generation_prompt=True)
-    emb = m.embed_text(torch.tensor([prompt.input_ids]))
+def _bias(token: int, calls: set[int]):
+    """An lm_head hook that makes ``token`` win at the given (1-based) calls."""
+    seen = []
 
-    def force_im_start(mod, inp, out):
-        out = out.clone()
-        out[..., im.im_start] = 1e4
+    def hook(mod, inp, out):
+        seen.append(1)
+        if len(seen) in calls:
+            out = out.clone()
+            out[..., token] += 1e4
         return out
 
-    hook = m.llm.lm_head.register_forward_hook(force_im_start)
-    ids, cond = m.greedy_decode(
-        emb, max_new_tokens=5, stop_ids=[tok.eos_token_id], image_start_id=im.im_start
-    )
-    hook.remove()
-    assert ids == [im.im_start] and cond.shape == (1, N, Z)
-    seq = torch.cat([emb, m.embed_text(torch.tensor([[im.im_start]])), m.latent_queries[None]], 1)
-    h = m.llm.model(inputs_embeds=seq).last_hidden_state[:, -N:]
-    torch.testing.assert_close(cond, m.diff_head_projector(h), rtol=1e-4, atol=1e-5)
+    return hook
 
-    ids, cond = m.greedy_decode(emb, max_new_tokens=3, stop_ids=[], image_start_id=-1)
-    assert len(ids) == 3 and cond is None
+
+def test_decode_feeds_latent_queries_after_im_start(tok):
+    m = tiny_unified(tok)
+    im = image_token_ids(tok)
+    emb = _prompt(m, tok, GEN[:1])
+    hook = m.llm.lm_head.register_forward_hook(_bias(im.im_start, {1}))
+    out = m.decode([emb], max_new_tokens=5, stop_ids=[tok.eos_token_id], image_start_id=im.im_start)
+    hook.remove()
+    assert out.tokens == [[im.im_start]] and out.opened == [True] and out.forced == [False]
+    with torch.no_grad():
+        torch.testing.assert_close(out.conditions, _conditions_without_cache(m, emb, [im.im_start]),
+                                   rtol=1e-4, atol=1e-5)
+        # force_image: the token limit forces <im_start> after max_new_tokens text tokens
+        forced = m.decode([emb], max_new_tokens=2, stop_ids=[], image_start_id=im.im_start, force_image=True)
+        assert forced.tokens[0][:2] == _greedy_without_cache(m, emb, 2) and forced.tokens[0][2] == im.im_start
+        assert forced.forced == [True] and forced.opened == [True]
+        torch.testing.assert_close(forced.conditions, _conditions_without_cache(m, emb, forced.tokens[0]),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_decode_ends_at_a_stop_id_or_forces_im_start_in_its_place(tok):
+    m = tiny_unified(tok)
+    im = image_token_ids(tok)
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    emb = _prompt(m, tok, GEN[:1])
+    hook = m.llm.lm_head.register_forward_hook(_bias(stop, {3}))
+    plain = m.decode([emb], max_new_tokens=8, stop_ids=[stop], image_start_id=im.im_start)
+    hook.remove()
+    assert len(plain.tokens[0]) == 3 and plain.tokens[0][-1] == stop  # the stop id is kept
+    assert plain.opened == [False] and plain.conditions is None
+    hook = m.llm.lm_head.register_forward_hook(_bias(stop, {3}))
+    forced = m.decode([emb], max_new_tokens=8, stop_ids=[stop], image_start_id=im.im_start, force_image=True)
+    hook.remove()
+    assert forced.tokens[0] == plain.tokens[0][:2] + [im.im_start] and forced.forced == [True]
+
+
+def test_batched_decode_equals_each_prompt_decoded_alone(tok):
+    """Prompts of different lengths (one with a context image) that end differently: on a stop id, by opening
+    an image, at the token limit. Decoded together (left padding, finished rows waiting masked) each row must
+    give its tokens and conditions alone."""
+    m = tiny_unified(tok)
+    feats = torch.randn(1, N, C)
+    prompts = [
+        _prompt(m, tok, GEN[:1]),
+        _prompt(m, tok, [{"from": "human", "value": "<image>\nwhat is in the image? a cat on a mat"}], feats),
+        _prompt(m, tok, [{"from": "system", "value": "hello world"}, {"from": "human", "value": "cat"}]),
+    ]
+    assert len({p.shape[0] for p in prompts}) == 3
+    with torch.no_grad():
+        free = [_greedy_without_cache(m, p, 8) for p in prompts]
+    # token ids chosen from the rows' own greedy text: row 0 meets the stop id, row 1 the "image" id
+    stop, image = free[0][2], next(t for t in free[1][1:] if t not in free[0][:3] and t not in free[2])
+    options = {"max_new_tokens": 8, "stop_ids": [stop], "image_start_id": image}
+    alone = [m.decode([p], **options) for p in prompts]
+    ends = [("stop" if a.tokens[0][-1] == stop else "image" if a.opened[0] else "limit") for a in alone]
+    assert ends == ["stop", "image", "limit"], (free, ends)
+    together = m.decode(prompts, **options)
+    assert together.tokens == [a.tokens[0] for a in alone]
+    assert together.opened == [False, True, False]
+    assert together.conditions.shape == (3, N, Z)
+    torch.testing.assert_close(together.conditions[1:2], alone[1].conditions, rtol=1e-4, atol=1e-5)
+    assert together.conditions[0].abs().sum() == 0 and together.conditions[2].abs().sum() == 0
+
+
+def test_decode_uses_the_cache_api_without_deprecation_warnings(tok):
+    import warnings
+
+    m = tiny_unified(tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers warns (FutureWarning) when `past_key_values=` is passed
+        out = m.decode([_prompt(m, tok, GEN[:1])], max_new_tokens=3, stop_ids=[], image_start_id=-1)
+    assert len(out.tokens[0]) == 3
+
+
+def test_a_transformers_that_ignores_the_cache_argument_is_named_not_silently_wrong(tok, monkeypatch):
+    m = tiny_unified(tok)
+    forward = type(m.llm.model).forward
+
+    def without_cache(self, *args, cache=None, **kwargs):  # what a transformers before 5.24 does with `cache=`
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(m.llm.model), "forward", without_cache)
+    with pytest.raises(ConfigError, match=r"did not fill the KV cache.*transformers>=5\.24"):
+        m.decode([_prompt(m, tok, GEN[:1])], max_new_tokens=3, stop_ids=[], image_start_id=-1)
 
 
 def test_reference_parameter_names_round_trip(tok):

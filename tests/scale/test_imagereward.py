@@ -178,11 +178,11 @@ def test_mismatched_checkpoints_name_the_keys(tmp_path):
     dropped = dict(state)
     del dropped["blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"]
     dropped["blip.itm_head.weight"] = torch.zeros(2, 32)
-    with pytest.raises(CheckpointError, match=r"1 missing: .*crossattention\.self\.key\.weight.*1 unexpected: blip\.itm_head\.weight"):
+    with pytest.raises(CheckpointError, match=r"unknown keys: blip\.itm_head\.weight; missing keys: .*crossattention\.self\.key\.weight"):
         model.load_public_state_dict(dropped)
     bad = dict(state)
     bad["mlp.layers.7.weight"] = torch.zeros(1, 5)
-    with pytest.raises(CheckpointError, match=r"shape mismatch.*mlp\.layers\.7\.weight"):
+    with pytest.raises(CheckpointError, match=r"wrong shapes: mlp\.layers\.7\.weight \(1, 5\) vs"):
         model.load_public_state_dict(bad)
     bad = dict(state)
     bad["blip.text_encoder.embeddings.position_ids"] = torch.zeros(1, 40, dtype=torch.long)
@@ -201,7 +201,7 @@ def test_loading_errors_are_one_line(tmp_path):
     assert ImageReward.from_pretrained(folder, med_config=model.config.med_config()).config == model.config
     with pytest.raises(CheckpointError, match="not a Hugging Face repo id"):
         ImageReward.from_pretrained(tmp_path / "nowhere")
-    with pytest.raises(CheckpointError, match="cannot get ImageReward.pt"):
+    with pytest.raises(CheckpointError, match="no-such-repo: not in the local Hugging Face cache.*`hf download no-such-owner/no-such-repo`"):
         ImageReward.from_pretrained("no-such-owner/no-such-repo")  # HF_HUB_OFFLINE=1 in tests
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="weights-only"):
@@ -220,3 +220,20 @@ def test_preprocess_resizes_short_side_and_center_crops(tmp_path):
     torch.testing.assert_close(x[0, :, 16, 16], green)  # the center crop is the green third
     tensor_in = model.preprocess([torch.ones(3, 32, 32)])  # (3, H, W) tensors in [0, 1] are accepted
     assert tensor_in.shape == (1, 3, 32, 32)
+
+
+def test_preprocess_reads_files_and_modes_with_the_shared_reader(tmp_path):
+    import numpy as np
+
+    from scale_rae_core.errors import DataError
+
+    model = tiny_model(tmp_path)
+    clear = Image.new("RGBA", (32, 32), (255, 0, 0, 0))  # fully transparent red: white, as everywhere else
+    white = model.preprocess([Image.new("RGB", (32, 32), (255, 255, 255))])
+    torch.testing.assert_close(model.preprocess([clear]), white)
+    deep = tmp_path / "deep.png"  # a 16-bit mid-grey file: grey, not Pillow's saturated white
+    Image.fromarray(np.full((32, 32), 32896, np.uint16)).save(deep)
+    grey = model.preprocess([Image.new("RGB", (32, 32), (128, 128, 128))])
+    torch.testing.assert_close(model.preprocess([deep]), grey)
+    with pytest.raises(DataError, match=r"^image .*missing\.png: not found"):
+        model.preprocess([tmp_path / "missing.png"])

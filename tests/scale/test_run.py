@@ -129,3 +129,18 @@ def test_scaling_run_resume_and_verify(session, tmp_path):
     report = write_selection(root, "answer_conf", 1, tmp_path / "selected")
     assert report["prompts"] == 2 and "shapes" in report["metrics"]["answer_conf"]["scores"]
     assert len(list((tmp_path / "selected" / "00000" / "samples").iterdir())) == 1
+
+
+def test_verify_on_image_reads_the_png_as_understand_does(session, tmp_path):
+    from scale_rae_core.infer.understand import understand_image
+    from scale_rae_core.scale.verify import VERIFY_QUESTION
+
+    settings = ScaleSettings(n=1, rounds=1, batch_size=1, max_new_tokens=2, verify_max_new_tokens=4, verify_on="image")
+    prompt = "a red circle"
+    root = run_scaling(session, [{"index": 0, "prompt": prompt}], tmp_path, "Tiny", settings, SamplerSettings(steps=2),
+                       [build_scorer("shapes")], rank=0, world_size=1)
+    record = json.loads((root / "00000" / "metadata.jsonl").read_text())["text_responses"]["0"]
+    png = root / "00000" / "samples" / "00000.png"
+    asked = understand_image(session, png, VERIFY_QUESTION.format(prompt=prompt), tmp_path / "u", SamplerSettings(steps=2),
+                             max_new_tokens=4)
+    assert record["responses"] == [asked.text]

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from scale_rae_core.backends.base import get_backend
 from scale_rae_core.config import BackendSettings
 from scale_rae_core.errors import CheckpointError
-from scale_rae_core.train.checkpoint import MARKER, CheckpointManager, export_model, step_dir_name
+from scale_rae_core.models.io import export_model
+from scale_rae_core.train.checkpoint import MARKER, CheckpointManager, step_dir_name
 from scale_rae_core.train.rng import load_rng_state, save_rng_state
 from tests.train import ckpt_worker
 from tests.train.ckpt_worker import Tiny, build, launch, run_job, train_step

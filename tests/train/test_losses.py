@@ -255,8 +255,8 @@ def test_discriminator_config_and_backbone_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"key_depths \(1, 4\): block 4 .* 4-block backbone"):
         DinoDiscriminator.random(_vit_config(), DiscriminatorConfig(backbone="", key_depths=(1, 4)))
     missing = tmp_path / "no_such_dino"
-    with pytest.raises(CheckpointError, match=r"no_such_dino.*no config\.json.*disc_backbone") as e:
-        DinoDiscriminator.from_pretrained(DiscriminatorConfig(backbone=str(missing), local_files_only=True))
+    with pytest.raises(CheckpointError, match=r"disc_backbone .*no_such_dino: no such file.*hf download facebook/dino-vits8") as e:
+        DinoDiscriminator.from_pretrained(DiscriminatorConfig(backbone=str(missing)))
     assert "\n" not in str(e.value)
     with pytest.raises(CheckpointError, match="backbone is not set"):
         DinoDiscriminator.from_pretrained(DiscriminatorConfig(backbone=""))
@@ -264,7 +264,7 @@ def test_discriminator_config_and_backbone_errors(tmp_path: Path) -> None:
 
 def test_discriminator_from_pretrained_local_dir(tmp_path: Path, disc: DinoDiscriminator) -> None:
     disc.backbone.save_pretrained(tmp_path / "dino")
-    cfg = DiscriminatorConfig(backbone=str(tmp_path / "dino"), key_depths=(1, 3), local_files_only=True)
+    cfg = DiscriminatorConfig(backbone=str(tmp_path / "dino"), key_depths=(1, 3))
     loaded = DinoDiscriminator.from_pretrained(cfg).eval()
     loaded.load_state_dict(disc.state_dict())
     x = _images(14)

@@ -1,0 +1,59 @@
+"""The one weights-only reader of torch files: what it accepts, what it refuses, and that nothing else loads."""
+
+from __future__ import annotations
+
+import ast
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from scale_rae_core.errors import CheckpointError, DataError
+from scale_rae_core.files import read_plain_state_dict, read_plain_tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_plain_state_dicts_load_and_everything_else_is_refused_in_one_line(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(read_plain_state_dict(tmp_path / "ok.pt")["w"], torch.ones(2))
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "ckpt.pt")
+    assert set(read_plain_state_dict(tmp_path / "ckpt.pt", inner="state_dict")) == {"w"}
+    torch.save({"mean": None, "var": torch.ones(1)}, tmp_path / "stat.pt")
+    assert read_plain_state_dict(tmp_path / "stat.pt", allow_none=True)["mean"] is None
+    with pytest.raises(CheckpointError, match=r"stat\.pt: expected a plain state_dict \(name -> tensor\); redo"):
+        read_plain_state_dict(tmp_path / "stat.pt", fix="redo")
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"w": _Payload()}, f, protocol=2)
+    with pytest.raises(CheckpointError) as err:
+        read_plain_state_dict(tmp_path / "evil.pt", fix="use a trusted file")
+    msg = str(err.value)
+    assert "\n" not in msg and "evil.pt: cannot read as a weights-only torch file (" in msg
+    assert msg.endswith("; use a trusted file")
+    with pytest.raises(CheckpointError, match=r"absent\.pt: not found"):
+        read_plain_state_dict(tmp_path / "absent.pt")
+
+
+def test_plain_tensors_raise_the_callers_error(tmp_path):
+    torch.save(torch.arange(3), tmp_path / "t.pt")
+    assert torch.equal(read_plain_tensor(tmp_path / "t.pt"), torch.arange(3))
+    torch.save({"t": torch.arange(3)}, tmp_path / "d.pt")
+    with pytest.raises(DataError, match=r"d\.pt: holds a dict, not a tensor \(N, C\); pass a latent"):
+        read_plain_tensor(tmp_path / "d.pt", "a tensor (N, C)", fix="pass a latent", error=DataError)
+
+
+def test_torch_load_is_called_only_by_the_weights_only_reader():
+    calls = []
+    for path in sorted((ROOT / "scale_rae_core").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                calls.append(str(path.relative_to(ROOT)))
+    assert calls == ["scale_rae_core/files.py"]
