@@ -13,8 +13,8 @@ Inputs (:func:`open_input`):
   wds      WebDataset tars (``key.jpg`` + ``key.txt`` and/or ``key.json``; :mod:`.wds_source`): one tar, a
            folder of tars, or a brace pattern ``shards-{000..009}.tar``;
   parquet  parquet files with an image column and a caption or conversations column (:mod:`.table_source`);
-  hf       a Hugging Face dataset through ``datasets``: a ``save_to_disk`` folder, or ``hf:REPO_ID`` /
-           ``hf:FOLDER`` streamed with ``--split``.
+  hf       a Hugging Face dataset through ``datasets``: a ``save_to_disk`` folder, a folder of ``.arrow``
+           files, or ``hf:REPO_ID`` / ``hf:FOLDER`` streamed with ``--split``.
 
 Formats (what the records hold): ``captions`` (each caption makes a generation and/or an understanding
 sample, ``task``), ``conversations`` (reference-format turns), ``classes`` (a class-folder tree; the label goes
@@ -195,6 +195,7 @@ def _folder_input(path: Path, split: str) -> Input:
         return Input("hf", str(path), (path,), path, spec=str(path), split=split)
     tars: list[Path] = []
     parquets: list[Path] = []
+    arrow = False
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
@@ -207,11 +208,14 @@ def _folder_input(path: Path, split: str) -> Input:
                 tars.append(Path(dirpath) / name)
             elif lower.endswith(".parquet"):
                 parquets.append(Path(dirpath) / name)
+            arrow |= lower.endswith(".arrow")
     key = lambda p: p.relative_to(path).as_posix()  # noqa: E731
     if tars:
         return Input("wds", str(path), tuple(sorted(tars, key=key)), path)
     if parquets:
         return Input("parquet", str(path), tuple(sorted(parquets, key=key)), path)
+    if arrow:  # e.g. the datasets cache: opened (and streamed) by `datasets` like a Hub repo
+        return Input("hf", str(path), (path,), path, spec=str(path), split=split)
     return Input("files", str(path), (path,), path)  # no images: detect_format names what a folder needs
 
 

@@ -233,6 +233,13 @@ def test_datasets_save_to_disk_folder_and_splits(tmp_path):
         assert np.array_equal(pixels(x["image"]), pixels(image_bytes(i)))
     assert rejects(tmp_path / "out")[0]["reason"].startswith("not an image") or "corrupt" in rejects(tmp_path / "out")[0]["reason"]
 
+    (tmp_path / "cache").mkdir()  # bare .arrow files (the datasets cache): streamed through datasets
+    for f in disk.glob("*.arrow"):
+        (tmp_path / "cache" / f.name).write_bytes(f.read_bytes())
+    pack(tmp_path / "cache", tmp_path / "arrow", task="generation")
+    assert [x["image"] for x in packed(tmp_path / "arrow")] == [x["image"] for x in samples]
+    assert packed(tmp_path / "arrow")[0]["json"]["source"] == f"{tmp_path / 'cache'}:train[0]"
+
     both = datasets.DatasetDict({"train": hf_dataset(2), "validation": hf_dataset(1).select([0, 1])})
     both.save_to_disk(str(tmp_path / "dd"))
     s = pack(tmp_path / "dd", tmp_path / "val", split="validation", task="understanding")
