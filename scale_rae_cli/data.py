@@ -35,10 +35,13 @@ def synth(
 @app.command(
     "pack",
     epilog="Examples: srae data pack shapes/conversations.jsonl --out packed · "
-    "srae data pack photos/ --task generation --image-size 256 --codec jpg --workers 2 --out packed",
+    "srae data pack photos/ --task generation --image-size 256 --codec jpg --workers 2 --out packed · "
+    "srae data pack 'blip3o/{00000..00009}.tar' --task generation --out packed · "
+    "srae data pack llava_v1_5_mix665k.json --image-root /data/llava --out packed · "
+    "srae data pack hf:ORG/NAME --split train --out packed",
 )
 def pack(
-    input: Path = typer.Argument(..., help="Folder of images + .txt captions, a CSV/JSONL of (image, caption), a conversations JSONL, or a class-folder tree."),
+    input: str = typer.Argument(..., help="Folder of images (+ .txt captions, or class folders); a CSV / JSONL / JSON (LLaVA array) of captions or conversations; WebDataset .tar files, a folder of them or a brace pattern; .parquet files or a folder of them; a datasets save_to_disk folder; hf:REPO_ID (streamed; needs the datasets package)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for shards, wds_manifest.json and rejects.jsonl."),
     format: str | None = typer.Option(None, "--format", help="captions | conversations | classes (default: detected)."),
     task: str = typer.Option("both", "--task", help="For captions: generation | understanding | both."),
@@ -50,7 +53,10 @@ def pack(
     workers: int = typer.Option(1, "--workers", help="Processes encoding images (output is identical for any count)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted pack into the same --out."),
     name: str | None = typer.Option(None, "--name", help="dataset_name in the manifest (default: the input's name)."),
-    image_root: Path | None = typer.Option(None, "--image-root", help="Where relative image paths of a CSV/JSONL resolve (default: its folder)."),
+    image_root: Path | None = typer.Option(None, "--image-root", help="Where relative image paths of a CSV/JSONL/JSON resolve (default: its folder); absolute paths are used as they are."),
+    image_column: str | None = typer.Option(None, "--image-column", help="The image: a parquet/dataset column, a tar member extension (jpg) or a CSV/JSON key (default: detected)."),
+    caption_column: str | None = typer.Option(None, "--caption-column", help="The caption: a parquet/dataset column, a tar member extension (txt) or JSON field, or a CSV/JSON key (default: detected)."),
+    split: str = typer.Option("train", "--split", help="Split of a Hugging Face dataset (hf:REPO_ID or a save_to_disk folder)."),
     quiet: QuietOpt = False,
 ) -> None:
     """Pack images with captions or conversations into WebDataset tar shards + wds_manifest.json."""
@@ -70,7 +76,8 @@ def pack(
             s = run_pack(
                 input, out, format=format, task=task, samples_per_shard=samples_per_shard,
                 max_shard_bytes=shard_bytes, image_size=image_size, codec=codec, quality=quality,
-                workers=workers, resume=resume, dataset_name=name, image_root=image_root, progress=progress,
+                workers=workers, resume=resume, dataset_name=name, image_root=image_root,
+                image_column=image_column, caption_column=caption_column, split=split, progress=progress,
                 reporter=rep,
             )
     rate = s.packed / s.seconds if s.seconds else 0.0
@@ -84,7 +91,7 @@ def pack(
 
 @app.command("inspect", epilog="Example: srae data inspect packed --samples 5")
 def inspect(
-    path: Path = typer.Argument(..., help="Packed folder or its wds_manifest.json."),
+    path: Path = typer.Argument(..., help="Packed folder or its wds_manifest.json (its tars may be remote: https://, hf://, pipe:)."),
     samples: int = typer.Option(3, "--samples", help="How many samples to show."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -113,7 +120,7 @@ def inspect(
 
 
 @app.command("verify", epilog="Example: srae data verify packed")
-def verify(path: Path = typer.Argument(..., help="Packed folder or its wds_manifest.json.")) -> None:
+def verify(path: Path = typer.Argument(..., help="Packed folder or its wds_manifest.json (its tars may be remote: https://, hf://, pipe:).")) -> None:
     """Re-read every sample and check it against the manifest; exit 1 if anything is wrong."""
     from scale_rae_core.data.shards import verify as run_verify
 
