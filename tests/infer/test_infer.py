@@ -288,8 +288,9 @@ def test_a_model_folder_carries_its_decoder_and_the_bundle_is_the_default_model(
     about = {"command": "srae demo --retrain", "bench": {"gen_colour_shape_first": 0.5}}
     bundle = bundle_model(files["export"], files["decoder"], tmp_path / "bundle", half=True, about=about)
     assert json.loads((bundle / "ABOUT.json").read_text()) == about
-    with safe_open(str(bundle / "model.safetensors"), framework="pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # half the size on disk
+    for weights in (bundle / "model.safetensors", bundle / "llm" / "model.safetensors"):
+        with safe_open(str(weights), framework="pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # half the size on disk
     session = Session.open(str(bundle), load_profile("tiny-cpu"))  # no decoder given: the folder's decoder/
     decoder, source = session.decoder()
     assert source.path == bundle / "decoder"
