@@ -72,10 +72,15 @@ class LoadedModel:
     @property
     def default_decoder(self) -> str | None:
         """The decoder the model directory carries (``decoder/``), else the released one for its encoder."""
-        carried = self.source.path / BUNDLED_DECODER
-        if (carried / "config.json").is_file():
-            return str(carried)
-        return DEFAULT_DECODERS.get(self.encoder.kind)
+        return carried_decoder(self.source.path) or DEFAULT_DECODERS.get(self.encoder.kind)
+
+
+def carried_decoder(model: str | Path | None) -> str | None:
+    """``MODEL/decoder`` when ``model`` is a local model directory that carries its pixel decoder, else None."""
+    if not model:
+        return None
+    carried = Path(model).expanduser() / BUNDLED_DECODER
+    return str(carried) if (carried / "config.json").is_file() else None
 
 
 def read_json(path: Path, flag: str) -> dict[str, Any]:

@@ -194,14 +194,15 @@ def decode_latent_file(
 ) -> list[Path]:
     """``srae latent decode LATENT``: every image in the file -> PNG + manifest. Needs only the decoder.
 
-    The decoder is ``--decoder``, else the released decoder for the encoder recorded in the file, else the
-    profile's ``model.decoder.path``.
+    The decoder is ``--decoder``, else the ``decoder/`` of the model recorded in the file (a local model directory
+    that carries one, as the bundled model does), else the released decoder for the encoder recorded in the file,
+    else the profile's ``model.decoder.path``.
     """
     from safetensors import safe_open
 
     from scale_rae_core import __version__
     from scale_rae_core.config import EncoderSettings
-    from scale_rae_core.infer.loading import DEFAULT_DECODERS, load_pixel_decoder
+    from scale_rae_core.infer.loading import DEFAULT_DECODERS, carried_decoder, load_pixel_decoder
 
     meta: dict[str, str] = {}
     if path.suffix == ".safetensors" and path.is_file():
@@ -211,9 +212,12 @@ def decode_latent_file(
         except Exception:  # load_latent below reports the problem in one line
             meta = {}
     kind = meta.get("encoder_kind") or ""
-    spec = decoder_spec or DEFAULT_DECODERS.get(kind) or profile.model.decoder.path
+    model = meta.get("model")
+    spec = decoder_spec or carried_decoder(model) or DEFAULT_DECODERS.get(kind) or profile.model.decoder.path
     if not spec:
-        raise ConfigError(f"latent decode {path}: no decoder known; pass --decoder DIR_OR_REPO or set model.decoder.path in the profile")
+        made_by = f" (its model {model} carries no decoder/)" if model else ""
+        raise ConfigError(f"latent decode {path}: no decoder known{made_by}; pass --decoder DIR_OR_REPO or set "
+                          "model.decoder.path in the profile")
     backend, runtime = open_backend(profile, dtype)
     with backend:
         start = time.perf_counter()
