@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from scale_rae_core.infer.outputs import (
     write_png,
 )
 from scale_rae_core.infer.pipeline import SamplerSettings, Session, decode_pixels, open_backend, seconds_since
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEFAULT_MAX_NEW_TOKENS = 512
 
@@ -99,6 +102,17 @@ def answer(
         Reply(ids, out.conditions[r:r + 1] if out.opened[r] and out.conditions is not None else None)
         for r, ids in enumerate(out.tokens)
     ]
+
+
+def answer_images(
+    session: Session, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int
+) -> list[str]:
+    """Greedy answers to (image, question) pairs, decoded as one batch: the encoder reads the images together,
+    each question is the reference's single-image request, the answers are text (decoding stops where the model
+    would open an image)."""
+    features = session.encode_image(session.encoder_pixels(images))  # (B, N, C)
+    replies = answer(session, [_request(q, 1) for q in questions], [f[None] for f in features], max_new_tokens)
+    return [session.tokenizer.decode(r.ids, skip_special_tokens=True).strip() for r in replies]
 
 
 def _finish(
