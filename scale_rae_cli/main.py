@@ -112,6 +112,7 @@ def _register() -> None:
         generate,
         latent,
         profiles,
+        push,
         scale,
         stat,
         tpu,
@@ -144,6 +145,7 @@ def _register() -> None:
     app.add_typer(latent.app, name="latent")
     app.command("scale", epilog=scale.SCALE_EPILOG)(scale.scale)
     app.command("verify", epilog=scale.VERIFY_EPILOG)(scale.verify)
+    app.command("push", epilog=push.EPILOG)(push.push)
     app.command("env", epilog=env.EPILOG)(env.env)
     app.command("demo", epilog=demo.EPILOG)(demo.demo)
 
