@@ -76,18 +76,18 @@ def is_diffusers_rae(path: Path) -> bool:
 
 def load_any_decoder(spec: str, *, flag: str, encoder_kind: str, encoder_id: str = "",
                      revision: str | None = None) -> tuple[Decoder, Source]:
-    """``spec`` = our decoder folder, or a released one (folder, ``model.pt`` or hub repo id), as a ``Decoder``.
+    """``spec`` = our decoder folder, a released one (folder, ``model.pt`` or hub repo id) or a diffusers
+    AutoencoderRAE (folder or repo id), as a ``Decoder``.
 
     ``encoder_kind`` / ``encoder_id``: the encoder a released decoder reads, unless its repo is a known one
-    (:data:`~scale_rae_core.models.adapters.RELEASED_DECODERS`).
+    (:data:`~scale_rae_core.models.adapters.RELEASED_DECODERS`); an AutoencoderRAE names its encoder's kind itself.
     """
     source = resolve(spec, flag=flag, allow_patterns=DECODER_FILES, revision=revision, files_ok=True,
                      hint="train one with `srae train decoder` or convert a released one with `srae convert decoder`")
     if source.path.is_dir() and _is_ours(source.path):
         return load_decoder(source.path), source
     if is_diffusers_rae(source.path):
-        known = RELEASED_DECODERS.get(source.repo_id or "", {})
-        return load_diffusers_rae(source.path, encoder_id=known.get("encoder_id", encoder_id))[0], source
+        return load_diffusers_rae(source.path, encoder_id=encoder_id)[0], source
     weights = source.path if source.path.is_file() else source.path / RELEASED_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(
