@@ -110,11 +110,16 @@ def test_scaling_run_resume_and_verify(session, tmp_path):
     (folder / "samples" / "00001.png").unlink()
     kept = (folder / "metadata.jsonl").read_text()
     for changed_settings, changed_sampler, what in (
-        (settings, SamplerSettings(steps=2, guidance=3.0), "--guidance 1.0, this run asks for 3.0"),
-        (settings, SamplerSettings(steps=5), "--steps 2, this run asks for 5"),
-        (ScaleSettings(n=2, rounds=1, seed=7, batch_size=2, max_new_tokens=2), sampler, "--seed 42, this run asks for 7"),
+        (settings, SamplerSettings(steps=2, guidance=3.0), "guidance 1.0 -> 3.0"),
+        (settings, SamplerSettings(steps=5), "steps 2 -> 5"),
+        (ScaleSettings(n=2, rounds=1, seed=7, batch_size=2, max_new_tokens=2, verify_max_new_tokens=3), sampler,
+         "seed 42 -> 7"),
+        (ScaleSettings(n=2, rounds=1, batch_size=2, max_new_tokens=5, verify_max_new_tokens=3), sampler,
+         "max_new_tokens 2 -> 5"),
+        (ScaleSettings(n=2, rounds=1, batch_size=2, max_new_tokens=2, verify_max_new_tokens=4), sampler,
+         "verify_max_new_tokens 3 -> 4"),
     ):
-        with pytest.raises(ConfigError, match="its samples were made with " + what.replace(".", r"\.")):
+        with pytest.raises(ConfigError, match="its samples were made with other settings: " + what.replace(".", r"\.")):
             run_scaling(session, prompts, tmp_path, "/models/Tiny.Model", changed_settings, changed_sampler, scorers,
                         rank=0, world_size=1)
     assert (folder / "metadata.jsonl").read_text() == kept
