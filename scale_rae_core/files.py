@@ -86,7 +86,7 @@ def output_folder(path: Path, flag: str = "--out") -> Path:
         raise DataError(f"{flag} {path} is a file, not a folder; pass a folder path")
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError):
         raise DataError(f"{flag} {path}: a file is in the way of this folder path; pass another folder") from None
     except PermissionError:
         raise DataError(f"{flag} {path}: no permission to create this folder; pass a writable folder") from None

@@ -60,7 +60,7 @@ def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list
 
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else value
-    return text if len(text) <= 48 else text[:47] + "…"
+    return text if len(text) <= 60 else text[:16] + "…" + text[-43:]  # paths differ at their ends
 
 
 def describe(diffs: list[tuple[str, Any, Any]]) -> str:

@@ -38,8 +38,8 @@ INT64 = (-(2**63), 2**63 - 1)  # the seeds torch's generators (and every manifes
 def check_seeds(seed: int, count: int, flag: str = "--seed") -> None:
     """Seeds ``seed .. seed + count - 1`` must be 64-bit integers."""
     if not INT64[0] <= seed <= INT64[1] - max(count - 1, 0):
-        raise ConfigError(f"{flag} {seed}: seeds {seed}..{seed}+{max(count - 1, 0)} must lie within the 64-bit range "
-                          f"[{INT64[0]}, {INT64[1]}]")
+        many = f" (and the next {count - 1}, one per image)" if count > 1 else ""
+        raise ConfigError(f"{flag} {seed}: a seed{many} must lie in the 64-bit range [{INT64[0]}, {INT64[1]}]")
 
 
 def slugify(text: str, max_len: int = 40) -> str:
