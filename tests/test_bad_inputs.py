@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -66,6 +67,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
     meta["scores"]["shapes"] = ["high"]
     meta_path.write_text(json.dumps(meta) + "\n")
 
+    w["evil"] = tmp / "evil.pt"
+    with open(w["evil"], "wb") as f:  # a pickle that would run code if it were unpickled
+        pickle.dump(_Payload(), f, protocol=2)
     w["afile"] = tmp / "afile.txt"
     w["afile"].write_text("the user's file\n")
     (tmp / "latin1.txt").write_bytes("a caf\xe9 in red\n".encode("latin-1"))
@@ -86,6 +90,11 @@ def world(tmp_path_factory) -> dict[str, Path]:
         f.truncate(100_000)
     w["truncated_export"] = tmp / "truncated-export"
     return w
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo unpickled",))
 
 
 def _copy_model(dest: Path) -> Path:
@@ -228,6 +237,10 @@ ROWS = [
     Row("stat-out-suffix", ["stat", "--data", "{packed}", "--out", "{tmp}/st.pt", "-q"], "ending in .safetensors"),
     Row("pack-out-is-a-file", ["data", "pack", "{jsonl}", "--out", "{afile}", "-q"], "afile.txt"),
     Row("pack-out-under-proc", ["data", "pack", "{jsonl}", "--out", "/proc/srae-pack", "-q"], "/proc/srae-pack"),
+    Row("probe-weight-decay-inf", ["eval", "probe", "--data", "{tmp}/shapes/classes", "--out", "{tmp}/probe.json",
+                                   "--weight-decay", "inf"], "--weight-decay inf must be a finite number"),
+    Row("latent-decode-pickle", ["latent", "decode", "{evil}", "--decoder", "{model}/decoder"],
+        "cannot read as a weights-only torch file"),
     Row("pack-input-missing", ["data", "pack", "{tmp}/nope.jsonl", "--out", "{tmp}/p2", "-q"], "nope.jsonl"),
     Row("scale-new-weights-same-path", ["scale", "--prompts", "{prompts}", "--out", "{tmp}/scale",
                                         "--model", "{scale_model}", *SCALE_FLAGS], "model_revision",

@@ -68,7 +68,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from scale_rae_core.backends.base import Backend
 from scale_rae_core.errors import CheckpointError
-from scale_rae_core.files import apply_umask
+from scale_rae_core.files import apply_umask, fsync_path
 from scale_rae_core.models.io import export_model
 from scale_rae_core.train.rng import load_rng_state, save_rng_state
 
@@ -86,19 +86,6 @@ def step_dir_name(step: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------- small file helpers
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -456,15 +443,15 @@ class CheckpointManager:
                 },
             )
             apply_umask(tmp)  # DCP, safetensors and temporary folders start private
-            _fsync_dir(tmp)
+            fsync_path(tmp)
             old = final.with_name(final.name + _OLD)
             if final.exists():  # saving the same step again (e.g. after resuming from it)
                 if old.exists():
                     shutil.rmtree(old)  # a complete `final` exists, so this older copy is not needed
                 os.rename(final, old)  # from here until the next rename, `old` is the complete copy
-                _fsync_dir(self.dir)
+                fsync_path(self.dir)
             os.rename(tmp, final)
-            _fsync_dir(self.dir)
+            fsync_path(self.dir)
             shutil.rmtree(old, ignore_errors=True)
             self._prune(keep_path=final)
         be.barrier()
