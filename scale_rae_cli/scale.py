@@ -91,6 +91,7 @@ def scale(
     profile: Annotated[str | None, typer.Option("--profile", "-p", help="Profile name or TOML path.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a profile value (repeatable).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    accept_changes: Annotated[bool, typer.Option("--accept-changes", help="Continue prompts whose earlier samples were made with other weights or settings (they are listed otherwise, and refused).")] = False,
 ) -> None:
     """Best-of-N generation: n × rounds samples per prompt, each scored by scorers and by self-verification."""
     from scale_rae_cli.options import load
@@ -110,5 +111,5 @@ def scale(
         scorers = [build_scorer(name, device=device, **options.get(name, {})) for name in (scorer or ["image_reward"])]
         with Reporter(None, show_progress=prof.output.progress and not quiet) as rep:
             root = run_scaling(session, lines, out, model, settings, SamplerSettings(steps=steps, guidance=guidance),
-                               scorers, rep)
+                               scorers, rep, accept_changes=accept_changes)
     typer.echo(f"wrote {root} ({len(lines)} prompts × {settings.total} samples); select with: srae verify {root}")

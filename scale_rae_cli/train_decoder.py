@@ -22,6 +22,7 @@ def decoder(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in --out (a fresh start if there is none yet)."),
     steps: int | None = typer.Option(None, "--steps", help="Optimiser steps in total (overrides decoder_training.steps / epochs)."),
     quiet: QuietOpt = False,
+    accept_changes: bool = typer.Option(False, "--accept-changes", help="With --resume: continue although the checkpoint was made with other trajectory settings or data (they are listed otherwise, and refused)."),
 ) -> None:
     """Train the decoder of the profile's [model] on frozen-encoder tokens, with checkpoints and exact resume."""
     from scale_rae_core.events import Reporter
@@ -29,11 +30,15 @@ def decoder(
 
     overrides = list(set_ or [])
     if steps is not None:
+        if steps < 1:
+            from scale_rae_core.errors import ConfigError
+
+            raise ConfigError(f"--steps {steps}: train at least 1 step")
         overrides.append(f"decoder_training.steps={steps}")
     prof = load(profile, overrides)
     # every process passes the same reporter; the engine keeps it on the main process only
     with Reporter(out / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep:
-        result = train_decoder(prof, data, out, resume=resume, reporter=rep)
+        result = train_decoder(prof, data, out, resume=resume, reporter=rep, accept_changes=accept_changes)
     if not result.is_main:
         return
     if resume and result.resumed_from is None:

@@ -16,23 +16,28 @@ DataOpt = Annotated[
 RunOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, metrics.jsonl, model/, export/.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in --out (a fresh start if there is none yet).")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Optimiser steps in total (overrides [stageN].steps).")]
+AcceptChangesOpt = Annotated[bool, typer.Option("--accept-changes", help="With --resume: continue although the checkpoint was made with other trajectory settings or data (they are listed otherwise, and refused).")]
 
 STAGE1_EPILOG = "Example: srae train stage1 --profile tiny-cpu --data shapes-packed --out runs/stage1"
 STAGE2_EPILOG = "Example: srae train stage2 --profile tiny-cpu --from runs/stage1 --data shapes/conversations.jsonl --out runs/stage2"
 
 
 def _run(stage: str, profile: str | None, overrides: list[str] | None, data: Path | None, out: Path,
-         init_from: Path | None, resume: bool, steps: int | None, quiet: bool) -> None:
+         init_from: Path | None, resume: bool, steps: int | None, quiet: bool, accept_changes: bool = False) -> None:
+    from scale_rae_core.errors import ConfigError
     from scale_rae_core.events import Reporter
     from scale_rae_core.train.unified import train_unified
 
     items = list(overrides or [])
     if steps is not None:
+        if steps < 1:
+            raise ConfigError(f"--steps {steps}: train at least 1 step")
         items.append(f"{stage}.steps={steps}")
     prof = load(profile, items)
     # every process passes the same reporter; the engine keeps it on the main process only
     with Reporter(out / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep:
-        result = train_unified(prof, stage, data, out, init_from=init_from, resume=resume, reporter=rep)
+        result = train_unified(prof, stage, data, out, init_from=init_from, resume=resume, reporter=rep,
+                               accept_changes=accept_changes)
     if not result.is_main:
         return
     if resume and result.resumed_from is None:
@@ -57,9 +62,10 @@ def stage1(
     resume: ResumeOpt = False,
     steps: StepsOpt = None,
     quiet: QuietOpt = False,
+    accept_changes: AcceptChangesOpt = False,
 ) -> None:
     """Stage 1: pretrain the unified model (pretrained or tiny LLM + a new DiT head) on generation + understanding data."""
-    _run("stage1", profile, overrides, data, out, None, resume, steps, quiet)
+    _run("stage1", profile, overrides, data, out, None, resume, steps, quiet, accept_changes)
 
 
 def stage2(
@@ -71,6 +77,7 @@ def stage2(
     resume: ResumeOpt = False,
     steps: StepsOpt = None,
     quiet: QuietOpt = False,
+    accept_changes: AcceptChangesOpt = False,
 ) -> None:
     """Stage 2: finetune a stage-1 model (e.g. on instruction JSONL) with the stage2 section of the profile."""
-    _run("stage2", profile, overrides, data, out, init_from, resume, steps, quiet)
+    _run("stage2", profile, overrides, data, out, init_from, resume, steps, quiet, accept_changes)

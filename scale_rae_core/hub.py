@@ -29,7 +29,7 @@ from scale_rae_core.errors import CheckpointError
 TRANSFORMERS_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 # Older repos ship only PyTorch pickles; transformers reads those with weights_only=True.
 PICKLED_WEIGHTS = ["pytorch_model*.bin"]
-FULL_HASH_LIMIT = 256 << 20  # local files above this are fingerprinted by size + first/last MiB
+FULL_HASH_LIMIT = 256 << 20  # local files above this are fingerprinted by size, mtime and first/last MiB
 _SAMPLE = 1 << 20
 
 
@@ -74,7 +74,8 @@ def directory_hash(path: Path) -> str:
             if size <= FULL_HASH_LIMIT:
                 for chunk in iter(lambda: f.read(1 << 22), b""):
                     digest.update(chunk)
-            else:
+            else:  # sampled: the modification time too, so new weights written at the same path always count
+                digest.update(f"{file.stat().st_mtime_ns}\0".encode())
                 digest.update(f.read(_SAMPLE))
                 f.seek(size - _SAMPLE)
                 digest.update(f.read(_SAMPLE))

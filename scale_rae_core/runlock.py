@@ -11,7 +11,8 @@ Stale locks: the kernel drops a ``flock`` when its process ends, however it ends
 lock file left behind by a dead holder is simply taken over. The file is removed on a clean release; a taker
 checks after locking that the path still names the file it locked, so a release racing a take cannot hand the
 folder to two holders. ``flock`` is local to one machine on some network file systems: a multi-node run takes
-the lock on its main process only, which is what guards against a second launch into the same folder.
+the lock on its main process only (:func:`hold_on_main`, every process agreeing on the outcome), which is what
+guards against a second launch into the same folder.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scale_rae_core.errors import SraeError
+
+if TYPE_CHECKING:
+    from scale_rae_core.backends.base import Backend
 
 LOCK_NAME = ".srae.lock"
 
@@ -127,3 +131,58 @@ def locked(folder: str | os.PathLike[str] | None, *, flag: str = "--out", enable
         return
     with RunLock(folder, flag=flag) as lock:
         yield lock
+
+
+class MainLock:
+    """A folder's lock held by a job's main process on behalf of all its processes (:func:`hold_on_main`).
+
+    :meth:`acquire` and :meth:`release` are *collective*: every process calls them, and when the main process is
+    refused every process raises :class:`FolderInUseError` (the main one naming the holder), so no process goes on
+    to write. Taking it again while held is a no-op. ``backend`` None: a single process. A ``with`` block releases
+    it at its end.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], backend: Backend | None, *, flag: str = "--out") -> None:
+        self.folder, self.backend, self.flag = Path(folder), backend, flag
+        self.lock = RunLock(folder, flag=flag) if backend is None or backend.is_main else None
+        self.held = False
+
+    def acquire(self) -> MainLock:
+        if self.held:
+            return self
+        refusal: FolderInUseError | None = None
+        if self.lock is not None:
+            try:
+                self.lock.acquire()
+            except FolderInUseError as err:
+                refusal = err
+        if self.backend is not None and self.backend.distributed:
+            import torch
+
+            flag = torch.tensor(0.0 if refusal is None else 1.0, device=self.backend.device)
+            if float(self.backend.all_reduce_mean(flag)) > 0 and refusal is None:
+                self.release()
+                raise FolderInUseError(
+                    f"{self.folder} is in use by another srae command (the main process was refused); wait for it "
+                    f"to end, or choose another {self.flag}"
+                )
+        if refusal is not None:
+            raise refusal
+        self.held = True
+        return self
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+        self.held = False
+
+    def __enter__(self) -> MainLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def hold_on_main(folder: str | os.PathLike[str], backend: Backend | None, *, flag: str = "--out") -> MainLock:
+    """*Collective.* Take ``folder``'s lock on the main process for the whole job; release with ``.release()``."""
+    return MainLock(folder, backend, flag=flag).acquire()

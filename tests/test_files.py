@@ -57,3 +57,45 @@ def test_torch_load_is_called_only_by_the_weights_only_reader():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
                 calls.append(str(path.relative_to(ROOT)))
     assert calls == ["scale_rae_core/files.py"]
+
+
+def test_atomic_writes_respect_the_umask_like_open(tmp_path):
+    import os
+
+    from scale_rae_core.files import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "a.json", lambda tmp: Path(tmp).write_text("{}"))
+        (tmp_path / "b.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_strict_json_names_the_non_finite_key(tmp_path):
+    from scale_rae_core.files import finite_json
+
+    assert finite_json({"a": [1.0, 2]}, "m.json") == '{"a": [1.0, 2]}'
+    with pytest.raises(DataError, match=r"^m\.json: scores\.x\[1\] is not a finite number; nothing was written"):
+        finite_json({"ok": 1, "scores": {"x": [0.5, float("nan")]}}, "m.json")
+    with pytest.raises(DataError, match=r"guidance is not a finite number"):
+        finite_json({"guidance": float("inf")}, "m.json")
+
+
+def test_output_folders_and_text_inputs_fail_in_one_line(tmp_path):
+    from scale_rae_core.files import output_folder, read_text
+
+    assert output_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+    (tmp_path / "f").write_text("keep")
+    with pytest.raises(DataError, match=r"^--out .*/f is a file, not a folder"):
+        output_folder(tmp_path / "f")
+    with pytest.raises(DataError, match=r"^--out .*/f/sub: a file is in the way"):
+        output_folder(tmp_path / "f" / "sub")
+    with pytest.raises(DataError, match=r"^--out /proc/srae-x: cannot create this folder"):
+        output_folder(Path("/proc/srae-x"))
+    assert (tmp_path / "f").read_text() == "keep"
+    (tmp_path / "p.txt").write_bytes(b"ok\n\xff\n")
+    with pytest.raises(DataError, match=r"^--prompts .*p\.txt: not UTF-8 text \(byte 0xff at offset 3\); save it as UTF-8$"):
+        read_text(tmp_path / "p.txt", "--prompts")

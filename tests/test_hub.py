@@ -120,3 +120,21 @@ def test_no_module_parses_hf_hub_offline_on_its_own():
     found = {str(p.relative_to(ROOT)): _hub_offline_reads(p) for p in sorted((ROOT / "scale_rae_core").rglob("*.py"))
              if p not in allowed}
     assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_new_weights_at_the_same_path_change_a_local_revision(tmp_path):
+    """Small files are hashed whole; big ones by samples, size and mtime: rewriting either changes the revision."""
+    (tmp_path / "config.json").write_text("{}")
+    big = tmp_path / "model.safetensors"
+    with open(big, "wb") as f:  # sparse: 1 MiB over the full-hash limit, read only at its ends
+        f.truncate(hub.FULL_HASH_LIMIT + (1 << 20))
+    first = hub.directory_hash(tmp_path)
+    assert hub.directory_hash(tmp_path) == first
+    with open(big, "r+b") as f:  # new weights in the middle, same size, the sampled ends untouched
+        f.seek(hub.FULL_HASH_LIMIT // 2)
+        f.write(b"\x01" * 16)
+    os.utime(big, ns=(big.stat().st_atime_ns, big.stat().st_mtime_ns + 1_000_000_000))
+    second = hub.directory_hash(tmp_path)
+    assert second != first
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    assert hub.directory_hash(tmp_path) not in (first, second)

@@ -94,3 +94,42 @@ def test_the_lock_waits_for_nobody(tmp_path):
         with pytest.raises(FolderInUseError):
             RunLock(tmp_path).acquire()
         assert time.monotonic() - t0 < 1.0
+
+
+_MAIN_LOCK_WORKER = """
+import os, sys
+from pathlib import Path
+from scale_rae_core.backends.cpu_cuda import CpuCudaBackend
+from scale_rae_core.config import BackendSettings
+from scale_rae_core.runlock import FolderInUseError, hold_on_main
+
+folder, out = Path(sys.argv[1]), Path(sys.argv[2])
+with CpuCudaBackend(BackendSettings(procs_per_node=2)) as backend:
+    try:
+        lock = hold_on_main(folder, backend)
+        result = f"held main={backend.is_main} file={lock.lock is not None}"
+        backend.barrier()
+        lock.release()
+    except FolderInUseError as err:
+        result = f"refused: {err}"
+    (out / f"rank{backend.rank}.txt").write_text(result)
+"""
+
+
+def test_a_job_agrees_on_its_main_process_lock(tmp_path):
+    """Two processes: only the main one takes the lock; when it is refused, every process is (none goes on)."""
+    from tests.train.ckpt_worker import launch
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(_MAIN_LOCK_WORKER)
+    run, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    with RunLock(run):
+        launch(worker, [str(run), str(out)], nprocs=2)
+    main, other = (out / "rank0.txt").read_text(), (out / "rank1.txt").read_text()
+    assert main.startswith(f"refused: {run} is in use by ") and f"pid {os.getpid()}" in main
+    assert other.startswith(f"refused: {run} is in use by another srae command (the main process was refused)")
+    launch(worker, [str(run), str(out)], nprocs=2)
+    assert (out / "rank0.txt").read_text() == "held main=True file=True"
+    assert (out / "rank1.txt").read_text() == "held main=False file=False"
+    assert not (run / LOCK_NAME).exists()

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from scale_rae_core.data.labelled import labelled_batches, open_labelled
-from scale_rae_core.errors import DataError
+from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.models.encoder import FrozenEncoder
 
 
@@ -81,6 +82,8 @@ def linear_probe(encoder: FrozenEncoder, data: str | Path, *, heldout: float = 0
                  batch_size: int = 32, weight_decay: float = 1e-4, max_iter: int = 500,
                  out: str | Path | None = None) -> dict[str, Any]:
     """Linear-probe the frozen `encoder` on the class folders at `data`; the result dict is also written to `out`."""
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ConfigError(f"--weight-decay {weight_decay} must be a finite number >= 0")
     t0 = time.perf_counter()
     encoder.eval()
     feats, labels, classes = pooled_features(encoder, data, batch_size)

@@ -18,12 +18,19 @@ from typing import Any
 
 import torch
 
-from scale_rae_core.errors import DataError
+from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.events import Reporter
 from scale_rae_core.models.encoder import FrozenEncoder
 from scale_rae_core.models.rae import RAE
 from scale_rae_core.models.stats import LatentStats, RunningStats
 from scale_rae_core.train.decoder_data import batches, open_images
+
+
+def _check_counts(batch_size: int, max_images: int | None, least: int) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: give at least 1 image per forward")
+    if max_images is not None and max_images < least:
+        raise ConfigError(f"--max-images {max_images}: give at least {least} (or leave it out to read every image)")
 
 
 def _rank_world() -> tuple[int, int]:
@@ -37,7 +44,9 @@ def _rank_world() -> tuple[int, int]:
 @torch.no_grad()
 def dataset_latent_stats(encoder: FrozenEncoder, data: str | Path, out: str | Path, *, batch_size: int = 32,
                          max_images: int | None = None, reporter: Reporter | None = None) -> LatentStats:
-    """Exact mean/var of `encoder` tokens [N, C] over the images at `data`; written to `out` (safetensors)."""
+    """Exact mean/var of `encoder` tokens [N, C] over the images at `data`; written to `out` (safetensors).
+    A variance needs two images at least: fewer (``max_images`` or the data) is refused, nothing is written."""
+    _check_counts(batch_size, max_images, 2)
     reporter = reporter or Reporter()
     rank, world = _rank_world()
     encoder.eval()
@@ -54,6 +63,8 @@ def dataset_latent_stats(encoder: FrozenEncoder, data: str | Path, out: str | Pa
         raise DataError(f"--data {data}: no images were read; pass a packed dataset or an image folder with images")
     acc.all_reduce()
     stats = acc.result()
+    if stats.count < 2:
+        raise DataError(f"--data {data}: {stats.count} distinct image read, but a variance needs at least 2; add images")
     if rank == 0:
         stats.save(out, metadata={"encoder": encoder.cfg.path_or_repo, "encoder_kind": encoder.kind,
                                   "input_size": str(encoder.input_size), "data": str(data)})
@@ -69,6 +80,7 @@ def evaluate_reconstruction(rae: RAE, data: str | Path, *, fid_net: str | None =
     from scale_rae_core.eval.features import get_feature_net
     from scale_rae_core.eval.metrics import reconstruction_metrics
 
+    _check_counts(batch_size, max_images, 1)
     reporter = reporter or Reporter()
     rank, world = _rank_world()
     if world > 1:

@@ -29,7 +29,8 @@ import torch
 
 from scale_rae_core.errors import DataError
 from scale_rae_core.events import Reporter
-from scale_rae_core.infer.outputs import claim_stem, save_latent, write_manifest, write_png
+from scale_rae_core.files import output_folder, read_text
+from scale_rae_core.infer.outputs import check_seeds, claim_stem, save_latent, write_manifest, write_png
 from scale_rae_core.infer.pipeline import SamplerSettings, Session, seconds_since
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -69,7 +70,7 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     if prompts_file is not None:
         if not prompts_file.is_file():
             raise DataError(f"--prompts-file {prompts_file}: not found; pass a text file (one prompt per line) or a JSONL")
-        for i, line in enumerate(prompts_file.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(read_text(prompts_file, "--prompts-file").splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -96,11 +97,19 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
 def decode_to_image_start(session: Session, prompts: list[str], max_new_tokens: int) -> tuple[list[TextResult], torch.Tensor]:
     """Greedy text for a batch of prompts until ``<im_start>`` (forced at a turn end or the token limit)
     -> (texts, conditions (B, N, Z) on the device)."""
-    from scale_rae_core.models.llm import build_sample, image_token_ids, stop_token_ids
+    from scale_rae_core.models.llm import SequenceTooLongError, build_sample, image_token_ids, stop_token_ids
 
     lm, tok, device = session.model.lm, session.tokenizer, session.runtime.device
     N, max_len = lm.cfg.num_image_tokens, int(lm.llm.config.max_position_embeddings)
-    ids = [build_sample([{"from": "human", "value": p}], tok, N, max_len, add_generation_prompt=True).input_ids for p in prompts]
+    ids = []
+    for p in prompts:
+        try:
+            ids.append(build_sample([{"from": "human", "value": p}], tok, N, max_len, add_generation_prompt=True).input_ids)
+        except SequenceTooLongError:
+            raise DataError(
+                f"prompt {p[:40]!r}…: longer than the {max_len} tokens the model reads (its "
+                "max_position_embeddings, with the chat template); shorten the prompt"
+            ) from None
     with session.runtime.autocast():
         embeds = [lm.embed_text(torch.tensor(row, device=device)) for row in ids]  # (T_i, d) each
         out = lm.decode(embeds, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tok),
@@ -142,6 +151,8 @@ def generate_images(
         raise ConfigError(f"--max-new-tokens {max_new_tokens} must be >= 0")
     if not decode and not save_latents:
         raise ConfigError("--skip-decoder without --save-latent would write no image data; add --save-latent")
+    check_seeds(seed, n)
+    output_folder(out_dir)
     if decode:
         session.decoder()  # fail early (before any compute) when no decoder can be found
     reporter = reporter or Reporter()

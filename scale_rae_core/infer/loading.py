@@ -20,8 +20,9 @@ Two layouts load:
   the DiT's fixed tables (2-D sin-cos positions, RoPE, which are recomputed) may be absent.
 
 Every loaded model and decoder carries a :class:`Source` whose ``revision`` goes into the manifests: the hub commit
-hash, or for a local directory a content hash (sha256 over every file; files over 256 MiB contribute their size and
-their first and last MiB, so hashing a multi-GB checkpoint stays instant).
+hash, or for a local directory a content hash (sha256 over every file; files over 256 MiB contribute their size,
+modification time and first and last MiB, so hashing a multi-GB checkpoint stays instant and new weights written at
+the same path still change it).
 """
 
 from __future__ import annotations

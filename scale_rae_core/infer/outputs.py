@@ -4,7 +4,9 @@ Every output of one image shares a stem ``{index:05d}-{slug}-s{seed}`` (``00012-
 ``.json`` (the manifest) and, with ``--save-latent``, ``.safetensors``. ``index`` continues after the highest index
 already in the folder, and a stem is claimed by creating its manifest with ``O_EXCL`` first, so two runs writing to
 the same folder never overwrite each other (a taken stem moves on to the next index). Files are written to a
-temporary name and renamed into place.
+temporary name and renamed into place. Nothing in the folder is read and rewritten (only new stems are made), so
+``srae generate`` takes no folder lock: two generations into one ``--out`` are fine. Manifests are strict JSON: a
+NaN or infinite value is refused in one line (:func:`scale_rae_core.files.finite_json`), never written.
 
 Latent files (``.safetensors``) hold one tensor ``latent`` of shape (n·N, C) — the reference's layout for its bare
 ``.pt`` tensors — in the encoder's feature space (after the head's output was de-normalised), plus string metadata:
@@ -24,12 +26,20 @@ from typing import Any
 
 import torch
 
-from scale_rae_core.errors import DataError
-from scale_rae_core.files import atomic_write, read_plain_tensor
+from scale_rae_core.errors import ConfigError, DataError
+from scale_rae_core.files import atomic_write, finite_json, read_plain_tensor
 
 LATENT_FORMAT = "srae-latent"
 LATENT_KEY = "latent"
 _INDEX_RE = re.compile(r"^(\d{5,})-")
+INT64 = (-(2**63), 2**63 - 1)  # the seeds torch's generators (and every manifest reader) take
+
+
+def check_seeds(seed: int, count: int, flag: str = "--seed") -> None:
+    """Seeds ``seed .. seed + count - 1`` must be 64-bit integers."""
+    if not INT64[0] <= seed <= INT64[1] - max(count - 1, 0):
+        many = f" (and the next {count - 1}, one per image)" if count > 1 else ""
+        raise ConfigError(f"{flag} {seed}: a seed{many} must lie in the 64-bit range [{INT64[0]}, {INT64[1]}]")
 
 
 def slugify(text: str, max_len: int = 40) -> str:
@@ -73,7 +83,7 @@ def write_png(path: Path, pixels: torch.Tensor) -> Path:
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
-    text = json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n"
+    text = finite_json(manifest, str(path), indent=2, ensure_ascii=False, default=str) + "\n"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 

@@ -19,6 +19,7 @@ random generator.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,9 +42,13 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
+MAX_STEPS = 10_000  # sampler steps; the reference uses 50
+MAX_GUIDANCE = 1_000.0  # CFG weights beyond this only blow the latents up (practical ones are below 20)
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How the head turns conditions into latents."""
+    """How the head turns conditions into latents (every number is checked here, whoever passes it)."""
 
     steps: int = 50
     guidance: float = 1.0  # w in v_u + w·(v_c − v_u); 1 runs the conditional branch only
@@ -53,11 +58,15 @@ class SamplerSettings:
     def __post_init__(self) -> None:
         if self.method not in SAMPLER_METHODS:
             raise ConfigError(f"--sampler '{self.method}' is unknown; choose one of {', '.join(SAMPLER_METHODS)}")
-        if self.steps < (2 if self.method == "reference" else 1):
-            raise ConfigError(f"--steps {self.steps} is too small for the {self.method} sampler; use at least 2")
-        if self.guidance < 0:
-            raise ConfigError(f"--guidance {self.guidance} must be >= 0 (1 = no guidance)")
-        if self.interval is not None and not 0.0 <= self.interval[0] <= self.interval[1] <= 1.0:
+        least = 2 if self.method == "reference" else 1
+        if not least <= self.steps <= MAX_STEPS:
+            raise ConfigError(f"--steps {self.steps}: the {self.method} sampler takes {least} to {MAX_STEPS} steps")
+        if not (math.isfinite(self.guidance) and 0 <= self.guidance <= MAX_GUIDANCE):
+            raise ConfigError(f"--guidance {self.guidance} must be a number from 0 to {MAX_GUIDANCE:g} (1 = no guidance)")
+        if self.interval is not None and not (
+            len(self.interval) == 2 and all(math.isfinite(v) for v in self.interval)
+            and 0.0 <= self.interval[0] <= self.interval[1] <= 1.0
+        ):
             raise ConfigError(f"--guidance-interval {self.interval} must be lo,hi with 0 <= lo <= hi <= 1")
 
     def describe(self) -> dict[str, Any]:
@@ -278,5 +287,10 @@ def sample_latents(
             model.diff_head, noise, conditions, settings.steps,
             guidance=settings.guidance, null_cond=null, interval=settings.interval,
         )
-    tokens = grid_to_tokens(x.float())  # (B, N, C) in the head's space
-    return model.denormalize_latents(tokens).float().cpu()
+    tokens = model.denormalize_latents(grid_to_tokens(x.float())).float().cpu()  # (B, N, C)
+    if not torch.isfinite(tokens).all():
+        raise ConfigError(
+            f"the flow head produced NaN or infinite latents (guidance {settings.guidance}, {settings.steps} "
+            f"{settings.method} steps); lower --guidance, or check the model's weights"
+        )
+    return tokens

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from scale_rae_core.errors import CheckpointError
-from scale_rae_core.files import fsync_path
+from scale_rae_core.files import apply_umask, fsync_path
 
 if TYPE_CHECKING:
     from scale_rae_core.backends.base import Backend
@@ -87,6 +87,7 @@ def write_model_folder(
             (tmp / CONFIG_FILE).write_text(_json_text(config, dest / CONFIG_FILE), encoding="utf-8")
         for name, content in (extra_files or {}).items():
             _write_extra(tmp / name, content, half, dest)
+        apply_umask(tmp)  # safetensors and copied temporary folders start private
         for path in sorted(tmp.rglob("*"), reverse=True):  # files first, then their folders
             fsync_path(path)
         fsync_path(tmp)
@@ -112,6 +113,9 @@ def _plain_tensors(tensors: Mapping[str, torch.Tensor], half: bool, dest: Path) 
     storages: set[int] = set()
     for name, t in tensors.items():
         t = t.detach().to("cpu").contiguous()
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{dest}: tensor {name} holds NaN or inf; refusing to write a broken model "
+                                  "(the weights diverged: lower the learning rate and train again)")
         if half and t.is_floating_point():
             if t.numel() and t.abs().max() > torch.finfo(torch.float16).max:
                 raise CheckpointError(f"{dest}: tensor {name} exceeds the fp16 range; write it without half=True")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from scale_rae_core.errors import CheckpointError
-from scale_rae_core.files import read_plain_state_dict
+from scale_rae_core.files import apply_umask, read_plain_state_dict
 
 FORMAT = "srae-latent-stats"
 DEFAULT_EPS = 1e-5
@@ -84,6 +84,7 @@ class LatentStats:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             save_file(tensors, str(tmp), metadata=meta)
+            apply_umask(tmp)  # safetensors writes 0600
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

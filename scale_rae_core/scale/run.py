@@ -16,10 +16,16 @@ For each prompt (index i, text p) and each sample k < n·rounds:
    and ``seeds``.
 
 Layout: ``{out}/{model basename, '.'→'-'}/{rounds}_verify_scale_{verify_on}/{index:05d}/`` (the reference's
-naming; ``srae verify`` reads it). Resume: metadata is written after every sample, so a re-run skips a
-prompt whose samples are all scored and continues a partial one at the first unscored sample, keeping the
-numbering and every earlier score. Under torchrun each process takes prompts ``rank::world_size``; seeds
-depend only on (seed, k), so results do not depend on the process count.
+naming; ``srae verify`` reads it). The run root is locked for the whole command (:mod:`scale_rae_core.runlock`,
+by the main process under torchrun), so a second ``srae scale`` or a ``srae verify`` of it is refused meanwhile.
+
+Resume: metadata is written after every sample, so a re-run skips a prompt whose samples are all scored and
+continues a partial one at the first unscored sample, keeping the numbering and every earlier score. It
+continues only with what the earlier samples were made with (:func:`fingerprint`: the model's and decoder's
+names and weight revisions, the request, seed, token limits, precision and every sampler setting); a difference is
+refused in one line listing it, unless ``accept_changes`` (recorded under ``srae_changes``). Under torchrun each
+process takes prompts ``rank::world_size``; seeds depend only on (seed, k), so results do not depend on the
+process count.
 """
 
 from __future__ import annotations
@@ -32,11 +38,14 @@ from typing import Any
 
 import torch
 
+from scale_rae_core import fingerprint as fp
 from scale_rae_core.data.images import read_image
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.events import Reporter
-from scale_rae_core.infer.outputs import atomic_write, write_png
+from scale_rae_core.files import finite_json, output_folder
+from scale_rae_core.infer.outputs import atomic_write, check_seeds, write_png
 from scale_rae_core.infer.pipeline import SamplerSettings, Session
+from scale_rae_core.runlock import hold_on_main
 from scale_rae_core.scale import verify as V
 from scale_rae_core.scale.scorers import Scorer, score_batch
 
@@ -59,6 +68,10 @@ class ScaleSettings:
             raise ConfigError(f"--n {self.n}, --rounds {self.rounds} and --batch-size {self.batch_size} must be >= 1")
         if self.verify_on not in VERIFY_ON:
             raise ConfigError(f"--verify-on {self.verify_on!r} is unknown; use latent or image")
+        if self.max_new_tokens < 0 or self.verify_max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens {self.max_new_tokens} must be >= 0 and --verify-max-new-tokens "
+                              f"{self.verify_max_new_tokens} >= 1")
+        check_seeds(self.seed, self.total)
 
     @property
     def total(self) -> int:
@@ -70,9 +83,11 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
     """Prompt lines ``{"index", "prompt", ...}`` from a reference JSONL ({"index"?, "prompt"}), a GenEval
     metadata JSONL ({"prompt", "tag", "include", ...}) or plain text (one prompt per line). Without an
     "index" a line's index is its position among the non-empty lines."""
+    from scale_rae_core.infer.generate import read_text
+
     if not path.is_file():
         raise DataError(f"--prompts {path}: not found; pass a JSONL with \"prompt\" or a text file (one per line)")
-    lines = [(n, s) for n, s in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if s.strip()]
+    lines = [(n, s) for n, s in enumerate(read_text(path, "--prompts").splitlines(), 1) if s.strip()]
     if not lines:
         raise DataError(f"--prompts {path}: empty")
     is_jsonl = lines[0][1].lstrip().startswith("{")
@@ -158,19 +173,33 @@ def self_verify(
 
 
 # ----------------------------------------------------------------------------------------------- loop
-def _check_same_run(folder: Path, meta: dict[str, Any], model: str, settings: ScaleSettings, sampler: SamplerSettings,
-                    decoder_id: str) -> None:
-    """A prompt folder is continued only with the settings its samples were made with (else mixed samples)."""
-    made = {**meta.get("srae", {}), "model": meta.get("model_path"), "seed": (meta.get("seeds") or [None])[0]}
-    now = {"model": model, "seed": settings.seed, "verify_on": settings.verify_on, "decoder": decoder_id,
-           "request": GENERATION_REQUEST, **sampler.describe()}
-    for key, value in now.items():
-        if made.get(key) is not None and made[key] != value:
-            flag = key if key == "request" else "--" + key.replace("_", "-")
-            raise ConfigError(
-                f"{folder / 'metadata.jsonl'}: its samples were made with {flag} {made[key]}, this run asks for {value}; "
-                f"pass another --out or delete {folder.parent} to start over"
-            )
+def fingerprint(session: Session, model: str, settings: ScaleSettings, sampler: SamplerSettings) -> dict[str, Any]:
+    """Everything that changes a sample or its verification, as recorded under ``srae`` in each metadata.jsonl:
+    the weights by name and revision (a hub commit, or a content hash of a local folder), the request, the
+    seed, the token limits, the precision and the sampler settings."""
+    decoder = session.decoder()[1].describe()
+    return {"model": model, "model_revision": session.loaded.source.revision, "decoder": decoder["id"],
+            "decoder_revision": decoder["revision"], "request": GENERATION_REQUEST, "seed": settings.seed,
+            "verify_on": settings.verify_on, "max_new_tokens": settings.max_new_tokens,
+            "verify_max_new_tokens": settings.verify_max_new_tokens, "dtype": session.runtime.dtype,
+            **sampler.describe()}
+
+
+def _recorded(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a prompt folder's samples were made with (older runs recorded some of it outside ``srae``)."""
+    legacy = {"model": meta.get("model_path"), "seed": (meta.get("seeds") or [None])[0],
+              "max_new_tokens": meta.get("max_new_tokens")}
+    return {k: v for k, v in {**legacy, **meta.get("srae", {})}.items() if k not in ("n", "rounds")}
+
+
+def _check_same_run(folder: Path, meta: dict[str, Any], now: dict[str, Any], accept: bool) -> dict[str, list[Any]]:
+    """A prompt folder is continued only with the settings its samples were made with (else mixed samples);
+    with ``accept``, the differences are returned (and recorded by the caller)."""
+    diffs = fp.check_unchanged(
+        fp.flatten(_recorded(meta)), fp.flatten(now), made=f"{folder / 'metadata.jsonl'}: its samples were made",
+        accept=accept, fix=f"rerun with the same settings, pass another --out, or delete {folder.parent} to start over",
+    )
+    return {k: [a, b] for k, a, b in diffs}
 
 
 def _done(folder: Path, meta: dict[str, Any], scorer_names: list[str]) -> int:
@@ -189,76 +218,114 @@ def _write_metadata(folder: Path, meta: dict[str, Any]) -> None:
         order = sorted(range(len(ir)), key=lambda k: (-ir[k], k))
         meta["all_ir_scores"], meta["top_ir_indices"] = ir, order
         meta["top_ir_scores"] = [ir[k] for k in order]
-    text = json.dumps(meta) + "\n"
+    text = finite_json(meta, str(folder / "metadata.jsonl")) + "\n"
     atomic_write(folder / "metadata.jsonl", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def run_scaling(
     session: Session, prompts: list[dict[str, Any]], out: Path, model: str, settings: ScaleSettings,
     sampler: SamplerSettings, scorers: list[Scorer], reporter: Reporter | None = None,
-    rank: int | None = None, world_size: int | None = None,
+    rank: int | None = None, world_size: int | None = None, accept_changes: bool = False,
 ) -> Path:
-    """Run the loop for this process's share of ``prompts``; return the run root."""
-    from scale_rae_core.infer.generate import decode_to_image_start
+    """Run the loop for this process's share of ``prompts``; return the run root (locked meanwhile).
 
+    ``accept_changes``: continue prompt folders whose samples were made with other settings (see the module
+    docstring) instead of refusing."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     root = run_root(out, model, settings)
-    mine = prompts[rank::world_size]
-    reporter = reporter or Reporter()
-    decoder_id = session.decoder()[1].describe()["id"]  # fail before any compute when no decoder can be found
+    now = fingerprint(session, model, settings, sampler)  # fails before any compute when no decoder can be found
+    if rank == 0:
+        output_folder(root, "--out")
+    with hold_on_main(root, session.backend, flag="--out"):  # no backend (tests, benchmarks): one process
+        _scale_prompts(session, prompts[rank::world_size], root, settings, sampler, scorers, reporter or Reporter(),
+                       now, accept_changes, f"scale (rank {rank}/{world_size})" if world_size > 1 else "scale")
+    return root
+
+
+def _scale_prompts(session: Session, mine: list[dict[str, Any]], root: Path, settings: ScaleSettings,
+                   sampler: SamplerSettings, scorers: list[Scorer], reporter: Reporter, now: dict[str, Any],
+                   accept_changes: bool, label: str) -> None:
     yes_no = V.yes_no_ids(session.tokenizer)
     names = [s.name for s in scorers]
-    with reporter.task(f"scale (rank {rank}/{world_size})" if world_size > 1 else "scale",
-                       total=len(mine) * settings.total) as advance:
+    with reporter.task(label, total=len(mine) * settings.total) as advance:
         for line in mine:
             folder = root / f"{line['index']:05d}"
             (folder / "samples").mkdir(parents=True, exist_ok=True)
-            meta_path = folder / "metadata.jsonl"
-            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+            meta = _read_metadata(folder)
             done = _done(folder, meta, names) if meta else 0
-            if done:
-                _check_same_run(folder, meta, model, settings, sampler, decoder_id)
+            changes = _check_same_run(folder, meta, now, accept_changes) if done else {}
             advance(min(done, settings.total))
             if done >= settings.total:
                 continue
-            request = GENERATION_REQUEST.format(prompt=line["prompt"])
-            texts, conditions = decode_to_image_start(session, [request], settings.max_new_tokens)
-            text = texts[0]
-            meta = {
-                **{k: v for k, v in line.items()},
-                "model_path": model, "guidance_level": sampler.guidance, "max_new_tokens": settings.max_new_tokens,
-                "n_samples_generated": done, "input_prompt": text.request,
-                "text_responses": {k: v for k, v in meta.get("text_responses", {}).items() if int(k) < done},
-                "scores": {n: meta.get("scores", {}).get(n, [])[:done] for n in names},
-                "seeds": [settings.seed + k for k in range(done)],
-                "srae": {"n": settings.n, "rounds": settings.rounds, "verify_on": settings.verify_on,
-                         "request": GENERATION_REQUEST, "decoder": decoder_id, **sampler.describe()},
-            }
-            request_ids = _request_ids(session, request)
-            for k0 in range(done, settings.total, settings.batch_size):
-                ks = list(range(k0, min(k0 + settings.batch_size, settings.total)))
-                seeds = [settings.seed + k for k in ks]
-                tokens = session.sample(conditions.expand(len(ks), -1, -1), seeds, sampler)  # (b, N, C) CPU
-                pixels = session.decode_pixels(tokens)  # (b, 3, H, W) in [0, 1]
-                for j, k in enumerate(ks):
-                    png = write_png(folder / "samples" / f"{k:05d}.png", pixels[j])
-                    image = read_image(png)  # what the scorers, and verify_on="image", see: the PNG
-                    if settings.verify_on == "latent":
-                        features = tokens[j]
-                    else:
-                        features = session.encode_image(session.encoder_pixels([image]))[0].cpu()
-                    record = self_verify(session, line["prompt"], features, request_ids, text.generated_ids,
-                                         yes_no, settings.verify_max_new_tokens)
-                    record["gen_output_text"] = text.text
-                    for scorer in scorers:
-                        meta["scores"][scorer.name].append(score_batch(scorer, [line["prompt"]], [image])[0])
-                    meta["text_responses"][str(k)] = record
-                    meta["seeds"].append(seeds[j])
-                    meta["n_samples_generated"] = k + 1
-                    _write_metadata(folder, meta)
-                    advance(1)
-    return root
+            meta = _fresh_metadata(line, meta, done, now, settings, names, changes)
+            _scale_prompt(session, folder, line, meta, done, settings, sampler, scorers, yes_no, advance)
+
+
+def _read_metadata(folder: Path) -> dict[str, Any]:
+    path = folder / "metadata.jsonl"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not one JSON object ({type(exc).__name__}); delete {folder} to redo this prompt") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: not one JSON object; delete {folder} to redo this prompt")
+    return meta
+
+
+def _fresh_metadata(line: dict[str, Any], meta: dict[str, Any], done: int, now: dict[str, Any],
+                    settings: ScaleSettings, names: list[str], changes: dict[str, list[Any]]) -> dict[str, Any]:
+    """The prompt's metadata at the start of this run: the first ``done`` samples' records kept."""
+    history = list(meta.get("srae_changes", []))
+    if changes:
+        history.append({"from_sample": done, "changes": changes})  # accepted: which samples were made how
+    return {
+        **line,
+        "model_path": now["model"], "guidance_level": now["guidance"], "max_new_tokens": settings.max_new_tokens,
+        "n_samples_generated": done,
+        "text_responses": {k: v for k, v in meta.get("text_responses", {}).items() if int(k) < done},
+        "scores": {n: meta.get("scores", {}).get(n, [])[:done] for n in names},
+        "seeds": [settings.seed + k for k in range(done)],
+        "srae": {"n": settings.n, "rounds": settings.rounds, **now},
+        **({"srae_changes": history} if history else {}),
+    }
+
+
+def _scale_prompt(session: Session, folder: Path, line: dict[str, Any], meta: dict[str, Any], done: int,
+                  settings: ScaleSettings, sampler: SamplerSettings, scorers: list[Scorer],
+                  yes_no: tuple[frozenset[int], frozenset[int]], advance: Any) -> None:
+    """Samples ``done`` .. ``total - 1`` of one prompt: sample, write, verify, score, rewrite the metadata."""
+    from scale_rae_core.infer.generate import decode_to_image_start
+
+    request = GENERATION_REQUEST.format(prompt=line["prompt"])
+    texts, conditions = decode_to_image_start(session, [request], settings.max_new_tokens)
+    text = texts[0]
+    meta["input_prompt"] = text.request
+    request_ids = _request_ids(session, request)
+    for k0 in range(done, settings.total, settings.batch_size):
+        ks = list(range(k0, min(k0 + settings.batch_size, settings.total)))
+        seeds = [settings.seed + k for k in ks]
+        tokens = session.sample(conditions.expand(len(ks), -1, -1), seeds, sampler)  # (b, N, C) CPU
+        pixels = session.decode_pixels(tokens)  # (b, 3, H, W) in [0, 1]
+        for j, k in enumerate(ks):
+            png = write_png(folder / "samples" / f"{k:05d}.png", pixels[j])
+            image = read_image(png)  # what the scorers, and verify_on="image", see: the PNG
+            if settings.verify_on == "latent":
+                features = tokens[j]
+            else:
+                features = session.encode_image(session.encoder_pixels([image]))[0].cpu()
+            record = self_verify(session, line["prompt"], features, request_ids, text.generated_ids,
+                                 yes_no, settings.verify_max_new_tokens)
+            record["gen_output_text"] = text.text
+            for scorer in scorers:
+                meta["scores"][scorer.name].append(score_batch(scorer, [line["prompt"]], [image])[0])
+            meta["text_responses"][str(k)] = record
+            meta["seeds"].append(seeds[j])
+            meta["n_samples_generated"] = k + 1
+            _write_metadata(folder, meta)
+            advance(1)
 
 
 def _request_ids(session: Session, request: str) -> list[int]:

@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from PIL import Image
 
-from scale_rae_core.errors import ConfigError, DataError
+from scale_rae_core.errors import ConfigError, DataError, SraeError
 
 ENTRY_POINT_GROUP = "srae.scorers"
 
@@ -82,7 +82,17 @@ def _factory(name: str) -> ScorerFactory:
 
 def build_scorer(name: str, device: str | torch.device = "cpu", **options: Any) -> Scorer:
     """Build the scorer called ``name`` (see the module docstring for where names are looked up)."""
-    scorer = _factory(name)(device=device, **options)
+    factory = _factory(name)
+    try:
+        scorer = factory(device=device, **options)
+    except SraeError:
+        raise
+    except Exception as exc:  # a user's factory that does not take (device=, **options) or fails inside
+        first = " ".join(str(exc).split())[:160]
+        raise ConfigError(
+            f"scorer {name!r}: its factory failed ({type(exc).__name__}: {first}); a factory takes device= and keyword "
+            "options and returns an object with .name and .score(prompts, images)"
+        ) from None
     if not isinstance(scorer, Scorer):
         raise ConfigError(f"scorer {name!r} built a {type(scorer).__name__}, which has no .name and .score(prompts, images)")
     return scorer

@@ -32,6 +32,7 @@ Where a prompt has fewer than K samples all are kept and the report lists it.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from scale_rae_core.errors import DataError
+from scale_rae_core.files import apply_umask, finite_json
 from scale_rae_core.runlock import locked
 
 SAMPLE_RE = re.compile(r"^(\d{5,})\.png$")
@@ -64,15 +66,22 @@ class PromptRun:
 
 
 # ----------------------------------------------------------------------------------------------- reading
+def _number(value: Any, where: str) -> float:
+    """A recorded score as a float: a finite JSON number, else a DataError naming where it was found."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where} is {json.dumps(value)[:40]}, not a finite number; fix or delete that prompt folder")
+    return float(value)
+
+
 def read_prompt_folder(folder: Path) -> PromptRun:
     """One prompt folder of a scaling run."""
     meta_path = folder / "metadata.jsonl"
     try:
-        metadata = json.loads(meta_path.read_text())
+        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise DataError(f"{meta_path}: missing (generation for this prompt did not finish)") from e
-    except json.JSONDecodeError as e:
-        raise DataError(f"{meta_path}: not one JSON object ({e})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{meta_path}: not one JSON object ({type(e).__name__})") from e
     if not isinstance(metadata, dict):
         raise DataError(f"{meta_path}: expected one JSON object")
     pngs = sorted(
@@ -82,6 +91,9 @@ def read_prompt_folder(folder: Path) -> PromptRun:
     if not isinstance(responses, dict):
         raise DataError(f"{meta_path}: text_responses must map sample index -> scores")
     samples = [Sample(k, p, responses.get(str(k))) for k, p in pngs]
+    for s in samples:
+        if s.verify is not None and not isinstance(s.verify, dict):
+            raise DataError(f"{meta_path}: text_responses[{s.index}] must be an object of scores")
     indices = [s.index for s in samples]
 
     def attach(name: str, values: Any, order: list[int], what: str) -> None:
@@ -91,7 +103,7 @@ def read_prompt_folder(folder: Path) -> PromptRun:
         by_index = dict(zip(order, values, strict=True))
         for s in samples:
             if s.index in by_index:
-                s.scores[name] = float(by_index[s.index])
+                s.scores[name] = _number(by_index[s.index], f"{meta_path}: {what}[{order.index(s.index)}]")
 
     if "all_ir_scores" in metadata:
         ir = metadata["all_ir_scores"]
@@ -100,7 +112,10 @@ def read_prompt_folder(folder: Path) -> PromptRun:
         resumed = sorted(int(k) for k in responses)
         order = indices if isinstance(ir, list) and len(ir) == len(indices) else resumed
         attach(IMAGE_REWARD, ir, order, "all_ir_scores")
-    for name, values in (metadata.get("scores") or {}).items():
+    scores = metadata.get("scores") or {}
+    if not isinstance(scores, dict):
+        raise DataError(f"{meta_path}: scores must map scorer name -> [one score per sample]")
+    for name, values in scores.items():
         attach(name, values, indices, f"scores.{name}")
     return PromptRun(int(folder.name), folder, metadata, samples)
 
@@ -128,7 +143,7 @@ def _v(sample: Sample, key: str, metric: str, folder: Path) -> float:
         raise DataError(f"{folder}: sample {sample.index} has no text_responses entry; metric {metric} needs self-verification scores")
     if key not in sample.verify:
         raise DataError(f"{folder}: sample {sample.index} has no {key!r}; metric {metric} needs it (pick another --metric)")
-    return float(sample.verify[key])
+    return _number(sample.verify[key], f"{folder / 'metadata.jsonl'}: text_responses[{sample.index}].{key}")
 
 
 def _s(sample: Sample, name: str, metric: str, folder: Path) -> float:
@@ -257,6 +272,8 @@ def write_selection(
     if metric not in known_metrics(runs):
         raise DataError(f"--metric {metric}: unknown; choose one of {', '.join(known_metrics(runs))}")
     out = Path(out) if out is not None else directory.with_name(f"{directory.name}_{metric}_verified")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder; pass a folder path")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise DataError(f"{out}: exists and is not empty; pass --overwrite or another --out")
@@ -281,6 +298,7 @@ def _write_tree(directory: Path, runs: list[Any], skipped: list[dict[str, Any]],
     try:
         report = _fill_tree(partial, directory, runs, skipped, metric, keep, out)
         (partial / PARTIAL_MARK).unlink()
+        apply_umask(partial)  # mkdtemp made it private
         if out.exists():
             shutil.rmtree(out)
         partial.rename(out)
@@ -319,7 +337,7 @@ def _fill_tree(partial: Path, directory: Path, runs: list[Any], skipped: list[di
         names = sorted({n for k in chosen for n in by_index[k].scores})
         if names:
             meta["scores"] = {n: [by_index[k].scores.get(n) for k in chosen] for n in names}
-        (target / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
+        (target / "metadata.jsonl").write_text(finite_json(meta, str(target / "metadata.jsonl")) + "\n")
 
     counts = [len(run.samples) for run in runs]
     report = {
@@ -334,7 +352,7 @@ def _fill_tree(partial: Path, directory: Path, runs: list[Any], skipped: list[di
         "skipped": skipped,
         "metrics": compare_metrics(runs, keep),
     }
-    (partial / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (partial / "report.json").write_text(finite_json(report, str(out / "report.json"), indent=2) + "\n")
     return report
 
 

@@ -11,6 +11,8 @@ Layout of one run::
             data/rank-00000.json   data-loader position of each rank (whatever the trainer passed)
             meta.json              written LAST, by rank 0, after a barrier: marks the checkpoint complete
         step-00000300.tmp/         a save in progress (or killed): ignored, and removed by `latest()`
+        step-00000200.old/         the previous copy while step 200 is saved again (after resuming from it):
+                                   put back by `latest()` when the new copy never arrived, else removed
 
 Model and optimizer state go through ``torch.distributed.checkpoint.state_dict.get_state_dict`` and DCP, so
 a plain module and an FSDP2-sharded one write the same format, and a checkpoint saved by N processes loads
@@ -28,7 +30,9 @@ Protocol (every method marked *collective* must be called on all ranks): rank 0 
 directory → barrier → every rank writes its shards and its own per-rank files → rank 0 writes the shared
 JSON files → barrier → rank 0 writes ``meta.json``, renames ``.tmp`` to the final name, then deletes
 checkpoints beyond ``keep`` → barrier. A run killed at any point leaves either the previous complete
-checkpoints untouched or a new complete one. ``run_dir`` must be on a filesystem every rank sees.
+checkpoints untouched or a new complete one; saving a step that already exists moves the old copy to ``.old``
+first and removes it only after the new one is in place, and ``latest()`` puts an ``.old`` copy back when the
+kill came between the two renames. ``run_dir`` must be on a filesystem every rank sees.
 
 Resume differs from the reference on purpose (scale-rae.md §8 items 5, 6): optimizer moments are restored
 (not only the model and LR), resuming never exits the process, and retention follows ``checkpoint.keep``.
@@ -64,6 +68,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from scale_rae_core.backends.base import Backend
 from scale_rae_core.errors import CheckpointError
+from scale_rae_core.files import apply_umask, fsync_path
 from scale_rae_core.models.io import export_model
 from scale_rae_core.train.rng import load_rng_state, save_rng_state
 
@@ -81,19 +86,6 @@ def step_dir_name(step: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------- small file helpers
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -373,6 +365,11 @@ class CheckpointManager:
     def _remove_incomplete(self) -> None:
         if not self.dir.is_dir():
             return
+        for old in sorted(self.dir.glob(f"step-*{_OLD}")):  # a re-save killed between its two renames
+            final = old.with_name(old.name[: -len(_OLD)])
+            if old.is_dir() and (old / MARKER).is_file() and not (final / MARKER).is_file():
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(old, final)  # the only complete copy of that step: put it back
         for path in self.dir.iterdir():
             if not path.is_dir():
                 continue
@@ -391,11 +388,14 @@ class CheckpointManager:
         data_position: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
         profile: Any = None,
+        inputs: Mapping[str, Any] | None = None,
     ) -> Path:
         """*Collective.* Save everything needed to resume after optimizer step ``step``; returns the final dir.
 
         ``data_position``: this rank's data-loader position (any JSON value). ``profile``: the resolved
         profile (a :class:`~scale_rae_core.config.Profile` or a plain dict). ``metrics``: JSON values.
+        ``inputs``: what the run read besides the profile (e.g. the data path), compared on resume
+        (:meth:`read_record`).
         """
         be = self.backend
         final = self.dir / step_dir_name(step)
@@ -423,6 +423,7 @@ class CheckpointManager:
                     "non_tensor_state": plain,
                     "scheduler": None if scheduler is None else _scheduler_state(scheduler),
                     "metrics": _to_json(dict(metrics or {}), "metrics"),
+                    "inputs": _to_json(dict(inputs or {}), "inputs"),
                 },
             )
             profile_dict = profile.to_toml_dict() if hasattr(profile, "to_toml_dict") else profile
@@ -441,14 +442,16 @@ class CheckpointManager:
                     "time": round(time.time(), 3),
                 },
             )
-            _fsync_dir(tmp)
+            apply_umask(tmp)  # DCP, safetensors and temporary folders start private
+            fsync_path(tmp)
             old = final.with_name(final.name + _OLD)
             if final.exists():  # saving the same step again (e.g. after resuming from it)
                 if old.exists():
-                    shutil.rmtree(old)
-                os.rename(final, old)
+                    shutil.rmtree(old)  # a complete `final` exists, so this older copy is not needed
+                os.rename(final, old)  # from here until the next rename, `old` is the complete copy
+                fsync_path(self.dir)
             os.rename(tmp, final)
-            _fsync_dir(self.dir)
+            fsync_path(self.dir)
             shutil.rmtree(old, ignore_errors=True)
             self._prune(keep_path=final)
         be.barrier()
@@ -462,6 +465,17 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------- loading
+    def read_record(self, step_dir: str | Path) -> dict[str, Any]:
+        """What a complete checkpoint recorded about its run: ``profile`` (the resolved profile as a dict, or
+        None) and ``inputs`` (what :meth:`save` was given; ``{}`` for checkpoints written before it was kept)."""
+        step_dir = Path(step_dir)
+        self.read_meta(step_dir)
+        saved = _read_json(step_dir / "state.json", "training state")
+        profile = _read_json(step_dir / "profile.json", "profile") if (step_dir / "profile.json").is_file() else None
+        inputs = saved.get("inputs") if isinstance(saved, dict) else None
+        return {"profile": profile if isinstance(profile, dict) else None,
+                "inputs": inputs if isinstance(inputs, dict) else {}}
+
     @staticmethod
     def read_meta(step_dir: str | Path) -> dict[str, Any]:
         """``meta.json`` of a complete checkpoint; CheckpointError if the directory is missing or incomplete."""

@@ -136,14 +136,15 @@ class DecoderTrainer(TrainTask):
     """Train `rae.decoder` on the images at `data`; the EMA decoder is exported to `run_dir/decoder`.
 
     `lpips` / `discriminator` may be passed in (tests use random-weight ones); otherwise they are loaded from
-    `decoder_training.lpips_weights` / `disc_backbone` when their loss weight is > 0. Run it with
-    :class:`~scale_rae_core.train.loop.TrainLoop` (as :func:`train_decoder` does).
+    `decoder_training.lpips_weights` / `disc_backbone` when their loss weight is > 0. `data` is a path, or the
+    `ImageStream` of this process when the caller opened it already (:func:`train_decoder` does, to check the data
+    before it locks and writes RUN). Run it with :class:`~scale_rae_core.train.loop.TrainLoop`.
     """
 
     progress_keys = ("loss", "l1")
     throughput_key = "images_per_s"
 
-    def __init__(self, profile: Profile, rae: RAE, data: str | Path, run_dir: str | Path, backend: Backend, *,
+    def __init__(self, profile: Profile, rae: RAE, data: str | Path | ImageStream, run_dir: str | Path, backend: Backend, *,
                  lpips: nn.Module | None = None, discriminator: nn.Module | None = None) -> None:
         self.profile, self.cfg, self.backend = profile, profile.decoder_training, backend
         self.rae, self.run_dir = rae, Path(run_dir)
@@ -158,10 +159,7 @@ class DecoderTrainer(TrainTask):
         if cfg.min_lr > cfg.lr:
             raise ConfigError(f"{profile.source}: decoder_training.min_lr = {cfg.min_lr} exceeds lr = {cfg.lr}; lower min_lr")
         self.plan = profile.batch_plan("decoder_training")
-        self.stream: ImageStream = open_images(
-            data, image_size=cfg.image_size, train=True, rank=backend.rank, world_size=backend.num_processes,
-            seed=profile.run.seed, shuffle_buffer=profile.data.shuffle_buffer,
-        )
+        self.stream: ImageStream = data if isinstance(data, ImageStream) else _open(profile, data, backend)
         self.phases = Phases.of(cfg, self.plan, self.stream.images_per_epoch)
         self.total_steps = self.phases.steps
 
@@ -336,22 +334,40 @@ class DecoderTrainer(TrainTask):
         return out
 
 
+def _open(profile: Profile, data: str | Path, backend: Backend) -> ImageStream:
+    return open_images(
+        data, image_size=profile.decoder_training.image_size, train=True, rank=backend.rank,
+        world_size=backend.num_processes, seed=profile.run.seed, shuffle_buffer=profile.data.shuffle_buffer,
+    )
+
+
+# Profile keys that change the decoder's trajectory (compared on --resume).
+TRAJECTORY = ("run.seed", "backend.precision", "model.encoder", "model.decoder", "data.shuffle_buffer",
+              "decoder_training")
+
+
 def train_decoder(profile: Profile, data: str | Path, run_dir: str | Path, *, resume: bool = False,
                   reporter: Reporter | None = None, stop_at: int | None = None,
-                  lpips: nn.Module | None = None, discriminator: nn.Module | None = None) -> TrainResult:
+                  lpips: nn.Module | None = None, discriminator: nn.Module | None = None,
+                  accept_changes: bool = False) -> TrainResult:
     """Build everything from the profile, then train (the engine behind `srae train decoder`).
 
     ``resume``: continue from the newest complete checkpoint in ``run_dir``, or start fresh when there is
-    none (see :mod:`scale_rae_core.train.loop`). ``stop_at``: save after that step and stop. Collective.
+    none (see :mod:`scale_rae_core.train.loop`); ``accept_changes``: resume even though the trajectory
+    settings or the data differ from the checkpoint's. ``stop_at``: save after that step and stop.
+    Collective. The data is opened (and so checked) before RUN is locked and anything is written into it.
     """
     from scale_rae_core.backends.base import backend_for
     from scale_rae_core.models.build import build_rae
 
     profile.check_runtime()
     with backend_for(profile.backend) as backend:
-        loop = TrainLoop("train_decoder", profile, run_dir, backend, resume=resume, reporter=reporter)
-        backend.seed_everything(profile.run.seed, per_rank=False)  # same initial weights on every rank
-        rae = build_rae(profile, noise_tau=profile.decoder_training.noise_tau, with_stats=False)
-        backend.seed_everything(profile.run.seed)  # then per-rank noise, crops and augmentation
-        trainer = DecoderTrainer(profile, rae, data, loop.run_dir, backend, lpips=lpips, discriminator=discriminator)
-        return loop.run(trainer, stop_at=stop_at)
+        stream = _open(profile, data, backend)
+        with TrainLoop("train_decoder", profile, run_dir, backend, resume=resume, reporter=reporter,
+                       inputs={"data": Path(data)}, trajectory=TRAJECTORY, accept_changes=accept_changes) as loop:
+            backend.seed_everything(profile.run.seed, per_rank=False)  # same initial weights on every rank
+            rae = build_rae(profile, noise_tau=profile.decoder_training.noise_tau, with_stats=False)
+            backend.seed_everything(profile.run.seed)  # then per-rank noise, crops and augmentation
+            trainer = DecoderTrainer(profile, rae, stream, loop.run_dir, backend, lpips=lpips,
+                                     discriminator=discriminator)
+            return loop.run(trainer, stop_at=stop_at)

@@ -16,10 +16,21 @@ A trainer is a :class:`TrainTask`. It builds its networks, optimiser, scheduler 
 
 :class:`TrainLoop` owns the rest, the same for every trainer:
 
+* **one writer.** The main process holds RUN's lock (:mod:`scale_rae_core.runlock`) from the loop's construction,
+  before anything is written into RUN, to the end of :meth:`TrainLoop.run` (or of a ``with TrainLoop(...)`` block):
+  a second training pointed at the same ``--out`` is refused in one line naming the holder, on every process.
 * **resume.** ``--resume`` means: continue from the newest complete checkpoint under ``RUN/checkpoints``, or,
   when there is none, start fresh and report a ``<name>.fresh_start`` event. A preemptible job's launch line
   can therefore always carry ``--resume``. A run folder that already holds a checkpoint is refused without
-  ``--resume`` (one line), never overwritten. What an interrupted save left behind is removed first.
+  ``--resume`` (one line), never overwritten. What an interrupted save left behind is removed first. The
+  checkpoint's profile is compared with this invocation's on the keys that change the trajectory (``trajectory``:
+  by default the model, the trained section — batch sizes, learning rates, the step schedule —, ``run.seed``,
+  ``backend.precision`` and the data order settings) and the ``inputs`` the trainer names (the data path): a
+  difference is refused in one line listing every changed key, unless ``accept_changes``
+  (:mod:`scale_rae_core.fingerprint`). The process count, checkpoint cadence and logging may change.
+* **divergence.** A step whose ``loss`` or ``grad_norm`` is NaN or infinite stops the run with one line naming
+  the step (:class:`TrainingDiverged`); nothing is logged, saved or exported after it, so the newest checkpoint
+  is the last good one. Weights are checked finite (on every process) before each save and before the export.
 * **the step counter and cadence.** A metrics record every ``output.log_every`` steps and at the last step
   of the call (the step's metrics, the task's held-out metrics, and the throughput ``<throughput_key>``:
   ``plan.samples_per_step`` × steps / seconds since the previous record); a checkpoint whenever
@@ -33,9 +44,12 @@ A trainer is a :class:`TrainTask`. It builds its networks, optimiser, scheduler 
 
 Usage, inside a backend (collective: every process runs it)::
 
-    loop = TrainLoop("train_dit", profile, run_dir, backend, resume=resume, reporter=reporter)
-    task = MyTask(profile, ..., fresh=not loop.resuming)   # e.g. no fresh-model initialisation on resume
-    result = loop.run(task, stop_at=stop_at)               # TrainResult: step, records, export_dir, ...
+    with TrainLoop("train_dit", profile, run_dir, backend, resume=resume, reporter=reporter,
+                   inputs={"data": data}, accept_changes=accept_changes) as loop:
+        task = MyTask(profile, ..., fresh=not loop.resuming)   # e.g. no fresh-model initialisation on resume
+        result = loop.run(task, stop_at=stop_at)               # TrainResult: step, records, export_dir, ...
+
+Validate what the task will read (the data) before constructing the loop, and write into RUN only after.
 
 A task builds its model and optimiser before ``run`` (which restores the checkpoint into them), seeds its
 per-rank randomness itself (``backend.seed_everything``), and starts reading data lazily in its first
@@ -44,26 +58,39 @@ per-rank randomness itself (``backend.seed_everything``), and starts reading dat
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from scale_rae_core import fingerprint
 from scale_rae_core.backends.base import Backend
 from scale_rae_core.config import BatchPlan, Profile
-from scale_rae_core.errors import CheckpointError
+from scale_rae_core.errors import CheckpointError, SraeError
 from scale_rae_core.events import Reporter
-from scale_rae_core.files import atomic_write
+from scale_rae_core.files import atomic_write, finite_json, output_folder
+from scale_rae_core.runlock import hold_on_main
 from scale_rae_core.train.checkpoint import CheckpointManager
 
 METRICS_FILE = "metrics.jsonl"
 PROFILE_FILE = "profile.json"
+# Profile keys (dotted prefixes) that change a run's trajectory, compared on resume besides the trained section.
+TRAJECTORY = ("run.seed", "backend.precision", "model", "data.image_folder", "data.shuffle_buffer")
+WATCHED = ("loss", "grad_norm")  # metrics whose non-finite value stops a run
+
+
+class TrainingDiverged(SraeError):
+    """The loss, the gradient norm or the weights went NaN or infinite."""
 
 
 @dataclass
@@ -147,41 +174,89 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
+            line = finite_json(record, str(self.path))
             with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(line + "\n")
 
 
 class TrainLoop:
     """Resume, step, log, save, stop and export one run of one :class:`TrainTask` (see the module docstring).
 
     ``name`` prefixes the events (``<name>.start``, ``.step``, ``.checkpoint``, ``.resume``, ``.fresh_start``,
-    ``.done``) and labels the progress bar. Constructing it is *collective*: it finds (and cleans) the run's
-    checkpoints and decides whether this invocation resumes (:attr:`resuming`).
+    ``.changes_accepted``, ``.done``) and labels the progress bar. Constructing it is *collective*: it takes RUN's
+    lock, finds (and cleans) the run's checkpoints, compares the newest one's settings with this invocation's and
+    decides whether this invocation resumes (:attr:`resuming`).
+
+    ``inputs``: what the task reads besides the profile, recorded in each checkpoint and compared on resume (paths
+    are made absolute). ``trajectory``: the profile keys compared on resume (dotted prefixes); by default
+    :data:`TRAJECTORY` plus the profile section called ``name``, if there is one. ``accept_changes``: resume
+    although they differ (the differences are reported as ``<name>.changes_accepted``).
     """
 
     def __init__(self, name: str, profile: Profile, run_dir: str | Path, backend: Backend, *, resume: bool,
-                 reporter: Reporter | None = None) -> None:
+                 reporter: Reporter | None = None, inputs: Mapping[str, Any] | None = None,
+                 trajectory: Sequence[str] | None = None, accept_changes: bool = False) -> None:
         self.name, self.profile, self.backend = name, profile, backend
         self.run_dir = Path(run_dir).expanduser()
         self.reporter = reporter if (reporter is not None and backend.is_main) else Reporter()
-        self.manager = CheckpointManager(self.run_dir, profile.checkpoint.keep, backend,
-                                         every_steps=profile.checkpoint.every_steps)
-        self.checkpoint = self.manager.latest()  # removes what interrupted saves left behind
-        if self.checkpoint is not None and not resume:
-            raise CheckpointError(
-                f"{self.run_dir} already holds a run (checkpoint {self.checkpoint.name}); pass --resume to continue "
-                "it or choose a new --out"
-            )
+        self.inputs = {k: str(Path(v).expanduser().resolve()) if isinstance(v, Path) else v
+                       for k, v in (inputs or {}).items()}
+        sections = profile.to_toml_dict()
+        self.trajectory = tuple(trajectory) if trajectory is not None else TRAJECTORY + ((name,) if name in sections else ())
+        if backend.is_main:
+            output_folder(self.run_dir)
+        self._lock = hold_on_main(self.run_dir, backend, flag="--out")  # before anything is written into RUN
+        try:
+            self.manager = CheckpointManager(self.run_dir, profile.checkpoint.keep, backend,
+                                             every_steps=profile.checkpoint.every_steps)
+            self.checkpoint = self.manager.latest()  # removes what interrupted saves left behind
+            if self.checkpoint is not None and not resume:
+                raise CheckpointError(
+                    f"{self.run_dir} already holds a run (checkpoint {self.checkpoint.name}); pass --resume to continue "
+                    "it or choose a new --out"
+                )
+            if self.checkpoint is not None:
+                self._compare(self.checkpoint, accept_changes)
+        except BaseException:
+            self.close()
+            raise
         if resume and self.checkpoint is None:
             self.reporter.event(f"{name}.fresh_start", reason=f"--resume: no complete checkpoint under {self.manager.dir}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.step = 0  # optimiser steps completed
         self._metrics: MetricsLog | None = None  # opened by the first run()
 
+    def _compare(self, checkpoint: Path, accept: bool) -> None:
+        """Refuse (or with ``accept`` report) a resume whose trajectory settings or inputs differ from the checkpoint's."""
+        record = self.manager.read_record(checkpoint)
+        if record["profile"] is None:
+            return  # written before checkpoints carried their profile
+        recorded = fingerprint.pick(fingerprint.flatten(record["profile"]), self.trajectory)
+        recorded |= fingerprint.flatten(record["inputs"], "inputs")
+        current = fingerprint.pick(fingerprint.flatten(self.profile.to_toml_dict()), self.trajectory)
+        current |= fingerprint.flatten(self.inputs, "inputs")
+        diffs = fingerprint.check_unchanged(
+            recorded, current, made=f"{self.run_dir}: checkpoint {checkpoint.name} was made", accept=accept,
+            fix="resume with the same settings (--set / profile / --data), choose a new --out",
+        )
+        if diffs:
+            self.reporter.event(f"{self.name}.changes_accepted", checkpoint=str(checkpoint),
+                                changes={k: [a, b] for k, a, b in diffs})
+
     @property
     def resuming(self) -> bool:
         """True when this invocation continues a checkpoint (the task should not initialise fresh weights)."""
         return self.checkpoint is not None
+
+    def close(self) -> None:
+        """Release RUN's lock (:meth:`run` does at its end; a later :meth:`run` takes it again)."""
+        self._lock.release()
+
+    def __enter__(self) -> TrainLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------ running
     def run(self, task: TrainTask, *, stop_at: int | None = None) -> TrainResult:
@@ -191,6 +266,13 @@ class TrainLoop:
         the checkpoint and opens the run's files.
         """
         assert task.plan.num_processes == self.backend.num_processes, "the backend checks the process layout"
+        self._lock.acquire()  # held since construction; taken again by a later call
+        try:
+            return self._run(task, stop_at)
+        finally:
+            self.close()
+
+    def _run(self, task: TrainTask, stop_at: int | None) -> TrainResult:
         metrics = self._metrics or self._begin(task)
         start = self.step
         end = task.total_steps if stop_at is None else min(stop_at, task.total_steps)
@@ -201,6 +283,7 @@ class TrainLoop:
                 advance(start, total=task.total_steps)
             while self.step < end:
                 record = {"step": self.step + 1, **task.train_step(self.step)}
+                self._check_finite_metrics(record)
                 self.step += 1
                 result.records.append(record)
                 window.add()
@@ -215,10 +298,48 @@ class TrainLoop:
         result.step = self.step
         result.summary = task.summary()
         if self.step >= task.total_steps and self.profile.checkpoint.export:
+            self._check_finite_weights(task, "exporting")
             result.export_dir = task.export()
         self.reporter.event(f"{self.name}.done", step=self.step,
                             export=str(result.export_dir) if result.export_dir else None, **result.summary)
         return result
+
+    # ------------------------------------------------------------------------------------------ divergence
+    def _newest(self) -> str:
+        found = self.manager.complete()
+        return f"the newest checkpoint is {found[-1][1].name}" if found else "no checkpoint was saved"
+
+    def _check_finite_metrics(self, record: dict[str, Any]) -> None:
+        """Stop at a step whose loss or gradient norm is not finite (the values are the same on every process)."""
+        bad = {k: record[k] for k in WATCHED if isinstance(record.get(k), float) and not math.isfinite(record[k])}
+        if bad:
+            what = ", ".join(f"{k} {v}" for k, v in bad.items())
+            raise TrainingDiverged(
+                f"{self.name} diverged at step {record['step']} ({what}); stopped without saving or exporting it, "
+                f"{self._newest()} in {self.run_dir}; lower the learning rate (e.g. --set {self._section()}.lr=...) "
+                "and resume from there with --resume --accept-changes"
+            )
+
+    def _section(self) -> str:
+        return next((p for p in self.trajectory if "." not in p and p != "model"), self.name)
+
+    def _check_finite_weights(self, task: TrainTask, doing: str) -> None:
+        """*Collective.* Refuse to save or export weights holding NaN or inf (every process agrees)."""
+        module = task.state().module
+        ok = torch.ones((), device=self.backend.device)
+        with torch.no_grad():
+            for t in itertools.chain(module.parameters(), module.buffers()):
+                local = t.to_local() if hasattr(t, "to_local") else t
+                if local.is_floating_point() and local.numel():
+                    ok = ok * torch.isfinite(local).all().to(ok.device, ok.dtype)
+        if self.backend.distributed:
+            ok = self.backend.all_reduce_mean(ok)
+        if float(ok) < 1.0:
+            raise TrainingDiverged(
+                f"{self.name}: the weights hold NaN or inf after step {self.step}; not {doing} them, "
+                f"{self._newest()} in {self.run_dir}; lower the learning rate and resume from there with --resume "
+                "--accept-changes"
+            )
 
     def _begin(self, task: TrainTask) -> MetricsLog:
         """Restore the checkpoint (if resuming), write RUN/profile.json, open the metrics log, evaluate step 0."""
@@ -241,9 +362,10 @@ class TrainLoop:
         return self._metrics
 
     def _save(self, task: TrainTask, record: dict[str, Any]) -> None:
+        self._check_finite_weights(task, "saving")
         st = task.state()
         path = self.manager.save(self.step, st.module, st.optimizer, st.scheduler, data_position=task.data_position(),
-                                 metrics=record, profile=self.profile)
+                                 metrics=record, profile=self.profile, inputs=self.inputs)
         self.reporter.event(f"{self.name}.checkpoint", step=self.step, path=str(path))
 
 

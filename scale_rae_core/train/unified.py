@@ -61,10 +61,21 @@ from scale_rae_core.models.scale_rae import (
 from scale_rae_core.train.checkpoint import CheckpointManager
 from scale_rae_core.train.loop import TrainLoop, TrainResult, TrainState, TrainTask
 from scale_rae_core.train.schedule import stage_scheduler
-from scale_rae_core.train.unified_data import MicroBatcher, encode_and_collate, open_source, pil_to_pixels
+from scale_rae_core.train.unified_data import (
+    MicroBatcher,
+    SampleSource,
+    encode_and_collate,
+    open_source,
+    pil_to_pixels,
+)
 from scale_rae_core.train.unified_eval import EvalBatches
 
 STAGES = ("stage1", "stage2")
+# Profile keys that change a stage's trajectory (compared on --resume, with the stage's own section); stage 2 takes
+# its architecture from --from, so only the seed, the precision and the data order settings of the rest matter.
+TRAJECTORY = ("run.seed", "backend.precision", "model.encoder", "model.llm", "model.dit", "model.stats",
+              "data.image_folder", "data.shuffle_buffer")
+STAGE2_TRAJECTORY = ("run.seed", "backend.precision", "data.image_folder", "data.shuffle_buffer")
 MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
 EXPORT_DIR = "export"
@@ -144,7 +155,8 @@ def _fresh_stage1(profile: Profile, run_dir: Path, backend: Backend) -> ModelSou
 
 
 def _from_source(path: Path, run_dir: Path, backend: Backend) -> ModelSource:
-    """Stage 2's starting point: an export dir, or a run (latest complete checkpoint, else its export)."""
+    """Stage 2's starting point: an export dir, or a run (latest complete checkpoint, else its export). Its
+    weights are checked readable before RUN/model is written."""
     path = Path(path).expanduser()
     if is_export(path):
         cfg, tok, stats, export, ckpt = read_export_config(path), export_tokenizer_dir(path), path / STATS_FILE, path, None
@@ -162,6 +174,15 @@ def _from_source(path: Path, run_dir: Path, backend: Backend) -> ModelSource:
             f"--from {path} is neither an srae run (RUN/model/config.json) nor an export (config.json + {WEIGHTS_FILE}); "
             "pass the --out folder of `srae train stage1` or its export/ folder"
         )
+    if export is not None:
+        from scale_rae_core.models.io import read_safetensors
+        from scale_rae_core.models.scale_rae import LLM_DIR, has_llm_folder
+
+        files = [export / WEIGHTS_FILE] + ([export / LLM_DIR / WEIGHTS_FILE] if has_llm_folder(export) else [])
+        for file in files:  # header + first tensor of each weights file
+            next(iter(read_safetensors([file], fix="re-export the model")), None)
+    else:
+        CheckpointManager.read_meta(ckpt)
     if backend.is_main:
         _write_model_dir(run_dir, cfg, tok, stats if stats.is_file() else None)
     backend.barrier()
@@ -264,14 +285,16 @@ def train_unified(
     resume: bool = False,
     stop_at: int | None = None,
     reporter: Reporter | None = None,
+    accept_changes: bool = False,
 ) -> TrainResult:
     """Run ``stage`` ('stage1' | 'stage2') of ``profile`` on ``data`` into the run directory ``out``.
 
     ``init_from``: stage 2's starting run or export (required for stage 2, refused for stage 1).
     ``resume``: continue from the newest complete checkpoint in ``out``, or start fresh when there is none
-    (see :mod:`scale_rae_core.train.loop`). ``stop_at``: end after that optimiser step as if the job were
+    (see :mod:`scale_rae_core.train.loop`); ``accept_changes``: resume even though the trajectory settings or
+    the data differ from the checkpoint's. ``stop_at``: end after that optimiser step as if the job were
     preempted (a checkpoint is saved first); the schedule still spans ``[stage].steps``. Collective: call on
-    every process.
+    every process. The data is opened (and so checked) before RUN is locked and anything is written into it.
     """
     if stage not in STAGES:
         raise ConfigError(f"unknown stage '{stage}'; use one of {', '.join(STAGES)}")
@@ -287,17 +310,24 @@ def train_unified(
     with get_backend(profile.backend) as backend:
         if not data.exists():  # fail before any model work
             raise DataError(f"--data {data}: no such file or folder; pass a packed folder (srae data pack), its wds_manifest.json or a JSONL")
-        loop = TrainLoop(stage, profile, run_dir, backend, resume=resume, reporter=reporter)
-        backend.seed_everything(profile.run.seed, per_rank=False)  # same weights on every rank: seed before building
-        if loop.resuming:
-            src = _existing(run_dir)
-        elif stage == "stage1":
-            src = _fresh_stage1(profile, run_dir, backend)
-        else:
-            src = _from_source(Path(init_from), run_dir, backend)
-        trainer = UnifiedTrainer(profile, stage, data, run_dir, src, backend, reporter=loop.reporter,
-                                 fresh=not loop.resuming)
-        return loop.run(trainer, stop_at=stop_at)
+        reader = open_source(  # fails on missing or malformed data before any model work and before RUN
+            data, image_folder=profile.data.image_folder, rank=backend.rank, world_size=backend.num_processes,
+            seed=profile.run.seed, shuffle_buffer=profile.data.shuffle_buffer,
+        )
+        inputs: dict[str, Any] = {"data": data} | ({"from": Path(init_from)} if init_from is not None else {})
+        trajectory = (*TRAJECTORY, stage) if stage == "stage1" else (*STAGE2_TRAJECTORY, stage)
+        with TrainLoop(stage, profile, run_dir, backend, resume=resume, reporter=reporter, inputs=inputs,
+                       trajectory=trajectory, accept_changes=accept_changes) as loop:
+            backend.seed_everything(profile.run.seed, per_rank=False)  # same weights on every rank: seed before building
+            if loop.resuming:
+                src = _existing(run_dir)
+            elif stage == "stage1":
+                src = _fresh_stage1(profile, run_dir, backend)
+            else:
+                src = _from_source(Path(init_from), run_dir, backend)
+            trainer = UnifiedTrainer(profile, stage, data, run_dir, src, backend, reporter=loop.reporter,
+                                     fresh=not loop.resuming, reader=reader)
+            return loop.run(trainer, stop_at=stop_at)
 
 
 class UnifiedTrainer(TrainTask):
@@ -305,12 +335,14 @@ class UnifiedTrainer(TrainTask):
     its optimiser and schedule, the frozen encoder, this process's micro-batcher and the held-out batches.
 
     ``fresh``: a new run (stage 1 then initialises the projector from the data); False when resuming.
+    ``reader``: this process's sample reader, when the caller opened it already (``train_unified`` does, to check
+    the data first); else opened here.
     """
 
     progress_keys = ("loss", "ce", "flow")
 
     def __init__(self, profile: Profile, stage: str, data: Path, run_dir: Path, src: ModelSource, backend: Backend,
-                 *, reporter: Reporter, fresh: bool) -> None:
+                 *, reporter: Reporter, fresh: bool, reader: SampleSource | None = None) -> None:
         from transformers import AutoTokenizer
 
         from scale_rae_core.config import EncoderSettings
@@ -331,10 +363,11 @@ class UnifiedTrainer(TrainTask):
         self.scheduler = stage_scheduler(self.optimizer, self.settings)
         backend.seed_everything(profile.run.seed)  # per-rank noise from here on
 
-        reader = open_source(
-            data, image_folder=profile.data.image_folder, rank=backend.rank, world_size=backend.num_processes,
-            seed=profile.run.seed, shuffle_buffer=profile.data.shuffle_buffer,
-        )
+        if reader is None:
+            reader = open_source(
+                data, image_folder=profile.data.image_folder, rank=backend.rank, world_size=backend.num_processes,
+                seed=profile.run.seed, shuffle_buffer=profile.data.shuffle_buffer,
+            )
         n_tokens = src.config.lm.num_image_tokens
         self.batcher = MicroBatcher(reader, self.tokenizer, n_tokens, self.settings.seq_len, self.encoder.input_size)
         self.evals = None

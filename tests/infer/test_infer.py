@@ -427,3 +427,36 @@ def test_latent_decode_finds_the_decoder_of_the_model_that_made_the_latent(files
     plain = generate_images(session, PROMPTS[:1], tmp_path / "plain", FAST, save_latents=True).images[0]
     with pytest.raises(ConfigError, match=rf"no decoder known \(its model {files['export']} carries no decoder/\); pass --decoder"):
         decode_latent_file(plain.latent, tmp_path / "dec", None, profile)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"guidance": float("nan")}, "--guidance nan must be a number from 0 to 1000"),
+    ({"guidance": float("inf")}, "--guidance inf must be a number"),
+    ({"guidance": 1e30}, "--guidance 1e+30 must be a number"),
+    ({"interval": (float("nan"), 0.5)}, "--guidance-interval"),
+    ({"interval": (0.1, float("inf"))}, "--guidance-interval"),
+    ({"steps": 0}, "--steps 0: the euler sampler takes 1 to 10000 steps"),
+    ({"steps": 1, "method": "reference"}, "--steps 1: the reference sampler takes 2 to"),
+    ({"steps": 2**40}, "--steps 1099511627776"),
+])
+def test_sampler_settings_refuse_non_finite_and_out_of_range_numbers(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        SamplerSettings(**kwargs)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert SamplerSettings(steps=1).steps == 1  # one euler step is fine
+
+
+def test_non_finite_latents_and_manifests_are_refused_and_nothing_is_written(files, tmp_path):
+    from scale_rae_core.infer.outputs import write_manifest
+
+    broken = Session.open(str(files["export"]), load_profile("tiny-cpu"), decoder=str(files["decoder"]))
+    with torch.no_grad():
+        next(broken.model.diff_head.parameters()).fill_(float("nan"))  # a model whose head went NaN
+    with pytest.raises(ConfigError, match="the flow head produced NaN or infinite latents"):
+        generate_images(broken, PROMPTS[:1], tmp_path / "out", FAST)
+    assert not list((tmp_path / "out").glob("*.png"))
+    with pytest.raises(DataError, match=r"m\.json: guidance is not a finite number"):
+        write_manifest(tmp_path / "m.json", {"guidance": float("nan")})
+    assert not (tmp_path / "m.json").exists()
+    with pytest.raises(ConfigError, match="64-bit range"):
+        generate_images(broken, PROMPTS[:1], tmp_path / "out", FAST, seed=2**63 - 1, n=2)

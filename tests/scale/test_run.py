@@ -110,11 +110,16 @@ def test_scaling_run_resume_and_verify(session, tmp_path):
     (folder / "samples" / "00001.png").unlink()
     kept = (folder / "metadata.jsonl").read_text()
     for changed_settings, changed_sampler, what in (
-        (settings, SamplerSettings(steps=2, guidance=3.0), "--guidance 1.0, this run asks for 3.0"),
-        (settings, SamplerSettings(steps=5), "--steps 2, this run asks for 5"),
-        (ScaleSettings(n=2, rounds=1, seed=7, batch_size=2, max_new_tokens=2), sampler, "--seed 42, this run asks for 7"),
+        (settings, SamplerSettings(steps=2, guidance=3.0), "guidance 1.0 -> 3.0"),
+        (settings, SamplerSettings(steps=5), "steps 2 -> 5"),
+        (ScaleSettings(n=2, rounds=1, seed=7, batch_size=2, max_new_tokens=2, verify_max_new_tokens=3), sampler,
+         "seed 42 -> 7"),
+        (ScaleSettings(n=2, rounds=1, batch_size=2, max_new_tokens=5, verify_max_new_tokens=3), sampler,
+         "max_new_tokens 2 -> 5"),
+        (ScaleSettings(n=2, rounds=1, batch_size=2, max_new_tokens=2, verify_max_new_tokens=4), sampler,
+         "verify_max_new_tokens 3 -> 4"),
     ):
-        with pytest.raises(ConfigError, match="its samples were made with " + what.replace(".", r"\.")):
+        with pytest.raises(ConfigError, match="its samples were made with other settings: " + what.replace(".", r"\.")):
             run_scaling(session, prompts, tmp_path, "/models/Tiny.Model", changed_settings, changed_sampler, scorers,
                         rank=0, world_size=1)
     assert (folder / "metadata.jsonl").read_text() == kept
@@ -144,3 +149,23 @@ def test_verify_on_image_reads_the_png_as_understand_does(session, tmp_path):
     asked = understand_image(session, png, VERIFY_QUESTION.format(prompt=prompt), tmp_path / "u", SamplerSettings(steps=2),
                              max_new_tokens=4)
     assert record["responses"] == [asked.text]
+
+
+def test_accepted_changes_continue_and_are_recorded(session, tmp_path):
+    prompts = [{"index": 0, "prompt": "a red circle"}]
+    scorers = [build_scorer("shapes")]
+    first = ScaleSettings(n=1, rounds=1, batch_size=1, max_new_tokens=1, verify_max_new_tokens=2)
+    root = run_scaling(session, prompts, tmp_path, "m", first, SamplerSettings(steps=2), scorers, rank=0, world_size=1)
+    more = ScaleSettings(n=2, rounds=1, batch_size=1, max_new_tokens=1, verify_max_new_tokens=2)
+    with pytest.raises(ConfigError, match="guidance 1.0 -> 2.0; .*or pass --accept-changes"):
+        run_scaling(session, prompts, tmp_path, "m", more, SamplerSettings(steps=2, guidance=2.0), scorers, rank=0,
+                    world_size=1)
+    run_scaling(session, prompts, tmp_path, "m", more, SamplerSettings(steps=2, guidance=2.0), scorers, rank=0,
+                world_size=1, accept_changes=True)
+    meta = json.loads((root / "00000" / "metadata.jsonl").read_text())
+    assert meta["n_samples_generated"] == 2 and meta["srae"]["guidance"] == 2.0
+    assert meta["srae_changes"] == [{"from_sample": 1, "changes": {"guidance": [1.0, 2.0]}}]
+    assert meta["srae"]["model_revision"] == session.loaded.source.revision and meta["srae"]["dtype"] == "fp32"
+    from scale_rae_core.files import current_umask
+
+    assert (root / "00000" / "samples" / "00000.png").stat().st_mode & 0o777 == 0o666 & ~current_umask()  # not 0600

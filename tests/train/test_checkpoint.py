@@ -444,3 +444,49 @@ def test_export_of_an_empty_state_dict_is_refused(tmp_path):
     _assert_one_line(err, "empty")
     assert not (tmp_path / "x").exists()
 
+
+
+def test_a_resave_killed_between_its_two_renames_keeps_a_complete_copy(tmp_path, backend):
+    """Saving step 2 again moves the old copy to .old, then the new one into place: killed in between, the .old
+    copy is the only complete one and latest() puts it back (with a complete or a partial new copy beside it)."""
+    model, optimizer, scheduler = build(backend)
+    manager = CheckpointManager(tmp_path, keep=5, backend=backend)
+    good = manager.save(2, model, optimizer, scheduler)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpts = tmp_path / "checkpoints"
+    for new_copy_complete in (True, False):
+        shutil.copytree(good, ckpts / "step-00000002.tmp")
+        if not new_copy_complete:
+            (ckpts / "step-00000002.tmp" / MARKER).unlink()
+        (ckpts / "step-00000002").rename(ckpts / "step-00000002.old")  # killed right after the first rename
+        assert manager.complete() == []
+        assert manager.latest() == good
+        assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002"]
+        fresh = build(backend)
+        assert manager.load(good, *fresh)["step"] == 2
+        assert all(torch.equal(fresh[0].state_dict()[k], v) for k, v in expected.items())
+    # killed after the second rename: the new copy is in place, the old one is removed
+    shutil.copytree(good, ckpts / "step-00000002.old")
+    assert manager.latest() == good and sorted(p.name for p in ckpts.iterdir()) == ["step-00000002"]
+
+
+def test_checkpoint_and_export_files_get_the_umask_modes(tmp_path, backend):
+    import os
+
+    model, optimizer, scheduler = build(backend)
+    old = os.umask(0o027)
+    try:
+        step = CheckpointManager(tmp_path / "run", keep=2, backend=backend).save(1, model, optimizer, scheduler)
+        out = export_model(tmp_path / "export", {"w": torch.ones(2)}, {"format": "x"})
+    finally:
+        os.umask(old)
+    files = [p for p in [*step.rglob("*"), *out.rglob("*")] if p.is_file()]
+    assert {p.name for p in files} >= {"meta.json", "state.json", "rank-00000.safetensors", "model.safetensors"}
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o640"}  # not mkstemp's / safetensors' 0600
+    assert {oct(p.stat().st_mode & 0o777) for p in [step, *step.rglob("*"), out] if p.is_dir()} == {"0o750"}
+
+
+def test_a_model_with_non_finite_tensors_is_not_exported(tmp_path):
+    with pytest.raises(CheckpointError, match=r"tensor w holds NaN or inf; refusing to write a broken model"):
+        export_model(tmp_path / "export", {"w": torch.tensor([1.0, float("nan")])}, {"format": "x"})
+    assert not (tmp_path / "export").exists() and not list(tmp_path.iterdir())

@@ -14,9 +14,9 @@ from torch import nn
 
 from scale_rae_core.backends.cpu_cuda import CpuCudaBackend
 from scale_rae_core.config import BackendSettings, load_profile
-from scale_rae_core.errors import CheckpointError
+from scale_rae_core.errors import CheckpointError, ConfigError
 from scale_rae_core.events import Reporter
-from scale_rae_core.train.loop import TrainLoop, TrainState, TrainTask
+from scale_rae_core.train.loop import TRAJECTORY, TrainLoop, TrainState, TrainTask
 
 SETS = ["stage1.steps=5", "stage1.global_batch_size=4", "stage1.micro_batch_size=2", "checkpoint.every_steps=2",
         "checkpoint.keep=3", "output.log_every=2"]
@@ -71,7 +71,7 @@ class LinearTask(TrainTask):
 def run(run_dir: Path, *, resume: bool = False, stop_at: int | None = None, events: Path | None = None, sets=()):
     profile = load_profile("tiny-cpu", [*SETS, *sets])
     with CpuCudaBackend(BackendSettings()) as backend, Reporter(events) as rep:
-        loop = TrainLoop("toy", profile, run_dir, backend, resume=resume, reporter=rep)
+        loop = TrainLoop("toy", profile, run_dir, backend, resume=resume, reporter=rep, trajectory=(*TRAJECTORY, "stage1"))
         backend.seed_everything(0)
         task = LinearTask(profile, loop.run_dir)
         return loop.run(task, stop_at=stop_at), task
@@ -143,3 +143,99 @@ def test_run_can_continue_in_process(tmp_path):
     full, _ = run(tmp_path / "full")
     assert (first.step, second.start_step, second.step) == (2, 2, 5)
     assert first.records + second.records == full.records
+
+
+# ------------------------------------------------------------------------------------------ one writer, resume checks
+
+
+def test_a_second_loop_on_a_run_in_use_is_refused_and_the_first_run_is_untouched(tmp_path):
+    from scale_rae_core.runlock import FolderInUseError
+
+    profile = load_profile("tiny-cpu", SETS)
+    with CpuCudaBackend(BackendSettings()) as backend:
+        first = TrainLoop("toy", profile, tmp_path / "r", backend, resume=False)
+        with pytest.raises(FolderInUseError) as err:  # the lock is taken before anything is written into RUN
+            TrainLoop("toy", profile, tmp_path / "r", backend, resume=True)
+        assert "\n" not in str(err.value) and "is in use by" in str(err.value) and "--out" in str(err.value)
+        backend.seed_everything(0)
+        result = first.run(LinearTask(profile, first.run_dir))  # released at the end of run()
+    full, _ = run(tmp_path / "full")
+    assert result.records == full.records and metrics_steps(tmp_path / "r") == [2, 4, 5]
+    again, _ = run(tmp_path / "r", resume=True)  # free again: continues from the newest checkpoint
+    assert (again.start_step, again.step) == (5, 5)
+
+
+def test_resume_refuses_other_trajectory_settings_and_data_unless_accepted(tmp_path):
+    events = tmp_path / "events.jsonl"
+    run(tmp_path / "r", stop_at=2)
+    with pytest.raises(ConfigError) as err:
+        run(tmp_path / "r", resume=True, sets=["stage1.lr=0.5", "stage1.global_batch_size=8", "run.seed=3"])
+    msg = str(err.value)
+    assert "\n" not in msg and "checkpoint step-00000002 was made with other settings" in msg
+    assert "run.seed 0 -> 3, stage1.global_batch_size 4 -> 8, stage1.lr 0.001 -> 0.5;" in msg
+    assert "--accept-changes" in msg
+    # the process layout, the checkpoint cadence and logging may change
+    rest, _ = run(tmp_path / "r", resume=True, stop_at=3, sets=["checkpoint.every_steps=1", "output.log_every=1"])
+    assert rest.start_step == 2
+    profile = load_profile("tiny-cpu", SETS)
+    with CpuCudaBackend(BackendSettings()) as backend:
+        with TrainLoop("toy", profile, tmp_path / "d", backend, resume=False, inputs={"data": tmp_path / "a"}) as loop:
+            loop.run(_Fixed(profile, loop.run_dir))
+        with pytest.raises(ConfigError, match=r"inputs\.data .*/a -> .*/b"):
+            TrainLoop("toy", profile, tmp_path / "d", backend, resume=True, inputs={"data": tmp_path / "b"})
+        with Reporter(events) as rep, TrainLoop("toy", profile, tmp_path / "d", backend, resume=True, reporter=rep,
+                                                inputs={"data": tmp_path / "b"}, accept_changes=True) as loop:
+            assert loop.resuming
+    accepted = [json.loads(line) for line in events.read_text().splitlines()]
+    assert accepted[0]["event"] == "toy.changes_accepted"
+    assert accepted[0]["changes"] == {"inputs.data": [str(tmp_path / "a"), str(tmp_path / "b")]}
+
+
+class _Fixed(LinearTask):
+    """LinearTask with two steps, for a run that only needs a checkpoint."""
+
+    def __init__(self, profile, run_dir: Path) -> None:
+        super().__init__(profile, run_dir)
+        self.total_steps = 2
+
+
+class _Diverging(LinearTask):
+    """The loss goes NaN at step ``bad`` (``weights``: the weights go inf there instead, the loss stays finite)."""
+
+    def __init__(self, profile, run_dir: Path, bad: int, weights: bool = False) -> None:
+        super().__init__(profile, run_dir)
+        self.bad, self.weights = bad, weights
+
+    def train_step(self, done: int) -> dict[str, Any]:
+        metrics = super().train_step(done)
+        if done + 1 == self.bad:
+            if self.weights:
+                with torch.no_grad():
+                    self.model.weight.fill_(float("inf"))
+            else:
+                metrics["loss"] = float("nan")
+        return metrics
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["nan-loss", "inf-weights"])
+def test_a_diverged_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, weights):
+    from scale_rae_core.train.loop import TrainingDiverged
+
+    profile = load_profile("tiny-cpu", [*SETS, "output.log_every=1"])
+    with CpuCudaBackend(BackendSettings()) as backend:
+        loop = TrainLoop("toy", profile, tmp_path / "r", backend, resume=False)
+        task = _Diverging(profile, loop.run_dir, bad=4 if weights else 3, weights=weights)
+        with pytest.raises(TrainingDiverged) as err:
+            loop.run(task)
+    msg = str(err.value)
+    assert "\n" not in msg and "the newest checkpoint is step-00000002" in msg and "lower the learning rate" in msg
+    if weights:  # finite loss, but the weights went inf: the step-4 save is refused
+        assert "the weights hold NaN or inf after step 4; not saving them" in msg
+        assert metrics_steps(tmp_path / "r") == [1, 2, 3, 4]
+    else:
+        assert "toy diverged at step 3 (loss nan)" in msg
+        assert metrics_steps(tmp_path / "r") == [1, 2]  # nothing logged for the NaN step
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["step-00000002"]
+    assert task.exports == 0 and not (tmp_path / "r" / "export").exists()
+    again, _ = run(tmp_path / "r", resume=True, sets=["output.log_every=1"])  # the last good one resumes (lock free)
+    assert again.start_step == 2 and again.step == 5
