@@ -78,5 +78,5 @@ def test_understand_takes_a_path_or_an_image_and_bad_inputs_fail_in_one_line(pip
         pipe.understand(tmp_path / "missing.png", "What is it?")
     with pytest.raises(ConfigError, match="one or more non-empty prompt strings"):
         pipe.generate([])
-    with pytest.raises(ConfigError, match="--steps 0 is too small"):
+    with pytest.raises(ConfigError, match="--steps 0: the euler sampler takes 1 to 10000 steps"):
         pipe.generate("a red circle", steps=0)
