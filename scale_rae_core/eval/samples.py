@@ -37,8 +37,9 @@ from torch import nn
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.eval.adm_npz import AdmNpzWriter
 from scale_rae_core.files import atomic_write
+from scale_rae_core.flow.class_flow import sample_class_latents
 from scale_rae_core.flow.guidance import Guidance
-from scale_rae_core.flow.rae_sampler import SamplerConfig, sample_class_latents
+from scale_rae_core.flow.sampler import PerSampleNoise, SamplerConfig
 
 LABEL_SAMPLING = ("equal", "random")
 PLAN_FILE = "plan.json"
@@ -91,20 +92,6 @@ def image_path(out_dir: Path, index: int) -> Path:
 def pending(out_dir: Path, indices: range) -> list[int]:
     """Indices whose PNG is not written yet (a PNG appears only once complete)."""
     return [i for i in indices if not image_path(out_dir, i).is_file()]
-
-
-class PerSampleNoise:
-    """Standard normal noise per sample from its own CPU generator: initial noise first, then each SDE step."""
-
-    def __init__(self, seeds: list[int], device: torch.device) -> None:
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
-        self.device = device
-
-    def __call__(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-        if shape[0] != len(self.generators):
-            raise ValueError(f"noise for {shape[0]} samples requested from {len(self.generators)} generators")
-        rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32) for g in self.generators]
-        return torch.stack(rows).to(self.device)
 
 
 def prepare_folder(out_dir: Path, plan: SamplePlan, settings: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.eval.adm_npz import open_npz_images
 from scale_rae_core.eval.samples import SamplePlan, generate_samples, pack_samples, shard
 from scale_rae_core.flow.guidance import Guidance
-from scale_rae_core.flow.rae_sampler import SamplerConfig
+from scale_rae_core.flow.sampler import SamplerConfig
 from scale_rae_core.models.class_dit import CLASS_DIT_PRESETS, build_class_dit
 
 CFG = CLASS_DIT_PRESETS["tiny-ddt"]
@@ -68,7 +68,7 @@ def _run(model, out, plan, sampler, **kw):
     return generate_samples(model, decode, out, plan, shift=2.0, sampler=sampler, guidance=Guidance("cfg", 2.0), **kw)
 
 
-@pytest.mark.parametrize("sampler", [SamplerConfig("ode", "euler", steps=3), SamplerConfig("sde", "euler", steps=3)],
+@pytest.mark.parametrize("sampler", [SamplerConfig("euler", steps=3), SamplerConfig("sde", steps=3)],
                          ids=["ode", "sde"])
 def test_sharded_runs_equal_one_process_and_pack_in_index_order(tmp_path, model, sampler):
     plan = SamplePlan(n=24, num_classes=12, seed=5)
@@ -92,7 +92,7 @@ def test_sharded_runs_equal_one_process_and_pack_in_index_order(tmp_path, model,
 
 def test_resume_skips_written_indices_and_redraws_the_same_images(tmp_path, model):
     plan = SamplePlan(n=12, num_classes=12, seed=0)
-    sampler = SamplerConfig("ode", "heun", steps=2)
+    sampler = SamplerConfig("heun", steps=2)
     _run(model, tmp_path, plan, sampler, batch_size=4)
     before = {i: (tmp_path / f"{i:06d}.png").read_bytes() for i in (2, 9)}
     for i in before:
@@ -107,11 +107,11 @@ def test_resume_skips_written_indices_and_redraws_the_same_images(tmp_path, mode
 
 def test_resume_with_other_settings_is_refused(tmp_path, model):
     plan = SamplePlan(n=12, num_classes=12)
-    _run(model, tmp_path, plan, SamplerConfig("ode", "euler", steps=1), batch_size=12)
+    _run(model, tmp_path, plan, SamplerConfig("euler", steps=1), batch_size=12)
     with pytest.raises(ConfigError, match="holds samples of another plan or other settings"):
-        _run(model, tmp_path, plan, SamplerConfig("ode", "euler", steps=2))
+        _run(model, tmp_path, plan, SamplerConfig("euler", steps=2))
     with pytest.raises(ConfigError, match="holds samples of another plan"):
-        _run(model, tmp_path, SamplePlan(n=24, num_classes=12), SamplerConfig("ode", "euler", steps=1))
+        _run(model, tmp_path, SamplePlan(n=24, num_classes=12), SamplerConfig("euler", steps=1))
 
 
 def test_plan_and_model_must_agree_on_classes(tmp_path, model):
