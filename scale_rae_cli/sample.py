@@ -12,12 +12,13 @@ from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, load
 EPILOG = (
     "Example: srae sample --model runs/dit --n 120 --out samples/ --guidance 1.5   "
     "(RAE's release: --model stage2_model.pt --preset DiTDH-XL --stats stat.pt --decoder DEC --guide-model "
-    "DiTDH-S_ep14.pt --guidance 1.42; torchrun shards it, a rerun resumes it)"
+    "DiTDH-S_ep14.pt --guidance 1.42; a rerun resumes it; torchrun --nproc-per-node 8 -m scale_rae_cli.main sample "
+    "--model runs/dit -n 50000 --out samples/ shards it)"
 )
 
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", help="An srae train dit run (or its model/ folder), or a released RAE stage2_model.pt (with --preset).")]
-NOpt = Annotated[int, typer.Option("--n", help="Number of samples (indices 0..n-1).")]
+NOpt = Annotated[int, typer.Option("--n", "-n", help="Number of samples (indices 0..n-1); under torchrun write -n (torchrun reads --n as its own).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder: 000000.png ..., plan.json, samples.npz (ADM layout).")]
 SamplerOpt = Annotated[str, typer.Option(
     "--sampler", help="euler | heun (ODE to t = 0) | sde | sde-heun | rae-euler | rae-heun (RAE's grid) | reference.")]

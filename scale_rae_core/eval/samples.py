@@ -221,9 +221,10 @@ class ClassModel:
     stats: Any  # LatentStats or None
 
 
-def load_class_model(spec: str, device: torch.device | str, *, preset: str | None = None, flag: str = "--model",
-                     preset_flag: str = "--preset") -> ClassModel:
-    """An `srae train dit` run or model folder, or a released RAE stage-2 checkpoint of size `preset`."""
+def load_class_model(spec: str, device: torch.device | str, *, preset: str | None = None, default_preset: str | None = None,
+                     flag: str = "--model", preset_flag: str = "--preset") -> ClassModel:
+    """An `srae train dit` run or model folder, or a released RAE stage-2 checkpoint of size `preset` (else
+    `default_preset`)."""
     from scale_rae_core.models.adapters import is_class_dit_folder, load_class_dit, load_rae_stage2
     from scale_rae_core.models.class_dit import CLASS_DIT_PRESETS
     from scale_rae_core.models.stats import load_stats
@@ -241,6 +242,7 @@ def load_class_model(spec: str, device: torch.device | str, *, preset: str | Non
     if not path.is_file():
         raise ConfigError(f"{flag} {spec}: neither an srae class-DiT model (the --out of srae train dit, or its "
                           "model/ folder) nor a released RAE stage2_model.pt")
+    preset = preset or default_preset
     if preset not in CLASS_DIT_PRESETS:
         raise ConfigError(f"{flag} {spec} is a checkpoint file: pass {preset_flag} with the size it was trained as "
                           f"(one of {', '.join(CLASS_DIT_PRESETS)}; RAE: DiTDH-XL, its guidance model DiTDH-S)")
@@ -282,16 +284,18 @@ def sample_class_model(req: SampleRequest, backend: Any, progress: Callable[[int
 
     device = backend.device
     main = load_class_model(req.model, device, preset=req.preset)
-    guide = (load_class_model(req.guide_model, device, preset=req.guide_preset or "DiTDH-S", flag="--guide-model",
-                              preset_flag="--guide-preset") if req.guide_model else None)
+    guide = (load_class_model(req.guide_model, device, preset=req.guide_preset, default_preset="DiTDH-S",
+                              flag="--guide-model", preset_flag="--guide-preset") if req.guide_model else None)
     guidance = Guidance("autoguidance" if guide else "cfg", req.guidance, req.interval)
     check_class_guidance(main.model, guidance, guide.model if guide else None)
     stats = main.stats
+    released = Path(main.spec).is_file()
     if req.stats is not None:
-        if main.latents.get("stats") is not None:
-            raise ConfigError(f"--stats is for released RAE checkpoints; {main.spec} carries its own latent statistics")
+        if not released:
+            raise ConfigError(f"--stats is for released RAE checkpoints; {main.spec} is an srae model folder, which "
+                              "records its own latent statistics (or that it was trained without)")
         stats = load_stats(req.stats)
-    elif main.stats is None and main.latents["stats"] is None and Path(main.spec).is_file():
+    elif released:
         raise ConfigError(f"--model {req.model} is a released RAE checkpoint: pass --stats with its latent statistics "
                           "(RAE's stat.pt, e.g. stats/dinov2/wReg_base/imagenet1k/stat.pt)")
     cfg = main.model.cfg

@@ -42,7 +42,7 @@ from torch import nn
 
 from scale_rae_core.backends.base import Backend
 from scale_rae_core.config import BatchPlan, DiTTrainSettings, Profile
-from scale_rae_core.errors import CheckpointError, ConfigError
+from scale_rae_core.errors import CheckpointError, ConfigError, DataError
 from scale_rae_core.events import Reporter
 from scale_rae_core.models.adapters import CLASS_DIT_FORMAT, CLASS_DIT_STATS, CLASS_DIT_VERSION
 from scale_rae_core.train.checkpoint import CheckpointManager
@@ -266,7 +266,8 @@ class DiTTrainer(TrainTask):
         self.ema.update(self.model, self.cfg.ema_decay)
         be.mark_step()
         loss = float(be.all_reduce_mean(total / accum))
-        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": self.stream.epoch}
+        epochs = (done + 1) / self.phases.steps_per_epoch  # in optimiser steps, as the schedule counts them
+        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": round(epochs, 4)}
 
     def data_position(self) -> dict[str, Any]:
         return self.stream.state_dict()
@@ -318,6 +319,9 @@ def train_dit(profile: Profile, data: str | Path, run_dir: str | Path, *, resume
     from scale_rae_core.backends.base import backend_for
 
     profile.check_runtime()
+    if not Path(data).expanduser().exists():  # before the run folder is made
+        raise DataError(f"--data {data}: no such file or folder; pass class folders (root/<class>/<image>), a packed "
+                        "class dataset (srae data pack --format classes) or a latent cache (srae latent cache)")
     with backend_for(profile.backend) as backend:
         loop = TrainLoop("train_dit", profile, run_dir, backend, resume=resume, reporter=reporter)
         backend.seed_everything(profile.run.seed, per_rank=False)  # same initial weights on every rank
