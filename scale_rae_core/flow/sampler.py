@@ -206,11 +206,12 @@ class FlowSampler:
         check_guidance(guidance, null_cond, guide_model)
         self.set_timesteps(noise.device)
         B = noise.shape[0]
+        active = [(guidance.active_at(t), guidance.active_at(t_next)) for t, t_next in self._host]
 
         def velocity(x: torch.Tensor, k: int, which: int) -> torch.Tensor:
             t = (self.timesteps if which == 0 else self.timesteps_next)[k].expand(B)
-            return guided_velocity(model, x, t, cond, guidance, active=guidance.active_at(self._host[k][which]),
-                                   null_cond=null_cond, guide_model=guide_model)
+            return guided_velocity(model, x, t, cond, guidance, active=active[k][which], null_cond=null_cond,
+                                   guide_model=guide_model)
 
         if self.config.mode == "sde":
             return self._sde(velocity, noise, step_noise or generator_noise())

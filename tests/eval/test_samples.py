@@ -86,7 +86,7 @@ def test_sharded_runs_equal_one_process_and_pack_in_index_order(tmp_path, model,
     assert np.array_equal(arr[7], np.asarray(Image.open(tmp_path / "one" / "000007.png")))
     assert open_npz_images(npz).count == 24
     record = json.loads((tmp_path / "three" / "plan.json").read_text())
-    assert record["plan"] == {"n": 24, "num_classes": 12, "label_sampling": "equal", "seed": 5}
+    assert record["plan"] == {"n": 24, "num_classes": 12, "label_sampling": "equal", "seed": 5, "classes": []}
     assert record["settings"]["guidance"] == {"method": "cfg", "scale": 2.0, "interval": [0.0, 1.0]}
 
 
@@ -117,3 +117,15 @@ def test_resume_with_other_settings_is_refused(tmp_path, model):
 def test_plan_and_model_must_agree_on_classes(tmp_path, model):
     with pytest.raises(ConfigError, match="the plan has 10 classes but the model 12"):
         _run(model, tmp_path, SamplePlan(n=10, num_classes=10), SamplerConfig())
+
+
+def test_labels_restrict_the_plan_to_those_classes():
+    plan = SamplePlan(n=12, num_classes=12, seed=1, classes=(3, 7))
+    assert sorted(plan.labels().tolist()) == [3] * 6 + [7] * 6
+    random = SamplePlan(n=40, num_classes=12, label_sampling="random", seed=1, classes=(3, 7)).labels()
+    assert set(random.tolist()) == {3, 7}
+    with pytest.raises(ConfigError) as err:
+        SamplePlan(n=12, num_classes=12, classes=(3, 12))
+    assert str(err.value) == "--labels 12 is outside the model's 12 classes (0..11); pass labels in that range"
+    with pytest.raises(ConfigError, match="multiple of the 2 labels given, got 13; use --n 12"):
+        SamplePlan(n=13, num_classes=12, classes=(3, 7))
