@@ -126,7 +126,7 @@ class DiTTrainer(TrainTask):
         self.grid = grid
         self.stats = None
         if self.source.stats:
-            stats = check_stats(self.source.stats, self.source, tokens, channels, f"{self.source.where}.stats")
+            stats = check_stats(self.source.stats, self.source, tokens, channels, self.source.stats_key)
             self._write_stats(stats)
             stats.mean, stats.var = stats.mean.to(backend.device), stats.var.to(backend.device)
             self.stats = stats

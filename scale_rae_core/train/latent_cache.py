@@ -62,7 +62,8 @@ class LatentSource:
     encoder: EncoderSettings
     decoder: str  # "" = none recorded
     stats: str  # "" = no normalisation
-    where: str  # the profile keys they came from, for error messages
+    where: str  # the profile section the encoder came from, for error messages
+    stats_key: str  # the profile key the statistics came from
 
     def encoder_record(self) -> dict[str, Any]:
         """How caches, stats checks and model folders identify the encoder."""
@@ -77,6 +78,7 @@ def latent_source(profile: Profile) -> LatentSource:
         decoder=dt.decoder if dt.decoder is not None else m.decoder.path,
         stats=dt.stats if dt.stats is not None else m.stats,
         where="dit_training" if dt.encoder is not None else "model",
+        stats_key="dit_training.stats" if dt.stats is not None else "model.stats",
     )
 
 

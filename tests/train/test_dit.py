@@ -150,7 +150,8 @@ def test_statistics_of_another_encoder_or_shape_are_refused_in_one_line(shapes, 
     small = _stats_file(tmp_path / "small.safetensors", 16, 192, encoder="tiny-random", encoder_kind="siglip")
     with pytest.raises(ConfigError) as err:
         train_dit(tiny_profile(f"dit_training.stats={small}"), data, tmp_path / "b")
-    one_line(err, "holds statistics of 16 × 192 latents but the encoder tiny-random gives 64 × 192")
+    one_line(err, f"dit_training.stats = '{small}' holds statistics of 16 × 192 latents but the encoder tiny-random "
+                  "gives 64 × 192")
 
 
 def test_raes_stat_pt_normalises_the_latents(shapes, tmp_path):
