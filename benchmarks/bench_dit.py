@@ -1,6 +1,6 @@
 """Class-DiT training and sampling throughput against minimal baselines, at several batch sizes (tiny preset).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_dit.py [--batches 8,32,128] [--train-steps 12] [--n 128]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_dit.py [--batches 8,32,128] [--train-steps 12] [--n 128]
 
 Synthesizes the 64-px shapes world, caches its latents once with the tiny-cpu encoder (`srae latent cache`'s
 engine), then prints one table:
@@ -14,6 +14,9 @@ engine), then prints one table:
   same network (its ODE grid with the same number of model calls; under guidance the batch doubled as RAE's
   scripts do: [z; z] with [y; null] for CFG, and main + guide both on the doubled batch for autoguidance), with
   the same decode and PNG writes. Loop only: model loading and process start excluded; the whole sample set.
+
+Every measurement is repeated `--repeats` times, srae and its baseline alternating, and the median is printed (a
+shared machine's load moves both alike).
 """
 
 from __future__ import annotations
@@ -209,7 +212,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=128, help="images sampled per batch size and guidance (random labels)")
     ap.add_argument("--steps", type=int, default=49, help="sampler model calls (RAE: 50 grid points = 49)")
     ap.add_argument("--images", type=int, default=600, help="shapes-world images to cache")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating srae / baseline measurements (median)")
     ap.add_argument("--work", default=None, help="work folder (default: a temp dir)")
     args = ap.parse_args()
 
@@ -219,20 +223,25 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-dit-"))
     prepare(work, args.images)
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"# load average {os.getloadavg()[0]:.2f}, {args.threads} threads, torch {torch.__version__}, tiny-ddt "
+    print(f"# load average {os.getloadavg()[0]:.2f}, {args.threads} thread(s), median of {args.repeats}, torch {torch.__version__}, tiny-ddt "
           f"(64 × 2 trunk + 96 × 1 head) on 8 × 8 × 192 latents, work {work}")
     print("| part | batch | guidance | srae (images/s) | baseline (images/s) | srae / baseline | scope |")
     print("|---|---|---|---|---|---|---|")
+    def median_pair(ours_fn, base_fn) -> tuple[float, float]:
+        pairs = [(ours_fn(), base_fn()) for _ in range(args.repeats)]
+        return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
     for b in batches:
-        ours = train_srae(work, b, args.warmup, args.train_steps)
-        base = train_minimal(work, b, args.warmup, args.train_steps)
+        ours, base = median_pair(lambda b=b: train_srae(work, b, args.warmup, args.train_steps),
+                                 lambda b=b: train_minimal(work, b, args.warmup, args.train_steps))
         print(f"| train | {b} | - | {ours:.1f} | {base:.1f} | {ours / base:.2f} | loop only: median step; baseline = "
               "minimal forward/backward/AdamW on in-memory latents |", flush=True)
     model, guide, decode = sampling_setup(work)
     for guidance in ("none", "cfg", "autoguidance"):
         for b in batches:
-            ours = sample_srae(model, guide, decode, work / "srae", args.n, b, args.steps, guidance)
-            base = sample_reference(model, guide, decode, work / "ref", args.n, b, args.steps, guidance)
+            ours, base = median_pair(
+                lambda b=b, g=guidance: sample_srae(model, guide, decode, work / "srae", args.n, b, args.steps, g),
+                lambda b=b, g=guidance: sample_reference(model, guide, decode, work / "ref", args.n, b, args.steps, g))
             print(f"| sample | {b} | {guidance} | {ours:.1f} | {base:.1f} | {ours / base:.2f} | loop only: {args.n} "
                   f"images, {args.steps} model calls, decode + PNG; baseline = RAE-style loop |", flush=True)
 
