@@ -87,7 +87,7 @@ def baseline_image(session: Any, prompt: str, tokens: int, steps: int, guidance:
     """One image the reference's way: no KV cache, batch 1, fp32, guidance doubling the batch without effect."""
     import torch
 
-    from scale_rae_core.flow.sampler import reference_schedule
+    from scale_rae_core.flow.grids import reference_schedule
     from scale_rae_core.models.dit import grid_to_tokens
     from scale_rae_core.models.llm import build_sample, image_token_ids, stop_token_ids
 

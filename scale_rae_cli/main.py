@@ -111,12 +111,15 @@ def _register() -> None:
         eval_shapes,
         generate,
         latent,
+        latent_cache,
         profiles,
         push,
+        sample,
         scale,
         stat,
         tpu,
         train_decoder,
+        train_dit,
         train_unified,
         understand,
     )
@@ -125,6 +128,7 @@ def _register() -> None:
     train_app.command("decoder", epilog=train_decoder.EPILOG)(train_decoder.decoder)
     train_app.command("stage1", epilog=train_unified.STAGE1_EPILOG)(train_unified.stage1)
     train_app.command("stage2", epilog=train_unified.STAGE2_EPILOG)(train_unified.stage2)
+    train_app.command("dit", epilog=train_dit.EPILOG)(train_dit.dit)
     app.add_typer(train_app, name="train")
     data.app.command("npz", epilog=data_npz.EPILOG)(data_npz.npz)
     app.add_typer(data.app, name="data")
@@ -142,7 +146,9 @@ def _register() -> None:
     app.add_typer(tpu.app, name="tpu")
     app.command("generate", epilog=generate.EPILOG)(generate.generate)
     app.command("understand", epilog=understand.EPILOG)(understand.understand)
+    latent.app.command("cache", epilog=latent_cache.EPILOG)(latent_cache.cache)
     app.add_typer(latent.app, name="latent")
+    app.command("sample", epilog=sample.EPILOG)(sample.sample)
     app.command("scale", epilog=scale.SCALE_EPILOG)(scale.scale)
     app.command("verify", epilog=scale.VERIFY_EPILOG)(scale.verify)
     app.command("push", epilog=push.EPILOG)(push.push)

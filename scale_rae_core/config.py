@@ -173,6 +173,36 @@ class DecoderTrainSettings(_Section):
     disc_backbone: str = ""  # DINO ViT-S/8 weights, HF id or path (needed when gan_weight > 0)
 
 
+class DiTTrainSettings(_Section):
+    """Class-conditional DiT training on RAE latents (RAE stage 2, rae.md §7): flow matching, EMA, AdamW."""
+
+    preset: str = "DiTDH-XL"  # a size of scale_rae_core.models.class_dit.CLASS_DIT_PRESETS
+    num_classes: int = Field(1000, ge=1)  # labels 0..num_classes-1 (+ the null class for CFG)
+    class_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)  # per-sample label drop to the null class
+    lr: float = Field(2e-4, gt=0)  # peak AdamW learning rate
+    min_lr: float = Field(2e-5, ge=0)  # the rate the linear decay reaches at decay_end_epoch, kept after it
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warmup from lr/W (0 = none, RAE: none)
+    constant_epochs: float = Field(40, ge=0)  # then the peak lr until here (RAE: 40)
+    decay_end_epoch: float = Field(800, ge=0)  # then linear decay to min_lr at this epoch (RAE: 800)
+    epochs: float = Field(800, gt=0)  # passes over the data (ignored when steps is set)
+    steps: int = Field(0, ge=0)  # optimiser steps; 0 = derive from epochs
+    global_batch_size: int = Field(1024, ge=1)  # images per optimiser step, all processes together
+    micro_batch_size: int = Field(64, ge=1)  # images per forward on one data-parallel rank
+    image_size: int = Field(256, ge=8)  # training crop side (the encoder resizes to its own input size)
+    hflip: bool = True  # random horizontal flips (RAE: yes)
+    ema_decay: float = Field(0.9995, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 = off
+    logit_mean: float = 0.0  # training times t = sigmoid(N(logit_mean, logit_std²)), then the dimension shift
+    logit_std: float = Field(1.0, gt=0)
+    shift_base_dim: int = Field(4096, ge=1)  # s = sqrt(tokens × channels / shift_base_dim)
+    # The latent space (an RAE: encoder + decoder + statistics). Absent: the profile's [model] ones.
+    encoder: EncoderSettings | None = None  # the frozen encoder whose tokens the DiT learns
+    decoder: str | None = None  # the pixel decoder of those tokens, recorded in the model folder for srae sample
+    stats: str | None = None  # latent statistics of that encoder (srae stat, or RAE's stat.pt); "" = none
+
+
 class CheckpointSettings(_Section):
     every_steps: int = Field(1000, ge=1)
     keep: int = Field(2, ge=1)  # newest checkpoints kept; older ones are deleted after a good save
@@ -187,7 +217,7 @@ class OutputSettings(_Section):
 
 # --------------------------------------------------------------------------------------------- batch plan
 
-TRAINING_SECTIONS = ("stage1", "stage2", "decoder_training")  # the profile sections that carry a batch plan
+TRAINING_SECTIONS = ("stage1", "stage2", "decoder_training", "dit_training")  # the profile sections that carry a batch plan
 
 
 @dataclass(frozen=True)
@@ -211,7 +241,8 @@ class BatchPlan:
     num_processes: int
 
     @classmethod
-    def of(cls, section: str, settings: StageSettings | DecoderTrainSettings, layout: BackendSettings) -> BatchPlan:
+    def of(cls, section: str, settings: StageSettings | DecoderTrainSettings | DiTTrainSettings,
+           layout: BackendSettings) -> BatchPlan:
         return cls(section, settings.global_batch_size, settings.micro_batch_size, layout.data_parallel_size,
                    layout.num_processes)
 
@@ -277,6 +308,7 @@ class Profile(BaseSettings):
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     decoder_training: DecoderTrainSettings = DecoderTrainSettings()
+    dit_training: DiTTrainSettings = DiTTrainSettings()
     stage1: StageSettings = StageSettings()
     stage2: StageSettings = StageSettings(
         lr=5.66e-5, head_lr=5.66e-4, warmup_ratio=0.03, seq_len=1024
@@ -319,7 +351,7 @@ class Profile(BaseSettings):
 
     # ---------------------------------------------------------------------------- derived values
     def batch_plan(self, section: str) -> BatchPlan:
-        """The :class:`BatchPlan` of a training section ('decoder_training', 'stage1', 'stage2') for this
+        """The :class:`BatchPlan` of a training section (one of ``TRAINING_SECTIONS``) for this
         profile's process layout; ConfigError naming the key when it does not split evenly (a layout changed
         after loading is checked here)."""
         plan = BatchPlan.of(section, getattr(self, section), self.backend)

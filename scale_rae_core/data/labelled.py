@@ -5,7 +5,8 @@
 * a class-folder tree `root/<class>/<image>`: the classes are the sorted sub-folder names (the ImageFolder
   convention; `srae data synth` writes all 12 shapes classes, `data.synth.SHAPE_CLASSES`, even when empty), the
   label is the folder's index. Images are listed in sorted path order, shuffled per epoch by `Random(seed, epoch)`
-  when training and split contiguously across ranks (drop-last), as `train.decoder_data` reads image folders;
+  when training and split contiguously across ranks (drop-last, as `train.decoder_data` reads image folders; with
+  `drop_last=False` the ranges cover every image once, for one pass such as `srae latent cache`);
 * a packed dataset (`srae data pack root --format classes`): each sample's metadata carries `label` (the class
   name) and `class_index` (its index among the sorted folder names at packing time). With `classes` given, labels
   come from the names (and a mismatching `class_index` is refused); otherwise `class_index` is the label and
@@ -56,23 +57,29 @@ class LabelledFolder:
     """A class-folder tree as a resumable stream of `(pixels, label, (epoch, j))`."""
 
     def __init__(self, root: Path, *, image_size: int, train: bool, rank: int = 0, world_size: int = 1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, drop_last: bool = True) -> None:
         self.root = Path(root)
         self.classes, self.items = class_folders(self.root)
         if len(self.items) < world_size:
             raise DataError(f"{root}: {len(self.items)} images cannot be split across {world_size} processes; add images")
         self.num_classes = len(self.classes)
         self.image_size, self.train = image_size, train
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.images_per_epoch = len(self.items) // world_size
+        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
+        n = len(self.items)
+        self._range = ((rank * (n // world_size), (rank + 1) * (n // world_size)) if drop_last
+                       else (rank * n // world_size, (rank + 1) * n // world_size))
+        self.images_per_epoch = self._range[1] - self._range[0]
         self.epoch, self.consumed = 0, 0
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.items)))
         if self.train:
             random.Random(f"srae-labelled-{self.seed}-{epoch}").shuffle(order)
-        per = self.images_per_epoch
-        return order[self.rank * per : (self.rank + 1) * per]
+        return order[self._range[0] : self._range[1]]
+
+    def skip(self, count: int) -> None:
+        """Continue the current epoch after its first `count` images, without reading them."""
+        self.consumed = count
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, Position]]:
         if self.consumed >= self.images_per_epoch:
@@ -113,7 +120,7 @@ class LabelledPacked:
 
     def __init__(self, path: Path, *, image_size: int, train: bool, classes: list[str] | None = None,
                  num_classes: int | None = None, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 1000) -> None:
+                 shuffle_buffer: int = 1000, drop_last: bool = True) -> None:
         from scale_rae_core.data.webdataset import WebDatasetReader
 
         self.path = Path(path)
@@ -128,9 +135,13 @@ class LabelledPacked:
             )
         self._index = {name: i for i, name in enumerate(self.classes or [])}
         self.reader = WebDatasetReader(path, rank=rank, world_size=world_size, num_workers=0, shuffle=train,
-                                       shuffle_buffer=shuffle_buffer if train else 0, seed=seed, drop_last=True)
+                                       shuffle_buffer=shuffle_buffer if train else 0, seed=seed, drop_last=drop_last)
         self.image_size, self.train = image_size, train
         self.images_per_epoch = len(self.reader)
+
+    def skip(self, count: int) -> None:
+        """Continue the current epoch after its first `count` samples, without decoding them."""
+        self.reader.consumed = [count]  # one slot: the reader runs in this process (num_workers = 0)
 
     def _label(self, key: str, meta: dict[str, Any]) -> int:
         stored = meta.get("class_index")
@@ -175,14 +186,16 @@ LabelledStream = LabelledFolder | LabelledPacked
 
 def open_labelled(path: str | Path, *, image_size: int, train: bool, classes: list[str] | None = None,
                   num_classes: int | None = None, rank: int = 0, world_size: int = 1, seed: int = 0,
-                  shuffle_buffer: int = 1000) -> LabelledStream:
+                  shuffle_buffer: int = 1000, drop_last: bool = True) -> LabelledStream:
     """A packed class dataset (folder with wds_manifest.json, or the manifest) or a class-folder tree."""
     path = Path(path).expanduser()
     packed = (path.is_file() and path.name.endswith(".json")) or (path / MANIFEST_NAME).is_file()
     if packed:
         return LabelledPacked(path, image_size=image_size, train=train, classes=classes, num_classes=num_classes,
-                              rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer)
-    stream = LabelledFolder(path, image_size=image_size, train=train, rank=rank, world_size=world_size, seed=seed)
+                              rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer,
+                              drop_last=drop_last)
+    stream = LabelledFolder(path, image_size=image_size, train=train, rank=rank, world_size=world_size, seed=seed,
+                            drop_last=drop_last)
     if classes is not None and list(classes) != stream.classes:
         raise DataError(f"{path}: its class folders {stream.classes} are not the classes given {list(classes)}")
     if num_classes is not None and num_classes != stream.num_classes:

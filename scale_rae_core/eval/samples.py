@@ -7,6 +7,8 @@ seed) alone:
   (RAE's `sample_ddp.py` is exact only when N divides evenly over its batches, rae.md §12.12);
 * `random`: labels drawn uniformly by the seed.
 
+`classes` (`--labels 3,7`) restricts the labels to those classes (K = their count); empty means all of them.
+
 The seed of index i is derived from (plan seed, i), and the index's initial noise and every SDE step noise come
 from a generator seeded with it, on the CPU. So an image depends only on its index and the settings, not on the
 batch it was drawn in or on how the work was split over processes.
@@ -19,6 +21,11 @@ Output folder:
 
 `shard(n, rank, world)` gives each process a contiguous range; the ranges cover 0 … N−1 exactly once.
 `generate_samples` draws one process's pending indices; `pack_samples` writes the npz when all are present.
+
+`sample_class_model` is `srae sample`: it loads the model (an `srae train dit` run or model folder, or a released
+RAE `stage2_model.pt` with its size preset), an optional autoguidance model, the RAE decoder the model folder
+records (or `--decoder`) and the latent statistics, then runs this process's shard, waits for every process and
+packs the npz on the main one.
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ from torch import nn
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.eval.adm_npz import AdmNpzWriter
 from scale_rae_core.files import atomic_write
+from scale_rae_core.flow.class_flow import sample_class_latents
 from scale_rae_core.flow.guidance import Guidance
-from scale_rae_core.flow.rae_sampler import SamplerConfig, sample_class_latents
+from scale_rae_core.flow.sampler import PerSampleNoise, SamplerConfig
 
 LABEL_SAMPLING = ("equal", "random")
 PLAN_FILE = "plan.json"
@@ -53,24 +61,33 @@ class SamplePlan:
     num_classes: int
     label_sampling: str = "equal"
     seed: int = 0
+    classes: tuple[int, ...] = ()  # the labels to draw from (--labels); () = all num_classes
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.num_classes < 1:
             raise ConfigError(f"--n and the number of classes must be positive, got {self.n} and {self.num_classes}")
         if self.label_sampling not in LABEL_SAMPLING:
             raise ConfigError(f"--label-sampling must be one of {', '.join(LABEL_SAMPLING)}, got '{self.label_sampling}'")
-        if self.label_sampling == "equal" and self.n % self.num_classes:
+        bad = [c for c in self.classes if not 0 <= c < self.num_classes]
+        if bad:
+            raise ConfigError(f"--labels {bad[0]} is outside the model's {self.num_classes} classes "
+                              f"(0..{self.num_classes - 1}); pass labels in that range")
+        k, what = (len(self.classes), "labels given") if self.classes else (self.num_classes, "classes")
+        if self.label_sampling == "equal" and self.n % k:
             raise ConfigError(
-                f"--label-sampling equal needs --n to be a multiple of the {self.num_classes} classes, got {self.n}; "
-                f"use --n {self.n - self.n % self.num_classes or self.num_classes} or --label-sampling random"
+                f"--label-sampling equal needs --n to be a multiple of the {k} {what}, got {self.n}; "
+                f"use --n {self.n - self.n % k or k} or --label-sampling random"
             )
 
     def labels(self) -> np.ndarray:
         """(n,) int64 label of every index."""
         rng = np.random.default_rng(self.seed)
+        pool = np.asarray(self.classes, dtype=np.int64) if self.classes else np.arange(self.num_classes)
         if self.label_sampling == "equal":
-            return rng.permutation(np.repeat(np.arange(self.num_classes), self.n // self.num_classes))
-        return rng.integers(0, self.num_classes, self.n)
+            return rng.permutation(np.repeat(pool, self.n // len(pool)))
+        if not self.classes:
+            return rng.integers(0, self.num_classes, self.n)
+        return pool[rng.integers(0, len(pool), self.n)]
 
     def seed_of(self, index: int) -> int:
         """The noise seed of one index (a 64-bit hash of (seed, index))."""
@@ -93,23 +110,9 @@ def pending(out_dir: Path, indices: range) -> list[int]:
     return [i for i in indices if not image_path(out_dir, i).is_file()]
 
 
-class PerSampleNoise:
-    """Standard normal noise per sample from its own CPU generator: initial noise first, then each SDE step."""
-
-    def __init__(self, seeds: list[int], device: torch.device) -> None:
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
-        self.device = device
-
-    def __call__(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-        if shape[0] != len(self.generators):
-            raise ValueError(f"noise for {shape[0]} samples requested from {len(self.generators)} generators")
-        rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32) for g in self.generators]
-        return torch.stack(rows).to(self.device)
-
-
 def prepare_folder(out_dir: Path, plan: SamplePlan, settings: dict[str, Any]) -> None:
     """Create `out_dir` with plan.json, or check that an existing one holds the same plan and settings."""
-    record = {"plan": asdict(plan), "settings": settings}
+    record = json.loads(json.dumps({"plan": asdict(plan), "settings": settings}))  # as plan.json holds it
     path = out_dir / PLAN_FILE
     if path.is_file():
         old = json.loads(path.read_text())
@@ -199,3 +202,124 @@ def pack_samples(out_dir: str | Path, plan: SamplePlan) -> Path:
         writer.abort()
         raise
     return writer.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# srae sample: models, decoder and statistics from their files
+# ----------------------------------------------------------------------------------------------------------
+
+RAE_ENCODER = {"kind": "dinov2-reg", "path": "facebook/dinov2-with-registers-base", "input_size": 224}  # RAE's DiTs
+
+
+@dataclass
+class ClassModel:
+    """A loaded class DiT (eval mode) with what `srae sample` needs to decode its latents."""
+
+    model: nn.Module
+    spec: str  # where it came from
+    latents: dict[str, Any]  # the model folder's "latents" record (encoder, decoder, stats, shift_base_dim)
+    stats: Any  # LatentStats or None
+
+
+def load_class_model(spec: str, device: torch.device | str, *, preset: str | None = None, default_preset: str | None = None,
+                     flag: str = "--model", preset_flag: str = "--preset") -> ClassModel:
+    """An `srae train dit` run or model folder, or a released RAE stage-2 checkpoint of size `preset` (else
+    `default_preset`)."""
+    from scale_rae_core.models.adapters import is_class_dit_folder, load_class_dit, load_rae_stage2
+    from scale_rae_core.models.class_dit import CLASS_DIT_PRESETS
+    from scale_rae_core.models.stats import load_stats
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and not is_class_dit_folder(path) and is_class_dit_folder(path / "model"):
+        path = path / "model"  # a run folder: its exported EMA model
+    if is_class_dit_folder(path):
+        if preset is not None:
+            raise ConfigError(f"{preset_flag} is for released RAE checkpoints; {spec} is an srae model folder, "
+                              "which records its own size")
+        model, info = load_class_dit(path, device)
+        stats = info["latents"].get("stats")
+        return ClassModel(model, str(path), info["latents"], load_stats(path / stats) if stats else None)
+    if not path.is_file():
+        raise ConfigError(f"{flag} {spec}: neither an srae class-DiT model (the --out of srae train dit, or its "
+                          "model/ folder) nor a released RAE stage2_model.pt")
+    preset = preset or default_preset
+    if preset not in CLASS_DIT_PRESETS:
+        raise ConfigError(f"{flag} {spec} is a checkpoint file: pass {preset_flag} with the size it was trained as "
+                          f"(one of {', '.join(CLASS_DIT_PRESETS)}; RAE: DiTDH-XL, its guidance model DiTDH-S)")
+    model = load_rae_stage2(path, CLASS_DIT_PRESETS[preset], device, fit_latents=True)
+    return ClassModel(model, str(path), {"encoder": RAE_ENCODER, "decoder": "", "stats": None,
+                                         "shift_base_dim": 4096}, None)
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What `srae sample` was asked for (the CLI's options)."""
+
+    model: str
+    out: Path
+    plan_n: int
+    label_sampling: str = "equal"
+    labels: tuple[int, ...] = ()
+    seed: int = 0
+    sampler: SamplerConfig = SamplerConfig()
+    guidance: float = 1.0  # w: CFG, or autoguidance with guide_model
+    interval: tuple[float, float] = (0.0, 1.0)
+    guide_model: str | None = None
+    preset: str | None = None
+    guide_preset: str | None = None
+    stats: str | None = None  # latent statistics for a released checkpoint (RAE's stat.pt)
+    decoder: str | None = None
+    batch_size: int = 32
+
+
+def sample_class_model(req: SampleRequest, backend: Any, progress: Callable[[int], None] | None = None
+                       ) -> dict[str, Any]:
+    """*Collective.* `srae sample`: this process's shard of the plan, then (main process) the npz."""
+    from scale_rae_core.config import EncoderSettings
+    from scale_rae_core.flow.class_flow import check_class_guidance, latent_shift
+    from scale_rae_core.infer.loading import load_pixel_decoder
+    from scale_rae_core.infer.pipeline import Runtime, check_decoder, decode_pixels
+    from scale_rae_core.models.dit import grid_to_tokens
+    from scale_rae_core.models.stats import load_stats
+
+    device = backend.device
+    main = load_class_model(req.model, device, preset=req.preset)
+    guide = (load_class_model(req.guide_model, device, preset=req.guide_preset, default_preset="DiTDH-S",
+                              flag="--guide-model", preset_flag="--guide-preset") if req.guide_model else None)
+    guidance = Guidance("autoguidance" if guide else "cfg", req.guidance, req.interval)
+    check_class_guidance(main.model, guidance, guide.model if guide else None)
+    stats = main.stats
+    released = Path(main.spec).is_file()
+    if req.stats is not None:
+        if not released:
+            raise ConfigError(f"--stats is for released RAE checkpoints; {main.spec} is an srae model folder, which "
+                              "records its own latent statistics (or that it was trained without)")
+        stats = load_stats(req.stats)
+    elif released:
+        raise ConfigError(f"--model {req.model} is a released RAE checkpoint: pass --stats with its latent statistics "
+                          "(RAE's stat.pt, e.g. stats/dinov2/wReg_base/imagenet1k/stat.pt)")
+    cfg = main.model.cfg
+    decoder_spec = req.decoder or main.latents.get("decoder") or ""
+    if not decoder_spec:
+        raise ConfigError(f"{main.spec} records no pixel decoder: pass --decoder (the RAE decoder of its encoder)")
+    decoder, _ = load_pixel_decoder(decoder_spec, EncoderSettings(**main.latents["encoder"]), device)
+    check_decoder(decoder, cfg.num_tokens, cfg.in_channels, decoder_spec)
+    runtime = Runtime(torch.device(device), "fp32")
+    if stats is not None:
+        stats.mean, stats.var = stats.mean.to(device), stats.var.to(device)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        tokens = grid_to_tokens(latents)  # (B, N, C), normalised
+        return decode_pixels(decoder, stats.denormalize(tokens) if stats is not None else tokens, runtime)
+
+    plan = SamplePlan(req.plan_n, cfg.num_classes, req.label_sampling, req.seed, req.labels)
+    shift = latent_shift((cfg.in_channels, cfg.grid, cfg.grid), main.latents.get("shift_base_dim", 4096))
+    settings = {"model": main.spec, "guide_model": guide.spec if guide else None, "decoder": decoder_spec,
+                "stats": req.stats}
+    counts = generate_samples(main.model, decode, req.out, plan, shift=shift, sampler=req.sampler, guidance=guidance,
+                              guide_model=guide.model if guide else None, batch_size=req.batch_size,
+                              rank=backend.rank, world_size=backend.num_processes, settings=settings, progress=progress)
+    backend.barrier()
+    npz = pack_samples(req.out, plan) if backend.is_main else None
+    backend.barrier()
+    return {**counts, "npz": str(npz) if npz else None, "n": plan.n, "guidance": guidance.method}

@@ -11,15 +11,14 @@ A :class:`Session` owns the backend it opened (under torchrun that is the proces
 Precision: weights stay fp32; ``dtype = "bf16"`` (CUDA only) runs every forward under bf16 autocast. The sampler
 integrates in fp32 whatever the dtype (``FlowSampler.step``).
 
-Noise: image k's initial noise is drawn on the CPU from ``torch.Generator().manual_seed(seed_k)`` and then moved to
-the device, so an image depends only on its own seed — not on the batch it was sampled in, nor on the device's
-random generator.
+Noise: image k's initial noise (and, for the SDE samplers, every step's noise) is drawn on the CPU from
+``torch.Generator().manual_seed(seed_k)`` and then moved to the device (``flow.sampler.PerSampleNoise``), so an
+image depends only on its own seed — not on the batch it was sampled in, nor on the device's random generator.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ from scale_rae_core import __version__
 from scale_rae_core.backends.base import Backend
 from scale_rae_core.config import Profile
 from scale_rae_core.errors import BackendError, ConfigError
-from scale_rae_core.flow.sampler import SAMPLER_METHODS
+from scale_rae_core.flow.guidance import Guidance
+from scale_rae_core.flow.sampler import SamplerConfig
 from scale_rae_core.infer.loading import LoadedModel, Source, load_model, load_pixel_decoder
 from scale_rae_core.models.decoder import Decoder
 from scale_rae_core.models.dit import grid_to_tokens
@@ -42,9 +42,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
-MAX_STEPS = 10_000  # sampler steps; the reference uses 50
-MAX_GUIDANCE = 1_000.0  # CFG weights beyond this only blow the latents up (practical ones are below 20)
-
 
 @dataclass(frozen=True)
 class SamplerSettings:
@@ -53,21 +50,18 @@ class SamplerSettings:
     steps: int = 50
     guidance: float = 1.0  # w in v_u + w·(v_c − v_u); 1 runs the conditional branch only
     interval: tuple[float, float] | None = None  # guide only where lo ≤ t ≤ hi (conditional velocity elsewhere)
-    method: str = "euler"  # euler | heun | reference
+    method: str = "euler"  # one of flow.sampler.SAMPLERS (euler | heun | reference | sde | ...)
 
     def __post_init__(self) -> None:
-        if self.method not in SAMPLER_METHODS:
-            raise ConfigError(f"--sampler '{self.method}' is unknown; choose one of {', '.join(SAMPLER_METHODS)}")
-        least = 2 if self.method == "reference" else 1
-        if not least <= self.steps <= MAX_STEPS:
-            raise ConfigError(f"--steps {self.steps}: the {self.method} sampler takes {least} to {MAX_STEPS} steps")
-        if not (math.isfinite(self.guidance) and 0 <= self.guidance <= MAX_GUIDANCE):
-            raise ConfigError(f"--guidance {self.guidance} must be a number from 0 to {MAX_GUIDANCE:g} (1 = no guidance)")
-        if self.interval is not None and not (
-            len(self.interval) == 2 and all(math.isfinite(v) for v in self.interval)
-            and 0.0 <= self.interval[0] <= self.interval[1] <= 1.0
-        ):
-            raise ConfigError(f"--guidance-interval {self.interval} must be lo,hi with 0 <= lo <= hi <= 1")
+        self.sampler_config()  # the method and the number of steps
+        self.guidance_config()  # the guidance weight and interval
+
+    def sampler_config(self) -> SamplerConfig:
+        return SamplerConfig(self.method, self.steps)
+
+    def guidance_config(self) -> Guidance:
+        """Classifier-free guidance with the head's null condition (w = 1: none)."""
+        return Guidance("cfg", self.guidance, self.interval or (0.0, 1.0))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -268,25 +262,21 @@ def sample_latents(
 ) -> torch.Tensor:
     """Run the flow head: conditions (B, N, Z) on the device -> de-normalised latent tokens (B, N, C) on the CPU.
 
-    One head forward per sampler step over B rows, or 2B rows [cond; null] when guidance != 1; the loop never
-    reads a tensor value on the host.
+    One head forward per sampler step over B rows, or 2B rows [cond; null] where guidance acts (w != 1, t in the
+    interval); the loop never reads a tensor value on the host.
     """
-    from scale_rae_core.flow.sampler import FlowSampler
+    from scale_rae_core.flow.sampler import FlowSampler, PerSampleNoise
 
     if len(seeds) != conditions.shape[0]:
         raise ValueError(f"{len(seeds)} seeds for {conditions.shape[0]} conditions")
     dit = model.diff_head.cfg
-    noise = torch.stack([
-        torch.randn(dit.in_channels, dit.grid, dit.grid, generator=torch.Generator().manual_seed(int(s)))
-        for s in seeds
-    ]).to(runtime.device)  # (B, C, g, g), float32
+    noise = PerSampleNoise(seeds, runtime.device)
+    x1 = noise((len(seeds), dit.in_channels, dit.grid, dit.grid))  # (B, C, g, g), float32
     null = model.diff_head.null_condition(1)  # (1, N, Z), broadcast over the batch
-    sampler = FlowSampler(settings.method, shift=model.flow.shift)
+    sampler = FlowSampler(settings.sampler_config(), shift=model.flow.shift)
     with runtime.autocast():
-        x = sampler.sample(
-            model.diff_head, noise, conditions, settings.steps,
-            guidance=settings.guidance, null_cond=null, interval=settings.interval,
-        )
+        x = sampler.sample(model.diff_head, x1, conditions, guidance=settings.guidance_config(), null_cond=null,
+                           step_noise=noise)
     tokens = model.denormalize_latents(grid_to_tokens(x.float())).float().cpu()  # (B, N, C)
     if not torch.isfinite(tokens).all():
         raise ConfigError(

@@ -7,7 +7,9 @@
 * **ImageReward** (``ImageReward.pt``: timm-style BLIP ViT + BLIP ``med.py`` BERT + reward MLP) ->
   :class:`~scale_rae_core.scale.imagereward.ImageReward`.
 * **Released RAE stage-2 DiT** (``stage2_model.pt``: DiT^DH / LightningDiT, class-conditional) ->
-  :class:`~scale_rae_core.models.class_dit.DiTwDDTHead` / ``ClassDiT`` (read weights-only, loaded strictly).
+  :class:`~scale_rae_core.models.class_dit.DiTwDDTHead` / ``ClassDiT`` (read weights-only, loaded strictly); next
+  to it, :func:`load_class_dit` for the class-DiT model folders ``srae train dit`` writes (format
+  ``srae-class-dit``), so both kinds of class DiT load in one place.
 * **diffusers AutoencoderRAE** (``config.json`` + ``diffusion_pytorch_model.safetensors``) <->
   :class:`~scale_rae_core.models.decoder.Decoder` + :class:`~scale_rae_core.models.stats.LatentStats`, both ways.
 
@@ -520,14 +522,36 @@ def state_dict_from_rae(state: Mapping[str, torch.Tensor], cfg: ClassDiTConfig) 
     return out
 
 
+def latents_from_state(state: Mapping[str, torch.Tensor], cfg: ClassDiTConfig) -> ClassDiTConfig:
+    """`cfg` with in_channels, grid and num_classes read from a (renamed) state dict: its patch embedding
+    (D, C, 1, 1), its positions (1, g², D) and its label table (K + 1 rows with the null class)."""
+    from dataclasses import replace
+
+    try:
+        channels = int(state["x_embedder.proj.weight"].shape[1])
+        tokens = int(state["pos_embed"].shape[1])
+        rows = int(state["y_embedder.embedding_table.weight"].shape[0])
+    except (KeyError, IndexError):
+        raise CheckpointError("the checkpoint has no x_embedder.proj.weight / pos_embed / y_embedder table; "
+                              "pass an RAE stage-2 DiT (stage2_model.pt)") from None
+    grid = math.isqrt(tokens)
+    return replace(cfg, in_channels=channels, grid=grid, num_classes=rows - int(cfg.class_dropout_prob > 0))
+
+
 def load_rae_stage2(
-    path: str | Path, cfg: ClassDiTConfig, device: torch.device | str = "cpu"
+    path: str | Path, cfg: ClassDiTConfig, device: torch.device | str = "cpu", *, fit_latents: bool = False
 ) -> ClassDiffusionModel:
-    """Build the model `cfg` describes and load RAE's file at `path` into it strictly (eval mode)."""
+    """Build the model `cfg` describes and load RAE's file at `path` into it strictly (eval mode).
+
+    ``fit_latents``: take in_channels, grid and num_classes from the file (:func:`latents_from_state`), so a size
+    preset is enough (DiTDH-XL at 256 or 512 px).
+    """
     from scale_rae_core.models.class_dit import build_class_dit
     from scale_rae_core.models.io import load_state
 
     state = state_dict_from_rae(read_rae_state_dict(path), cfg)
+    if fit_latents:
+        cfg = latents_from_state(state, cfg)
     model = build_class_dit(cfg)
     load_state(model, state, source=str(path), what="the configured class DiT",
                fix="pass the preset it was trained as (DiTDH-XL for stage2_model.pt, DiTDH-S for the guidance model), "
@@ -536,6 +560,7 @@ def load_rae_stage2(
 
 
 # ====================================================================================================
+
 # diffusers AutoencoderRAE
 # ====================================================================================================
 # diffusers >= 0.42 (`models/autoencoders/autoencoder_rae.py`): a folder or repo with config.json
@@ -675,3 +700,52 @@ def srae_stats_to_diffusers(stats: LatentStats, grid: int) -> tuple[torch.Tensor
     std = (stats.var + stats.eps).sqrt() - DIFFUSERS_STD_EPS
     to_chw = lambda t: t.float().T.reshape(-1, grid, grid).contiguous()  # noqa: E731 - (h·w, C) -> (C, h, w)
     return to_chw(stats.mean), to_chw(std)
+# ----------------------------------------------------------------------------------------------------
+# srae's class-DiT model folder (`srae train dit`): model.safetensors (the EMA weights) + config.json + stats
+# ----------------------------------------------------------------------------------------------------
+#
+#     config.json   {"format": "srae-class-dit", "version": 1, "preset": "DiTDH-XL", "class_dit": {ClassDiTConfig},
+#                    "latents": {"encoder": {kind, path, input_size}, "decoder": spec, "image_size": S,
+#                                "shape": [C, g, g], "stats": "latent_stats.safetensors" | null, "shift_base_dim": 4096},
+#                    "classes": [names] | null, "training": {...}}
+
+CLASS_DIT_FORMAT = "srae-class-dit"
+CLASS_DIT_VERSION = 1
+CLASS_DIT_STATS = "latent_stats.safetensors"
+
+
+def is_class_dit_folder(path: str | Path) -> bool:
+    import json
+
+    config = Path(path).expanduser() / "config.json"
+    try:
+        return json.loads(config.read_text()).get("format") == CLASS_DIT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_class_dit(folder: str | Path, device: torch.device | str = "cpu") -> tuple[ClassDiffusionModel, dict[str, Any]]:
+    """The class DiT of an ``srae train dit`` model folder, loaded strictly (eval mode), and its config.json."""
+    import json
+
+    from scale_rae_core.models.class_dit import ClassDiTConfig, build_class_dit
+    from scale_rae_core.models.io import WEIGHTS_FILE, load_state, read_safetensors
+
+    folder = Path(folder).expanduser()
+    fix = "pass the model folder `srae train dit` exported (RUN/model)"
+    try:
+        info = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder}: no readable config.json ({type(exc).__name__}); {fix}") from None
+    if not isinstance(info, dict) or info.get("format") != CLASS_DIT_FORMAT:
+        raise CheckpointError(f"{folder}: config.json is not an srae class-DiT model ({CLASS_DIT_FORMAT}); {fix}")
+    if info.get("version", 0) > CLASS_DIT_VERSION:
+        raise CheckpointError(f"{folder}: class-DiT format version {info['version']} is newer than this srae; upgrade srae")
+    cfg = ClassDiTConfig(**info["class_dit"])
+    with torch.device("meta"):
+        model = build_class_dit(cfg)
+    model.to_empty(device="cpu")
+    model.reset_fixed_buffers()
+    load_state(model, read_safetensors([folder / WEIGHTS_FILE], fix=fix), source=str(folder / WEIGHTS_FILE), fix=fix,
+               what="its config.json")
+    return model.to(device).eval(), info

@@ -13,7 +13,7 @@ attn.proj,norm2,mlp.w12,mlp.w3,adaLN_modulation.1}`, `final_layer.{norm_final,li
 reference state dict loads strictly once its prefix is stripped (`models.adapters.dit_state_dict_from_reference`).
 The Fourier frequencies `t_embedder.W` are not in those checkpoints: they are regenerated from a fixed seed.
 
-Classifier-free guidance is the sampler's (`flow/sampler.py: guided_velocity`, with `null_condition` as the
+Classifier-free guidance is the sampler's (`flow/guidance.py: guided_velocity`, with `null_condition` as the
 unconditional y); unlike the reference it really applies v_u + w·(v_c − v_u) (the released code never does,
 see the reference notes §8.1).
 """

@@ -11,11 +11,13 @@ shadows a method of the module's class (`forward`, `encode`, ... set by compile 
 the copy always runs its own class's code on its own weights. Compile the EMA module separately if wanted.
 
 `update` matches tensors by name, ignoring wrapper prefixes (`module.`, `_orig_mod.`,
-`_fsdp_wrapped_module.`, `_checkpoint_wrapped_module.`), so the live model may be wrapped differently from
-the copy. When the copy is sharded like the live model (FSDP2: both DTensors) the update is local; when only
-the live model is sharded its tensors are gathered with `full_tensor()` (a collective every update). Build
-the EMA from the model before parallelism is applied; shard `ema.module` afterwards in the same way if the
-full copy does not fit on one device.
+`_fsdp_wrapped_module.`, `_checkpoint_wrapped_module.`, torch_xla's `_orig_module.`), so the live model may be
+wrapped differently from the copy. When the copy is sharded like the live model (FSDP2: both DTensors; XLA
+SPMD: both FSDPv2-sharded) the update is local; when only the live model is sharded its tensors are gathered
+with `full_tensor()` (a collective every update). Build the EMA from the model before parallelism is applied;
+shard `ema.module` afterwards in the same way if the full copy does not fit on one device (assign the wrapper a
+backend returns to `ema.module`): the tensors are looked up in `ema.module` at every update, so the sharded
+parameters that replace the originals are the ones averaged.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 
 from scale_rae_core.errors import CheckpointError
 
-WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_module.")
 
 
 def _canonical(name: str) -> str:
@@ -92,8 +94,12 @@ class EMA:
         self.module.requires_grad_(False)
         self.module.eval()
         named = list(_named_tensors(self.module))
-        self._tensors = {name: (t, is_param) for name, t, is_param in named}
         assert len(self._tensors) == len(named), "two tensors share a name once wrapper prefixes are removed"
+
+    @property
+    def _tensors(self) -> dict[str, tuple[torch.Tensor, bool]]:
+        """name -> (tensor, is_parameter) of the averaged module as it is now (sharding replaces parameters)."""
+        return {name: (t, is_param) for name, t, is_param in _named_tensors(self.module)}
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float) -> None:
@@ -101,13 +107,14 @@ class EMA:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
         live = {name: (t, is_param) for name, t, is_param in _named_tensors(model)}
-        missing = [name for name in self._tensors if name not in live]
+        tensors = self._tensors
+        missing = [name for name in tensors if name not in live]
         if missing:
             raise ValueError(
                 f"EMA update: the live model has no tensor {missing[0]!r} ({len(missing)} missing); "
                 "pass the same architecture the EMA was built from"
             )
-        for name, (ema_t, is_param) in self._tensors.items():
+        for name, (ema_t, is_param) in tensors.items():
             src = _local(live[name][0], ema_t)
             if is_param and ema_t.is_floating_point():
                 ema_t.lerp_(src, 1.0 - decay)
@@ -141,12 +148,13 @@ class EMA:
     def copy_to(self, module: nn.Module) -> None:
         """Write the averaged parameters and buffers into `module` (matched by name, wrappers ignored)."""
         target = {name: t for name, t, _ in _named_tensors(module)}
-        missing = [name for name in self._tensors if name not in target]
+        tensors = self._tensors
+        missing = [name for name in tensors if name not in target]
         if missing:
             raise ValueError(
                 f"EMA copy_to: the target has no tensor {missing[0]!r}; pass the same architecture"
             )
-        for name, (ema_t, _) in self._tensors.items():
+        for name, (ema_t, _) in tensors.items():
             dst = target[name]
             src = ema_t
             if hasattr(dst, "full_tensor") and not hasattr(src, "full_tensor"):

@@ -14,6 +14,10 @@ per optimiser step, so the lr used by optimiser step ``s`` (0-based) is ``peak �
 Unified training (:func:`stage_scheduler`) decays over the whole run (``D = steps``) with
 ``W = ceil(warmup_ratio × steps)`` as HF computes it. The RAE decoder recipe (:func:`rae_scheduler`) warms
 up from zero for one epoch, decays from ``base_lr`` to ``final_lr`` by a given step and then stays there.
+
+The RAE stage-2 recipe (:class:`WarmupConstantLinear`, the DiT trainer) holds the peak instead of a cosine:
+warmup as above over ``W`` steps (RAE: none), the peak until step ``C``, then a linear decay reaching ``m`` at
+``D`` and ``m`` after it (RAE: constant 2e-4 for 40 epochs, linear to 2e-5 at epoch 800, rae.md §7).
 """
 
 from __future__ import annotations
@@ -51,6 +55,36 @@ class WarmupCosine:
             return self.min_lr_ratio
         progress = (step - self.warmup_steps) / (self.decay_end - self.warmup_steps)
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class WarmupConstantLinear:
+    """The lr factor at optimiser step ``s``: warmup to 1 over ``warmup_steps``, 1 until ``constant_end``, then
+    linear to ``min_lr_ratio`` at ``decay_end`` and constant after (see the module docstring)."""
+
+    warmup_steps: int
+    constant_end: int
+    decay_end: int
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.warmup_steps <= self.constant_end <= self.decay_end:
+            raise ValueError(
+                f"need 0 <= warmup_steps <= constant_end <= decay_end, got {self.warmup_steps}, {self.constant_end}, "
+                f"{self.decay_end}"
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if step < self.constant_end:
+            return 1.0
+        if step >= self.decay_end:
+            return self.min_lr_ratio
+        progress = (step - self.constant_end) / (self.decay_end - self.constant_end)
+        return 1.0 + (self.min_lr_ratio - 1.0) * progress
 
 
 def warmup_steps_from_ratio(warmup_ratio: float, steps: int) -> int:

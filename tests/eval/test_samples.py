@@ -14,7 +14,7 @@ from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.eval.adm_npz import open_npz_images
 from scale_rae_core.eval.samples import SamplePlan, generate_samples, pack_samples, shard
 from scale_rae_core.flow.guidance import Guidance
-from scale_rae_core.flow.rae_sampler import SamplerConfig
+from scale_rae_core.flow.sampler import SamplerConfig
 from scale_rae_core.models.class_dit import CLASS_DIT_PRESETS, build_class_dit
 
 CFG = CLASS_DIT_PRESETS["tiny-ddt"]
@@ -68,7 +68,7 @@ def _run(model, out, plan, sampler, **kw):
     return generate_samples(model, decode, out, plan, shift=2.0, sampler=sampler, guidance=Guidance("cfg", 2.0), **kw)
 
 
-@pytest.mark.parametrize("sampler", [SamplerConfig("ode", "euler", steps=3), SamplerConfig("sde", "euler", steps=3)],
+@pytest.mark.parametrize("sampler", [SamplerConfig("euler", steps=3), SamplerConfig("sde", steps=3)],
                          ids=["ode", "sde"])
 def test_sharded_runs_equal_one_process_and_pack_in_index_order(tmp_path, model, sampler):
     plan = SamplePlan(n=24, num_classes=12, seed=5)
@@ -86,13 +86,13 @@ def test_sharded_runs_equal_one_process_and_pack_in_index_order(tmp_path, model,
     assert np.array_equal(arr[7], np.asarray(Image.open(tmp_path / "one" / "000007.png")))
     assert open_npz_images(npz).count == 24
     record = json.loads((tmp_path / "three" / "plan.json").read_text())
-    assert record["plan"] == {"n": 24, "num_classes": 12, "label_sampling": "equal", "seed": 5}
+    assert record["plan"] == {"n": 24, "num_classes": 12, "label_sampling": "equal", "seed": 5, "classes": []}
     assert record["settings"]["guidance"] == {"method": "cfg", "scale": 2.0, "interval": [0.0, 1.0]}
 
 
 def test_resume_skips_written_indices_and_redraws_the_same_images(tmp_path, model):
     plan = SamplePlan(n=12, num_classes=12, seed=0)
-    sampler = SamplerConfig("ode", "heun", steps=2)
+    sampler = SamplerConfig("heun", steps=2)
     _run(model, tmp_path, plan, sampler, batch_size=4)
     before = {i: (tmp_path / f"{i:06d}.png").read_bytes() for i in (2, 9)}
     for i in before:
@@ -107,13 +107,25 @@ def test_resume_skips_written_indices_and_redraws_the_same_images(tmp_path, mode
 
 def test_resume_with_other_settings_is_refused(tmp_path, model):
     plan = SamplePlan(n=12, num_classes=12)
-    _run(model, tmp_path, plan, SamplerConfig("ode", "euler", steps=1), batch_size=12)
+    _run(model, tmp_path, plan, SamplerConfig("euler", steps=1), batch_size=12)
     with pytest.raises(ConfigError, match="holds samples of another plan or other settings"):
-        _run(model, tmp_path, plan, SamplerConfig("ode", "euler", steps=2))
+        _run(model, tmp_path, plan, SamplerConfig("euler", steps=2))
     with pytest.raises(ConfigError, match="holds samples of another plan"):
-        _run(model, tmp_path, SamplePlan(n=24, num_classes=12), SamplerConfig("ode", "euler", steps=1))
+        _run(model, tmp_path, SamplePlan(n=24, num_classes=12), SamplerConfig("euler", steps=1))
 
 
 def test_plan_and_model_must_agree_on_classes(tmp_path, model):
     with pytest.raises(ConfigError, match="the plan has 10 classes but the model 12"):
         _run(model, tmp_path, SamplePlan(n=10, num_classes=10), SamplerConfig())
+
+
+def test_labels_restrict_the_plan_to_those_classes():
+    plan = SamplePlan(n=12, num_classes=12, seed=1, classes=(3, 7))
+    assert sorted(plan.labels().tolist()) == [3] * 6 + [7] * 6
+    random = SamplePlan(n=40, num_classes=12, label_sampling="random", seed=1, classes=(3, 7)).labels()
+    assert set(random.tolist()) == {3, 7}
+    with pytest.raises(ConfigError) as err:
+        SamplePlan(n=12, num_classes=12, classes=(3, 12))
+    assert str(err.value) == "--labels 12 is outside the model's 12 classes (0..11); pass labels in that range"
+    with pytest.raises(ConfigError, match="multiple of the 2 labels given, got 13; use --n 12"):
+        SamplePlan(n=13, num_classes=12, classes=(3, 7))

@@ -1,4 +1,5 @@
-"""Guidance arithmetic, interval masks, batch sizes and one-line errors."""
+"""Guidance on class labels: arithmetic, interval masks, batch sizes and one-line errors (the class checks live in
+class_flow, the generic ones in guidance)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from scale_rae_core.errors import ConfigError
+from scale_rae_core.flow.class_flow import check_class_guidance
 from scale_rae_core.flow.guidance import Guidance, check_guidance, guided_velocity
 from scale_rae_core.models.class_dit import CLASS_DIT_PRESETS, ClassDiTConfig
 
@@ -26,11 +28,16 @@ class Recorder(torch.nn.Module):
 
 X = torch.zeros(2, 32, 8, 8)
 Y = torch.tensor([1, 3])
+NULL = torch.tensor(12)  # the tiny preset's null label
+
+
+def T(t: float) -> torch.Tensor:
+    return torch.full((2,), t)
 
 
 def test_cfg_is_one_doubled_forward_with_the_null_class():
     model = Recorder(0.0)
-    v = guided_velocity(model, X, 0.5, Y, Guidance("cfg", 4.0))
+    v = guided_velocity(model, X, T(0.5), Y, Guidance("cfg", 4.0), null_cond=NULL)
     assert model.calls == [(4, [1, 3, 12, 12])]
     v_c, v_u = Y.float().view(-1, 1, 1, 1), torch.full((2, 1, 1, 1), 12.0)
     torch.testing.assert_close(v, (v_u + 4.0 * (v_c - v_u)).expand_as(X))
@@ -38,7 +45,7 @@ def test_cfg_is_one_doubled_forward_with_the_null_class():
 
 def test_autoguidance_does_not_double_the_batch():
     main, guide = Recorder(1.0), Recorder(-2.0)
-    v = guided_velocity(main, X, 0.3, Y, Guidance("autoguidance", 1.5), guide)
+    v = guided_velocity(main, X, T(0.3), Y, Guidance("autoguidance", 1.5), guide_model=guide)
     assert main.calls == [(2, [1, 3])] and guide.calls == [(2, [1, 3])]
     v_m, v_g = 1.0 + Y.float(), -2.0 + Y.float()
     torch.testing.assert_close(v, (v_g + 1.5 * (v_m - v_g)).view(-1, 1, 1, 1).expand_as(X))
@@ -47,7 +54,7 @@ def test_autoguidance_does_not_double_the_batch():
 @pytest.mark.parametrize(("t", "guided"), [(0.2, False), (0.25, True), (0.5, True), (0.75, True), (0.8, False)])
 def test_interval_is_closed_and_skips_the_second_forward_outside(t, guided):
     main, guide = Recorder(1.0), Recorder(-2.0)
-    v = guided_velocity(main, X, t, Y, Guidance("autoguidance", 3.0, (0.25, 0.75)), guide)
+    v = guided_velocity(main, X, T(t), Y, Guidance("autoguidance", 3.0, (0.25, 0.75)), guide_model=guide)
     assert len(guide.calls) == int(guided)
     expected = (-2.0 + Y.float()) + 3.0 * 3.0 if guided else 1.0 + Y.float()
     torch.testing.assert_close(v, expected.view(-1, 1, 1, 1).expand_as(X))
@@ -56,7 +63,7 @@ def test_interval_is_closed_and_skips_the_second_forward_outside(t, guided):
 def test_scale_one_and_none_are_the_conditional_velocity():
     model = Recorder(0.5)
     for g in (Guidance("cfg", 1.0), Guidance("none", 7.0)):
-        torch.testing.assert_close(guided_velocity(model, X, 0.5, Y, g), (0.5 + Y.float()).view(-1, 1, 1, 1).expand_as(X))
+        torch.testing.assert_close(guided_velocity(model, X, T(0.5), Y, g), (0.5 + Y.float()).view(-1, 1, 1, 1).expand_as(X))
     assert [rows for rows, _ in model.calls] == [2, 2]
 
 
@@ -73,13 +80,16 @@ def test_scale_one_and_none_are_the_conditional_velocity():
 )
 def test_bad_guidance_setups_are_one_line_errors(guidance, guide, message):
     with pytest.raises(ConfigError) as err:
-        check_guidance(Recorder(0), guidance, guide)
+        check_class_guidance(Recorder(0), guidance, guide)
+        check_guidance(guidance, NULL, guide)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_cfg_needs_a_null_class():
     with pytest.raises(ConfigError, match="needs a model trained with class dropout"):
-        check_guidance(Recorder(0, null=False), Guidance("cfg", 2.0), None)
+        check_class_guidance(Recorder(0, null=False), Guidance("cfg", 2.0), None)
+    with pytest.raises(ConfigError, match="needs the model's null condition"):
+        check_guidance(Guidance("cfg", 2.0), None, None)
 
 
 @pytest.mark.parametrize(

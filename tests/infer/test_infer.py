@@ -9,7 +9,7 @@ import torch
 
 from scale_rae_core.config import load_profile
 from scale_rae_core.errors import CheckpointError, ConfigError, DataError
-from scale_rae_core.flow.sampler import reference_schedule
+from scale_rae_core.flow.grids import reference_schedule
 from scale_rae_core.infer.generate import decode_to_image_start, generate_images
 from scale_rae_core.infer.loading import load_model
 from scale_rae_core.infer.outputs import load_latent

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scale_rae_core.errors import CheckpointError, ConfigError
-from scale_rae_core.flow.sampler import guided_velocity
+from scale_rae_core.flow.guidance import Guidance, guided_velocity
 from scale_rae_core.models.adapters import REFERENCE_DIT_PREFIX, dit_state_dict_from_reference
 from scale_rae_core.models.dit import (
     DIT_PRESETS,
@@ -132,28 +132,31 @@ def test_condition_dropout_is_per_sample_and_only_in_training() -> None:
 @pytest.mark.parametrize("w", [0.0, 2.5, 4.0])
 def test_the_samplers_guidance_with_the_dits_null_condition_is_real_cfg_in_one_batched_forward(w: float) -> None:
     model = _randomised()
-    x, t, y = _inputs(TINY)
-    t = torch.tensor([0.2, 0.9])
+    x, _, y = _inputs(TINY)
     null = model.null_condition(1)  # (1, N, Z), what inference passes
     rows: list[int] = []
     model.x_embedder.register_forward_hook(lambda _m, inp, _out: rows.append(inp[0].shape[0]))
+    guided, masked = {}, {}
     with torch.no_grad():
-        v_c = model(x, t, y)
-        v_u = model(x, t, y, force_drop_ids=torch.ones(2, dtype=torch.bool))
-        rows.clear()
-        assert torch.equal(guided_velocity(model, x, t, y, guidance=1.0, null_cond=null), v_c)
-        assert rows == [2]  # guidance 1: no unconditional branch
-        rows.clear()
-        guided = guided_velocity(model, x, t, y, guidance=w, null_cond=null)
-        assert rows == [4]  # cond and null halves in one forward
-        masked = guided_velocity(model, x, t, y, guidance=w, null_cond=null, interval=(0.5, 1.0))
-    assert (v_c - v_u).abs().max().item() > 1e-2
-    # The 4-row forward may round differently from the two 2-row ones (other CPU kernels); guidance scales
-    # that difference by up to 1 + 2w, so the tolerance does too (2.4e-5 was seen at w = 4 on an AMD EPYC).
-    tol = 1e-5 * (1 + 2 * w)
-    torch.testing.assert_close(guided, v_u + w * (v_c - v_u), rtol=1e-5, atol=tol)
-    torch.testing.assert_close(masked[0], v_c[0], rtol=1e-5, atol=1e-5)  # t = 0.2 outside: conditional
-    torch.testing.assert_close(masked[1], guided[1])  # t = 0.9 inside
+        for t in (0.2, 0.9):
+            tt = torch.full((2,), t)
+            v_c = model(x, tt, y)
+            v_u = model(x, tt, y, force_drop_ids=torch.ones(2, dtype=torch.bool))
+            rows.clear()
+            assert torch.equal(guided_velocity(model, x, tt, y, Guidance("cfg", 1.0), null_cond=null), v_c)
+            assert rows == [2]  # guidance 1: no unconditional branch
+            rows.clear()
+            guided[t] = guided_velocity(model, x, tt, y, Guidance("cfg", w), null_cond=null)
+            assert rows == [4]  # cond and null halves in one forward
+            masked[t] = guided_velocity(model, x, tt, y, Guidance("cfg", w, (0.5, 1.0)), null_cond=null)
+            assert (v_c - v_u).abs().max().item() > 1e-2
+            # The 4-row forward may round differently from the two 2-row ones (other CPU kernels); guidance scales
+            # that difference by up to 1 + 2w, so the tolerance does too (2.4e-5 was seen at w = 4 on an AMD EPYC).
+            tol = 1e-5 * (1 + 2 * w)
+            torch.testing.assert_close(guided[t], v_u + w * (v_c - v_u), rtol=1e-5, atol=tol)
+            if t == 0.2:  # outside the interval: the conditional velocity, from a 2-row forward
+                assert torch.equal(masked[t], v_c)
+    assert torch.equal(masked[0.9], guided[0.9])  # inside
 
 
 def test_reference_state_dict_loads_strictly() -> None:

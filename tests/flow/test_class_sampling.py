@@ -1,4 +1,4 @@
-"""Samplers for class-conditional RAE latents: parity with RAE's transport on the same network and noise, the
+"""The sampler on class-conditional RAE latents: parity with RAE's transport on the same network and noise, the
 grids, integration to t = 0, the SDE, and one-line errors.
 
 The `reference_*` loops are written from rae.md §6 (RAE `transport/transport.py` + `integrators.py`, torchdiffeq
@@ -13,14 +13,10 @@ import pytest
 import torch
 
 from scale_rae_core.errors import ConfigError
-from scale_rae_core.flow.class_flow import latent_shift
+from scale_rae_core.flow.class_flow import latent_shift, sample_class_latents
+from scale_rae_core.flow.grids import rae_grid, srae_grid
 from scale_rae_core.flow.guidance import Guidance
-from scale_rae_core.flow.rae_sampler import (
-    SamplerConfig,
-    generator_noise,
-    sample_class_latents,
-    time_grid,
-)
+from scale_rae_core.flow.sampler import DIFFUSION_FORMS, SamplerConfig, generator_noise
 from scale_rae_core.models.class_dit import CLASS_DIT_PRESETS, build_class_dit
 
 CFG = CLASS_DIT_PRESETS["tiny-ddt"]
@@ -94,11 +90,11 @@ def reference_sde_euler(model, x, y, num_steps, s, gen):
 def test_grids():
     s = latent_shift((768, 16, 16))
     assert s == pytest.approx(math.sqrt(48))
-    ref = time_grid(49, s, "reference")  # RAE's num_steps = 50 grid points
+    ref = rae_grid(49, s).tolist()  # RAE's num_steps = 50 grid points
     assert len(ref) == 50
     assert ref[:3] == pytest.approx([1.0, 0.9970, 0.9939], abs=1e-4)  # rae.md §6.3
     assert ref[-3:] == pytest.approx([0.2320, 0.1315, 0.00689], abs=1e-4)
-    srae = time_grid(50, s)
+    srae = srae_grid(50, s).tolist()
     assert len(srae) == 51 and srae[0] == 1.0 and srae[-1] == 0.0
     assert all(a > b for a, b in zip(srae, srae[1:], strict=False))
 
@@ -107,7 +103,7 @@ def test_grids():
 def test_ode_parity_with_rae_on_the_reference_grid(model, method):
     noise, y = _inputs()
     s = latent_shift((CFG.in_channels, CFG.grid, CFG.grid))
-    ours = sample_class_latents(model, y, noise, s, SamplerConfig("ode", method, steps=9, grid="reference"))
+    ours = sample_class_latents(model, y, noise, s, SamplerConfig(f"rae-{method}", steps=9))
     with torch.no_grad():
         ref = reference_ode(model, noise.clone(), y, num_steps=10, s=s, method=method)
     assert _rel(ours, ref) <= 1e-5
@@ -118,7 +114,7 @@ def test_sde_parity_with_rae_euler_maruyama(model):
     noise, y = _inputs()
     s = latent_shift((CFG.in_channels, CFG.grid, CFG.grid))
     ours = sample_class_latents(
-        model, y, noise, s, SamplerConfig("sde", "euler", steps=7, diffusion="sigma", last_step="none"),
+        model, y, noise, s, SamplerConfig("sde", steps=7, diffusion="sigma", last_step="none"),
         step_noise=generator_noise(torch.Generator().manual_seed(11)),
     )
     with torch.no_grad():
@@ -144,13 +140,13 @@ class PointMass(torch.nn.Module):
 @pytest.mark.parametrize(
     "sampler",
     [
-        SamplerConfig("ode", "euler", steps=5),
-        SamplerConfig("ode", "heun", steps=5),
-        SamplerConfig("sde", "euler", steps=6, diffusion="sigma"),
-        SamplerConfig("sde", "heun", steps=6, diffusion="sbdm"),
-        SamplerConfig("sde", "euler", steps=6, diffusion="increasing-decreasing"),
+        SamplerConfig("euler", steps=5),
+        SamplerConfig("heun", steps=5),
+        SamplerConfig("sde", steps=6, diffusion="sigma"),
+        SamplerConfig("sde-heun", steps=6, diffusion="sbdm"),
+        SamplerConfig("sde", steps=6, diffusion="increasing-decreasing"),
     ],
-    ids=lambda c: f"{c.mode}-{c.method}-{c.diffusion}",
+    ids=lambda c: f"{c.method}-{c.diffusion}",
 )
 def test_srae_grid_integrates_to_data(sampler):
     x0 = torch.randn(1, CFG.in_channels, CFG.grid, CFG.grid).expand(2, -1, -1, -1)
@@ -163,21 +159,19 @@ def test_reference_grid_stops_short_of_data():
     x0 = torch.zeros(2, CFG.in_channels, CFG.grid, CFG.grid)
     noise, y = _inputs(batch=2)
     s = latent_shift((768, 16, 16))
-    out = sample_class_latents(PointMass(x0), y, noise, s, SamplerConfig("ode", "euler", steps=49, grid="reference"))
-    torch.testing.assert_close(out, noise * time_grid(49, s, "reference")[-1], rtol=1e-5, atol=1e-6)  # ≈ 0.0069·ε
+    out = sample_class_latents(PointMass(x0), y, noise, s, SamplerConfig("rae-euler", steps=49))
+    torch.testing.assert_close(out, noise * rae_grid(49, s)[-1].item(), rtol=1e-5, atol=1e-6)  # ≈ 0.0069·ε
 
 
 def test_sde_noise_changes_samples_but_same_seed_repeats(model):
     noise, y = _inputs(batch=2)
-    cfg = SamplerConfig("sde", "euler", steps=4)
+    cfg = SamplerConfig("sde", steps=4)
     run = lambda seed: sample_class_latents(model, y, noise, 2.0, cfg, step_noise=generator_noise(torch.Generator().manual_seed(seed)))  # noqa: E731
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
 def test_rae_sbdm_sign_is_fixed():
-    from scale_rae_core.flow.rae_sampler import DIFFUSION_FORMS
-
     assert DIFFUSION_FORMS["sbdm"](0.5, 1.0) == pytest.approx(1.0)  # RAE's compute_diffusion gives −1.0 here
     assert math.isfinite(DIFFUSION_FORMS["sbdm"](1.0, 1.0))
 
@@ -185,11 +179,10 @@ def test_rae_sbdm_sign_is_fixed():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"mode": "flow"}, "sampler mode 'flow' is unknown"),
-        ({"method": "dopri5"}, "sampler method 'dopri5' is unknown"),
-        ({"steps": 0}, "sampler steps must be >= 1"),
-        ({"mode": "sde", "grid": "reference"}, "the reference grid is RAE's ODE grid"),
+        ({"method": "dopri5"}, "--sampler 'dopri5' is unknown; choose one of euler, heun, sde, sde-heun, rae-euler"),
+        ({"steps": 0}, "--steps 0 is too small for the euler sampler; use at least 1"),
         ({"diffusion": "SBDM"}, "sampler diffusion 'SBDM' is unknown"),
+        ({"last_step": "mean"}, "sampler last_step 'mean' is unknown; choose one of tweedie, none"),
     ],
 )
 def test_bad_sampler_settings(kwargs, message):
