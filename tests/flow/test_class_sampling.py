@@ -180,7 +180,7 @@ def test_rae_sbdm_sign_is_fixed():
     ("kwargs", "message"),
     [
         ({"method": "dopri5"}, "--sampler 'dopri5' is unknown; choose one of euler, heun, sde, sde-heun, rae-euler"),
-        ({"steps": 0}, "--steps 0 is too small for the euler sampler; use at least 1"),
+        ({"steps": 0}, "--steps 0: the euler sampler takes 1 to 10000 steps"),
         ({"diffusion": "SBDM"}, "sampler diffusion 'SBDM' is unknown"),
         ({"last_step": "mean"}, "sampler last_step 'mean' is unknown; choose one of tweedie, none"),
     ],

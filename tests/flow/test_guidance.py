@@ -94,8 +94,8 @@ def test_cfg_needs_a_null_class():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"method": "pag"}, "unknown guidance method 'pag'"), ({"scale": -1.0}, "guidance scale must be >= 0"),
-     ({"interval": (0.8, 0.2)}, "guidance interval must be (t_min, t_max)")],
+    [({"method": "pag"}, "unknown guidance method 'pag'"), ({"scale": -1.0}, "--guidance -1.0 must be a number from 0 to 1000"),
+     ({"interval": (0.8, 0.2)}, "--guidance-interval (0.8, 0.2) must be lo,hi")],
 )
 def test_bad_guidance_values(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -181,11 +181,15 @@ def test_sampling_a_tiny_dit_with_guidance_is_deterministic_under_a_generator() 
 def test_bad_sampler_settings_raise_config_error() -> None:
     with pytest.raises(ConfigError, match="--sampler 'dpm' is unknown; choose one of euler, heun, sde"):
         SamplerConfig("dpm")
-    with pytest.raises(ConfigError, match="--steps 1 is too small for the reference sampler; use at least 2"):
+    with pytest.raises(ConfigError, match="--steps 1: the reference sampler takes 2 to 10000 steps"):
         SamplerConfig("reference", 1)
-    with pytest.raises(ConfigError, match="use at least 1"):
+    with pytest.raises(ConfigError, match="--steps 0: the euler sampler takes 1 to 10000 steps"):
         SamplerConfig("euler", 0)
+    with pytest.raises(ConfigError, match="--steps 10001: the heun sampler takes 1 to 10000 steps"):
+        SamplerConfig("heun", 10_001)
     with pytest.raises(ConfigError, match="sampler shift must be > 0"):
         FlowSampler(SamplerConfig(), shift=0.0)
-    with pytest.raises(ConfigError, match=r"0 <= t_min <= t_max <= 1"):
+    with pytest.raises(ConfigError, match=r"must be lo,hi with 0 <= lo <= hi <= 1"):
         Guidance("cfg", 2.0, (0.8, 0.2))
+    with pytest.raises(ConfigError, match=r"--guidance nan must be a number from 0 to 1000"):
+        Guidance("cfg", float("nan"))
