@@ -25,13 +25,13 @@ def clear(
     project: str | None = typer.Option(None, "--project", help="GCP project for --all-workers."),
 ) -> None:
     """List (and with --force end) the processes holding TPU devices or the libtpu lock; remove a stale lock."""
-    from scale_rae_core.backends.tpu_clear import (
+    from scale_rae_core.errors import BackendError
+    from scale_rae_core.ops.tpu_clear import (
         all_workers_command,
         clear_tpu,
         render_report,
         run_all_workers,
     )
-    from scale_rae_core.errors import BackendError
 
     if run and not all_workers:
         raise BackendError("--run only goes with --all-workers; drop --run to clear this VM")

@@ -1,0 +1,156 @@
+"""The shapes benchmark: fixed prompt set, held-out images, answer normalisation, rates on a tiny random model,
+the best-of-k selection against a hand-computed one, and `srae eval shapes` through the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scale_rae_core.config import load_profile
+from scale_rae_core.data.synth import COLOURS, POSITIONS, SHAPES, render
+from scale_rae_core.errors import ConfigError
+from scale_rae_core.eval.shapes import parse_prompt, read_image
+from scale_rae_core.eval.shapes_bench import (
+    SETTINGS_FILE,
+    bench_prompts,
+    heldout_specs,
+    normalise_answer,
+    run_benchmark,
+    table_rows,
+)
+from scale_rae_core.infer.pipeline import Session
+from tests.infer.helpers import build_tiny, write_decoder, write_export
+
+
+def test_prompt_set_is_fixed_complete_and_parsable():
+    prompts = bench_prompts()
+    assert len(prompts) == len(set(prompts)) == len(COLOURS) * len(SHAPES) * len(POSITIONS) == 36
+    assert prompts == bench_prompts()  # deterministic
+    parsed = [parse_prompt(p) for p in prompts]
+    assert {(p["colour"], p["shape"], p["position"]) for p in parsed} == {
+        (c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS}
+    assert all(p["size"] is None for p in parsed)
+    assert len({(p["colour"], p["shape"]) for p in parsed[:12]}) == 12  # a prefix of 12 holds every colour x shape
+    assert bench_prompts(5) == prompts[:5]
+    with pytest.raises(ConfigError, match="--n-prompts 37"):
+        bench_prompts(37)
+
+
+def test_heldout_images_are_deterministic_and_read_back():
+    specs = heldout_specs(12, seed=0)
+    assert specs == heldout_specs(12, seed=0) and specs != heldout_specs(12, seed=1)
+    for spec in specs:  # rendered held-out images are what they claim: the scorer reads them back
+        r = read_image(render(spec, 64))
+        assert (r.colour, r.shape, r.position) == (spec.colour, spec.shape, spec.position)
+
+
+@pytest.mark.parametrize("text, word", [
+    ("Red.", "red"), ("  CIRCLE ", "circle"), ("centre", "center"), ("middle!", "center"), ("big", "large"),
+    ("a red circle", "a red circle"),
+])
+def test_normalise_answer(text, word):
+    assert normalise_answer(text) == word
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    model, tok = build_tiny(tmp)
+    return {"export": write_export(model, tok, tmp / "export"), "decoder": write_decoder(tmp / "decoder")}
+
+
+def test_benchmark_on_a_tiny_model(files, tmp_path):
+    session = Session.open(str(files["export"]), load_profile("tiny-cpu"), decoder=str(files["decoder"]))
+    out = tmp_path / "bench.json"
+    result = run_benchmark(session, out, n_prompts=3, k=2, n_images=2, seed=0, steps=2)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    g, u = result["generation"], result["understanding"]
+    assert g["n_prompts"] == 3 and g["k"] == 2 and len(g["prompts"]) == 3
+    for row in g["prompts"]:
+        assert [s["index"] for s in row["samples"]] == [0, 1] and row["selected"] in (0, 1)
+    # rates are recomputed here from the per-sample verdicts
+    first = [row["samples"][0]["full"] for row in g["prompts"]]
+    chosen = [row["samples"][row["selected"]]["full"] for row in g["prompts"]]
+    every = [s["colour"] for row in g["prompts"] for s in row["samples"]]
+    assert g["first"]["full"] == pytest.approx(sum(first) / 3)
+    assert g["best_of_k"]["full"] == pytest.approx(sum(chosen) / 3)
+    assert g["mean_over_k"]["colour"] == pytest.approx(sum(every) / 6)
+    assert g["gain"] == pytest.approx(g["best_of_k"]["full"] - g["mean_over_k"]["full"])
+    assert g["oracle_best_of_k"] >= max(g["first"]["full"], g["best_of_k"]["full"])
+    assert u["n_images"] == 2 and u["n_questions"] == 8
+    assert u["accuracy"] == pytest.approx(sum(q["correct"] for i in u["images"] for q in i["qa"]) / 8)
+    assert set(u["by_attribute"]) == {"colour", "shape", "position", "size"}
+    assert len(table_rows(result)) == 5
+    # a re-run with the same settings resumes (same numbers); other settings start over
+    again = run_benchmark(session, out, n_prompts=3, k=2, n_images=2, seed=0, steps=2)
+    assert again["generation"]["first"] == g["first"] and again["generation"]["prompts"] == g["prompts"]
+    marker = json.loads((out.with_suffix("") / SETTINGS_FILE).read_text())
+    assert marker["decoder"] == session.decoder()[1].describe()["id"]  # another --decoder starts over too
+    fewer = run_benchmark(session, out, n_prompts=2, k=1, n_images=1, seed=0, steps=2)
+    assert fewer["generation"]["n_prompts"] == 2 and all(len(p["samples"]) == 1 for p in fewer["generation"]["prompts"])
+    with pytest.raises(ConfigError, match="ending in .json"):
+        run_benchmark(session, tmp_path / "bench.txt", n_prompts=1, k=1, n_images=1)
+
+
+def test_selection_uses_the_models_yes_answer(files, tmp_path, monkeypatch):
+    """best-of-k picks a sample the model answered "yes" for, over an earlier "no"."""
+    import scale_rae_core.scale.run as run_mod
+
+    calls = {"n": 0}
+    real = run_mod.self_verify
+
+    def fake(*args, **kwargs):
+        record = real(*args, **kwargs)
+        calls["n"] += 1
+        yes = calls["n"] % 2 == 0  # sample 1 of each prompt says yes, sample 0 says no
+        record.update(answer="yes" if yes else "no", score=1 if yes else 0, yes_conf_score=1.0 if yes else 0.0)
+        return record
+
+    monkeypatch.setattr(run_mod, "self_verify", fake)
+    session = Session.open(str(files["export"]), load_profile("tiny-cpu"), decoder=str(files["decoder"]))
+    result = run_benchmark(session, tmp_path / "b.json", n_prompts=2, k=2, n_images=1, steps=2)
+    assert [p["selected"] for p in result["generation"]["prompts"]] == [1, 1]
+    assert [p["answers"] for p in result["generation"]["prompts"]] == [["no", "yes"], ["no", "yes"]]
+    # another self-verification metric re-selects from the same samples: lowest caption loss of the prompt
+    calls["n"] = 0
+    by_loss = run_benchmark(session, tmp_path / "b.json", n_prompts=2, k=2, n_images=1, steps=2, selector="loss")
+    assert by_loss["generation"]["selector"] == "loss" and calls["n"] == 0  # nothing regenerated
+    for row in by_loss["generation"]["prompts"]:
+        meta = json.loads((Path(row["folder"]) / "metadata.jsonl").read_text())
+        losses = [meta["text_responses"][str(k)]["prompt_loss"] for k in (0, 1)]
+        assert row["selected"] == losses.index(min(losses))
+    with pytest.raises(ConfigError, match="--select image_reward: choose one of answer_conf"):
+        run_benchmark(session, tmp_path / "b.json", n_prompts=2, k=2, n_images=1, steps=2, selector="image_reward")
+
+
+def test_cli_eval_shapes(files, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from scale_rae_cli.eval_shapes import EPILOG, shapes
+    from scale_rae_cli.main import _SraeGroup
+
+    app = typer.Typer(cls=_SraeGroup)
+    ev = typer.Typer()
+    ev.command("shapes", epilog=EPILOG)(shapes)
+    app.add_typer(ev, name="eval")
+    out = tmp_path / "s.json"
+    res = CliRunner().invoke(app, ["eval", "shapes", "--model", str(files["export"]), "--decoder", str(files["decoder"]),
+                                   "--out", str(out), "--n-prompts", "1", "--k", "1", "--n-images", "1", "--steps", "2",
+                                   "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "shapes benchmark" in res.output and "first sample" in res.output and f"wrote {out}" in res.output
+    assert json.loads(out.read_text())["generation"]["n_prompts"] == 1
+    res = CliRunner().invoke(app, ["eval", "shapes", "--model", str(files["export"]), "--decoder", str(files["decoder"]),
+                                   "--out", str(out), "--n-prompts", "1", "--k", "1", "--n-images", "1", "--steps", "2",
+                                   "--quiet", "--verify-on", "image", "--select", "loss"])
+    assert res.exit_code == 0, res.output
+    g = json.loads(out.read_text())["generation"]
+    assert (g["verify_on"], g["selector"]) == ("image", "loss") and "best of 1 by loss" in res.output
+    assert (out.with_suffix("") / "samples" / "bench" / "1_verify_scale_image").is_dir()
+    res = CliRunner().invoke(app, ["eval", "shapes", "--model", str(files["export"]), "--decoder", str(files["decoder"]),
+                                   "--out", str(out), "--n-prompts", "99", "--quiet"])
+    assert res.exit_code == 1 and res.output.startswith("error: --n-prompts 99") and res.output.count("\n") == 1
+    assert "Example" in CliRunner().invoke(app, ["eval", "shapes", "--help"]).output
