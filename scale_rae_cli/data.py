@@ -20,7 +20,7 @@ def synth(
     heldout: float = typer.Option(0.1, "--heldout", help="Fraction of images kept apart in heldout/ for evaluation."),
 ) -> None:
     """Render the shapes world (coloured shapes with captions and Q/A) in every input format `data pack` reads."""
-    from scale_rae_core.data.synth import synthesize
+    from scale_rae_core.shapes.synth import synthesize
 
     s = synthesize(out, n, image_size=image_size, seed=seed, split_heldout=heldout)
     train, held = s["train"], s["heldout"]

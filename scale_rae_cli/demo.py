@@ -49,7 +49,8 @@ def demo(
     [→ stage2 with --retrain] → model → generate → understand → scale → eval → report (report.html)."""
     import shlex
 
-    from scale_rae_core.demo import BUNDLED_RECIPE, DemoOptions, run_demo
+    from scale_rae_core.demo.context import DemoOptions
+    from scale_rae_core.demo.run import BUNDLED_RECIPE, run_demo
     from scale_rae_core.events import Reporter
 
     prof = load(profile, [*(BUNDLED_RECIPE if retrain else ()), *(set_ or [])])
@@ -76,7 +77,7 @@ def demo(
         typer.echo(f"           (the bars judge this run's model, trained {budget};" + bundled_line() + ")")
     typer.echo(f"done: {out} (report {out / 'report.html'}, summary {out / 'demo.json'})")
     if install:
-        from scale_rae_core.infer.bundle import install_bundled
+        from scale_rae_core.demo.install import install_bundled
 
         path = install_bundled(out / "model", out / "eval_shapes.json", result.quality)
         typer.echo(f"installed: {path} is now the default --model")

@@ -31,9 +31,9 @@ def shapes(
     quiet: QuietOpt = False,
 ) -> None:
     """Score generated images with the pixel scorer and check answers on held-out images; JSON plus a table."""
-    from scale_rae_core.eval.shapes_bench import run_benchmark
     from scale_rae_core.events import Reporter
     from scale_rae_core.infer.pipeline import Session
+    from scale_rae_core.shapes.bench import run_benchmark
 
     prof = load(profile, set_)
     with (Session.open(require_model(model), prof, decoder=decoder) as session,
@@ -48,7 +48,7 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from scale_rae_core.eval.shapes_bench import table_rows
+    from scale_rae_core.shapes.bench import table_rows
 
     g = result["generation"]
     table = Table(title=f"shapes benchmark: {g['n_prompts']} prompts x {g['k']} samples, "

@@ -3,7 +3,7 @@
 `open_labelled(path, ...)` returns a resumable stream of `(pixels [3, S, S] in [0, 1], label, position)` from
 
 * a class-folder tree `root/<class>/<image>`: the classes are the sorted sub-folder names (the ImageFolder
-  convention; `srae data synth` writes all 12 shapes classes, `data.synth.SHAPE_CLASSES`, even when empty), the
+  convention; `srae data synth` writes all 12 shapes classes, `shapes.synth.SHAPE_CLASSES`, even when empty), the
   label is the folder's index. Images are listed in sorted path order, shuffled per epoch by `Random(seed, epoch)`
   when training and split contiguously across ranks (drop-last), as `train.decoder_data` reads image folders;
 * a packed dataset (`srae data pack root --format classes`): each sample's metadata carries `label` (the class

@@ -27,14 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from scale_rae_core.data.images import IMAGE_EXTENSIONS
-from scale_rae_core.data.sample import IMAGE_TOKEN, reference_record
+from scale_rae_core.data.sample import reference_record
 from scale_rae_core.errors import DataError
+from scale_rae_core.prompts import CAPTION_QUESTION, GENERATION_REQUEST, IMAGE_MARKER, with_images
 
 FORMATS = ("captions", "conversations", "classes")
 TASKS = ("generation", "understanding", "both")
-
-GENERATION_PROMPT = "Generate an image of {caption}"
-UNDERSTANDING_PROMPT = IMAGE_TOKEN + "\nDescribe this image."
 
 
 @dataclass
@@ -125,10 +123,10 @@ def entries_digest(entries: list[Entry]) -> str:
 def caption_variants(caption: str, task: str) -> list[tuple[str, list[dict[str, str]]]]:
     """The samples a caption makes: a generation and/or an understanding conversation."""
     gen = [
-        {"from": "human", "value": GENERATION_PROMPT.format(caption=caption)},
-        {"from": "gpt", "value": IMAGE_TOKEN},
+        {"from": "human", "value": GENERATION_REQUEST.format(prompt=caption)},
+        {"from": "gpt", "value": IMAGE_MARKER},
     ]
-    und = [{"from": "human", "value": UNDERSTANDING_PROMPT}, {"from": "gpt", "value": caption}]
+    und = [{"from": "human", "value": with_images(CAPTION_QUESTION)}, {"from": "gpt", "value": caption}]
     if task == "generation":
         return [("", gen)]
     if task == "understanding":

@@ -35,6 +35,7 @@ from scale_rae_core.infer.outputs import (
     write_png,
 )
 from scale_rae_core.infer.pipeline import SamplerSettings, Session, decode_pixels, open_backend, seconds_since
+from scale_rae_core.prompts import IMAGE_MARKER, with_images
 
 DEFAULT_MAX_NEW_TOKENS = 512
 
@@ -59,9 +60,9 @@ def _request(question: str, n_images: int, history: list[dict[str, str]] | None 
     Without ``<image>`` markers in the question the images go first, each followed by a newline (the reference's
     ``<im_start><image><im_end>\\n{question}``); with markers, their count must be ``n_images``.
     """
-    marks = question.count("<image>")
+    marks = question.count(IMAGE_MARKER)
     if marks == 0:
-        question = "<image>\n" * n_images + question
+        question = with_images(question, n_images)
     elif marks != n_images:
         raise DataError(f"the question has {marks} <image> markers but {n_images} image(s) go with it; remove them or match the count")
     return [*(history or []), {"from": "human", "value": question}]
@@ -179,7 +180,7 @@ def latent_answer(
     history = None
     original = latent.metadata.get("prompt")
     if action == "continue" and original:
-        history = [{"from": "human", "value": original}, {"from": "gpt", "value": "<image>" * latent.tokens.shape[0]}]
+        history = [{"from": "human", "value": original}, {"from": "gpt", "value": IMAGE_MARKER * latent.tokens.shape[0]}]
     n_new = 0 if history else latent.tokens.shape[0]  # with history the images sit in the replayed assistant turn
     start = time.perf_counter()
     (reply,) = answer(session, [_request(prompt, n_new, history)], [latent.tokens], max_new_tokens)

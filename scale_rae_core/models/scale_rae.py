@@ -177,11 +177,11 @@ def build_llm(settings: LLMSettings, tokenizer_dir: str | Path) -> tuple[PreTrai
     from transformers import AutoTokenizer
 
     from scale_rae_core.models.llm import add_image_tokens
-    from scale_rae_core.models.presets import llm_config, tiny_tokenizer
+    from scale_rae_core.models.presets import TINY_TOKENIZER, llm_config
 
     tokenizer_dir = Path(tokenizer_dir)
     if not settings.path:
-        tokenizer = tiny_tokenizer(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
         llm = Qwen2ForCausalLM(llm_config(settings.preset, vocab_size=len(tokenizer)))
     else:
         from scale_rae_core.hub import resolve_transformers

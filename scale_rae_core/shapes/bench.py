@@ -41,7 +41,16 @@ from scale_rae_core.prompts import SHAPES_QUESTIONS, SHAPES_WHERE
 from scale_rae_core.scale.run import ScaleSettings, run_root, run_scaling
 from scale_rae_core.scale.select import SELF_VERIFICATION_METRICS, read_run, select
 from scale_rae_core.shapes.scorer import ShapesScorer, match
-from scale_rae_core.shapes.synth import COLOURS, POSITIONS, SHAPES, SIZES, ShapeSpec, questions, random_spec, render
+from scale_rae_core.shapes.synth import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    ShapeSpec,
+    questions,
+    random_spec,
+    render,
+)
 
 ATTRIBUTES = ("colour", "shape", "position")
 SELECTOR = "answer_conf"  # the default: the model's yes/no answer to "Does this image align with the prompt?"

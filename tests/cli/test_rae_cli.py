@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from scale_rae_cli import convert, eval_recon, stat, train_decoder
 from scale_rae_cli.main import _SraeGroup
 from scale_rae_core.data.pack import pack
-from scale_rae_core.data.synth import synthesize
 from scale_rae_core.models import build
 from scale_rae_core.models.decoder import load_decoder
 from scale_rae_core.models.stats import load_stats
+from scale_rae_core.shapes.synth import synthesize
 from scale_rae_core.train.decoder_data import batches, open_images
 
 app = typer.Typer(cls=_SraeGroup, pretty_exceptions_enable=False)

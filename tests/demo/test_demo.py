@@ -11,16 +11,13 @@ import pytest
 from typer.testing import CliRunner
 
 from scale_rae_cli.main import app
-from scale_rae_core.demo import (
-    BUNDLED_RECIPE,
-    QUALITY_BARS,
-    STAGE_NAMES,
-    DemoOptions,
-    check_bars,
-)
+from scale_rae_core.demo.bars import QUALITY_BARS, check_bars
+from scale_rae_core.demo.context import DemoOptions
+from scale_rae_core.demo.install import install_bundled
+from scale_rae_core.demo.run import BUNDLED_RECIPE
+from scale_rae_core.demo.stages import STAGE_NAMES
 from scale_rae_core.errors import ConfigError
-from scale_rae_core.infer.bundle import install_bundled
-from tests.test_report import check_html
+from tests.demo.test_page import check_html
 
 TINY = [
     "--n", "30", "--quiet",

@@ -133,7 +133,7 @@ def test_scaling_run_resume_and_verify(session, tmp_path):
 
 def test_verify_on_image_reads_the_png_as_understand_does(session, tmp_path):
     from scale_rae_core.infer.understand import understand_image
-    from scale_rae_core.scale.verify import VERIFY_QUESTION
+    from scale_rae_core.prompts import VERIFY_QUESTION
 
     settings = ScaleSettings(n=1, rounds=1, batch_size=1, max_new_tokens=2, verify_max_new_tokens=4, verify_on="image")
     prompt = "a red circle"

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from scale_rae_core.config import load_profile
-from scale_rae_core.data.synth import COLOURS, POSITIONS, SHAPES, render
 from scale_rae_core.errors import ConfigError
-from scale_rae_core.eval.shapes import parse_prompt, read_image
-from scale_rae_core.eval.shapes_bench import (
+from scale_rae_core.infer.pipeline import Session
+from scale_rae_core.shapes.bench import (
     SETTINGS_FILE,
     bench_prompts,
     heldout_specs,
@@ -20,7 +19,8 @@ from scale_rae_core.eval.shapes_bench import (
     run_benchmark,
     table_rows,
 )
-from scale_rae_core.infer.pipeline import Session
+from scale_rae_core.shapes.scorer import parse_prompt, read_image
+from scale_rae_core.shapes.synth import COLOURS, POSITIONS, SHAPES, render
 from tests.infer.helpers import build_tiny, write_decoder, write_export
 
 

@@ -15,9 +15,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from scale_rae_core.data.synth import synthesize
 from scale_rae_core.errors import DataError
 from scale_rae_core.models.scale_rae import load_export
+from scale_rae_core.shapes.synth import synthesize
 from scale_rae_core.train.unified import train_unified
 from tests.train.unified_helpers import tiny_profile, use_list_reader
 
