@@ -32,7 +32,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from scale_rae_core.backends.base import backend_for
+    from scale_rae_core.backends import backend_for
     from scale_rae_core.config import load_profile
     from scale_rae_core.eval.metrics import psnr, ssim
     from scale_rae_core.models.build import build_rae

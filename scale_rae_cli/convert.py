@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -10,15 +11,15 @@ EPILOG = "Example: srae convert decoder nyu-visionx/siglip2_decoder models/sigli
 
 
 def convert_decoder(
-    src: str = typer.Argument(..., help="Released decoder: a folder with model.pt (+ config.json), a model.pt, or a hub repo id."),
-    out: Path = typer.Argument(..., help="Output folder (config.json + model.safetensors)."),
-    encoder_kind: str | None = typer.Option(
-        None, "--encoder-kind", help="Encoder the decoder reads: siglip | siglip2 | dinov2-reg | webssl-dino | mae (known hub repos fill it in)."
-    ),
-    encoder_id: str | None = typer.Option(None, "--encoder-id", help="Encoder repo id or folder, recorded in the config."),
-    config: Path | None = typer.Option(None, "--config", help="vit_mae config.json to use when none sits next to model.pt."),
-    subfolder: str | None = typer.Option(None, "--subfolder", help="Path of the decoder inside a hub repo."),
-    revision: str | None = typer.Option(None, "--revision", help="Hub revision."),
+    src: Annotated[str, typer.Argument(help="Released decoder: a folder with model.pt (+ config.json), a model.pt, or a hub repo id.")],
+    out: Annotated[Path, typer.Argument(help="Output folder (config.json + model.safetensors).")],
+    encoder_kind: Annotated[str | None, typer.Option(
+        "--encoder-kind", help="Encoder the decoder reads: siglip | siglip2 | dinov2-reg | webssl-dino | mae (known hub repos fill it in).",
+    )] = None,
+    encoder_id: Annotated[str | None, typer.Option("--encoder-id", help="Encoder repo id or folder, recorded in the config.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="vit_mae config.json to use when none sits next to model.pt.")] = None,
+    subfolder: Annotated[str | None, typer.Option("--subfolder", help="Path of the decoder inside a hub repo.")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision.")] = None,
 ) -> None:
     """Convert a released decoder (strict key check, sizes from the weights) into config.json + model.safetensors."""
     from scale_rae_core.models.convert import convert_released_decoder

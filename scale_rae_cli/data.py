@@ -1,23 +1,30 @@
-"""`srae data synth|pack|inspect|verify`."""
+"""`srae data synth|pack|inspect|verify` (main registers them, with `data npz`, on the `data` group)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from scale_rae_cli.options import QuietOpt
+from scale_rae_cli.options import PackedArg, QuietOpt, float_option, int_option
 
-app = typer.Typer(help="Make, pack, inspect and verify training data.", no_args_is_help=True)
+HELP = "Make, pack, inspect and verify training data."
+SYNTH_EPILOG = "Example: srae data synth shapes --n 2000 --image-size 64"
+PACK_EPILOG = (
+    "Examples: srae data pack shapes/conversations.jsonl --out packed · "
+    "srae data pack photos/ --task generation --image-size 256 --codec jpg --workers 2 --out packed"
+)
+INSPECT_EPILOG = "Example: srae data inspect packed --samples 5"
+VERIFY_EPILOG = "Example: srae data verify packed"
 
 
-@app.command("synth", epilog="Example: srae data synth shapes --n 2000 --image-size 64")
 def synth(
-    out: Path = typer.Argument(..., help="Empty output folder."),
-    n: int = typer.Option(2000, "--n", help="Images in total; a --heldout fraction of them go to heldout/."),
-    image_size: int = typer.Option(64, "--image-size", help="Image side in pixels (16–256 and up)."),
-    seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
-    heldout: float = typer.Option(0.1, "--heldout", help="Fraction of images kept apart in heldout/ for evaluation."),
+    out: Annotated[Path, typer.Argument(help="Empty output folder.")],
+    n: Annotated[int, int_option("--n", help="Images in total; a --heldout fraction of them go to heldout/.")] = 2000,
+    image_size: Annotated[int, int_option("--image-size", help="Image side in pixels (16–256 and up).")] = 64,
+    seed: Annotated[int, int_option("--seed", help="Same seed, same bytes.")] = 0,
+    heldout: Annotated[float, float_option("--heldout", help="Fraction of images kept apart in heldout/ for evaluation.")] = 0.1,
 ) -> None:
     """Render the shapes world (coloured shapes with captions and Q/A) in every input format `data pack` reads."""
     from scale_rae_core.shapes.synth import synthesize
@@ -32,25 +39,20 @@ def synth(
     typer.echo(f"next: srae data pack {out / 'conversations.jsonl'} --out {out.parent / (out.name + '-packed')}")
 
 
-@app.command(
-    "pack",
-    epilog="Examples: srae data pack shapes/conversations.jsonl --out packed · "
-    "srae data pack photos/ --task generation --image-size 256 --codec jpg --workers 2 --out packed",
-)
 def pack(
-    input: Path = typer.Argument(..., help="Folder of images + .txt captions, a CSV/JSONL of (image, caption), a conversations JSONL, or a class-folder tree."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder for shards, wds_manifest.json and rejects.jsonl."),
-    format: str | None = typer.Option(None, "--format", help="captions | conversations | classes (default: detected)."),
-    task: str = typer.Option("both", "--task", help="For captions: generation | understanding | both."),
-    samples_per_shard: int = typer.Option(1000, "--samples-per-shard", help="Samples per tar shard."),
-    shard_bytes: int = typer.Option(1 << 30, "--shard-bytes", help="Start a new shard before a tar passes this size."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Shrink so the longer side is at most this (default: keep)."),
-    codec: str = typer.Option("png", "--codec", help="png | jpg | webp."),
-    quality: int = typer.Option(95, "--quality", help="jpg/webp quality."),
-    workers: int = typer.Option(1, "--workers", help="Processes encoding images (output is identical for any count)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted pack into the same --out."),
-    name: str | None = typer.Option(None, "--name", help="dataset_name in the manifest (default: the input's name)."),
-    image_root: Path | None = typer.Option(None, "--image-root", help="Where relative image paths of a CSV/JSONL resolve (default: its folder)."),
+    input: Annotated[Path, typer.Argument(help="Folder of images + .txt captions, a CSV/JSONL of (image, caption), a conversations JSONL, or a class-folder tree.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for shards, wds_manifest.json and rejects.jsonl.")],
+    format: Annotated[str | None, typer.Option("--format", help="captions | conversations | classes (default: detected).")] = None,
+    task: Annotated[str, typer.Option("--task", help="For captions: generation | understanding | both.")] = "both",
+    samples_per_shard: Annotated[int, int_option("--samples-per-shard", help="Samples per tar shard.")] = 1000,
+    shard_bytes: Annotated[int, int_option("--shard-bytes", help="Start a new shard before a tar passes this size.")] = 1 << 30,
+    image_size: Annotated[int | None, int_option("--image-size", help="Shrink so the longer side is at most this (default: keep).")] = None,
+    codec: Annotated[str, typer.Option("--codec", help="png | jpg | webp.")] = "png",
+    quality: Annotated[int, int_option("--quality", help="jpg/webp quality.")] = 95,
+    workers: Annotated[int, int_option("--workers", help="Processes encoding images (output is identical for any count).")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted pack into the same --out.")] = False,
+    name: Annotated[str | None, typer.Option("--name", help="dataset_name in the manifest (default: the input's name).")] = None,
+    image_root: Annotated[Path | None, typer.Option("--image-root", help="Where relative image paths of a CSV/JSONL resolve (default: its folder).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Pack images with captions or conversations into WebDataset tar shards + wds_manifest.json."""
@@ -82,11 +84,10 @@ def pack(
     typer.echo(f"manifest: {s.manifest}")
 
 
-@app.command("inspect", epilog="Example: srae data inspect packed --samples 5")
 def inspect(
-    path: Path = typer.Argument(..., help="Packed folder or its wds_manifest.json."),
-    samples: int = typer.Option(3, "--samples", help="How many samples to show."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    path: PackedArg,
+    samples: Annotated[int, int_option("--samples", help="How many samples to show.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show shard counts, totals and a few decoded samples."""
     import json
@@ -98,22 +99,23 @@ def inspect(
         typer.echo(json.dumps(info, indent=2, default=str))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
-    console.print(f"[bold]{info['dataset_name']}[/] — {info['total']} samples in {len(info['shards'])} shards ({info['manifest']})")
+    console = Console()  # the data's own text is escaped: "[stage2]" in a caption is shown, not read as markup
+    console.print(f"[bold]{escape(info['dataset_name'])}[/] — {info['total']} samples in {len(info['shards'])} shards "
+                  f"({escape(str(info['manifest']))})")
     if info.get("skipped"):
-        console.print(f"skipped while packing: {info['skipped']}")
+        console.print(escape(f"skipped while packing: {info['skipped']}"))
     table = Table("key", "shard", "image", "conversation", "metadata")
     for s in info["samples"]:
         conv = " | ".join(f"{t['from']}: {t['value']}" for t in s["conversations"])
         size = "×".join(map(str, s["image_size"])) if s["image_size"] else "-"
-        table.add_row(s["key"], s["shard"], size, conv[:80], json.dumps(s["metadata"])[:60])
+        table.add_row(*(escape(str(cell)) for cell in (s["key"], s["shard"], size, conv[:80], json.dumps(s["metadata"])[:60])))
     console.print(table)
 
 
-@app.command("verify", epilog="Example: srae data verify packed")
-def verify(path: Path = typer.Argument(..., help="Packed folder or its wds_manifest.json.")) -> None:
+def verify(path: PackedArg) -> None:
     """Re-read every sample and check it against the manifest; exit 1 if anything is wrong."""
     from scale_rae_core.data.shards import verify as run_verify
 

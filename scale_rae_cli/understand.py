@@ -7,21 +7,24 @@ from typing import Annotated
 
 import typer
 
-from scale_rae_cli.generate import (
+from scale_rae_cli.options import (
+    AnswerTokensOpt,
     DecoderOpt,
     DtypeOpt,
     GuidanceOpt,
     IntervalOpt,
     ModelOpt,
-    OutOpt,
+    ProfileOpt,
     SamplerOpt,
+    SamplesOutOpt,
     SaveLatentOpt,
     SeedOpt,
+    SetOpt,
     StepsOpt,
-    out_dir,
+    load,
     require_model,
+    samples_dir,
 )
-from scale_rae_cli.options import ProfileOpt, SetOpt, load
 
 EPILOG = (
     "Example: srae understand cat.png \"What is on the windowsill?\" --model nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B "
@@ -33,14 +36,14 @@ def understand(
     image: Annotated[Path, typer.Argument(help="Image file (png, jpg, webp, ...).")],
     question: Annotated[str, typer.Argument(help="The question; the image goes before it unless it contains <image>.")],
     model: ModelOpt = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer in tokens.")] = 512,
+    max_new_tokens: AnswerTokensOpt = 512,
     decoder: DecoderOpt = None,
     seed: SeedOpt = None,
     steps: StepsOpt = 50,
     guidance: GuidanceOpt = 1.0,
     guidance_interval: IntervalOpt = None,
     sampler: SamplerOpt = "euler",
-    out: OutOpt = None,
+    out: SamplesOutOpt = None,
     save_latent: SaveLatentOpt = False,
     dtype: DtypeOpt = None,
     profile: ProfileOpt = None,
@@ -54,7 +57,7 @@ def understand(
     settings = SamplerSettings(steps=steps, guidance=guidance, interval=parse_interval(guidance_interval), method=sampler)
     with Session.open(require_model(model), prof, dtype=dtype, decoder=decoder) as session:
         result = understand_image(
-            session, image, question, out_dir(out, prof), settings,
+            session, image, question, samples_dir(out, prof), settings,
             seed=prof.run.seed if seed is None else seed, max_new_tokens=max_new_tokens, save_latents=save_latent,
         )
     typer.echo(result.text)

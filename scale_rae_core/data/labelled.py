@@ -12,7 +12,7 @@
   `num_classes` must be given (a packed dataset does not list its classes without a full read).
 
 Resize and crop: shorter side to `image_size` (bicubic), then a square crop — random when training, centred
-otherwise (`train.decoder_data.to_square_tensor`).
+otherwise (`data.images.to_square_tensor`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 
-from scale_rae_core.data.images import IMAGE_EXTENSIONS, BadImage, read_image
+from scale_rae_core.data.images import IMAGE_EXTENSIONS, BadImage, read_image, to_square_tensor
 from scale_rae_core.data.shards import MANIFEST_NAME
 from scale_rae_core.errors import ConfigError, DataError
-from scale_rae_core.train.decoder_data import to_square_tensor
 
 Position = Any
 

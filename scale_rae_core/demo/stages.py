@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scale_rae_core.backends.base import backend_for
+from scale_rae_core.backends import backend_for
 from scale_rae_core.config import Profile
 from scale_rae_core.data.images import read_image
 from scale_rae_core.data.pack import pack

@@ -22,7 +22,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -95,7 +95,7 @@ class Runtime:
 def open_backend(profile: Profile, dtype: str | None) -> tuple[Backend, Runtime]:
     """The profile's backend (cpu or cuda; the caller closes it) and the runtime: its device and the compute
     dtype (``--dtype`` or the profile's)."""
-    from scale_rae_core.backends.base import get_backend
+    from scale_rae_core.backends import get_backend
 
     if profile.backend.kind == "xla":
         raise BackendError(
@@ -227,7 +227,7 @@ class Session:
         manifest: dict[str, Any] = {
             "mode": mode,
             "srae_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "model": {**self.loaded.source.describe(), "layout": self.loaded.layout},
             "encoder": {"kind": self.loaded.encoder.kind, "path": self.loaded.encoder.path},
             "device": str(self.runtime.device),

@@ -344,7 +344,7 @@ def train_decoder(profile: Profile, data: str | Path, run_dir: str | Path, *, re
     ``resume``: continue from the newest complete checkpoint in ``run_dir``, or start fresh when there is
     none (see :mod:`scale_rae_core.train.loop`). ``stop_at``: save after that step and stop. Collective.
     """
-    from scale_rae_core.backends.base import backend_for
+    from scale_rae_core.backends import backend_for
     from scale_rae_core.models.build import build_rae
 
     profile.check_runtime()

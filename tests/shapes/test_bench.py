@@ -126,16 +126,10 @@ def test_selection_uses_the_models_yes_answer(files, tmp_path, monkeypatch):
 
 
 def test_cli_eval_shapes(files, tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    from scale_rae_cli.eval_shapes import EPILOG, shapes
-    from scale_rae_cli.main import _SraeGroup
+    from scale_rae_cli.main import app
 
-    app = typer.Typer(cls=_SraeGroup)
-    ev = typer.Typer()
-    ev.command("shapes", epilog=EPILOG)(shapes)
-    app.add_typer(ev, name="eval")
     out = tmp_path / "s.json"
     res = CliRunner().invoke(app, ["eval", "shapes", "--model", str(files["export"]), "--decoder", str(files["decoder"]),
                                    "--out", str(out), "--n-prompts", "1", "--k", "1", "--n-images", "1", "--steps", "2",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from scale_rae_core.backends.base import get_backend
+from scale_rae_core.backends import get_backend
 from scale_rae_core.config import DiTSettings, EncoderSettings, LLMSettings
 from scale_rae_core.models.build import build_encoder
 from scale_rae_core.models.scale_rae import ScaleRAE, build_llm, scale_rae_config
