@@ -25,6 +25,7 @@ from scale_rae_cli.options import (
     int_option,
     load,
     require_model,
+    sampler_settings,
     samples_dir,
 )
 
@@ -58,11 +59,11 @@ def generate(
     """Generate images from text: greedy text with a KV cache until <im_start>, then the flow head and the pixel decoder."""
     from scale_rae_core.events import Reporter
     from scale_rae_core.infer.generate import generate_images, read_prompts
-    from scale_rae_core.infer.pipeline import SamplerSettings, Session, parse_interval
+    from scale_rae_core.infer.pipeline import Session
 
     prof = load(profile, set_)
     texts = read_prompts(list(prompts or []), prompts_file)
-    settings = SamplerSettings(steps=steps, guidance=guidance, interval=parse_interval(guidance_interval), method=sampler)
+    settings = sampler_settings(steps, guidance, guidance_interval, sampler)
     folder = samples_dir(out, prof)
     with (Session.open(require_model(model), prof, dtype=dtype, decoder=decoder) as session,
           Reporter(folder / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep):

@@ -97,6 +97,13 @@ LatentArg = Annotated[Path, typer.Argument(help="A latent from `srae generate --
 PromptArg = Annotated[str, typer.Argument(help="The question or follow-up request.")]
 
 
+def sampler_settings(steps: int, guidance: float, interval: str | None, method: str) -> Any:
+    """What ``--steps``, ``--guidance``, ``--guidance-interval`` and ``--sampler`` ask of the flow sampler."""
+    from scale_rae_core.infer.pipeline import SamplerSettings, parse_interval
+
+    return SamplerSettings(steps=steps, guidance=guidance, interval=parse_interval(interval), method=method)
+
+
 def require_model(model: str | None) -> str:
     """``--model``, else the bundled shapes demo model (said on stderr), else a one-line error."""
     from scale_rae_core.errors import ConfigError

@@ -23,6 +23,7 @@ from scale_rae_cli.options import (
     StepsOpt,
     load,
     require_model,
+    sampler_settings,
     samples_dir,
 )
 
@@ -50,11 +51,11 @@ def understand(
     set_: SetOpt = None,
 ) -> None:
     """Answer a question about an image; if the model answers with an image, it is sampled and saved too."""
-    from scale_rae_core.infer.pipeline import SamplerSettings, Session, parse_interval
+    from scale_rae_core.infer.pipeline import Session
     from scale_rae_core.infer.understand import understand_image
 
     prof = load(profile, set_)
-    settings = SamplerSettings(steps=steps, guidance=guidance, interval=parse_interval(guidance_interval), method=sampler)
+    settings = sampler_settings(steps, guidance, guidance_interval, sampler)
     with Session.open(require_model(model), prof, dtype=dtype, decoder=decoder) as session:
         result = understand_image(
             session, image, question, samples_dir(out, prof), settings,
