@@ -69,18 +69,22 @@ def demo(
     with Reporter(out / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep:
         result = run_demo(out, prof, rep, options=options, fresh=fresh, redo=list(redo or []), strict=strict,
                           command=shlex.join(made_by), on_stage=echo)
-    for q in result.quality:
-        mark = "ok" if q["ok"] else "BELOW BAR"
-        typer.echo(f"quality    {q['label']}: {q['value']:.4g} (bar {'>' if q.get('strict') else '>='} {q['minimum']:.4g}) {mark}")
-    if result.quality:
-        budget = "with the bundled model's recipe" if retrain else "in the demo's time budget"
-        typer.echo(f"           (the bars judge this run's model, trained {budget};" + bundled_line() + ")")
+    _print_quality(result.quality, retrain)
     typer.echo(f"done: {out} (report {out / 'report.html'}, summary {out / 'demo.json'})")
     if install:
         from scale_rae_core.demo.install import install_bundled
 
         path = install_bundled(out / "model", out / "eval_shapes.json", result.quality)
         typer.echo(f"installed: {path} is now the default --model")
+
+
+def _print_quality(quality: list[dict[str, Any]], retrain: bool) -> None:
+    for q in quality:
+        mark = "ok" if q["ok"] else "BELOW BAR"
+        typer.echo(f"quality    {q['label']}: {q['value']:.4g} (bar {'>' if q.get('strict') else '>='} {q['minimum']:.4g}) {mark}")
+    if quality:
+        budget = "with the bundled model's recipe" if retrain else "in the demo's time budget"
+        typer.echo(f"           (the bars judge this run's model, trained {budget};" + bundled_line() + ")")
 
 
 def bundled_line() -> str:

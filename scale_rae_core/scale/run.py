@@ -199,8 +199,6 @@ def run_scaling(
     rank: int | None = None, world_size: int | None = None,
 ) -> Path:
     """Run the loop for this process's share of ``prompts``; return the run root."""
-    from scale_rae_core.infer.generate import decode_to_image_start
-
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     root = run_root(out, model, settings)
@@ -220,45 +218,57 @@ def run_scaling(
             if done:
                 _check_same_run(folder, meta, model, settings, sampler, decoder_id)
             advance(min(done, settings.total))
-            if done >= settings.total:
-                continue
-            request = GENERATION_REQUEST.format(prompt=line["prompt"])
-            texts, conditions = decode_to_image_start(session, [request], settings.max_new_tokens)
-            text = texts[0]
-            meta = {
-                **{k: v for k, v in line.items()},
-                "model_path": model, "guidance_level": sampler.guidance, "max_new_tokens": settings.max_new_tokens,
-                "n_samples_generated": done, "input_prompt": text.request,
-                "text_responses": {k: v for k, v in meta.get("text_responses", {}).items() if int(k) < done},
-                "scores": {n: meta.get("scores", {}).get(n, [])[:done] for n in names},
-                "seeds": [settings.seed + k for k in range(done)],
-                "srae": {"n": settings.n, "rounds": settings.rounds, "verify_on": settings.verify_on,
-                         "request": GENERATION_REQUEST, "decoder": decoder_id, **sampler.describe()},
-            }
-            request_ids = _request_ids(session, request)
-            for k0 in range(done, settings.total, settings.batch_size):
-                ks = list(range(k0, min(k0 + settings.batch_size, settings.total)))
-                seeds = [settings.seed + k for k in ks]
-                tokens = session.sample(conditions.expand(len(ks), -1, -1), seeds, sampler)  # (b, N, C) CPU
-                pixels = session.decode_pixels(tokens)  # (b, 3, H, W) in [0, 1]
-                for j, k in enumerate(ks):
-                    png = write_png(folder / "samples" / f"{k:05d}.png", pixels[j])
-                    image = read_image(png)  # what the scorers, and verify_on="image", see: the PNG
-                    if settings.verify_on == "latent":
-                        features = tokens[j]
-                    else:
-                        features = session.encode_image(session.encoder_pixels([image]))[0].cpu()
-                    record = self_verify(session, line["prompt"], features, request_ids, text.generated_ids,
-                                         yes_no, settings.verify_max_new_tokens)
-                    record["gen_output_text"] = text.text
-                    for scorer in scorers:
-                        meta["scores"][scorer.name].append(score_batch(scorer, [line["prompt"]], [image])[0])
-                    meta["text_responses"][str(k)] = record
-                    meta["seeds"].append(seeds[j])
-                    meta["n_samples_generated"] = k + 1
-                    _write_metadata(folder, meta)
-                    advance(1)
+            if done < settings.total:
+                _scale_prompt(session, line, folder, meta, done, model, settings, sampler, scorers, decoder_id, yes_no,
+                              advance)
     return root
+
+
+def _scale_prompt(
+    session: Session, line: dict[str, Any], folder: Path, meta: dict[str, Any], done: int, model: str,
+    settings: ScaleSettings, sampler: SamplerSettings, scorers: list[Scorer], decoder_id: str,
+    yes_no: tuple[frozenset[int], frozenset[int]], advance: Any,
+) -> None:
+    """Samples ``done`` .. ``settings.total - 1`` of one prompt: draw, write, self-verify, score, record each."""
+    from scale_rae_core.infer.generate import decode_to_image_start
+
+    request = GENERATION_REQUEST.format(prompt=line["prompt"])
+    texts, conditions = decode_to_image_start(session, [request], settings.max_new_tokens)
+    text = texts[0]
+    names = [s.name for s in scorers]
+    meta = {
+        **{k: v for k, v in line.items()},
+        "model_path": model, "guidance_level": sampler.guidance, "max_new_tokens": settings.max_new_tokens,
+        "n_samples_generated": done, "input_prompt": text.request,
+        "text_responses": {k: v for k, v in meta.get("text_responses", {}).items() if int(k) < done},
+        "scores": {n: meta.get("scores", {}).get(n, [])[:done] for n in names},
+        "seeds": [settings.seed + k for k in range(done)],
+        "srae": {"n": settings.n, "rounds": settings.rounds, "verify_on": settings.verify_on,
+                 "request": GENERATION_REQUEST, "decoder": decoder_id, **sampler.describe()},
+    }
+    request_ids = _request_ids(session, request)
+    for k0 in range(done, settings.total, settings.batch_size):
+        ks = list(range(k0, min(k0 + settings.batch_size, settings.total)))
+        seeds = [settings.seed + k for k in ks]
+        tokens = session.sample(conditions.expand(len(ks), -1, -1), seeds, sampler)  # (b, N, C) CPU
+        pixels = session.decode_pixels(tokens)  # (b, 3, H, W) in [0, 1]
+        for j, k in enumerate(ks):
+            png = write_png(folder / "samples" / f"{k:05d}.png", pixels[j])
+            image = read_image(png)  # what the scorers, and verify_on="image", see: the PNG
+            if settings.verify_on == "latent":
+                features = tokens[j]
+            else:
+                features = session.encode_image(session.encoder_pixels([image]))[0].cpu()
+            record = self_verify(session, line["prompt"], features, request_ids, text.generated_ids,
+                                 yes_no, settings.verify_max_new_tokens)
+            record["gen_output_text"] = text.text
+            for scorer in scorers:
+                meta["scores"][scorer.name].append(score_batch(scorer, [line["prompt"]], [image])[0])
+            meta["text_responses"][str(k)] = record
+            meta["seeds"].append(seeds[j])
+            meta["n_samples_generated"] = k + 1
+            _write_metadata(folder, meta)
+            advance(1)
 
 
 def _request_ids(session: Session, request: str) -> list[int]:
