@@ -13,7 +13,10 @@ HELP = "Make, pack, inspect and verify training data."
 SYNTH_EPILOG = "Example: srae data synth shapes --n 2000 --image-size 64"
 PACK_EPILOG = (
     "Examples: srae data pack shapes/conversations.jsonl --out packed · "
-    "srae data pack photos/ --task generation --image-size 256 --codec jpg --workers 2 --out packed"
+    "srae data pack photos/ --task generation --image-size 256 --codec jpg --workers 2 --out packed · "
+    "srae data pack 'blip3o/{00000..00009}.tar' --task generation --out packed · "
+    "srae data pack llava_v1_5_mix665k.json --image-root /data/llava --out packed · "
+    "srae data pack hf:ORG/NAME --split train --out packed"
 )
 INSPECT_EPILOG = "Example: srae data inspect packed --samples 5"
 VERIFY_EPILOG = "Example: srae data verify packed"
@@ -40,7 +43,7 @@ def synth(
 
 
 def pack(
-    input: Annotated[Path, typer.Argument(help="Folder of images + .txt captions, a CSV/JSONL of (image, caption), a conversations JSONL, or a class-folder tree.")],
+    input: Annotated[str, typer.Argument(help="Folder of images (+ .txt captions, or class folders); a CSV / JSONL / JSON (LLaVA array) of captions or conversations; WebDataset .tar files, a folder of them or a brace pattern; .parquet files or a folder of them; a datasets save_to_disk folder; hf:REPO_ID (streamed; needs the datasets package).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for shards, wds_manifest.json and rejects.jsonl.")],
     format: Annotated[str | None, typer.Option("--format", help="captions | conversations | classes (default: detected).")] = None,
     task: Annotated[str, typer.Option("--task", help="For captions: generation | understanding | both.")] = "both",
@@ -52,7 +55,10 @@ def pack(
     workers: Annotated[int, int_option("--workers", help="Processes encoding images (output is identical for any count).")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted pack into the same --out.")] = False,
     name: Annotated[str | None, typer.Option("--name", help="dataset_name in the manifest (default: the input's name).")] = None,
-    image_root: Annotated[Path | None, typer.Option("--image-root", help="Where relative image paths of a CSV/JSONL resolve (default: its folder).")] = None,
+    image_root: Annotated[Path | None, typer.Option("--image-root", help="Where relative image paths of a CSV/JSONL/JSON resolve (default: its folder); absolute paths are used as they are.")] = None,
+    image_column: Annotated[str | None, typer.Option("--image-column", help="The image: a parquet/dataset column, a tar member extension (jpg) or a CSV/JSON key (default: detected).")] = None,
+    caption_column: Annotated[str | None, typer.Option("--caption-column", help="The caption: a parquet/dataset column, a tar member extension (txt) or JSON field, or a CSV/JSON key (default: detected).")] = None,
+    split: Annotated[str, typer.Option("--split", help="Split of a Hugging Face dataset (hf:REPO_ID or a save_to_disk folder).")] = "train",
     quiet: QuietOpt = False,
 ) -> None:
     """Pack images with captions or conversations into WebDataset tar shards + wds_manifest.json."""
@@ -72,7 +78,8 @@ def pack(
             s = run_pack(
                 input, out, format=format, task=task, samples_per_shard=samples_per_shard,
                 max_shard_bytes=shard_bytes, image_size=image_size, codec=codec, quality=quality,
-                workers=workers, resume=resume, dataset_name=name, image_root=image_root, progress=progress,
+                workers=workers, resume=resume, dataset_name=name, image_root=image_root,
+                image_column=image_column, caption_column=caption_column, split=split, progress=progress,
                 reporter=rep,
             )
     rate = s.packed / s.seconds if s.seconds else 0.0

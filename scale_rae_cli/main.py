@@ -133,6 +133,7 @@ def _register() -> None:
         generate,
         latent,
         profiles,
+        push,
         scale,
         stat,
         tpu,
@@ -166,6 +167,7 @@ def _register() -> None:
           ("continue", latent.continue_, latent.CONTINUE_EPILOG))
     app.command("scale", epilog=scale.SCALE_EPILOG)(scale.scale)
     app.command("verify", epilog=scale.VERIFY_EPILOG)(scale.verify)
+    app.command("push", epilog=push.EPILOG)(push.push)
     app.command("env", epilog=env.EPILOG)(env.env)
     app.command("demo", epilog=demo.EPILOG)(demo.demo)
 

@@ -133,7 +133,7 @@ def samples_dir(out: Path | None, prof: Any) -> Path:
 RunOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, metrics.jsonl, model/, export/.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in --out (a fresh start if there is none yet).")]
 StageStepsOpt = Annotated[int | None, int_option("--steps", help="Optimiser steps in total (overrides [stageN].steps).")]
-PackedArg = Annotated[Path, typer.Argument(help="Packed folder or its wds_manifest.json.")]
+PackedArg = Annotated[Path, typer.Argument(help="Packed folder or its wds_manifest.json (its tars may be remote: https://, hf://, pipe:).")]
 TrainDataOpt = Annotated[
     Path | None,
     typer.Option("--data", "-d", help="Packed folder (srae data pack) or its wds_manifest.json, or a reference JSONL. Default: data.train."),

@@ -2,7 +2,7 @@
 
 Training data and inference have to agree word for word: a model trained on "Generate an image of a red
 circle." is asked the same way by the demo, and the self-verification question it learned is the one the
-scaling loop asks. So each wording is written once, here, and read by the data writers (``data.sources``,
+scaling loop asks. So each wording is written once, here, and read by the data writers (``data.entries``,
 the shapes world), the inference and scaling code and the tiny tokenizer's corpus.
 
 This module imports nothing from srae: every floor of the package may read it.

@@ -1,5 +1,8 @@
 """``srae data pack``: turn captioned images, conversations or class folders into training shards.
 
+Inputs: image folders, CSV / JSONL / JSON (LLaVA) files, WebDataset tars, parquet files and Hugging Face
+datasets (:mod:`scale_rae_core.data.sources`).
+
 Output (read by srae's readers and by the reference trainer's WebDataset loader)::
 
     out/shard-000000.tar ...   members <key>.json + <key>.<ext>, in key order
@@ -13,7 +16,9 @@ A sample's JSON is ``{"conversations": [...], "metadata": {...}, "image_filename
 
 Deterministic: inputs are listed in a fixed order, images are encoded with fixed settings, tar members have
 fixed mtime/owner/mode, and worker processes only decode/resize/encode — the parent writes results in input
-order — so the same inputs and options give byte-identical shards for any ``workers``.
+order — so the same inputs and options give byte-identical shards for any ``workers``. Image files and tar
+members are read by the workers; images held in table rows (parquet, datasets) are read by the parent, forward
+in row order, while at most ``4 * workers`` chunks of them are in flight.
 
 Resumable: a shard is written as ``.tar.tmp`` and renamed when complete; after each rename the progress (the
 finished shards with size and sha256, the input position and the rejects.jsonl length) is saved atomically to
@@ -37,12 +42,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from scale_rae_core.data.entries import Entry, Fields, Input, RowImage, TarMember
 from scale_rae_core.data.images import DEFAULT_MAX_PIXELS, BadImage, read_image
 from scale_rae_core.data.shards import MANIFEST_NAME, _sha256
-from scale_rae_core.data.sources import FORMATS, TASKS, Entry, detect_format, entries_digest, list_entries
+from scale_rae_core.data.sources import FORMATS, TASKS, entries_digest, open_input, read_input
 from scale_rae_core.data.transforms import CODECS, encode_image, resize_max_side
 from scale_rae_core.errors import DataError
 from scale_rae_core.events import Reporter
@@ -74,7 +81,7 @@ class PackSummary:
 
 
 def pack(
-    input: Path,
+    input: Path | str,
     out: Path,
     *,
     format: str | None = None,
@@ -89,48 +96,56 @@ def pack(
     dataset_name: str | None = None,
     image_root: Path | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    split: str = "train",
     progress: Progress | None = None,
     reporter: Reporter | None = None,
 ) -> PackSummary:
     """Pack ``input`` into tar shards under ``out``; see the module docstring for the layout.
 
-    ``format`` is "captions", "conversations" or "classes" (detected when ``None``). ``task`` picks the
-    conversations made from captions. ``image_size`` shrinks images so their longer side is at most that
-    (``None`` keeps them). A shard holds at most ``samples_per_shard`` samples and is at most
-    ``max_shard_bytes`` on disk (unless one sample alone is larger). ``image_root`` is where CSV/JSONL image paths are resolved and must stay (default:
-    the file's folder). ``progress(done, total)`` is called after each input item. ``reporter`` gets the
+    ``input`` is anything :func:`~scale_rae_core.data.sources.open_input` resolves (a path, a brace pattern of
+    tars or parquet files, ``hf:REPO_ID``). ``format`` is "captions", "conversations" or "classes" (detected
+    when ``None``). ``task`` picks the conversations made from captions. ``image_size`` shrinks images so their
+    longer side is at most that (``None`` keeps them). A shard holds at most ``samples_per_shard`` samples and
+    is at most ``max_shard_bytes`` on disk (unless one sample alone is larger). ``image_root`` is where
+    relative image paths of records are resolved and must stay (default: the file's folder); absolute paths
+    are used as they are. ``image_column`` / ``caption_column`` name the image and caption of tables, tars
+    and CSV / JSON records whose names are not the usual ones; ``split`` is the split of a Hugging Face
+    dataset. ``progress(done, total)`` is called after each input item. ``reporter`` gets the
     ``pack.start`` / ``pack.done`` events (the CLI logs them to ``out/pack.events.jsonl``), emitted only once
     ``out`` is known to be ours. ``out`` is locked for the whole pack (:mod:`scale_rae_core.runlock`).
     """
     start = time.perf_counter()
-    input, out = Path(input), Path(out)
-    codec = _check_options(
-        input, format, task, samples_per_shard, max_shard_bytes, image_size, codec, quality, workers, max_pixels
-    )
+    out = Path(out)
+    codec = _check_options(format, task, samples_per_shard, max_shard_bytes, image_size, codec, quality, workers, max_pixels)
+    source = open_input(input, split)
     if image_root is not None and not Path(image_root).is_dir():
         raise DataError(f"--image-root {image_root}: not a folder")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; choose an empty output directory")
     reporter = reporter or Reporter()
+    fields = Fields(image=image_column, caption=caption_column)
     with locked(out):
-        summary = _pack_locked(input, out, format, task, samples_per_shard, max_shard_bytes, image_size, codec,
-                               quality, workers, resume, dataset_name, image_root, max_pixels, progress, reporter, start)
+        summary = _pack_locked(source, out, format, task, samples_per_shard, max_shard_bytes, image_size, codec,
+                               quality, workers, resume, dataset_name, image_root, max_pixels, fields, progress,
+                               reporter, start)
     reporter.event("pack.done", packed=summary.packed, skipped=summary.skipped, shards=summary.shards,
                    bytes=summary.bytes, seconds=summary.seconds)
     return summary
 
 
 def _pack_locked(
-    input: Path, out: Path, format: str | None, task: str, samples_per_shard: int, max_shard_bytes: int,
+    input: Input, out: Path, format: str | None, task: str, samples_per_shard: int, max_shard_bytes: int,
     image_size: int | None, codec: str, quality: int, workers: int, resume: bool, dataset_name: str | None,
-    image_root: Path | None, max_pixels: int, progress: Progress | None, reporter: Reporter, start: float,
+    image_root: Path | None, max_pixels: int, fields: Fields, progress: Progress | None, reporter: Reporter,
+    start: float,
 ) -> PackSummary:
-    fmt = format or detect_format(input)
-    entries = list_entries(input, fmt, task, Path(image_root) if image_root else None)
+    fmt, entries = read_input(input, format, task, Path(image_root) if image_root else None, fields)
     if not entries:
-        raise DataError(f"{input}: nothing to pack (no images or samples found)")
+        raise DataError(f"{input.label}: nothing to pack (no images or samples found)")
     options = {
-        "input": str(input.resolve()),
+        "input": input.label,
         "format": fmt,
         "task": task,
         "codec": codec,
@@ -144,9 +159,16 @@ def _pack_locked(
         "entries": len(entries),
         "entries_sha256": entries_digest(entries),
     }
+    # Recorded only when they matter, so packs of plain files keep the options of earlier versions (--resume).
+    if input.kind != "files":
+        options["input_kind"] = input.kind
+    if input.kind == "hf":
+        options["split"] = input.split
+    if fields.image is not None or fields.caption is not None:
+        options["image_column"], options["caption_column"] = fields.image, fields.caption
 
     shards, done = _prepare_out(out, options, resume)
-    reporter.event("pack.start", input=str(input), out=str(out), workers=workers, resume=resume,
+    reporter.event("pack.start", input=input.label, out=str(out), workers=workers, resume=resume,
                    resumed_shards=len(shards))
     resumed = len(shards)
     if done:
@@ -157,7 +179,7 @@ def _pack_locked(
     if not shards:
         (out / STATE_NAME).unlink(missing_ok=True)
         raise DataError(
-            f"{input}: nothing packed, all {len(entries)} inputs were rejected; see {out / REJECTS_NAME}"
+            f"{input.label}: nothing packed, all {len(entries)} inputs were rejected; see {out / REJECTS_NAME}"
         )
     _write_manifest(out, options, shards)
     (out / STATE_NAME).unlink(missing_ok=True)
@@ -220,11 +242,9 @@ def _sample_members(entry: Entry, sub: int, key: str, image: bytes | None, ext: 
 
 
 def _check_options(
-    input: Path, format: str | None, task: str, samples_per_shard: int, max_shard_bytes: int,
-    image_size: int | None, codec: str, quality: int, workers: int, max_pixels: int,
+    format: str | None, task: str, samples_per_shard: int, max_shard_bytes: int, image_size: int | None,
+    codec: str, quality: int, workers: int, max_pixels: int,
 ) -> str:
-    if not input.exists():
-        raise DataError(f"{input}: input not found; pass a folder, a .csv or a .jsonl file")
     if format is not None and format not in FORMATS:
         raise DataError(f"--format {format!r}: unknown; use one of {', '.join(FORMATS)}")
     if task not in TASKS:
@@ -418,15 +438,25 @@ def _finish(
 # ------------------------------------------------------------------------------------------------ workers
 
 _EncodeOptions = tuple[int | None, str, int, int]
+# What a worker gets for one input: an image file, a tar member it reads itself, encoded bytes read by the
+# parent, a reason the parent already has for rejecting it, or None (no image).
+ImageJob = Path | TarMember | bytes | BadImage | None
 
 
-def _encode(job: tuple[str | None, _EncodeOptions]) -> bytes | str | None:
+def _encode(job: tuple[ImageJob, _EncodeOptions]) -> bytes | str | None:
     """Decode, check, resize and encode one image: the encoded bytes, a reject reason, or None (no image)."""
-    path, (image_size, codec, quality, max_pixels) = job
-    if path is None:
+    source, (image_size, codec, quality, max_pixels) = job
+    if source is None:
         return None
+    if isinstance(source, BadImage):
+        return str(source)
     try:
-        im = read_image(path, max_pixels=max_pixels)
+        if isinstance(source, TarMember):
+            try:
+                source = source.read()
+            except OSError as err:
+                return f"unreadable tar member ({err.strerror or err})"
+        im = read_image(source, max_pixels=max_pixels)
         return encode_image(resize_max_side(im, image_size), codec, quality)
     except BadImage as err:
         return str(err)
@@ -434,8 +464,44 @@ def _encode(job: tuple[str | None, _EncodeOptions]) -> bytes | str | None:
         return f"cannot use the image ({type(err).__name__}: {str(err)[:200]})"
 
 
-def _encode_chunk(jobs: list[tuple[str | None, _EncodeOptions]]) -> list[bytes | str | None]:
+def _encode_chunk(jobs: list[tuple[ImageJob, _EncodeOptions]]) -> list[bytes | str | None]:
     return [_encode(job) for job in jobs]
+
+
+class _RowImages:
+    """The images of table rows (:class:`RowImage`), read forward in row order: one pass per table, restarted
+    only when an earlier row is asked for."""
+
+    def __init__(self) -> None:
+        self.table: object | None = None
+        self.rows: Iterator[bytes | Path | BadImage | None] = iter(())
+        self.next = 0
+
+    def __call__(self, ref: RowImage) -> ImageJob:
+        if ref.table is not self.table or ref.row < self.next:
+            self.table, self.rows, self.next = ref.table, ref.table.images(ref.row), ref.row
+        try:
+            while self.next < ref.row:
+                next(self.rows)
+                self.next += 1
+            cell = next(self.rows)
+        except StopIteration:
+            raise DataError(f"{ref}: the table ended before this row; it changed while packing, pack again") from None
+        self.next += 1
+        if cell is None and ref.required:
+            return BadImage("no image (the image cell is empty)")
+        return cell
+
+
+def _jobs(entries: list[Entry], first: int, opts: _EncodeOptions) -> Iterator[tuple[ImageJob, _EncodeOptions]]:
+    rows = _RowImages()
+    for e in entries[first:]:
+        if e.image is None or e.reject is not None:
+            yield None, opts
+        elif isinstance(e.image, RowImage):
+            yield rows(e.image), opts
+        else:
+            yield e.image, opts
 
 
 def _die_with_parent(parent: int) -> None:
@@ -466,15 +532,15 @@ def _encoded(
     """Yield ``(index, entry, encoded image | reject reason | None)`` from ``first`` on, in input order.
 
     With ``workers > 1`` chunks of images are encoded in worker processes, at most ``4 * workers`` chunks
-    in flight (bounded memory); results are still yielded strictly in input order.
+    in flight (bounded memory: jobs are made lazily); results are still yielded strictly in input order.
     """
-    jobs = [(str(e.image) if e.image is not None and e.reject is None else None, opts) for e in entries[first:]]
+    jobs = _jobs(entries, first, opts)
     if workers == 1:
         for i, job in enumerate(jobs, start=first):
             yield i, entries[i], _encode(job)
         return
-    size = max(1, min(16, len(jobs) // (4 * workers)))
-    chunks = [jobs[k : k + size] for k in range(0, len(jobs), size)]
+    size = max(1, min(16, (len(entries) - first) // (4 * workers)))
+    chunks = iter(lambda: list(islice(jobs, size)), [])
     # fork where the platform has it: no re-import of the caller's __main__ (which spawn needs and which
     # fails for stdin/notebook callers); a worker that dies makes the pool raise instead of hanging.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
@@ -482,11 +548,16 @@ def _encoded(
     with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_die_with_parent,
                              initargs=(os.getpid(),)) as pool:
         pending: deque[Future[list[bytes | str | None]]] = deque()
-        submitted = 0
-        while pending or submitted < len(chunks):
-            while submitted < len(chunks) and len(pending) < 4 * workers:
-                pending.append(pool.submit(_encode_chunk, chunks[submitted]))
-                submitted += 1
+        more = True
+        while pending or more:
+            while more and len(pending) < 4 * workers:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    more = False
+                else:
+                    pending.append(pool.submit(_encode_chunk, chunk))
+            if not pending:
+                break
             try:
                 results = pending.popleft().result()
             except BrokenProcessPool as err:

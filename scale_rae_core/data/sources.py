@@ -1,18 +1,28 @@
-"""What ``srae data pack`` reads: captioned images, reference-format conversations, or class folders.
+"""What ``srae data pack`` reads, as one ordered list of :class:`Entry` per input.
 
-Each input becomes an ordered list of :class:`Entry` — one image (or a text-only conversation) with the
-samples to write for it. Order is fixed (sorted paths, or file order for CSV/JSONL), so packing is
-deterministic. An input that cannot be used becomes an entry with ``reject`` set, keeping its place in the
-order, and ends up in ``rejects.jsonl``; only problems with the input as a whole raise :class:`DataError`.
+An entry is one image (or a text-only conversation) with the samples to write for it. Order is fixed (sorted
+paths, file order, tar member order, row order), so packing is deterministic. An input item that cannot be
+used becomes an entry with ``reject`` set, keeping its place in the order, and ends up in ``rejects.jsonl``;
+only problems with the input as a whole raise :class:`DataError`.
 
-Formats:
-  ``captions``       a folder of images with same-stem ``.txt`` captions, a CSV with ``image,caption``
-                     columns, or a JSONL of ``{"image", "caption"}``; image paths relative to the file.
-  ``conversations``  a JSONL in the reference trainer's format ``{"image", "conversations", "metadata"}``.
-  ``classes``        an ImageNet-style tree ``root/<label>/<image>``; conversations are empty.
+Inputs (:func:`open_input`):
+  files    a folder of images (+ same-stem ``.txt`` captions, or class folders), a CSV with ``image,caption``
+           columns, a JSONL of ``{"image", "caption"}`` or of reference records ``{"image", "conversations",
+           "metadata"}``, or a ``.json`` array of either (the LLaVA / Cambrian layout ``[{"id", "image",
+           "conversations"}]``);
+  wds      WebDataset tars (``key.jpg`` + ``key.txt`` and/or ``key.json``; :mod:`.wds_source`): one tar, a
+           folder of tars, or a brace pattern ``shards-{000..009}.tar``;
+  parquet  parquet files with an image column and a caption or conversations column (:mod:`.table_source`);
+  hf       a Hugging Face dataset through ``datasets``: a ``save_to_disk`` folder, a folder of ``.arrow``
+           files, or ``hf:REPO_ID`` / ``hf:FOLDER`` streamed with ``--split``.
 
-Every image must lie inside the image root (the input folder, or the CSV/JSONL's folder unless
-``image_root`` is given): ``../x.png``, absolute paths elsewhere and symlinks pointing out are rejected.
+Formats (what the records hold): ``captions`` (each caption makes a generation and/or an understanding
+sample, ``task``), ``conversations`` (reference-format turns), ``classes`` (a class-folder tree; the label goes
+to metadata).
+
+Image paths in CSV / JSONL / JSON records: a relative path is resolved against the image root (``image_root``,
+else the file's folder) and must stay inside it (``../x.png`` and symlinks pointing out are rejected); an
+absolute path is used as it is. Images found by walking a folder must lie inside that folder.
 """
 
 from __future__ import annotations
@@ -21,36 +31,147 @@ import csv
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scale_rae_core.data.entries import Entry, Fields, Input, caption_variants, resolve_image
 from scale_rae_core.data.images import IMAGE_EXTENSIONS
+from scale_rae_core.data.json_array import first_char, iter_json_array
 from scale_rae_core.data.sample import reference_record
 from scale_rae_core.errors import DataError
-from scale_rae_core.prompts import CAPTION_QUESTION, GENERATION_REQUEST, IMAGE_MARKER, with_images
 
 FORMATS = ("captions", "conversations", "classes")
 TASKS = ("generation", "understanding", "both")
 
+HF_PREFIXES = ("hf://datasets/", "hf:")
+_COMPRESSED_TARS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+_BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
 
-@dataclass
-class Entry:
-    """One input item: an image (or none, for a text-only conversation) and the samples made from it.
 
-    ``variants`` holds ``(key_suffix, conversations)`` per sample to write; ``task="both"`` gives two.
-    """
+# ------------------------------------------------------------------------------------------------- inputs
 
-    source: str
-    image: Path | None = None
-    variants: list[tuple[str, list[dict[str, str]]]] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    reject: str | None = None
+
+def open_input(given: str | Path, split: str = "train") -> Input:
+    """Resolve what the user passed to ``srae data pack``; raise :class:`DataError` if it cannot be read."""
+    text = str(given)
+    for prefix in HF_PREFIXES:
+        if text.startswith(prefix) and len(text) > len(prefix):
+            spec = text[len(prefix) :]
+            return Input("hf", text, root=None, spec=spec, split=split)
+    if _BRACES.search(text):
+        return _pattern_input(text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"{path}: input not found; pass a folder, a .csv / .jsonl / .json file, WebDataset .tar files "
+            "(or a brace pattern shards-{000..009}.tar), .parquet files, or hf:REPO_ID"
+        )
+    path = path.resolve()
+    if path.is_dir():
+        return _folder_input(path, split)
+    name = path.name.lower()
+    if name.endswith(_COMPRESSED_TARS):
+        raise DataError(f"{path}: compressed tars are not read; decompress it to a plain .tar first")
+    if name.endswith(".tar"):
+        return Input("wds", str(path), (path,), path.parent)
+    if name.endswith(".parquet"):
+        return Input("parquet", str(path), (path,), path.parent)
+    if path.suffix.lower() in (".csv", ".jsonl", ".json"):
+        return Input("files", str(path), (path,), path.parent)
+    raise DataError(
+        f"{path}: unsupported input; pass a folder, a .csv / .jsonl / .json file, .tar or .parquet files, or hf:REPO_ID"
+    )
+
+
+def _pattern_input(pattern: str) -> Input:
+    from webdataset.shardlists import expand_urls
+
+    paths = [Path(p).expanduser() for p in expand_urls(pattern)]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{pattern}: {len(missing)} of the {len(paths)} files it names are missing, e.g. {missing[0]}")
+    kinds = {"wds" if p.name.endswith(".tar") else "parquet" if p.name.endswith(".parquet") else "" for p in paths}
+    if len(kinds) != 1 or "" in kinds:
+        raise DataError(f"{pattern}: a pattern must name only .tar files or only .parquet files")
+    resolved = tuple(p.resolve() for p in paths)
+    return Input(kinds.pop(), pattern, resolved, Path(os.path.commonpath([p.parent for p in resolved])))
+
+
+def _folder_input(path: Path, split: str) -> Input:
+    if (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()):
+        return Input("hf", str(path), (path,), path, spec=str(path), split=split)
+    tars: list[Path] = []
+    parquets: list[Path] = []
+    arrow = False
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            lower = name.lower()
+            if name.startswith("."):
+                continue
+            if Path(lower).suffix in IMAGE_EXTENSIONS:
+                return Input("files", str(path), (path,), path)
+            if lower.endswith(".tar"):
+                tars.append(Path(dirpath) / name)
+            elif lower.endswith(".parquet"):
+                parquets.append(Path(dirpath) / name)
+            arrow |= lower.endswith(".arrow")
+    key = lambda p: p.relative_to(path).as_posix()  # noqa: E731
+    if tars:
+        return Input("wds", str(path), tuple(sorted(tars, key=key)), path)
+    if parquets:
+        return Input("parquet", str(path), tuple(sorted(parquets, key=key)), path)
+    if arrow:  # e.g. the datasets cache: opened (and streamed) by `datasets` like a Hub repo
+        return Input("hf", str(path), (path,), path, spec=str(path), split=split)
+    return Input("files", str(path), (path,), path)  # no images: detect_format names what a folder needs
+
+
+def read_input(
+    inp: Input, format: str | None, task: str, image_root: Path | None = None, fields: Fields = Fields()
+) -> tuple[str, list[Entry]]:
+    """The format (``format``, or detected) and every entry of ``inp`` in packing order, rejects included."""
+    if inp.kind == "wds":
+        from scale_rae_core.data.wds_source import wds_entries
+
+        fmt, entries = wds_entries(inp, format, task, fields)
+    elif inp.kind in ("parquet", "hf"):
+        from scale_rae_core.data.table_source import table_entries
+
+        fmt, entries = table_entries(inp, format, task, image_root, fields)
+    else:
+        fmt = format or detect_format(inp.paths[0])
+        entries = list_entries(inp.paths[0], fmt, task, image_root, fields)
+    return fmt, [_writable(e) for e in entries]
+
+
+def _writable(e: Entry) -> Entry:
+    """``e``, or a reject if its text cannot be written as UTF-8 (a JSON ``\\ud800`` escape decodes to a lone
+    surrogate, which no UTF-8 file can hold)."""
+    if e.reject is None:
+        try:
+            json.dumps([e.variants, e.metadata], ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            return Entry(source=e.source, reject="text holds a lone surrogate (a \\ud800-\\udfff escape), not valid Unicode")
+    return e
+
+
+def entries_digest(entries: list[Entry]) -> str:
+    """A fingerprint of the listing, so a resumed pack can tell that its input has not changed."""
+    h = hashlib.sha256()
+    for e in entries:
+        row = [e.source, str(e.image), e.variants, e.metadata, e.reject]
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- files inputs
 
 
 def detect_format(path: Path) -> str:
-    """Guess the input format of ``path``; raise :class:`DataError` when it cannot be told."""
+    """Guess the format of a folder, CSV, JSONL or JSON file; raise :class:`DataError` when it cannot be told."""
     if path.is_dir():
         top_images = False
         for dirpath, dirnames, filenames in os.walk(path):
@@ -70,68 +191,53 @@ def detect_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return "captions"
-    if suffix in (".jsonl", ".json"):
-        with path.open("rb") as f:
-            for raw in f:
-                try:
-                    obj = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(obj, dict) and "conversations" in obj:
-                    return "conversations"
-                if isinstance(obj, dict) and "caption" in obj:
-                    return "captions"
+    if suffix == ".json" and first_char(path) == "[":
+        for obj in iter_json_array(path):
+            if isinstance(obj, dict) and "conversations" in obj:
+                return "conversations"
+            if isinstance(obj, dict) and "caption" in obj:
+                return "captions"
         raise DataError(
-            f"{path}: cannot tell the format (no line has 'conversations' or 'caption'); "
+            f"{path}: cannot tell the format (no element of the array has 'conversations' or 'caption'); "
             "pass --format captions|conversations"
         )
-    raise DataError(f"{path}: unsupported input; pass a folder, a .csv or a .jsonl file")
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(obj, dict) and "conversations" in obj:
+                return "conversations"
+            if isinstance(obj, dict) and "caption" in obj:
+                return "captions"
+    raise DataError(
+        f"{path}: cannot tell the format (no line has 'conversations' or 'caption'); "
+        "pass --format captions|conversations"
+    )
 
 
 def list_entries(
-    path: Path, fmt: str, task: str, image_root: Path | None = None
+    path: Path, fmt: str, task: str, image_root: Path | None = None, fields: Fields = Fields()
 ) -> list[Entry]:
-    """Every entry of the input at ``path`` in packing order (rejected ones included, in place)."""
+    """Every entry of the folder / CSV / JSONL / JSON file at ``path`` in packing order (rejects in place)."""
     if fmt == "classes":
         if not path.is_dir():
             raise DataError(f"{path}: format 'classes' needs a folder of class folders")
         return list(_class_entries(path))
+    if path.is_dir():
+        if fmt == "conversations":
+            raise DataError(f"{path}: format 'conversations' needs a .jsonl or .json file, not a folder")
+        return list(_caption_folder_entries(path, task))
+    root = (image_root or path.parent).resolve()
+    if path.suffix.lower() == ".csv":
+        if fmt != "captions":
+            raise DataError(f"{path}: a CSV holds captions; pass --format captions")
+        return list(_caption_csv_entries(path, root, task, fields))
+    rows = _json_array_rows(path) if first_char(path) == "[" else _jsonl_rows(path)
     if fmt == "captions":
-        if path.is_dir():
-            return list(_caption_folder_entries(path, task))
-        root = (image_root or path.parent).resolve()
-        if path.suffix.lower() == ".csv":
-            return list(_caption_csv_entries(path, root, task))
-        return list(_caption_jsonl_entries(path, root, task))
-    if fmt == "conversations":
-        if path.is_dir():
-            raise DataError(f"{path}: format 'conversations' needs a .jsonl file, not a folder")
-        return list(_conversation_entries(path, (image_root or path.parent).resolve()))
-    raise AssertionError(fmt)
-
-
-def entries_digest(entries: list[Entry]) -> str:
-    """A fingerprint of the listing, so a resumed pack can tell that its input has not changed."""
-    h = hashlib.sha256()
-    for e in entries:
-        row = [e.source, str(e.image), e.variants, e.metadata, e.reject]
-        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
-        h.update(b"\n")
-    return h.hexdigest()
-
-
-def caption_variants(caption: str, task: str) -> list[tuple[str, list[dict[str, str]]]]:
-    """The samples a caption makes: a generation and/or an understanding conversation."""
-    gen = [
-        {"from": "human", "value": GENERATION_REQUEST.format(prompt=caption)},
-        {"from": "gpt", "value": IMAGE_MARKER},
-    ]
-    und = [{"from": "human", "value": with_images(CAPTION_QUESTION)}, {"from": "gpt", "value": caption}]
-    if task == "generation":
-        return [("", gen)]
-    if task == "understanding":
-        return [("", und)]
-    return [("_gen", gen), ("_und", und)]
+        return list(_caption_record_entries(rows, root, task, fields))
+    return list(_conversation_entries(rows, root))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -169,25 +275,6 @@ def _walk_images(root: Path) -> Iterator[tuple[str, Path | None, str | None]]:
     yield from found
 
 
-def _resolve_image(raw: Any, root: Path) -> Path:
-    """Resolve an image path from a CSV/JSONL row against ``root``; ``ValueError`` with the reason."""
-    if not isinstance(raw, str) or not raw.strip():
-        raise ValueError("missing image path")
-    if "\0" in raw:
-        raise ValueError("image path contains a NUL character")
-    p = Path(raw)
-    candidate = p if p.is_absolute() else root / p
-    try:
-        resolved = candidate.resolve()
-        if not resolved.is_relative_to(root):
-            raise ValueError(f"path escapes the input root {root}: {raw}")
-        if not resolved.is_file():
-            raise ValueError(f"image file not found: {raw}")
-    except OSError as err:  # e.g. a name longer than the file system allows
-        raise ValueError(f"image path unusable ({err.strerror or type(err).__name__}): {raw[:200]}") from None
-    return resolved
-
-
 def _read_caption(txt: Path) -> str:
     if not txt.is_file():
         raise ValueError(f"missing caption ({txt.name} not found)")
@@ -216,6 +303,16 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
                 yield source, None, f"line is a JSON {type(obj).__name__}, not an object"
                 continue
             yield source, obj, None
+
+
+def _json_array_rows(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+    """Yield ``(source, object, reject)`` for each element of a JSON array file (source ``name[index]``)."""
+    for index, obj in enumerate(iter_json_array(path)):
+        source = f"{path.name}[{index}]"
+        if not isinstance(obj, dict):
+            yield source, None, f"element is a JSON {type(obj).__name__}, not an object"
+            continue
+        yield source, obj, None
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -253,7 +350,7 @@ def _caption_folder_entries(root: Path, task: str) -> Iterator[Entry]:
 CSV_FIELD_LIMIT = 16 << 20  # characters per CSV field; a longer field rejects its row (Python's default is 128 Ki)
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+def _csv_rows(path: Path, image_key: str, caption_key: str) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     """Yield ``(source, row, reject)`` per CSV row: a row that is not UTF-8 or does not parse (a field over
     :data:`CSV_FIELD_LIMIT`, a stray quote) is rejected on its own and the rows after it are still read."""
     limit = csv.field_size_limit()
@@ -266,8 +363,11 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | No
                 columns = reader.fieldnames or []
             except csv.Error as err:
                 raise DataError(f"{path}: the header row does not parse as CSV ({err})") from None
-            if "image" not in columns or "caption" not in columns:
-                raise DataError(f"{path}: needs a header with 'image' and 'caption' columns, found {columns}")
+            if image_key not in columns or caption_key not in columns:
+                raise DataError(
+                    f"{path}: needs a header with {image_key!r} and {caption_key!r} columns, found {columns}; "
+                    "name yours with --image-column / --caption-column"
+                )
             while True:
                 line = reader.line_num + 1
                 try:
@@ -291,14 +391,15 @@ def _not_utf8(value: Any) -> bool:
     return any(isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v) for v in values)
 
 
-def _caption_csv_entries(path: Path, root: Path, task: str) -> Iterator[Entry]:
-    for source, row, reject in _csv_rows(path):
+def _caption_csv_entries(path: Path, root: Path, task: str, fields: Fields) -> Iterator[Entry]:
+    image_key, caption_key = fields.image or "image", fields.caption or "caption"
+    for source, row, reject in _csv_rows(path, image_key, caption_key):
         if reject is not None:
             yield Entry(source=source, reject=reject)
             continue
         try:
-            image = _resolve_image(row.get("image"), root)
-            caption = (row.get("caption") or "").strip()
+            image = resolve_image(row.get(image_key), root)
+            caption = (row.get(caption_key) or "").strip()
             if not caption:
                 raise ValueError("missing caption")
         except ValueError as err:
@@ -307,14 +408,17 @@ def _caption_csv_entries(path: Path, root: Path, task: str) -> Iterator[Entry]:
         yield Entry(source=source, image=image, variants=caption_variants(caption, task))
 
 
-def _caption_jsonl_entries(path: Path, root: Path, task: str) -> Iterator[Entry]:
-    for source, obj, reject in _jsonl_rows(path):
+def _caption_record_entries(
+    rows: Iterator[tuple[str, Any, str | None]], root: Path, task: str, fields: Fields
+) -> Iterator[Entry]:
+    image_key, caption_key = fields.image or "image", fields.caption or "caption"
+    for source, obj, reject in rows:
         if reject is not None:
             yield Entry(source=source, reject=reject)
             continue
         try:
-            image = _resolve_image(obj.get("image"), root)
-            caption = obj.get("caption")
+            image = resolve_image(obj.get(image_key), root)
+            caption = obj.get(caption_key)
             if not isinstance(caption, str) or not caption.strip():
                 raise ValueError("missing caption")
         except ValueError as err:
@@ -323,8 +427,9 @@ def _caption_jsonl_entries(path: Path, root: Path, task: str) -> Iterator[Entry]
         yield Entry(source=source, image=image, variants=caption_variants(caption.strip(), task))
 
 
-def _conversation_entries(path: Path, root: Path) -> Iterator[Entry]:
-    for source, obj, reject in _jsonl_rows(path):
+def _conversation_entries(rows: Iterator[tuple[str, Any, str | None]], root: Path) -> Iterator[Entry]:
+    """Reference records (JSONL) or LLaVA elements (JSON array); a record's ``id`` is kept in its metadata."""
+    for source, obj, reject in rows:
         if reject is not None:
             yield Entry(source=source, reject=reject)
             continue
@@ -332,8 +437,10 @@ def _conversation_entries(path: Path, root: Path) -> Iterator[Entry]:
             turns, meta, raw_image = reference_record(obj)
             if not turns:
                 raise ValueError("no conversation turns")
-            image = None if raw_image is None else _resolve_image(raw_image, root)
+            image = None if raw_image is None else resolve_image(raw_image, root)
         except ValueError as err:
             yield Entry(source=source, reject=str(err))
             continue
+        if isinstance(obj.get("id"), (str, int)) and "id" not in meta:
+            meta = {"id": obj["id"], **meta}
         yield Entry(source=source, image=image, variants=[("", turns)], metadata=meta)

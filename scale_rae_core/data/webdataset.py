@@ -22,6 +22,15 @@ iterates a copy, so the training loop must report what it consumed: keep the pos
 function and call ``reader.mark_consumed(positions)`` after each batch; ``state_dict()`` is then exact
 however far the workers have prefetched. When every slot is finished, the next iteration starts the next
 epoch (``set_epoch`` sets it explicitly; for the current epoch it keeps the position).
+
+Remote shards (a manifest listing ``https://``, ``hf://``, ``gs://`` or ``pipe:`` tars, see
+:mod:`scale_rae_core.data.shards`) are streamed through ``webdataset.gopen`` instead of opened for random
+access. The order and the position are the same as for local tars — they only depend on the per-tar counts,
+which the manifest must give for remote tars (``shards[].count`` or ``samples_per_tar``). A slot reads its
+range tar by tar, each from the tar's start: resuming at a position inside a remote tar re-streams that tar
+from its beginning and reads past (without decoding) the samples before the position, so a resume costs at
+most one tar's bytes per slot. Positions are per slot, not per tar; the tar a position falls in follows from
+the counts.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from scale_rae_core.data.images import DEFAULT_MAX_PIXELS
 from scale_rae_core.data.sample import Sample
-from scale_rae_core.data.shards import TarIndex, decode_sample, load_manifest
+from scale_rae_core.data.shards import TarIndex, TarStream, decode_sample, load_manifest, open_shard
 from scale_rae_core.errors import DataError
 
 STATE_VERSION = 1
@@ -103,6 +112,11 @@ class WebDatasetReader(IterableDataset):
         else:  # a reference manifest without counts: count the .json members once
             self.counts = []
             for tar in m.tars:
+                if not isinstance(tar, Path):
+                    raise DataError(
+                        f"{m.path}: remote tar {tar} has no sample count; add 'samples_per_tar' (one count per tar, "
+                        "in order) to the manifest, so the order can be computed without reading every tar"
+                    )
                 index = TarIndex(tar)
                 self.counts.append(len(index))
                 index.close()
@@ -219,11 +233,12 @@ class WebDatasetReader(IterableDataset):
             torch.set_num_threads(1)
         return self._iter_slot(self.epoch, slot)
 
-    def _open_tar(self, t: int) -> TarIndex:
+    def _open_tar(self, t: int) -> TarIndex | TarStream:
         """Tar ``t``, after checking that it holds the number of samples the manifest says (the epoch's order
-        is computed from those counts: a wrong count would crash later or silently skip samples)."""
-        index = TarIndex(self.tars[t])
-        if len(index) != self.counts[t]:
+        is computed from those counts: a wrong count would crash later or silently skip samples). A remote tar
+        is checked as it streams: it fails when it ends before a sample the counts promise."""
+        index = open_shard(self.tars[t])
+        if isinstance(index, TarIndex) and len(index) != self.counts[t]:
             index.close()
             raise DataError(
                 f"{self.tars[t]}: holds {len(index)} samples but {self.manifest} says {self.counts[t]}; the manifest "
@@ -246,7 +261,7 @@ class WebDatasetReader(IterableDataset):
             acc += self.counts[t]
             ends.append(acc)
 
-        current: tuple[int, TarIndex] | None = None
+        current: tuple[int, TarIndex | TarStream] | None = None
         pending: dict[int, tuple[str, str, bytes, bytes | None]] = {}
         s = 0
         try:

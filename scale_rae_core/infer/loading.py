@@ -7,8 +7,10 @@ configs and tokenizer files only); offline, a repo missing from the local cache 
 
 Two layouts load:
 
-* **srae export** (``config.json`` with ``"format": "srae-scale-rae"``, ``model.safetensors``, tokenizer, optional
-  ``latent_stats.safetensors``), written by ``srae train stage1|stage2``: :func:`scale_rae_core.models.scale_rae.load_export`.
+* **srae export** (``config.json`` with ``"format": "srae-scale-rae"``, ``model.safetensors``, the LLM as a
+  transformers folder in ``llm/`` — or, before version 2, all weights in ``model.safetensors`` and the tokenizer
+  beside it —, optional ``latent_stats.safetensors``), written by ``srae train stage1|stage2``:
+  :func:`scale_rae_core.models.scale_rae.load_export`. A model folder may carry its pixel decoder in ``decoder/``.
 * **released** (``nyu-visionx/Scale-RAE-*``): a ``cambrian_qwen`` ``config.json`` (the Qwen2 fields plus
   ``mm_vision_tower_aux_list``, ``mm_hidden_size``, ``diffusion_model_{hidden_size,depth,heads,z_channels,channels}``,
   ...), safetensors weights (one file or shards + ``model.safetensors.index.json``) under the reference names, and
@@ -72,10 +74,15 @@ class LoadedModel:
     @property
     def default_decoder(self) -> str | None:
         """The decoder the model directory carries (``decoder/``), else the released one for its encoder."""
-        carried = self.source.path / BUNDLED_DECODER
-        if (carried / "config.json").is_file():
-            return str(carried)
-        return DEFAULT_DECODERS.get(self.encoder.kind)
+        return carried_decoder(self.source.path) or DEFAULT_DECODERS.get(self.encoder.kind)
+
+
+def carried_decoder(model: str | Path | None) -> str | None:
+    """``MODEL/decoder`` when ``model`` is a local model directory that carries its pixel decoder, else None."""
+    if not model:
+        return None
+    carried = Path(model).expanduser() / BUNDLED_DECODER
+    return str(carried) if (carried / "config.json").is_file() else None
 
 
 def read_json(path: Path, flag: str) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from scale_rae_core import __version__
 from scale_rae_core.backends.base import Backend
 from scale_rae_core.config import Profile
 from scale_rae_core.errors import BackendError, ConfigError
@@ -36,6 +35,7 @@ from scale_rae_core.infer.loading import LoadedModel, Source, load_model, load_p
 from scale_rae_core.models.decoder import Decoder
 from scale_rae_core.models.dit import grid_to_tokens
 from scale_rae_core.models.rae import to_pixels
+from scale_rae_core.version import __version__
 
 if TYPE_CHECKING:
     from PIL import Image

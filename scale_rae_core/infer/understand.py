@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from scale_rae_core.infer.outputs import (
 )
 from scale_rae_core.infer.pipeline import SamplerSettings, Session, decode_pixels, open_backend, seconds_since
 from scale_rae_core.prompts import IMAGE_MARKER, with_images
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEFAULT_MAX_NEW_TOKENS = 512
 
@@ -100,6 +103,17 @@ def answer(
         Reply(ids, out.conditions[r:r + 1] if out.opened[r] and out.conditions is not None else None)
         for r, ids in enumerate(out.tokens)
     ]
+
+
+def answer_images(
+    session: Session, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int
+) -> list[str]:
+    """Greedy answers to (image, question) pairs, decoded as one batch: the encoder reads the images together,
+    each question is the reference's single-image request, the answers are text (decoding stops where the model
+    would open an image)."""
+    features = session.encode_image(session.encoder_pixels(images))  # (B, N, C)
+    replies = answer(session, [_request(q, 1) for q in questions], [f[None] for f in features], max_new_tokens)
+    return [session.tokenizer.decode(r.ids, skip_special_tokens=True).strip() for r in replies]
 
 
 def _finish(
@@ -195,14 +209,15 @@ def decode_latent_file(
 ) -> list[Path]:
     """``srae latent decode LATENT``: every image in the file -> PNG + manifest. Needs only the decoder.
 
-    The decoder is ``--decoder``, else the released decoder for the encoder recorded in the file, else the
-    profile's ``model.decoder.path``.
+    The decoder is ``--decoder``, else the ``decoder/`` of the model recorded in the file (a local model directory
+    that carries one, as the bundled model does), else the released decoder for the encoder recorded in the file,
+    else the profile's ``model.decoder.path``.
     """
     from safetensors import safe_open
 
-    from scale_rae_core import __version__
     from scale_rae_core.config import EncoderSettings
-    from scale_rae_core.infer.loading import DEFAULT_DECODERS, load_pixel_decoder
+    from scale_rae_core.infer.loading import DEFAULT_DECODERS, carried_decoder, load_pixel_decoder
+    from scale_rae_core.version import __version__
 
     meta: dict[str, str] = {}
     if path.suffix == ".safetensors" and path.is_file():
@@ -212,9 +227,12 @@ def decode_latent_file(
         except Exception:  # load_latent below reports the problem in one line
             meta = {}
     kind = meta.get("encoder_kind") or ""
-    spec = decoder_spec or DEFAULT_DECODERS.get(kind) or profile.model.decoder.path
+    model = meta.get("model")
+    spec = decoder_spec or carried_decoder(model) or DEFAULT_DECODERS.get(kind) or profile.model.decoder.path
     if not spec:
-        raise ConfigError(f"latent decode {path}: no decoder known; pass --decoder DIR_OR_REPO or set model.decoder.path in the profile")
+        made_by = f" (its model {model} carries no decoder/)" if model else ""
+        raise ConfigError(f"latent decode {path}: no decoder known{made_by}; pass --decoder DIR_OR_REPO or set "
+                          "model.decoder.path in the profile")
     backend, runtime = open_backend(profile, dtype)
     with backend:
         start = time.perf_counter()
@@ -246,3 +264,157 @@ def decode_latent_file(
         })
         written.append(png)
     return written
+
+
+# ----------------------------------------------------------------------------------------------------
+# A questions file: many (image, question) pairs, one model load, answered in batches
+# ----------------------------------------------------------------------------------------------------
+#
+# Q.jsonl holds one {"image": PATH, "question": TEXT[, "id": ID]} per line (PATH relative to Q.jsonl's folder; ID
+# defaults to the line number). Answers are appended to ANSWERS.jsonl, one line per id as each batch finishes:
+# {"id", "image", "question", "answer", "seconds" (the question's share of its batch), "batch"}. A rerun skips the
+# ids already there (a line cut off by an interrupted run is dropped and asked again). A bad line or an unreadable
+# image is rejected in one line into ANSWERS.rejects.jsonl ({"line", "id", "error"}, rewritten each run) and the
+# rest go on.
+
+REJECTS_SUFFIX = ".rejects.jsonl"
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    image: Path  # resolved against the questions file's folder
+    given: str  # the image path as the file writes it
+    question: str
+    line: int
+
+
+@dataclass
+class BatchAnswers:
+    answers: Path
+    rejects: Path | None  # None: nothing was rejected
+    answered: int  # by this run
+    skipped: int  # already in the answers file
+    rejected: int
+    seconds: float  # reading, encoding and answering (model loading excluded)
+
+
+def _check_question(item: Any, n: int, seen: dict[str, int]) -> tuple[str, str]:
+    """The error of one parsed line ("" if none) and its id."""
+    if not isinstance(item, dict):
+        return "not a JSON object with \"image\" and \"question\"", ""
+    qid = item.get("id", n)
+    if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+        return "\"id\" must be a string or an integer", ""
+    qid = str(qid)
+    image, question = item.get("image"), item.get("question")
+    if not isinstance(image, str) or not image.strip():
+        return "\"image\" must be a non-empty string (a path, relative to the questions file)", qid
+    if not isinstance(question, str) or not question.strip():
+        return "\"question\" must be a non-empty string", qid
+    if question.count(IMAGE_MARKER) > 1:
+        return "the question has several <image> markers; one image goes with each question", qid
+    if qid in seen:
+        return f"id {qid!r} repeats line {seen[qid]}; give every question its own id", qid
+    return "", qid
+
+
+def read_questions(path: Path) -> tuple[list[Question], list[dict[str, Any]]]:
+    """A questions file -> its questions and its rejected lines (``{"line", "id", "error"}``)."""
+    import json
+
+    if not path.is_file():
+        raise DataError(f"--questions-file {path}: not found; pass a JSONL file with one {{\"image\", \"question\"[, \"id\"]}} per line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"--questions-file {path}: not UTF-8 text; pass a JSONL file") from None
+    questions: list[Question] = []
+    rejects: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            item = json.loads(raw)
+        except ValueError:
+            item = None
+        error, qid = _check_question(item, n, seen) if item is not None else ("not JSON", "")
+        if error:
+            rejects.append({"line": n, "id": qid or None, "error": error})
+            continue
+        seen[qid] = n
+        image = Path(item["image"]).expanduser()
+        questions.append(Question(qid, image if image.is_absolute() else path.parent / image, item["image"],
+                                  item["question"], n))
+    return questions, rejects
+
+
+def answered_ids(answers: Path) -> set[str]:
+    """The ids an answers file already holds; a last line cut off by an interrupted run is removed first."""
+    import json
+
+    if not answers.is_file():
+        return set()
+    data = answers.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with answers.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        data = data[: data.rfind(b"\n") + 1]
+    done = set()
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise DataError(f"--out {answers}: holds a line that is not JSON; it is not an answers file, pass another --out") from None
+        if isinstance(record, dict) and "id" in record and "answer" in record:
+            done.add(str(record["id"]))
+    return done
+
+
+def answer_questions_file(
+    session: Session, questions_file: Path, answers: Path, *, batch_size: int = 8,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, reporter: Any = None,
+) -> BatchAnswers:
+    """``srae understand --questions-file Q.jsonl``: every question not yet in ``answers``, ``batch_size`` at a time
+    through :func:`answer_images` (one model load for all)."""
+    import json
+
+    from scale_rae_core.data.images import open_image_file
+    from scale_rae_core.events import Reporter
+    from scale_rae_core.files import atomic_write
+
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1")
+    start = time.perf_counter()
+    questions, rejects = read_questions(questions_file)
+    done = answered_ids(answers)
+    todo = [q for q in questions if q.id not in done]
+    answers.parent.mkdir(parents=True, exist_ok=True)
+    answered = 0
+    with answers.open("a", encoding="utf-8") as out, (reporter or Reporter()).task("understand", total=len(todo)) as advance:
+        for b0 in range(0, len(todo), batch_size):
+            batch, images = [], []
+            for q in todo[b0:b0 + batch_size]:
+                try:
+                    images.append(open_image_file(q.image))
+                    batch.append(q)
+                except DataError as err:
+                    rejects.append({"line": q.line, "id": q.id, "error": str(err)})
+            if batch:
+                t0 = time.perf_counter()
+                texts = answer_images(session, images, [q.question for q in batch], max_new_tokens)
+                share = round(seconds_since(t0) / len(batch), 4)
+                for q, text in zip(batch, texts, strict=True):
+                    out.write(json.dumps({"id": q.id, "image": q.given, "question": q.question, "answer": text,
+                                          "seconds": share, "batch": len(batch)}, ensure_ascii=False) + "\n")
+                out.flush()
+                answered += len(batch)
+            advance(len(todo[b0:b0 + batch_size]))
+    rejects_path = answers.with_name(answers.name.removesuffix(".jsonl") + REJECTS_SUFFIX)
+    rejects_path.unlink(missing_ok=True)  # the last run's rejects are not this run's
+    if rejects:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sorted(rejects, key=lambda r: r["line"]))
+        atomic_write(rejects_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return BatchAnswers(answers, rejects_path if rejects else None, answered, len(questions) - len(todo), len(rejects),
+                        seconds_since(start))

@@ -95,17 +95,19 @@ class DecoderConfig:
 # helpers
 
 
-def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+def sincos_pos_embed_2d(dim: int, grid: int, base_grid: int | None = None) -> torch.Tensor:
     """Fixed MAE position table [1 + grid*grid, dim]; row 0 (CLS) is zero.
 
     Token n = i*grid + j (row i, column j). The first dim/2 channels encode the column j, the last dim/2
-    the row i; each half is [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000^(-k / (dim/4)).
+    the row i; each half is [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000^(-k / (dim/4)) and pos = j (or i),
+    or j / (grid / base_grid) in float32 when `base_grid` is given (diffusers' `AutoencoderRAE`: base_grid 16).
     """
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
-    rows, cols = torch.meshgrid(
-        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
-    )
+    positions = torch.arange(grid, dtype=torch.float32)
+    if base_grid is not None:
+        positions = positions / (grid / base_grid)
+    rows, cols = torch.meshgrid(positions.double(), positions.double(), indexing="ij")
 
     def one_axis(pos: torch.Tensor) -> torch.Tensor:
         angles = pos.reshape(-1, 1) * omega  # (grid*grid, dim/4)
@@ -234,10 +236,11 @@ DECODER_PRESETS: dict[str, dict[str, int]] = {
 # our checkpoint format: <dir>/config.json + <dir>/model.safetensors
 
 
-def save_decoder(decoder: Decoder, out_dir: str | os.PathLike[str]) -> Path:
-    """Write the folder `model.safetensors` + `config.json` whole and atomically (`models.io.write_model_folder`)."""
+def save_decoder(decoder: Decoder, out_dir: str | os.PathLike[str], extra_files: dict[str, Path] | None = None) -> Path:
+    """Write the folder `model.safetensors` + `config.json` (+ `extra_files`, e.g. latent statistics) whole and
+    atomically (`models.io.write_model_folder`)."""
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(decoder.cfg)}
-    return write_model_folder(out_dir, decoder.state_dict(), meta, metadata={"format": FORMAT})
+    return write_model_folder(out_dir, decoder.state_dict(), meta, extra_files, metadata={"format": FORMAT})
 
 
 def read_decoder_config(path: str | os.PathLike[str]) -> DecoderConfig:
@@ -253,8 +256,8 @@ def read_decoder_config(path: str | os.PathLike[str]) -> DecoderConfig:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
     if raw.pop("format", None) != FORMAT:
         raise CheckpointError(
-            f"{path}: not an srae decoder config; for a released decoder (config.json + model.pt) run "
-            "`convert_released_decoder` first"
+            f"{path}: not an srae decoder config; for a released decoder (config.json + model.pt) or a diffusers "
+            "AutoencoderRAE run `srae convert decoder` first"
         )
     version = raw.pop("format_version", None)
     if version != FORMAT_VERSION:

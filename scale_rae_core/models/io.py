@@ -5,7 +5,8 @@ Every folder srae writes (a training export, ``RUN/model``, a decoder, a bundled
 
     DEST/model.safetensors   the tensors (tied / shared storages written once each; fp16 on request)
     DEST/config.json         the config (JSON)
-    DEST/<extra files>       text, bytes, or copies of files and folders (tokenizer, latent stats, decoder/)
+    DEST/<extra files>       text, bytes, tensors (another safetensors file, e.g. an export's llm/), or copies of
+                             files and folders (tokenizer, latent stats, decoder/)
 
 It writes everything into ``.DEST.tmp-<pid>`` beside ``DEST``, fsyncs it, then renames it into place; a previous
 ``DEST`` stays whole until that rename, and a failure at any point leaves it untouched and no temporary folder
@@ -38,7 +39,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 SHOWN_KEYS = 8  # keys listed per kind in a mismatch error
 
-ExtraFile = str | bytes | Path
+ExtraFile = str | bytes | Path | Mapping[str, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -59,7 +60,8 @@ def write_model_folder(
 
     ``tensors`` -> ``model.safetensors`` with ``metadata`` (default ``{"format": "pt"}``); ``half`` stores the
     floating-point ones as fp16 (loading casts back to fp32). ``config`` -> ``config.json``. ``extra_files``:
-    name -> text, bytes, or the :class:`~pathlib.Path` of a file or folder to copy.
+    name (``/`` makes sub-folders) -> text, bytes, tensors (a safetensors file with metadata ``{"format": "pt"}``,
+    ``half`` applies too), or the :class:`~pathlib.Path` of a file or folder to copy.
     """
     dest = Path(dest)
     _check_replaceable(dest)
@@ -76,7 +78,7 @@ def write_model_folder(
         if config is not None:
             (tmp / CONFIG_FILE).write_text(_json_text(config, dest / CONFIG_FILE), encoding="utf-8")
         for name, content in (extra_files or {}).items():
-            _write_extra(tmp / name, content)
+            _write_extra(tmp / name, content, half, dest)
         for path in sorted(tmp.rglob("*"), reverse=True):  # files first, then their folders
             fsync_path(path)
         fsync_path(tmp)
@@ -120,9 +122,13 @@ def _json_text(config: Mapping[str, Any], where: Path) -> str:
         raise CheckpointError(f"{where}: the config is not JSON ({exc}); pass numbers, strings, lists and dicts") from None
 
 
-def _write_extra(dest: Path, content: ExtraFile) -> None:
+def _write_extra(dest: Path, content: ExtraFile, half: bool, folder: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, Path):
+    if isinstance(content, Mapping):
+        from safetensors.torch import save_file
+
+        save_file(_plain_tensors(content, half, folder), str(dest), metadata={"format": "pt"})
+    elif isinstance(content, Path):
         if content.is_dir():
             shutil.copytree(content, dest)
         elif content.is_file():

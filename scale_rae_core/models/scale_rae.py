@@ -14,18 +14,34 @@ Parameter names: ``lm.*`` (UnifiedLM: ``lm.llm.*``, ``lm.mm_projector.*``, ``lm.
 ``lm.diff_head_projector.*``) and ``diff_head.*`` (the LightningDiT). Every name containing ``diff_head`` —
 the head and its condition projector — is the reference's "head" parameter group (own lr and betas).
 
-An export directory (:func:`save_export` / :func:`load_export`) is self-contained: ``model.safetensors``,
-``config.json`` (format ``srae-scale-rae``: the Qwen2 config, image interface sizes, DiT config, flow shift
-base, the encoder to use), the tokenizer files, and ``latent_stats.safetensors`` when targets were normalised.
+An export directory (:func:`write_export` / :func:`load_export`) is self-contained. Version 2 (written since the
+LLM became a transformers folder)::
+
+    EXPORT/config.json                 format ``srae-scale-rae``, version 2: image interface sizes, DiT config, flow
+                                       shift base, the encoder to use (the LLM config is llm/config.json)
+    EXPORT/model.safetensors           the image modules and the head (``lm.mm_projector.*``, ``lm.latent_queries``,
+                                       ``lm.diff_head_projector.*``, ``diff_head.*``)
+    EXPORT/llm/                        the LLM as a standard Qwen2 folder: config.json (``model_type: qwen2``),
+                                       model.safetensors (``Qwen2ForCausalLM`` names), the tokenizer files
+    EXPORT/latent_stats.safetensors    when targets were normalised
+
+so ``AutoModelForCausalLM.from_pretrained("EXPORT/llm")`` and ``AutoTokenizer.from_pretrained("EXPORT/llm")`` load
+the LLM (image tokens included) and no tensor is stored twice. ``EXPORT`` itself is not a transformers folder, and
+transformers says so instead of building a default model: its config.json carries ``model_type: srae-scale-rae``
+(``AutoConfig`` / ``AutoModel*`` raise "does not recognize this architecture") and a ``hidden_size`` that is a
+sentence, not a number (``Qwen2ForCausalLM.from_pretrained`` and every other strict config class raise a validation
+error quoting it). Version 1 (older exports, still loaded): ``model.safetensors`` holds every tensor, the Qwen2
+config sits inline under ``llm`` in config.json and the tokenizer files sit beside it. :meth:`ScaleRAEConfig.to_json`
+is that inline form, also what a run's ``RUN/model/config.json`` holds.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -35,12 +51,23 @@ from scale_rae_core.config import DiTSettings, EncoderSettings, LLMSettings
 from scale_rae_core.errors import CheckpointError
 from scale_rae_core.flow.transport import FlowMatching
 from scale_rae_core.models.dit import DiTConfig, LightningDiT, tokens_to_grid
-from scale_rae_core.models.io import WEIGHTS_FILE, export_model, load_state, read_safetensors
+from scale_rae_core.models.io import WEIGHTS_FILE, ExtraFile, export_model, load_state, read_safetensors
 from scale_rae_core.models.llm import UnifiedLM, UnifiedLMConfig
 from scale_rae_core.models.stats import LatentStats, load_stats
 
+if TYPE_CHECKING:
+    from scale_rae_core.backends.base import Backend
+
 FORMAT = "srae-scale-rae"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest layout this srae reads
+INLINE_VERSION = 1  # ScaleRAEConfig.to_json: the LLM config inline (version-1 exports, RUN/model)
+EXPORT_VERSION = 2  # what write_export writes: the LLM in llm/
+LLM_DIR = "llm"
+LLM_PREFIX = "lm.llm."  # our names of the Qwen2ForCausalLM's tensors
+NOT_TRANSFORMERS = (
+    "not a transformers model: this is an srae Scale-RAE export; load it with srae "
+    "(scale_rae_core.Pipeline.from_pretrained) or load its LLM from the llm/ folder inside it"
+)
 STATS_FILE = "latent_stats.safetensors"
 HEAD_MARKER = "diff_head"  # parameters whose name contains this train with the head's lr and betas
 
@@ -58,7 +85,7 @@ class ScaleRAEConfig:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "version": FORMAT_VERSION,
+            "version": INLINE_VERSION,
             "llm": self.llm,
             "lm": asdict(self.lm),
             "dit": asdict(self.dit),
@@ -187,6 +214,11 @@ def build_llm(settings: LLMSettings, tokenizer_dir: str | Path) -> tuple[PreTrai
         from scale_rae_core.hub import resolve_transformers
 
         local = str(resolve_transformers(settings.path, flag="model.llm.path").path)
+        if is_export(local):
+            raise CheckpointError(
+                f"model.llm.path = '{settings.path}' is an srae export, not a Qwen2 folder; pass its LLM folder "
+                f"{Path(settings.path) / LLM_DIR} (an older export without llm/: load_export it and save_export it again)"
+            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(local)
             llm = Qwen2ForCausalLM.from_pretrained(local, dtype=torch.float32)
@@ -234,12 +266,53 @@ def scale_rae_config(
 # ----------------------------------------------------------------------------------------------------
 
 
-def export_files(cfg: ScaleRAEConfig, tokenizer_dir: Path, stats_path: str | Path | None) -> dict[str, Path]:
-    """Extra files of an export besides weights + config: the tokenizer files and the latent stats."""
-    files: dict[str, Path] = {p.name: p for p in sorted(Path(tokenizer_dir).iterdir()) if p.is_file()}
+def export_config(cfg: ScaleRAEConfig) -> dict[str, Any]:
+    """``config.json`` of a version-2 export: :meth:`ScaleRAEConfig.to_json` without the LLM config (it lives in
+    ``llm/config.json``), plus the two keys that make transformers refuse the folder (see the module docstring)."""
+    data = {k: v for k, v in cfg.to_json().items() if k != "llm"}
+    return {**data, "version": EXPORT_VERSION, "model_type": FORMAT, "hidden_size": NOT_TRANSFORMERS}
+
+
+def llm_config_text(cfg: ScaleRAEConfig) -> str:
+    """``llm/config.json``: the Qwen2 config, loadable by ``AutoConfig`` / ``AutoModelForCausalLM``."""
+    qwen = Qwen2Config.from_dict(cfg.llm)
+    qwen.architectures = ["Qwen2ForCausalLM"]
+    return qwen.to_json_string(use_diff=False)
+
+
+def split_llm(state: Mapping[str, torch.Tensor], cfg: ScaleRAEConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Our state dict -> (the image modules and head, our names; the ``Qwen2ForCausalLM`` state dict, its names).
+
+    A tied ``lm_head.weight`` is left out of the LLM's (transformers ties it again on load, as srae does)."""
+    rest = {k: v for k, v in state.items() if not k.startswith(LLM_PREFIX)}
+    llm = {k[len(LLM_PREFIX):]: v for k, v in state.items() if k.startswith(LLM_PREFIX)}
+    if cfg.llm.get("tie_word_embeddings"):
+        llm.pop("lm_head.weight", None)
+    return rest, llm
+
+
+def write_export(
+    out_dir: str | Path,
+    state: Mapping[str, torch.Tensor],
+    cfg: ScaleRAEConfig,
+    tokenizer_dir: str | Path,
+    stats_path: str | Path | None = None,
+    *,
+    backend: Backend | None = None,
+) -> Path:
+    """Write an export (version 2, see the module docstring) of full tensors ``state`` (our names), atomically.
+
+    With a ``backend`` only the main rank writes and every rank waits at a barrier (*collective*, as
+    :func:`~scale_rae_core.models.io.export_model`)."""
+    tensors, llm = split_llm(state, cfg)
+    files: dict[str, ExtraFile] = {
+        f"{LLM_DIR}/{p.name}": p for p in sorted(Path(tokenizer_dir).iterdir()) if p.is_file()
+    }
+    files[f"{LLM_DIR}/config.json"] = llm_config_text(cfg)
+    files[f"{LLM_DIR}/{WEIGHTS_FILE}"] = llm
     if stats_path:
         files[STATS_FILE] = Path(stats_path)
-    return files
+    return export_model(out_dir, tensors, export_config(cfg), files, backend=backend)
 
 
 def save_export(model: ScaleRAE, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, stats_path: str | Path | None = None) -> Path:
@@ -248,8 +321,7 @@ def save_export(model: ScaleRAE, tokenizer: PreTrainedTokenizerBase, out_dir: st
 
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer.save_pretrained(tok_dir)
-        files = export_files(model.cfg, Path(tok_dir), stats_path)
-        return export_model(out_dir, model.state_dict(), model.cfg.to_json(), files)
+        return write_export(out_dir, model.state_dict(), model.cfg, tok_dir, stats_path)
 
 
 # Tensors a checkpoint may omit: the DiT's fixed tables are recomputed after loading.
@@ -300,7 +372,7 @@ class LoadedExport:
 
 
 def is_export(path: str | Path) -> bool:
-    """True for a directory with weights and a Scale-RAE ``config.json``."""
+    """True for a directory with weights and a Scale-RAE ``config.json`` (either version)."""
     if not (Path(path) / WEIGHTS_FILE).is_file():
         return False
     try:
@@ -309,17 +381,59 @@ def is_export(path: str | Path) -> bool:
         return False
 
 
-def read_export_config(path: str | Path) -> ScaleRAEConfig:
-    where = Path(path) / "config.json"
+def _read_json(where: Path) -> dict[str, Any]:
     try:
         data = json.loads(where.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{where}: cannot read the model config ({exc}); pass an srae export directory") from None
-    return ScaleRAEConfig.from_json(data, str(where))
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}: not a JSON object; pass an srae export directory")
+    return data
+
+
+def has_llm_folder(path: str | Path) -> bool:
+    """True for a version-2 export (the LLM in ``llm/``)."""
+    return (Path(path) / LLM_DIR / "config.json").is_file()
+
+
+def read_export_config(path: str | Path) -> ScaleRAEConfig:
+    """The config of an export (either version) or of a run's ``RUN/model`` folder (the inline form)."""
+    path = Path(path)
+    data = _read_json(path / "config.json")
+    if data.get("format") == FORMAT and int(data.get("version", 0)) >= 2:
+        if not has_llm_folder(path):
+            raise CheckpointError(f"{path}: {LLM_DIR}/config.json is missing; a version-2 export keeps its LLM there, re-export the model")
+        data = {**data, "llm": _read_json(path / LLM_DIR / "config.json")}
+    return ScaleRAEConfig.from_json(data, str(path / "config.json"))
+
+
+def export_tokenizer_dir(path: str | Path) -> Path:
+    """Where an export's tokenizer files are: ``llm/`` (version 2) or the export itself (version 1)."""
+    return Path(path) / LLM_DIR if has_llm_folder(path) else Path(path)
+
+
+def tokenizer_files(folder: str | Path) -> dict[str, Path]:
+    """The tokenizer files of a model folder (name -> path): every file but weights and model configs."""
+    skip = {"config.json", "generation_config.json", "ABOUT.json", "README.md"}
+    return {p.name: p for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.suffix != ".safetensors" and p.name not in skip and not p.name.endswith(".index.json")}
+
+
+def read_export_tensors(path: str | Path, *, fix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of an export under our names, one at a time: ``model.safetensors`` (all of a version-1 export;
+    the image modules and head of a version-2 one), then ``llm/model.safetensors`` prefixed with ``lm.llm.``."""
+    path = Path(path)
+    yield from read_safetensors([path / WEIGHTS_FILE], fix=fix)
+    if has_llm_folder(path):
+        llm = path / LLM_DIR / WEIGHTS_FILE
+        if not llm.is_file():
+            raise CheckpointError(f"{llm}: missing; a version-2 export keeps its LLM weights there, {fix}")
+        for key, value in read_safetensors([llm], fix=fix):
+            yield LLM_PREFIX + key, value
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedExport:
-    """Load an export directory written by training (or :func:`save_export`) in fp32, in eval mode."""
+    """Load an export directory (either version) written by training or :func:`save_export`, fp32, eval mode."""
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -328,10 +442,9 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedE
     cfg = read_export_config(path)
     stats = load_stats(path / STATS_FILE) if (path / STATS_FILE).is_file() else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(export_tokenizer_dir(path)))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: the tokenizer files are missing or broken ({type(exc).__name__}); re-export the model") from None
-    weights = path / WEIGHTS_FILE
     fix = "re-export the model"
-    model = load_scale_rae(cfg, read_safetensors([weights], fix=fix), source=str(weights), fix=fix, stats=stats)
+    model = load_scale_rae(cfg, read_export_tensors(path, fix=fix), source=str(path), fix=fix, stats=stats)
     return LoadedExport(model.to(device).eval(), tokenizer, cfg, path)

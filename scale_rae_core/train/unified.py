@@ -52,9 +52,12 @@ from scale_rae_core.models.scale_rae import (
     WEIGHTS_FILE,
     ScaleRAE,
     ScaleRAEConfig,
-    export_files,
+    export_tokenizer_dir,
     is_export,
     read_export_config,
+    read_export_tensors,
+    tokenizer_files,
+    write_export,
 )
 from scale_rae_core.train.checkpoint import CheckpointManager
 from scale_rae_core.train.loop import TrainLoop, TrainResult, TrainState, TrainTask
@@ -110,7 +113,7 @@ class ModelSource:
     config: ScaleRAEConfig
     model_dir: Path  # holds config.json, tokenizer/, maybe latent_stats.safetensors
     llm: nn.Module | None = None  # pretrained LLM weights for a fresh stage 1
-    export_weights: Path | None = None  # an export's model.safetensors to start from (stage 2)
+    export: Path | None = None  # an export (either version) whose weights to start from (stage 2)
     checkpoint: Path | None = None  # a stage-1 checkpoint step dir to start from (stage 2)
 
 
@@ -118,7 +121,7 @@ def _write_model_dir(run_dir: Path, cfg: ScaleRAEConfig, tokenizer_dir: Path, st
     """RUN/model: config.json + tokenizer/ (+ stats), written atomically by the caller's rank 0."""
     from scale_rae_core.models.io import write_model_folder
 
-    files: dict[str, Path] = {TOKENIZER_DIR: tokenizer_dir}
+    files = {f"{TOKENIZER_DIR}/{name}": p for name, p in tokenizer_files(tokenizer_dir).items()}
     if stats is not None:
         files[STATS_FILE] = stats
     return write_model_folder(run_dir / MODEL_DIR, None, cfg.to_json(), files)
@@ -145,16 +148,16 @@ def _from_source(path: Path, run_dir: Path, backend: Backend) -> ModelSource:
     """Stage 2's starting point: an export dir, or a run (latest complete checkpoint, else its export)."""
     path = Path(path).expanduser()
     if is_export(path):
-        cfg, tok, stats, weights, ckpt = read_export_config(path), path, path / STATS_FILE, path / WEIGHTS_FILE, None
+        cfg, tok, stats, export, ckpt = read_export_config(path), export_tokenizer_dir(path), path / STATS_FILE, path, None
     elif (path / MODEL_DIR / "config.json").is_file():
         cfg = read_export_config(path / MODEL_DIR)
         tok, stats = path / MODEL_DIR / TOKENIZER_DIR, path / MODEL_DIR / STATS_FILE
         found = CheckpointManager(path, 1, backend).complete()
-        weights, ckpt = None, found[-1][1] if found else None
+        export, ckpt = None, found[-1][1] if found else None
         if ckpt is None:
             if not is_export(path / EXPORT_DIR):
                 raise CheckpointError(f"--from {path}: the run has no complete checkpoint and no export; train it first or pass an export directory")
-            weights = path / EXPORT_DIR / WEIGHTS_FILE
+            export = path / EXPORT_DIR
     else:
         raise CheckpointError(
             f"--from {path} is neither an srae run (RUN/model/config.json) nor an export (config.json + {WEIGHTS_FILE}); "
@@ -163,7 +166,7 @@ def _from_source(path: Path, run_dir: Path, backend: Backend) -> ModelSource:
     if backend.is_main:
         _write_model_dir(run_dir, cfg, tok, stats if stats.is_file() else None)
     backend.barrier()
-    return ModelSource(cfg, run_dir / MODEL_DIR, export_weights=weights, checkpoint=ckpt)
+    return ModelSource(cfg, run_dir / MODEL_DIR, export=export, checkpoint=ckpt)
 
 
 def _existing(run_dir: Path) -> ModelSource:
@@ -175,13 +178,12 @@ def _build_model(src: ModelSource) -> ScaleRAE:
 
     stats_file = src.model_dir / STATS_FILE
     stats = load_stats(stats_file) if stats_file.is_file() else None
-    if src.export_weights is not None:
-        from scale_rae_core.models.io import read_safetensors
+    if src.export is not None:
         from scale_rae_core.models.scale_rae import load_scale_rae
 
         fix = "re-export the model"
-        return load_scale_rae(src.config, read_safetensors([src.export_weights], fix=fix),
-                              source=str(src.export_weights), fix=fix, stats=stats)
+        return load_scale_rae(src.config, read_export_tensors(src.export, fix=fix), source=str(src.export), fix=fix,
+                              stats=stats)
     return ScaleRAE(src.config, llm=src.llm, stats=stats)
 
 
@@ -429,6 +431,6 @@ class UnifiedTrainer(TrainTask):
 
     def export(self) -> Path:
         stats = self.src.model_dir / STATS_FILE
-        extra = export_files(self.src.config, self.src.model_dir / TOKENIZER_DIR, stats if stats.is_file() else None)
-        manager = CheckpointManager(self.run_dir, 1, self.backend)
-        return manager.export(self.run_dir / EXPORT_DIR, self.model, self.src.config.to_json(), extra)
+        state = self.backend.full_model_state(self.model)  # collective: the full tensors on the main rank
+        return write_export(self.run_dir / EXPORT_DIR, state, self.src.config, self.src.model_dir / TOKENIZER_DIR,
+                            stats if stats.is_file() else None, backend=self.backend)

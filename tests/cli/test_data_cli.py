@@ -1,10 +1,11 @@
-"""`srae data synth|pack|inspect|verify` and `srae demo` through the command line."""
+"""`srae data synth|pack|inspect|verify` through the command line (the demo: tests/demo)."""
 
 from __future__ import annotations
 
 import json
 import tarfile
 
+import pytest
 from typer.testing import CliRunner
 
 from scale_rae_cli.main import app
@@ -64,3 +65,30 @@ def test_progress_bar_shows_rate_unless_quiet(tmp_path):
     assert "packing" in loud and "/s" in loud and "eta" in loud
     quiet = _ok(["data", "pack", str(world / "captioned"), "--out", str(tmp_path / "b"), "--quiet"])
     assert "packing" not in quiet and quiet.startswith("packed ")
+
+
+def test_pack_tars_and_a_parquet_error_then_inspect_and_verify_a_pipe_manifest(tmp_path):
+    from tests.data.formats import blip3o_tars
+
+    tars = blip3o_tars(tmp_path / "tars")
+    out = _ok(["data", "pack", str(tars / "shard-{000000..000002}.tar"), "--out", str(tmp_path / "p"), "--quiet",
+               "--task", "generation", "--caption-column", "txt", "--samples-per-shard", "4"])
+    assert "packed 6 samples into 2 shards" in out and "skipped 1" in out
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [b"x"], "label": [1]}), tmp_path / "t.parquet")
+    result = runner.invoke(app, ["data", "pack", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "q")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith("error: ") and "name it with --caption-column" in result.output
+
+    manifest = json.loads((tmp_path / "p" / "wds_manifest.json").read_text())
+    for s in manifest["shards"]:
+        s["name"] = f"pipe:cat {tmp_path / 'p' / s['name']}"
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / "wds_manifest.json").write_text(json.dumps(manifest))
+    info = json.loads(_ok(["data", "inspect", str(tmp_path / "remote"), "--json", "--samples", "2"]))
+    assert info["total"] == 6 and info["samples"][1]["conversations"][0]["value"] == "Generate an image of caption 1"
+    assert info["shards"][0]["name"].startswith("pipe:cat ")
+    assert "ok: 6 samples in 2 shards checked, 0 problems" in _ok(["data", "verify", str(tmp_path / "remote")])

@@ -243,16 +243,19 @@ def test_jsonl_line_problems_and_path_escapes_are_rejected(tmp_path):
     ]
     (root / "caps.jsonl").write_text("\n".join(rows) + "\n")
     s = pack(root / "caps.jsonl", tmp_path / "out", task="understanding")
-    assert (s.packed, s.skipped) == (1, 6)
+    assert (s.packed, s.skipped) == (2, 5)
     rejects = read_rejects(tmp_path / "out")
-    assert [r["source"] for r in rejects] == [f"caps.jsonl:{i}" for i in range(2, 8)]
+    assert [r["source"] for r in rejects] == [f"caps.jsonl:{i}" for i in (2, 3, 5, 6, 7)]
     reasons = [r["reason"] for r in rejects]
     assert reasons[0].startswith("line is not valid JSON")
     assert reasons[1].startswith("path escapes the input root") and "../secret.png" in reasons[1]
-    assert reasons[2].startswith("path escapes the input root")
-    assert reasons[3] == "missing caption"
-    assert reasons[4] == "image file not found: missing.png"
-    assert reasons[5] == "line is a JSON list, not an object"
+    assert reasons[2] == "missing caption"
+    assert reasons[3] == "image file not found: missing.png"
+    assert reasons[4] == "line is a JSON list, not an object"
+    # An absolute path is used as it is (the reference's stage-2 JSONL layout), wherever it points.
+    m = tar_members(tmp_path / "out" / "shard-000000.tar")
+    assert json.loads(m["000000003.json"])["conversations"][1]["value"] == "absolute outside"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(m["000000003.png"]))), np.asarray(Image.open(io.BytesIO(png_bytes(1)))))
 
 
 @pytest.mark.parametrize(

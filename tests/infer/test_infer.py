@@ -23,7 +23,7 @@ FAST = SamplerSettings(steps=3)
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from scale_rae_core.models.build import tiny_random_encoder_dir
+    from scale_rae_core.models.tiny_encoder import tiny_random_encoder_dir
 
     tmp = tmp_path_factory.mktemp("infer")
     model, tok = build_tiny(tmp)
@@ -280,8 +280,9 @@ def test_a_model_folder_carries_its_decoder_and_the_bundle_is_the_default_model(
     about = {"command": "srae demo --retrain", "bench": {"gen_colour_shape_first": 0.5}}
     bundle = bundle_model(files["export"], files["decoder"], tmp_path / "bundle", half=True, about=about)
     assert json.loads((bundle / "ABOUT.json").read_text()) == about
-    with safe_open(str(bundle / "model.safetensors"), framework="pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # half the size on disk
+    for weights in (bundle / "model.safetensors", bundle / "llm" / "model.safetensors"):
+        with safe_open(str(weights), framework="pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # half the size on disk
     session = Session.open(str(bundle), load_profile("tiny-cpu"))  # no decoder given: the folder's decoder/
     decoder, source = session.decoder()
     assert source.path == bundle / "decoder"
@@ -394,3 +395,19 @@ def test_a_session_owns_its_backend_and_closes_it(files, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError):  # a model that fails to load does not leak the backend
         Session.open(str(tmp_path / "no-model" / "here"), load_profile("tiny-cpu"))
     assert closed == ["closed", "closed"]
+
+
+def test_latent_decode_finds_the_decoder_of_the_model_that_made_the_latent(files, session, tmp_path):
+    from scale_rae_core.infer.bundle import bundle_model
+
+    profile = load_profile("tiny-cpu")
+    bundle = bundle_model(files["export"], files["decoder"], tmp_path / "bundle")
+    with Session.open(str(bundle), profile) as own:  # the folder's decoder/, no --decoder anywhere
+        rec = generate_images(own, PROMPTS[:1], tmp_path / "gen", FAST, seed=3, save_latents=True).images[0]
+    (png,) = decode_latent_file(rec.latent, tmp_path / "dec", None, profile)
+    assert png.read_bytes() == rec.png.read_bytes()
+    assert json.loads(png.with_suffix(".json").read_text())["decoder"]["path"] == str(bundle / "decoder")
+    # a latent whose model carries no decoder/ (and no other decoder is known) fails in one line naming the model
+    plain = generate_images(session, PROMPTS[:1], tmp_path / "plain", FAST, save_latents=True).images[0]
+    with pytest.raises(ConfigError, match=rf"no decoder known \(its model {files['export']} carries no decoder/\); pass --decoder"):
+        decode_latent_file(plain.latent, tmp_path / "dec", None, profile)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from scale_rae_core.errors import CheckpointError, ConfigError
 from scale_rae_core.models.adapters import released_decoder_to_srae, srae_decoder_to_released
-from scale_rae_core.models.convert import convert_released_decoder, load_released_decoder
+from scale_rae_core.models.convert import convert_decoder, load_released_decoder
 from scale_rae_core.models.decoder import load_decoder
 
 C, D, LAYERS, HEADS, MLP, P, N = 24, 32, 2, 4, 48, 4, 16
@@ -129,7 +129,7 @@ def test_released_decoder_loads_strictly_and_matches_reference_maths(tmp_path):
 def test_convert_then_reload_gives_identical_outputs(tmp_path):
     src = write_released(tmp_path / "released", released_state(), hf_config())
     released = load_released_decoder(src / "model.pt", encoder_kind="webssl-dino")
-    out = convert_released_decoder(src, tmp_path / "ours", encoder_kind="webssl-dino")
+    out = convert_decoder(src, tmp_path / "ours", encoder_kind="webssl-dino")
     ours = load_decoder(out)
     assert ours.cfg == released.cfg and ours.cfg.encoder_kind == "webssl-dino"
     z = torch.randn(2, N, C)

@@ -136,7 +136,7 @@ def test_load_errors_name_the_file_and_key(tmp_path):
     with pytest.raises(CheckpointError, match="'depth'"):
         load_decoder(out)
     (out / "config.json").write_text(json.dumps({"model_type": "vit_mae"}))
-    with pytest.raises(CheckpointError, match="convert_released_decoder"):
+    with pytest.raises(CheckpointError, match="srae convert decoder"):
         load_decoder(out)
     with pytest.raises(CheckpointError, match="config.json"):
         load_decoder(tmp_path / "nowhere")

@@ -57,7 +57,8 @@ def test_full_run_writes_metrics_checkpoints_and_a_loadable_export(full_run):
     # retention: keep = 2
     assert sorted(p.name for p in (r.run_dir / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
     loaded = load_export(r.export_dir)
-    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in r.export_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "llm"} <= {p.name for p in r.export_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (r.export_dir / "llm").iterdir()}
     assert loaded.config.encoder["path"] == "tiny-random" and loaded.config.dit.in_channels == 192
 
 
