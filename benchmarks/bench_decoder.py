@@ -32,12 +32,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from scale_rae_core.backends.base import backend_for
+    from scale_rae_core.backends import backend_for
     from scale_rae_core.config import load_profile
-    from scale_rae_core.data.synth import synthesize
     from scale_rae_core.eval.metrics import psnr, ssim
     from scale_rae_core.models.build import build_rae
     from scale_rae_core.models.rae import RAE
+    from scale_rae_core.shapes.synth import synthesize
     from scale_rae_core.train.decoder import DecoderTrainer
     from scale_rae_core.train.decoder_data import batches, open_images
     from scale_rae_core.train.loop import TrainLoop

@@ -33,12 +33,12 @@ def prepare(work: Path, images: int):
     """Shapes class folders, a tiny random decoder, and the latent cache (with statistics)."""
     import torch
 
-    from scale_rae_core.backends.base import get_backend
+    from scale_rae_core.backends import get_backend
     from scale_rae_core.config import EncoderSettings, load_profile
-    from scale_rae_core.data.synth import synthesize
     from scale_rae_core.models.build import build_encoder
     from scale_rae_core.models.decoder import Decoder, save_decoder
     from scale_rae_core.models.rae import decoder_config_for
+    from scale_rae_core.shapes.synth import synthesize
     from scale_rae_core.train.latent_cache import MANIFEST, cache_latents
 
     if not (work / "shapes" / "synth.json").is_file():
@@ -58,7 +58,7 @@ def train_srae(work: Path, batch: int, warmup: int, steps: int) -> float:
     import json
     import shutil
 
-    from scale_rae_core.backends.base import backend_for
+    from scale_rae_core.backends import backend_for
     from scale_rae_core.config import load_profile
     from scale_rae_core.train.dit import DiTTrainer
     from scale_rae_core.train.loop import TrainLoop

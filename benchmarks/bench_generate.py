@@ -51,7 +51,8 @@ def build_session(tmp: Path, size: str, device: str) -> Any:
     else:  # the released shapes, random weights, tiny tokenizer (timing only)
         from transformers import Qwen2ForCausalLM
 
-        from scale_rae_core.models.presets import llm_config, tiny_tokenizer
+        from scale_rae_core.models.presets import llm_config
+        from scale_rae_core.shapes.vocab import tiny_tokenizer
 
         tok = tiny_tokenizer(tmp / "tok")
         llm = Qwen2ForCausalLM(llm_config("qwen2.5-1.5b", vocab_size=len(tok)))

@@ -40,7 +40,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from scale_rae_core.config import load_profile
     from scale_rae_core.data.pack import pack
-    from scale_rae_core.data.synth import synthesize
+    from scale_rae_core.shapes.synth import synthesize
     from scale_rae_core.train.unified import train_unified
 
     shutil.rmtree(args.work, ignore_errors=True)

@@ -26,7 +26,7 @@ def write_questions(folder: Path, n: int) -> Path:
     """``n`` shapes-world images and one question each -> ``folder/Q.jsonl`` (image paths relative to it)."""
     import random
 
-    from scale_rae_core.data.synth import random_spec, render
+    from scale_rae_core.shapes.synth import random_spec, render
 
     rng = random.Random(0)
     (folder / "img").mkdir(parents=True)

@@ -1,26 +1,36 @@
-"""`srae data synth|pack|inspect|verify`."""
+"""`srae data synth|pack|inspect|verify` (main registers them, with `data npz`, on the `data` group)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from scale_rae_cli.options import QuietOpt
+from scale_rae_cli.options import PackedArg, QuietOpt, float_option, int_option
 
-app = typer.Typer(help="Make, pack, inspect and verify training data.", no_args_is_help=True)
+HELP = "Make, pack, inspect and verify training data."
+SYNTH_EPILOG = "Example: srae data synth shapes --n 2000 --image-size 64"
+PACK_EPILOG = (
+    "Examples: srae data pack shapes/conversations.jsonl --out packed · "
+    "srae data pack photos/ --task generation --image-size 256 --codec jpg --workers 2 --out packed · "
+    "srae data pack 'blip3o/{00000..00009}.tar' --task generation --out packed · "
+    "srae data pack llava_v1_5_mix665k.json --image-root /data/llava --out packed · "
+    "srae data pack hf:ORG/NAME --split train --out packed"
+)
+INSPECT_EPILOG = "Example: srae data inspect packed --samples 5"
+VERIFY_EPILOG = "Example: srae data verify packed"
 
 
-@app.command("synth", epilog="Example: srae data synth shapes --n 2000 --image-size 64")
 def synth(
-    out: Path = typer.Argument(..., help="Empty output folder."),
-    n: int = typer.Option(2000, "--n", help="Images in total; a --heldout fraction of them go to heldout/."),
-    image_size: int = typer.Option(64, "--image-size", help="Image side in pixels (16–256 and up)."),
-    seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
-    heldout: float = typer.Option(0.1, "--heldout", help="Fraction of images kept apart in heldout/ for evaluation."),
+    out: Annotated[Path, typer.Argument(help="Empty output folder.")],
+    n: Annotated[int, int_option("--n", help="Images in total; a --heldout fraction of them go to heldout/.")] = 2000,
+    image_size: Annotated[int, int_option("--image-size", help="Image side in pixels (16–256 and up).")] = 64,
+    seed: Annotated[int, int_option("--seed", help="Same seed, same bytes.")] = 0,
+    heldout: Annotated[float, float_option("--heldout", help="Fraction of images kept apart in heldout/ for evaluation.")] = 0.1,
 ) -> None:
     """Render the shapes world (coloured shapes with captions and Q/A) in every input format `data pack` reads."""
-    from scale_rae_core.data.synth import synthesize
+    from scale_rae_core.shapes.synth import synthesize
 
     s = synthesize(out, n, image_size=image_size, seed=seed, split_heldout=heldout)
     train, held = s["train"], s["heldout"]
@@ -32,31 +42,23 @@ def synth(
     typer.echo(f"next: srae data pack {out / 'conversations.jsonl'} --out {out.parent / (out.name + '-packed')}")
 
 
-@app.command(
-    "pack",
-    epilog="Examples: srae data pack shapes/conversations.jsonl --out packed · "
-    "srae data pack photos/ --task generation --image-size 256 --codec jpg --workers 2 --out packed · "
-    "srae data pack 'blip3o/{00000..00009}.tar' --task generation --out packed · "
-    "srae data pack llava_v1_5_mix665k.json --image-root /data/llava --out packed · "
-    "srae data pack hf:ORG/NAME --split train --out packed",
-)
 def pack(
-    input: str = typer.Argument(..., help="Folder of images (+ .txt captions, or class folders); a CSV / JSONL / JSON (LLaVA array) of captions or conversations; WebDataset .tar files, a folder of them or a brace pattern; .parquet files or a folder of them; a datasets save_to_disk folder; hf:REPO_ID (streamed; needs the datasets package)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder for shards, wds_manifest.json and rejects.jsonl."),
-    format: str | None = typer.Option(None, "--format", help="captions | conversations | classes (default: detected)."),
-    task: str = typer.Option("both", "--task", help="For captions: generation | understanding | both."),
-    samples_per_shard: int = typer.Option(1000, "--samples-per-shard", help="Samples per tar shard."),
-    shard_bytes: int = typer.Option(1 << 30, "--shard-bytes", help="Start a new shard before a tar passes this size."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Shrink so the longer side is at most this (default: keep)."),
-    codec: str = typer.Option("png", "--codec", help="png | jpg | webp."),
-    quality: int = typer.Option(95, "--quality", help="jpg/webp quality."),
-    workers: int = typer.Option(1, "--workers", help="Processes encoding images (output is identical for any count)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted pack into the same --out."),
-    name: str | None = typer.Option(None, "--name", help="dataset_name in the manifest (default: the input's name)."),
-    image_root: Path | None = typer.Option(None, "--image-root", help="Where relative image paths of a CSV/JSONL/JSON resolve (default: its folder); absolute paths are used as they are."),
-    image_column: str | None = typer.Option(None, "--image-column", help="The image: a parquet/dataset column, a tar member extension (jpg) or a CSV/JSON key (default: detected)."),
-    caption_column: str | None = typer.Option(None, "--caption-column", help="The caption: a parquet/dataset column, a tar member extension (txt) or JSON field, or a CSV/JSON key (default: detected)."),
-    split: str = typer.Option("train", "--split", help="Split of a Hugging Face dataset (hf:REPO_ID or a save_to_disk folder)."),
+    input: Annotated[str, typer.Argument(help="Folder of images (+ .txt captions, or class folders); a CSV / JSONL / JSON (LLaVA array) of captions or conversations; WebDataset .tar files, a folder of them or a brace pattern; .parquet files or a folder of them; a datasets save_to_disk folder; hf:REPO_ID (streamed; needs the datasets package).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for shards, wds_manifest.json and rejects.jsonl.")],
+    format: Annotated[str | None, typer.Option("--format", help="captions | conversations | classes (default: detected).")] = None,
+    task: Annotated[str, typer.Option("--task", help="For captions: generation | understanding | both.")] = "both",
+    samples_per_shard: Annotated[int, int_option("--samples-per-shard", help="Samples per tar shard.")] = 1000,
+    shard_bytes: Annotated[int, int_option("--shard-bytes", help="Start a new shard before a tar passes this size.")] = 1 << 30,
+    image_size: Annotated[int | None, int_option("--image-size", help="Shrink so the longer side is at most this (default: keep).")] = None,
+    codec: Annotated[str, typer.Option("--codec", help="png | jpg | webp.")] = "png",
+    quality: Annotated[int, int_option("--quality", help="jpg/webp quality.")] = 95,
+    workers: Annotated[int, int_option("--workers", help="Processes encoding images (output is identical for any count).")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted pack into the same --out.")] = False,
+    name: Annotated[str | None, typer.Option("--name", help="dataset_name in the manifest (default: the input's name).")] = None,
+    image_root: Annotated[Path | None, typer.Option("--image-root", help="Where relative image paths of a CSV/JSONL/JSON resolve (default: its folder); absolute paths are used as they are.")] = None,
+    image_column: Annotated[str | None, typer.Option("--image-column", help="The image: a parquet/dataset column, a tar member extension (jpg) or a CSV/JSON key (default: detected).")] = None,
+    caption_column: Annotated[str | None, typer.Option("--caption-column", help="The caption: a parquet/dataset column, a tar member extension (txt) or JSON field, or a CSV/JSON key (default: detected).")] = None,
+    split: Annotated[str, typer.Option("--split", help="Split of a Hugging Face dataset (hf:REPO_ID or a save_to_disk folder).")] = "train",
     quiet: QuietOpt = False,
 ) -> None:
     """Pack images with captions or conversations into WebDataset tar shards + wds_manifest.json."""
@@ -89,11 +91,10 @@ def pack(
     typer.echo(f"manifest: {s.manifest}")
 
 
-@app.command("inspect", epilog="Example: srae data inspect packed --samples 5")
 def inspect(
-    path: Path = typer.Argument(..., help="Packed folder or its wds_manifest.json (its tars may be remote: https://, hf://, pipe:)."),
-    samples: int = typer.Option(3, "--samples", help="How many samples to show."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    path: PackedArg,
+    samples: Annotated[int, int_option("--samples", help="How many samples to show.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show shard counts, totals and a few decoded samples."""
     import json
@@ -105,22 +106,23 @@ def inspect(
         typer.echo(json.dumps(info, indent=2, default=str))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
-    console.print(f"[bold]{info['dataset_name']}[/] — {info['total']} samples in {len(info['shards'])} shards ({info['manifest']})")
+    console = Console()  # the data's own text is escaped: "[stage2]" in a caption is shown, not read as markup
+    console.print(f"[bold]{escape(info['dataset_name'])}[/] — {info['total']} samples in {len(info['shards'])} shards "
+                  f"({escape(str(info['manifest']))})")
     if info.get("skipped"):
-        console.print(f"skipped while packing: {info['skipped']}")
+        console.print(escape(f"skipped while packing: {info['skipped']}"))
     table = Table("key", "shard", "image", "conversation", "metadata")
     for s in info["samples"]:
         conv = " | ".join(f"{t['from']}: {t['value']}" for t in s["conversations"])
         size = "×".join(map(str, s["image_size"])) if s["image_size"] else "-"
-        table.add_row(s["key"], s["shard"], size, conv[:80], json.dumps(s["metadata"])[:60])
+        table.add_row(*(escape(str(cell)) for cell in (s["key"], s["shard"], size, conv[:80], json.dumps(s["metadata"])[:60])))
     console.print(table)
 
 
-@app.command("verify", epilog="Example: srae data verify packed")
-def verify(path: Path = typer.Argument(..., help="Packed folder or its wds_manifest.json (its tars may be remote: https://, hf://, pipe:).")) -> None:
+def verify(path: PackedArg) -> None:
     """Re-read every sample and check it against the manifest; exit 1 if anything is wrong."""
     from scale_rae_core.data.shards import verify as run_verify
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, load
+from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, float_option, int_option, load
 
 EPILOG = (
     "Example: srae demo --out runs/demo   (re-running reuses finished stages; --fresh starts over; --redo STAGE trains "
@@ -16,14 +16,14 @@ EPILOG = (
 )
 
 
-def _hidden(flag: str, help_text: str) -> Any:
-    """A test/tuning knob, kept out of --help."""
-    return typer.Option(flag, hidden=True, help=help_text)
+def _knob(flag: str, help_text: str) -> Any:
+    """A test/tuning knob (an integer), kept out of --help."""
+    return int_option(flag, hidden=True, help=help_text)
 
 
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder for every stage's output.")] = Path("runs/demo"),
-    n: Annotated[int, typer.Option("--n", help="Images in the synthetic world (one in ten held out).")] = 1200,
+    n: Annotated[int, int_option("--n", help="Images in the synthetic world (one in ten held out).")] = 1200,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete the run folder first instead of continuing it.")] = False,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train with the recipe of the model bundled with srae: "
                                           "stage 1 for 6,000 steps, then stage 2 for 2,000 (about 65 min on 2 cores); "
@@ -35,21 +35,22 @@ def demo(
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
-    sampler_steps: Annotated[int, _hidden("--sampler-steps", "Flow sampler steps per image.")] = 25,
-    guidance: Annotated[float, typer.Option("--guidance", help="CFG weight for every sample the demo draws (1 = off).")] = 3.0,
-    gen_prompts: Annotated[int, _hidden("--gen-prompts", "Prompts in the generate stage.")] = 6,
-    understand_images: Annotated[int, _hidden("--understand-images", "Held-out images in the understand stage.")] = 4,
-    scale_n: Annotated[int, _hidden("--scale-n", "Scale stage: samples per round.")] = 2,
-    scale_rounds: Annotated[int, _hidden("--scale-rounds", "Scale stage: rounds.")] = 2,
-    bench_prompts: Annotated[int | None, _hidden("--bench-prompts", "Benchmark prompts (default all 36).")] = None,
-    bench_k: Annotated[int, _hidden("--bench-k", "Benchmark samples per prompt.")] = 8,
-    bench_images: Annotated[int, _hidden("--bench-images", "Benchmark held-out images.")] = 24,
+    sampler_steps: Annotated[int, _knob("--sampler-steps", "Flow sampler steps per image.")] = 25,
+    guidance: Annotated[float, float_option("--guidance", help="CFG weight for every sample the demo draws (1 = off).")] = 3.0,
+    gen_prompts: Annotated[int, _knob("--gen-prompts", "Prompts in the generate stage.")] = 6,
+    understand_images: Annotated[int, _knob("--understand-images", "Held-out images in the understand stage.")] = 4,
+    scale_n: Annotated[int, _knob("--scale-n", "Scale stage: samples per round.")] = 2,
+    scale_rounds: Annotated[int, _knob("--scale-rounds", "Scale stage: rounds.")] = 2,
+    bench_prompts: Annotated[int | None, _knob("--bench-prompts", "Benchmark prompts (default all 36).")] = None,
+    bench_k: Annotated[int, _knob("--bench-k", "Benchmark samples per prompt.")] = 8,
+    bench_images: Annotated[int, _knob("--bench-images", "Benchmark held-out images.")] = 24,
 ) -> None:
     """Run the pipeline on the shapes world: synth → pack → inspect → verify → decoder → stat → stage1
     [→ stage2 with --retrain] → model → generate → understand → scale → eval → report (report.html)."""
     import shlex
 
-    from scale_rae_core.demo import BUNDLED_RECIPE, DemoOptions, run_demo
+    from scale_rae_core.demo.context import DemoOptions
+    from scale_rae_core.demo.run import BUNDLED_RECIPE, run_demo
     from scale_rae_core.events import Reporter
 
     prof = load(profile, [*(BUNDLED_RECIPE if retrain else ()), *(set_ or [])])
@@ -68,18 +69,22 @@ def demo(
     with Reporter(out / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep:
         result = run_demo(out, prof, rep, options=options, fresh=fresh, redo=list(redo or []), strict=strict,
                           command=shlex.join(made_by), on_stage=echo)
-    for q in result.quality:
-        mark = "ok" if q["ok"] else "BELOW BAR"
-        typer.echo(f"quality    {q['label']}: {q['value']:.4g} (bar {'>' if q.get('strict') else '>='} {q['minimum']:.4g}) {mark}")
-    if result.quality:
-        budget = "with the bundled model's recipe" if retrain else "in the demo's time budget"
-        typer.echo(f"           (the bars judge this run's model, trained {budget};" + bundled_line() + ")")
+    _print_quality(result.quality, retrain)
     typer.echo(f"done: {out} (report {out / 'report.html'}, summary {out / 'demo.json'})")
     if install:
-        from scale_rae_core.infer.bundle import install_bundled
+        from scale_rae_core.demo.install import install_bundled
 
         path = install_bundled(out / "model", out / "eval_shapes.json", result.quality)
         typer.echo(f"installed: {path} is now the default --model")
+
+
+def _print_quality(quality: list[dict[str, Any]], retrain: bool) -> None:
+    for q in quality:
+        mark = "ok" if q["ok"] else "BELOW BAR"
+        typer.echo(f"quality    {q['label']}: {q['value']:.4g} (bar {'>' if q.get('strict') else '>='} {q['minimum']:.4g}) {mark}")
+    if quality:
+        budget = "with the bundled model's recipe" if retrain else "in the demo's time budget"
+        typer.echo(f"           (the bars judge this run's model, trained {budget};" + bundled_line() + ")")
 
 
 def bundled_line() -> str:

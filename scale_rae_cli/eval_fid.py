@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, load
+from scale_rae_cli.options import FidNetOpt, ProfileOpt, QuietOpt, SetOpt, int_option, load
 
 EPILOG = (
     "Example: srae eval fid samples/samples.npz --ref VIRTUAL_imagenet256_labeled.npz "
@@ -19,22 +20,17 @@ def _fmt(value: float | None, digits: int) -> str:
 
 
 def fid(
-    samples: Path = typer.Argument(..., help="Samples: an ADM .npz (arr_0 uint8 N x H x W x 3, as srae sample writes) or a folder of images."),
-    ref: Path = typer.Option(..., "--ref", help="Reference batch: an ADM .npz at the samples' resolution (see srae data npz)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Write the result JSON here."),
-    fid_net: str | None = typer.Option(
-        None, "--fid-net",
-        help="Features: a path to pt_inception-2015-12-05-6726825d.pth, 'inception' ($SRAE_INCEPTION_WEIGHTS), "
-        "'efficientnet-lite0' or 'random' (fallbacks: FID/precision/recall only, labelled). Default: inception if "
-        "configured, else efficientnet-lite0, else random.",
-    ),
-    batch_size: int = typer.Option(50, "--batch-size", help="Images per forward of the feature network."),
+    samples: Annotated[Path, typer.Argument(help="Samples: an ADM .npz (arr_0 uint8 N x H x W x 3, as srae sample writes) or a folder of images.")],
+    ref: Annotated[Path, typer.Option("--ref", help="Reference batch: an ADM .npz at the samples' resolution (see srae data npz).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the result JSON here.")] = None,
+    fid_net: FidNetOpt = None,
+    batch_size: Annotated[int, int_option("--batch-size", help="Images per forward of the feature network.")] = 50,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Score samples as the ADM evaluation suite does (pool3 FID, mixed_6 sFID, IS, k=3 precision/recall)."""
-    from scale_rae_core.backends.base import backend_for
+    from scale_rae_core.backends import backend_for
     from scale_rae_core.eval.fid import evaluate_fid
     from scale_rae_core.events import Reporter
 

@@ -3,31 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, load
+from scale_rae_cli.options import FidNetOpt, ProfileOpt, QuietOpt, SetOpt, int_option, load
 
 EPILOG = "Example: srae eval recon --decoder runs/decoder/decoder --data shapes/heldout --out recon.json --fid-net random"
 
 
 def recon(
-    decoder: str = typer.Option(..., "--decoder", help="Decoder folder (ours, or a released model.pt folder / hub repo id)."),
-    data: Path = typer.Option(..., "--data", "-d", help="Packed dataset or image folder of held-out images."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output JSON file."),
+    decoder: Annotated[str, typer.Option("--decoder", help="Decoder folder (ours, or a released model.pt folder / hub repo id).")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Packed dataset or image folder of held-out images.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output JSON file.")],
     profile: ProfileOpt = None,
     set_: SetOpt = None,
-    fid_net: str | None = typer.Option(
-        None, "--fid-net",
-        help="FID features: a path to pt_inception-2015-12-05-6726825d.pth, 'inception' ($SRAE_INCEPTION_WEIGHTS), "
-        "'efficientnet-lite0' or 'random'. Default: inception if configured, else efficientnet-lite0, else random.",
-    ),
-    max_images: int | None = typer.Option(None, "--max-images", help="Evaluate at most this many images."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward."),
+    fid_net: FidNetOpt = None,
+    max_images: Annotated[int | None, int_option("--max-images", help="Evaluate at most this many images.")] = None,
+    batch_size: Annotated[int, int_option("--batch-size", help="Images per forward.")] = 32,
     quiet: QuietOpt = False,
 ) -> None:
     """Reconstruct held-out images with the profile's encoder and --decoder; report PSNR, SSIM, rFID as JSON."""
-    from scale_rae_core.backends.base import backend_for
+    from scale_rae_core.backends import backend_for
     from scale_rae_core.eval.recon import evaluate_reconstruction
     from scale_rae_core.events import Reporter
     from scale_rae_core.models.build import build_encoder, build_stats, load_trained_decoder

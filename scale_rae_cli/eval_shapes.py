@@ -7,8 +7,19 @@ from typing import Annotated, Any
 
 import typer
 
-from scale_rae_cli.generate import DecoderOpt, GuidanceOpt, ModelOpt, VerifyOnOpt, require_model
-from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, load
+from scale_rae_cli.options import (
+    DecoderOpt,
+    GuidanceOpt,
+    ModelOpt,
+    ProfileOpt,
+    QuietOpt,
+    SetOpt,
+    StepsOpt,
+    VerifyOnOpt,
+    int_option,
+    load,
+    require_model,
+)
 
 EPILOG = "Example: srae eval shapes --model runs/demo/stage1/export --decoder runs/demo/decoder/decoder --out shapes.json"
 
@@ -17,11 +28,11 @@ def shapes(
     model: ModelOpt = None,
     decoder: DecoderOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Result JSON; samples go to the folder of the same name.")] = Path("shapes_bench.json"),
-    n_prompts: Annotated[int | None, typer.Option("--n-prompts", help="Use the first N of the 36 fixed prompts (default: all).")] = None,
-    k: Annotated[int, typer.Option("--k", help="Samples per prompt (best-of-k is chosen by the model's own yes/no answer).")] = 4,
-    n_images: Annotated[int, typer.Option("--n-images", help="Held-out images for understanding (4 questions each).")] = 24,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the first sample per prompt and of the held-out images.")] = 0,
-    steps: Annotated[int, typer.Option("--steps", help="Sampler steps per image.")] = 50,
+    n_prompts: Annotated[int | None, int_option("--n-prompts", help="Use the first N of the 36 fixed prompts (default: all).")] = None,
+    k: Annotated[int, int_option("--k", help="Samples per prompt (best-of-k is chosen by the model's own yes/no answer).")] = 4,
+    n_images: Annotated[int, int_option("--n-images", help="Held-out images for understanding (4 questions each).")] = 24,
+    seed: Annotated[int | None, int_option("--seed", help="Seed of the first sample per prompt and of the held-out images. Default: run.seed.")] = None,
+    steps: StepsOpt = 50,
     guidance: GuidanceOpt = 1.0,
     verify_on: VerifyOnOpt = "latent",
     select: Annotated[str, typer.Option("--select", help="Best-of-k by this self-verification metric (see `srae verify`): "
@@ -31,15 +42,16 @@ def shapes(
     quiet: QuietOpt = False,
 ) -> None:
     """Score generated images with the pixel scorer and check answers on held-out images; JSON plus a table."""
-    from scale_rae_core.eval.shapes_bench import run_benchmark
     from scale_rae_core.events import Reporter
     from scale_rae_core.infer.pipeline import Session
+    from scale_rae_core.shapes.bench import run_benchmark
 
     prof = load(profile, set_)
     with (Session.open(require_model(model), prof, decoder=decoder) as session,
           Reporter(None, show_progress=prof.output.progress and not quiet) as rep):
-        result = run_benchmark(session, out, n_prompts=n_prompts, k=k, n_images=n_images, seed=seed, steps=steps,
-                               guidance=guidance, verify_on=verify_on, selector=select, reporter=rep)
+        result = run_benchmark(session, out, n_prompts=n_prompts, k=k, n_images=n_images,
+                               seed=prof.run.seed if seed is None else seed, steps=steps, guidance=guidance,
+                               verify_on=verify_on, selector=select, reporter=rep)
     print_table(result)
     typer.echo(f"wrote {out}")
 
@@ -48,7 +60,7 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from scale_rae_core.eval.shapes_bench import table_rows
+    from scale_rae_core.shapes.bench import table_rows
 
     g = result["generation"]
     table = Table(title=f"shapes benchmark: {g['n_prompts']} prompts x {g['k']} samples, "

@@ -2,39 +2,42 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+from collections.abc import Callable
 
 import typer
 
-from scale_rae_cli.generate import (
+from scale_rae_cli.options import (
+    AnswerTokensOpt,
     DecoderOpt,
     DtypeOpt,
     GuidanceOpt,
     IntervalOpt,
+    LatentArg,
     ModelOpt,
-    OutOpt,
+    ProfileOpt,
+    PromptArg,
     SamplerOpt,
+    SamplesOutOpt,
     SaveLatentOpt,
     SeedOpt,
+    SetOpt,
     StepsOpt,
-    out_dir,
+    load,
     require_model,
+    sampler_settings,
+    samples_dir,
 )
-from scale_rae_cli.options import ProfileOpt, SetOpt, load
 
-app = typer.Typer(help="Decode saved latents to images, or ask the model about them.", no_args_is_help=True)
-
-LatentArg = Annotated[Path, typer.Argument(help="A latent from `srae generate --save-latent` (.safetensors) or a reference .pt (256·n × C).")]
-PromptArg = Annotated[str, typer.Argument(help="The question or follow-up request.")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer in tokens.")]
+HELP = "Decode saved latents to images, or ask the model about them."
+DECODE_EPILOG = "Example: srae latent decode samples/00000-a-cat-s0.safetensors --decoder nyu-visionx/siglip2_decoder"
+QA_EPILOG = "Example: srae latent qa samples/00000-a-cat-s0.safetensors \"Is there a cat?\" --model nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B"
+CONTINUE_EPILOG = "Example: srae latent continue samples/00000-a-cat-s0.safetensors \"Now make it night.\" --model runs/stage2/export"
 
 
-@app.command("decode", epilog="Example: srae latent decode samples/00000-a-cat-s0.safetensors --decoder nyu-visionx/siglip2_decoder")
 def decode(
     latent: LatentArg,
     decoder: DecoderOpt = None,
-    out: OutOpt = None,
+    out: SamplesOutOpt = None,
     dtype: DtypeOpt = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
@@ -43,70 +46,50 @@ def decode(
     from scale_rae_core.infer.understand import decode_latent_file
 
     prof = load(profile, set_)
-    for png in decode_latent_file(latent, out_dir(out, prof), decoder, prof, dtype=dtype):
+    for png in decode_latent_file(latent, samples_dir(out, prof), decoder, prof, dtype=dtype):
         typer.echo(str(png))
 
 
-def _answer(action: str, latent: Path, prompt: str, model: str | None, max_new_tokens: int, decoder: str | None,
-            seed: int | None, steps: int, guidance: float, guidance_interval: str | None, sampler: str,
-            out: Path | None, save_latent: bool, dtype: str | None, profile: str | None, set_: list[str] | None) -> None:
-    from scale_rae_core.infer.pipeline import SamplerSettings, Session, parse_interval
-    from scale_rae_core.infer.understand import latent_answer
+def _answer_command(action: str, doc: str) -> Callable[..., None]:
+    """``srae latent qa`` or ``continue``: the same options, one core call (``infer.understand.latent_answer``)."""
 
-    prof = load(profile, set_)
-    settings = SamplerSettings(steps=steps, guidance=guidance, interval=parse_interval(guidance_interval), method=sampler)
-    with Session.open(require_model(model), prof, dtype=dtype, decoder=decoder) as session:
-        result = latent_answer(
-            session, latent, prompt, action, out_dir(out, prof), settings,
-            seed=prof.run.seed if seed is None else seed, max_new_tokens=max_new_tokens, save_latents=save_latent,
-        )
-    typer.echo(result.text)
-    if result.png:
-        typer.echo(f"image: {result.png}")
-    typer.echo(f"manifest: {result.manifest}")
+    def command(
+        latent: LatentArg,
+        prompt: PromptArg,
+        model: ModelOpt = None,
+        max_new_tokens: AnswerTokensOpt = 64,
+        decoder: DecoderOpt = None,
+        seed: SeedOpt = None,
+        steps: StepsOpt = 50,
+        guidance: GuidanceOpt = 1.0,
+        guidance_interval: IntervalOpt = None,
+        sampler: SamplerOpt = "euler",
+        out: SamplesOutOpt = None,
+        save_latent: SaveLatentOpt = False,
+        dtype: DtypeOpt = None,
+        profile: ProfileOpt = None,
+        set_: SetOpt = None,
+    ) -> None:
+        from scale_rae_core.infer.pipeline import Session
+        from scale_rae_core.infer.understand import latent_answer
 
+        prof = load(profile, set_)
+        settings = sampler_settings(steps, guidance, guidance_interval, sampler)
+        with Session.open(require_model(model), prof, dtype=dtype, decoder=decoder) as session:
+            result = latent_answer(
+                session, latent, prompt, action, samples_dir(out, prof), settings,
+                seed=prof.run.seed if seed is None else seed, max_new_tokens=max_new_tokens, save_latents=save_latent,
+            )
+        typer.echo(result.text)
+        if result.png:
+            typer.echo(f"image: {result.png}")
+        typer.echo(f"manifest: {result.manifest}")
 
-@app.command("qa", epilog="Example: srae latent qa samples/00000-a-cat-s0.safetensors \"Is there a cat?\" --model nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B")
-def qa(
-    latent: LatentArg,
-    prompt: PromptArg,
-    model: ModelOpt = None,
-    max_new_tokens: MaxTokensOpt = 64,
-    decoder: DecoderOpt = None,
-    seed: SeedOpt = None,
-    steps: StepsOpt = 50,
-    guidance: GuidanceOpt = 1.0,
-    guidance_interval: IntervalOpt = None,
-    sampler: SamplerOpt = "euler",
-    out: OutOpt = None,
-    save_latent: SaveLatentOpt = False,
-    dtype: DtypeOpt = None,
-    profile: ProfileOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Ask about a latent: it goes through the projector as a context image, then PROMPT."""
-    _answer("qa", latent, prompt, model, max_new_tokens, decoder, seed, steps, guidance, guidance_interval, sampler,
-            out, save_latent, dtype, profile, set_)
+    command.__doc__ = doc
+    return command
 
 
-@app.command("continue", epilog="Example: srae latent continue samples/00000-a-cat-s0.safetensors \"Now make it night.\" --model runs/stage2/export")
-def continue_(
-    latent: LatentArg,
-    prompt: PromptArg,
-    model: ModelOpt = None,
-    max_new_tokens: MaxTokensOpt = 64,
-    decoder: DecoderOpt = None,
-    seed: SeedOpt = None,
-    steps: StepsOpt = 50,
-    guidance: GuidanceOpt = 1.0,
-    guidance_interval: IntervalOpt = None,
-    sampler: SamplerOpt = "euler",
-    out: OutOpt = None,
-    save_latent: SaveLatentOpt = False,
-    dtype: DtypeOpt = None,
-    profile: ProfileOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Continue the conversation that made the latent (our files remember the prompt); a reference .pt acts like qa."""
-    _answer("continue", latent, prompt, model, max_new_tokens, decoder, seed, steps, guidance, guidance_interval, sampler,
-            out, save_latent, dtype, profile, set_)
+qa = _answer_command("qa", "Ask about a latent: it goes through the projector as a context image, then PROMPT.")
+continue_ = _answer_command(
+    "continue", "Continue the conversation that made the latent (our files remember the prompt); a reference .pt acts like qa."
+)

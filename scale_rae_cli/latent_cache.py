@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
 import typer
 
-from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, load
+from scale_rae_cli.options import (
+    CacheDtypeOpt,
+    CacheOutOpt,
+    ChunkOpt,
+    EncodeBatchOpt,
+    LabelledDataOpt,
+    ProfileOpt,
+    QuietOpt,
+    SetOpt,
+    load,
+)
 
 EPILOG = (
     "Example: srae latent cache --profile tiny-cpu --data shapes/classes --out runs/latents   "
     "(then: srae train dit --data runs/latents ...; rerun the same command to resume; torchrun shards it)"
 )
 
-DataOpt = Annotated[Path, typer.Option(
-    "--data", "-d", help="Labelled images: class folders root/<class>/<image>, or srae data pack --format classes.")]
-CacheOpt = Annotated[Path, typer.Option(
-    "--out", "-o", help="Cache folder: latents-*.safetensors chunks, latent_stats.safetensors, latent_cache.json.")]
-ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Images per cache file.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per encoder forward.")]
-DtypeOpt = Annotated[str, typer.Option(
-    "--dtype", help="Stored dtype: float32 (training sees exactly the encoder's output) | float16 | bfloat16 (half the disk).")]
-
-
-def cache(data: DataOpt, out: CacheOpt, profile: ProfileOpt = None, set_: SetOpt = None, chunk_size: ChunkOpt = 1000,
-          batch_size: BatchOpt = 64, dtype: DtypeOpt = "float32", quiet: QuietOpt = False) -> None:
+def cache(data: LabelledDataOpt, out: CacheOutOpt, profile: ProfileOpt = None, set_: SetOpt = None,
+          chunk_size: ChunkOpt = 1000, batch_size: EncodeBatchOpt = 64, dtype: CacheDtypeOpt = "float32",
+          quiet: QuietOpt = False) -> None:
     """Encode every image once (centre crop to dit_training.image_size, plus its horizontal flip when
     dit_training.hflip) into safetensors chunks with labels and exact latent statistics; resumable."""
-    from scale_rae_core.backends.base import backend_for
+    from scale_rae_core.backends import backend_for
     from scale_rae_core.events import Reporter
     from scale_rae_core.train.latent_cache import cache_latents, read_manifest
 

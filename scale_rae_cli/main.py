@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from typing import Annotated
 
+import click
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from scale_rae_core import __version__
@@ -34,11 +38,28 @@ def _os_error_line(err: OSError) -> str:
     return f"{where}{what}; check the path (and its permissions / free space) and try again"
 
 
+def _print_help_as_written(command: click.Command) -> None:
+    """Escape rich markup in every help text, epilog and option help below ``command`` (once), so help prints as
+    written: "[model]" or "[stageN].steps" in a text stays in the output instead of being read as a style tag."""
+    if getattr(command, "_help_as_written", False):
+        return
+    command._help_as_written = True  # type: ignore[attr-defined]
+    for attr in ("help", "short_help", "epilog"):
+        if getattr(command, attr, None):
+            setattr(command, attr, escape(getattr(command, attr)))
+    for param in command.params:
+        if getattr(param, "help", None):
+            param.help = escape(param.help)  # type: ignore[attr-defined]
+    for sub in getattr(command, "commands", {}).values():
+        _print_help_as_written(sub)
+
+
 class _SraeGroup(TyperGroup):
     """Root group, the one error path: an SraeError anywhere below, a file-system error, or a usage error prints
     `error: <one line>` and exits non-zero (1; 130 when interrupted). SRAE_DEBUG=1 shows the traceback instead."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _print_help_as_written(self)
         try:
             code = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
         except typer.TyperException as err:  # usage errors: unknown option, bad value, missing argument
@@ -75,8 +96,8 @@ class _SraeGroup(TyperGroup):
 
 app = typer.Typer(
     cls=_SraeGroup,
-    name="srae",
     help="Scale-RAE made usable: data, decoder and unified-model training, generation, understanding, test-time scaling.",
+    name="srae",
     epilog="Example: srae demo   (the whole pipeline on the embedded shapes world, offline, on CPU)",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -93,7 +114,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """Scale-RAE made usable."""
 
@@ -124,30 +145,29 @@ def _register() -> None:
         understand,
     )
 
-    train_app = typer.Typer(help="Train the RAE decoder and the unified model.", no_args_is_help=True)
-    train_app.command("decoder", epilog=train_decoder.EPILOG)(train_decoder.decoder)
-    train_app.command("stage1", epilog=train_unified.STAGE1_EPILOG)(train_unified.stage1)
-    train_app.command("stage2", epilog=train_unified.STAGE2_EPILOG)(train_unified.stage2)
-    train_app.command("dit", epilog=train_dit.EPILOG)(train_dit.dit)
-    app.add_typer(train_app, name="train")
-    data.app.command("npz", epilog=data_npz.EPILOG)(data_npz.npz)
-    app.add_typer(data.app, name="data")
+    def group(name: str, help: str, *commands: tuple[str, Callable[..., None], str]) -> None:
+        sub = typer.Typer(help=help, no_args_is_help=True)
+        for command, function, epilog in commands:
+            sub.command(command, epilog=epilog)(function)
+        app.add_typer(sub, name=name)
+
+    group("data", data.HELP, ("synth", data.synth, data.SYNTH_EPILOG), ("pack", data.pack, data.PACK_EPILOG),
+          ("inspect", data.inspect, data.INSPECT_EPILOG), ("verify", data.verify, data.VERIFY_EPILOG),
+          ("npz", data_npz.npz, data_npz.EPILOG))
+    group("train", "Train the RAE decoder, the unified model and the class-conditional DiT.", ("decoder", train_decoder.decoder, train_decoder.EPILOG),
+          ("stage1", train_unified.stage1, train_unified.STAGE1_EPILOG),
+          ("stage2", train_unified.stage2, train_unified.STAGE2_EPILOG), ("dit", train_dit.dit, train_dit.EPILOG))
     app.command("stat", epilog=stat.EPILOG)(stat.stat)
-    eval_app = typer.Typer(help="Evaluate models.", no_args_is_help=True)
-    eval_app.command("recon", epilog=eval_recon.EPILOG)(eval_recon.recon)
-    eval_app.command("shapes", epilog=eval_shapes.EPILOG)(eval_shapes.shapes)
-    eval_app.command("fid", epilog=eval_fid.EPILOG)(eval_fid.fid)
-    eval_app.command("probe", epilog=eval_probe.EPILOG)(eval_probe.probe)
-    app.add_typer(eval_app, name="eval")
-    convert_app = typer.Typer(help="Convert released checkpoints into srae's format.", no_args_is_help=True)
-    convert_app.command("decoder", epilog=convert.EPILOG)(convert.convert_decoder)
-    app.add_typer(convert_app, name="convert")
-    app.add_typer(profiles.app, name="profiles")
-    app.add_typer(tpu.app, name="tpu")
+    group("eval", "Evaluate models.", ("recon", eval_recon.recon, eval_recon.EPILOG),
+          ("shapes", eval_shapes.shapes, eval_shapes.EPILOG), ("fid", eval_fid.fid, eval_fid.EPILOG),
+          ("probe", eval_probe.probe, eval_probe.EPILOG))
+    group("convert", "Convert released checkpoints into srae's format.", ("decoder", convert.convert_decoder, convert.EPILOG))
+    group("profiles", profiles.HELP, ("list", profiles.list_, profiles.LIST_EPILOG), ("show", profiles.show, profiles.SHOW_EPILOG))
+    group("tpu", tpu.HELP, ("clear", tpu.clear, tpu.CLEAR_EPILOG))
     app.command("generate", epilog=generate.EPILOG)(generate.generate)
     app.command("understand", epilog=understand.EPILOG)(understand.understand)
-    latent.app.command("cache", epilog=latent_cache.EPILOG)(latent_cache.cache)
-    app.add_typer(latent.app, name="latent")
+    group("latent", latent.HELP, ("decode", latent.decode, latent.DECODE_EPILOG), ("qa", latent.qa, latent.QA_EPILOG),
+          ("continue", latent.continue_, latent.CONTINUE_EPILOG), ("cache", latent_cache.cache, latent_cache.EPILOG))
     app.command("sample", epilog=sample.EPILOG)(sample.sample)
     app.command("scale", epilog=scale.SCALE_EPILOG)(scale.scale)
     app.command("verify", epilog=scale.VERIFY_EPILOG)(scale.verify)

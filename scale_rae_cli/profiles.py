@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from scale_rae_cli.options import SetOpt, load
 
-app = typer.Typer(help="List and show the shipped profiles.", no_args_is_help=True)
+HELP = "List and show the shipped profiles."
+LIST_EPILOG = "Example: srae profiles list"
+SHOW_EPILOG = "Example: srae profiles show v4-256 --set stage1.lr=1e-4"
 
 
-@app.command("list", epilog="Example: srae profiles list")
 def list_() -> None:
     """List the shipped profiles with their backend and process layout."""
     from rich.console import Console
@@ -27,11 +30,10 @@ def list_() -> None:
     Console().print(table)
 
 
-@app.command("show", epilog="Example: srae profiles show v4-256 --set stage1.lr=1e-4")
 def show(
-    name: str | None = typer.Argument(None, help="Profile name or path to a TOML file. Default: $SRAE_PROFILE or tiny-cpu."),
+    name: Annotated[str | None, typer.Argument(help="Profile name or path to a TOML file. Default: $SRAE_PROFILE or tiny-cpu.")] = None,
     set_: SetOpt = None,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of TOML-like text."),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of TOML-like text.")] = False,
 ) -> None:
     """Print a profile's resolved values (after --set, SRAE_* variables and defaults)."""
     import json

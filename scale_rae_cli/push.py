@@ -9,15 +9,14 @@ import typer
 
 EPILOG = "Example: srae push runs/stage2 your-name/scale-rae-shapes --private   (see what goes up first: --dry-run)"
 
-SourceArg = Annotated[Path, typer.Argument(help="A training run (its export/ goes up) or an export / model folder.")]
-RepoArg = Annotated[str, typer.Argument(help="Hub model repo, owner/name (created if missing).")]
-PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its visibility).")]
-RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Branch to upload to (created from main if missing). Default: main.")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="List the files and print the model card; no network.")]
 
-
-def push(source: SourceArg, repo: RepoArg, private: PrivateOpt = False, revision: RevisionOpt = None,
-         dry_run: DryRunOpt = False) -> None:
+def push(
+    source: Annotated[Path, typer.Argument(help="A training run (its export/ goes up) or an export / model folder.")],
+    repo: Annotated[str, typer.Argument(help="Hub model repo, owner/name (created if missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its visibility).")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to upload to (created from main if missing). Default: main.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and print the model card; no network.")] = False,
+) -> None:
     """Upload a trained model with a generated model card (README.md) in one commit."""
     from scale_rae_core.publish import push as publish
 

@@ -7,7 +7,23 @@ from typing import Annotated, Any
 
 import typer
 
-from scale_rae_cli.generate import GuidanceOpt, VerifyOnOpt, require_model
+from scale_rae_cli.options import (
+    AcceptChangesOpt,
+    DecoderOpt,
+    DtypeOpt,
+    GuidanceOpt,
+    ModelOpt,
+    ProfileOpt,
+    QuietOpt,
+    SeedOpt,
+    SetOpt,
+    StepsOpt,
+    TextTokensOpt,
+    VerifyOnOpt,
+    int_option,
+    load,
+    require_model,
+)
 
 VERIFY_EPILOG = (
     "Example: srae verify runs/scale/Scale-RAE-Qwen1-5B_DiT2-4B/2_verify_scale_latent --metric combined --keep 4   "
@@ -18,7 +34,7 @@ VERIFY_EPILOG = (
 def verify(
     directory: Annotated[Path, typer.Argument(help="A scaling run: {index:05d}/metadata.jsonl + samples/{k:05d}.png per prompt (srae scale or the reference's scaling_experiment.py).")],
     metric: Annotated[str, typer.Option("--metric", "-m", help="combined | image_reward | answer_conf | answer_logits | prompt_conf | image_conf | response_conf | loss | any score recorded under 'scores' (e.g. shapes).")] = "combined",
-    keep: Annotated[int, typer.Option("--keep", "-k", min=1, help="Samples kept per prompt (all are kept where a prompt has fewer).")] = 4,
+    keep: Annotated[int, int_option("--keep", "-k", min=1, help="Samples kept per prompt (all are kept where a prompt has fewer).")] = 4,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output tree. Default: DIR_<metric>_verified beside DIR.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier `srae verify` output at --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the output path, no table.")] = False,
@@ -38,9 +54,10 @@ def _fmt(value: float | None) -> str:
 
 def _print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    console = Console()  # folder names and reasons are escaped: printed as they are, not read as markup
     scores = sorted({n for row in report["metrics"].values() for n in row["scores"]})
     table = Table(title=f"selection of {report['keep']} per prompt over {report['prompts']} prompts "
                         f"({report['samples_per_prompt']['min']}-{report['samples_per_prompt']['max']} samples each)")
@@ -56,12 +73,12 @@ def _print_report(report: dict[str, Any]) -> None:
     console.print(table)
     if report["short"]:
         console.print(f"[yellow]fewer than {report['keep']} samples, all kept:[/] "
-                      + ", ".join(f"{k} ({v})" for k, v in report["short"].items()))
+                      + escape(", ".join(f"{k} ({v})" for k, v in report["short"].items())))
     if report["unscored"]:
         console.print("[yellow]samples without self-verification scores (not candidates):[/] "
-                      + ", ".join(f"{k} ({v})" for k, v in report["unscored"].items()))
+                      + escape(", ".join(f"{k} ({v})" for k, v in report["unscored"].items())))
     for item in report["skipped"]:
-        console.print(f"[yellow]skipped {item['folder']}:[/] {item['reason']}")
+        console.print(f"[yellow]skipped {escape(str(item['folder']))}:[/] {escape(item['reason'])}")
 
 
 SCALE_EPILOG = (
@@ -73,28 +90,27 @@ SCALE_EPILOG = (
 def scale(
     prompts: Annotated[Path, typer.Option("--prompts", help="Prompts: reference JSONL {index, prompt}, GenEval metadata JSONL {prompt, tag, include, ...} or text (one per line).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output root; the run goes to OUT/<model>/<rounds>_verify_scale_<mode>/.")],
-    model: Annotated[str | None, typer.Option("--model", "-m", envvar="SRAE_MODEL_PATH", help="Model directory or hub repo id[@revision]. Default: the bundled shapes demo model.")] = None,
-    decoder: Annotated[str | None, typer.Option("--decoder", help="Pixel decoder: directory or hub repo id. Default: the model directory's decoder/, else its released decoder.")] = None,
-    n: Annotated[int, typer.Option("--n", help="Samples per round.")] = 4,
-    rounds: Annotated[int, typer.Option("--rounds", help="Scaling rounds: n × rounds samples per prompt.")] = 1,
+    model: ModelOpt = None,
+    decoder: DecoderOpt = None,
+    n: Annotated[int, int_option("--n", help="Samples per round.")] = 4,
+    rounds: Annotated[int, int_option("--rounds", help="Scaling rounds: n × rounds samples per prompt.")] = 1,
     verify_on: VerifyOnOpt = "latent",
     scorer: Annotated[list[str] | None, typer.Option("--scorer", help="Scorer (repeatable): image_reward | shapes | a registered name | package.module:factory.")] = None,
     ir_weights: Annotated[str, typer.Option("--ir-weights", help="ImageReward.pt: file, directory or hub repo id.")] = "THUDM/ImageReward",
     ir_tokenizer: Annotated[str | None, typer.Option("--ir-tokenizer", help="BERT vocab.txt (file, dir or repo) for ImageReward.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Sample k of every prompt uses seed + k.")] = 42,
-    steps: Annotated[int, typer.Option("--steps", help="Sampler steps.")] = 50,
+    seed: SeedOpt = None,
+    steps: StepsOpt = 50,
     guidance: GuidanceOpt = 1.0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per head batch.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Text tokens before <im_start> is forced.")] = 64,
-    verify_max_new_tokens: Annotated[int, typer.Option("--verify-max-new-tokens", help="Tokens of the yes/no answer.")] = 64,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="fp32 | bf16 (CUDA only).")] = None,
-    profile: Annotated[str | None, typer.Option("--profile", "-p", help="Profile name or TOML path.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a profile value (repeatable).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    accept_changes: Annotated[bool, typer.Option("--accept-changes", help="Continue prompts whose earlier samples were made with other weights or settings (they are listed otherwise, and refused).")] = False,
+    batch_size: Annotated[int, int_option("--batch-size", help="Images per head batch.")] = 4,
+    max_new_tokens: TextTokensOpt = 64,
+    verify_max_new_tokens: Annotated[int, int_option("--verify-max-new-tokens", help="Tokens of the yes/no answer.")] = 64,
+    dtype: DtypeOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    accept_changes: AcceptChangesOpt = False,
 ) -> None:
     """Best-of-N generation: n × rounds samples per prompt, each scored by scorers and by self-verification."""
-    from scale_rae_cli.options import load
     from scale_rae_core.events import Reporter
     from scale_rae_core.infer.pipeline import SamplerSettings, Session
     from scale_rae_core.scale.run import ScaleSettings, read_prompt_file, run_scaling
@@ -102,8 +118,9 @@ def scale(
 
     model = require_model(model)
     prof = load(profile, set_)
-    settings = ScaleSettings(n=n, rounds=rounds, verify_on=verify_on, seed=seed, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, verify_max_new_tokens=verify_max_new_tokens)
+    settings = ScaleSettings(n=n, rounds=rounds, verify_on=verify_on, seed=prof.run.seed if seed is None else seed,
+                             batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             verify_max_new_tokens=verify_max_new_tokens)
     lines = read_prompt_file(prompts)
     with Session.open(model, prof, dtype=dtype, decoder=decoder) as session:
         device = session.runtime.device

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, load
+from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, int_option, load
 
 EPILOG = "Example: srae stat --profile tiny-cpu --data packed --out runs/stats.safetensors --max-images 2000"
 
 
 def stat(
-    data: Path = typer.Option(..., "--data", "-d", help="Packed dataset (srae data pack) or an image folder."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file (mean, var, count)."),
+    data: Annotated[Path, typer.Option("--data", "-d", help="Packed dataset (srae data pack) or an image folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file (mean, var, count).")],
     profile: ProfileOpt = None,
     set_: SetOpt = None,
-    max_images: int | None = typer.Option(None, "--max-images", help="Stop after this many images (all processes together)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per encoder forward."),
+    max_images: Annotated[int | None, int_option("--max-images", help="Stop after this many images (all processes together).")] = None,
+    batch_size: Annotated[int, int_option("--batch-size", help="Images per encoder forward.")] = 32,
     quiet: QuietOpt = False,
 ) -> None:
     """One pass of the encoder over the data: exact per-element mean/var of its tokens, merged across processes."""
-    from scale_rae_core.backends.base import backend_for
+    from scale_rae_core.backends import backend_for
     from scale_rae_core.eval.recon import dataset_latent_stats
     from scale_rae_core.events import Reporter
     from scale_rae_core.models.build import build_encoder

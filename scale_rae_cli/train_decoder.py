@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, load
+from scale_rae_cli.options import AcceptChangesOpt, ProfileOpt, QuietOpt, ResumeOpt, SetOpt, int_option, load
 
 EPILOG = (
     "Example: srae train decoder --profile tiny-cpu --data packed --out runs/decoder   "
@@ -15,14 +16,14 @@ EPILOG = (
 
 
 def decoder(
-    data: Path = typer.Option(..., "--data", "-d", help="Packed dataset (srae data pack) or an image folder (class folders are fine)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints/, events.jsonl, and the exported EMA decoder in decoder/."),
+    data: Annotated[Path, typer.Option("--data", "-d", help="Packed dataset (srae data pack) or an image folder (class folders are fine).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints/, events.jsonl, and the exported EMA decoder in decoder/.")],
     profile: ProfileOpt = None,
     set_: SetOpt = None,
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in --out (a fresh start if there is none yet)."),
-    steps: int | None = typer.Option(None, "--steps", help="Optimiser steps in total (overrides decoder_training.steps / epochs)."),
+    resume: ResumeOpt = False,
+    steps: Annotated[int | None, int_option("--steps", help="Optimiser steps in total (overrides decoder_training.steps / epochs).")] = None,
     quiet: QuietOpt = False,
-    accept_changes: bool = typer.Option(False, "--accept-changes", help="With --resume: continue although the checkpoint was made with other trajectory settings or data (they are listed otherwise, and refused)."),
+    accept_changes: AcceptChangesOpt = False,
 ) -> None:
     """Train the decoder of the profile's [model] on frozen-encoder tokens, with checkpoints and exact resume."""
     from scale_rae_core.events import Reporter

@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
 import typer
 
-from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, load
+from scale_rae_cli.options import (
+    AcceptChangesOpt,
+    DiTDataOpt,
+    DiTRunOpt,
+    DiTStepsOpt,
+    ProfileOpt,
+    QuietOpt,
+    ResumeOpt,
+    SetOpt,
+    load,
+)
 
 EPILOG = (
     "Example: srae train dit --profile tiny-cpu --data shapes/classes --out runs/dit   "
     "(continue it: add --resume; 8 GPUs: torchrun --nproc-per-node 8 -m scale_rae_cli.main train dit --profile gpu-8 ...)"
 )
 
-DataOpt = Annotated[Path, typer.Option(
-    "--data", "-d", help="Labelled images (class folders root/<class>/<image>, or srae data pack --format classes) "
-                         "or a latent cache (srae latent cache).")]
-RunOpt = Annotated[Path, typer.Option(
-    "--out", "-o", help="Run folder: checkpoints/, metrics.jsonl, and the exported EMA model in model/.")]
-ResumeOpt = Annotated[bool, typer.Option(
-    "--resume", help="Continue from the newest complete checkpoint in --out (a fresh start if there is none yet).")]
-StepsOpt = Annotated[int | None, typer.Option(
-    "--steps", help="Optimiser steps in total (overrides dit_training.steps / epochs).")]
-
-
-def dit(data: DataOpt, out: RunOpt, profile: ProfileOpt = None, set_: SetOpt = None, resume: ResumeOpt = False,
-        steps: StepsOpt = None, quiet: QuietOpt = False) -> None:
+def dit(data: DiTDataOpt, out: DiTRunOpt, profile: ProfileOpt = None, set_: SetOpt = None, resume: ResumeOpt = False,
+        steps: DiTStepsOpt = None, quiet: QuietOpt = False, accept_changes: AcceptChangesOpt = False) -> None:
     """Train [dit_training]'s class DiT by flow matching in the normalised latents of its RAE encoder, with EMA,
     checkpoints and exact resume; the EMA model is exported to OUT/model for srae sample."""
     from scale_rae_core.events import Reporter
@@ -34,11 +30,15 @@ def dit(data: DataOpt, out: RunOpt, profile: ProfileOpt = None, set_: SetOpt = N
 
     overrides = list(set_ or [])
     if steps is not None:
+        if steps < 1:
+            from scale_rae_core.errors import ConfigError
+
+            raise ConfigError(f"--steps {steps}: train at least 1 step")
         overrides.append(f"dit_training.steps={steps}")
     prof = load(profile, overrides)
     # every process passes the same reporter; the engine keeps it on the main process only
     with Reporter(out / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep:
-        result = train_dit(prof, data, out, resume=resume, reporter=rep)
+        result = train_dit(prof, data, out, resume=resume, reporter=rep, accept_changes=accept_changes)
     if not result.is_main:
         return
     if resume and result.resumed_from is None:

@@ -7,16 +7,17 @@ from typing import Annotated
 
 import typer
 
-from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, load
-
-DataOpt = Annotated[
-    Path | None,
-    typer.Option("--data", "-d", help="Packed folder (srae data pack) or its wds_manifest.json, or a reference JSONL. Default: data.train."),
-]
-RunOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, metrics.jsonl, model/, export/.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in --out (a fresh start if there is none yet).")]
-StepsOpt = Annotated[int | None, typer.Option("--steps", help="Optimiser steps in total (overrides [stageN].steps).")]
-AcceptChangesOpt = Annotated[bool, typer.Option("--accept-changes", help="With --resume: continue although the checkpoint was made with other trajectory settings or data (they are listed otherwise, and refused).")]
+from scale_rae_cli.options import (
+    AcceptChangesOpt,
+    ProfileOpt,
+    QuietOpt,
+    ResumeOpt,
+    RunOutOpt,
+    SetOpt,
+    StageStepsOpt,
+    TrainDataOpt,
+    load,
+)
 
 STAGE1_EPILOG = "Example: srae train stage1 --profile tiny-cpu --data shapes-packed --out runs/stage1"
 STAGE2_EPILOG = "Example: srae train stage2 --profile tiny-cpu --from runs/stage1 --data shapes/conversations.jsonl --out runs/stage2"
@@ -56,11 +57,11 @@ def _run(stage: str, profile: str | None, overrides: list[str] | None, data: Pat
 
 def stage1(
     out: RunOutOpt,
-    data: DataOpt = None,
+    data: TrainDataOpt = None,
     profile: ProfileOpt = None,
     overrides: SetOpt = None,
     resume: ResumeOpt = False,
-    steps: StepsOpt = None,
+    steps: StageStepsOpt = None,
     quiet: QuietOpt = False,
     accept_changes: AcceptChangesOpt = False,
 ) -> None:
@@ -71,11 +72,11 @@ def stage1(
 def stage2(
     init_from: Annotated[Path, typer.Option("--from", help="A stage-1 run folder (its newest checkpoint, else its export) or an export folder.")],
     out: RunOutOpt,
-    data: DataOpt = None,
+    data: TrainDataOpt = None,
     profile: ProfileOpt = None,
     overrides: SetOpt = None,
     resume: ResumeOpt = False,
-    steps: StepsOpt = None,
+    steps: StageStepsOpt = None,
     quiet: QuietOpt = False,
     accept_changes: AcceptChangesOpt = False,
 ) -> None:

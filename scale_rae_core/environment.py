@@ -20,7 +20,7 @@ def describe() -> dict:
     """Versions of the stack and the devices torch can see; never imports torch_xla (it may be broken)."""
     import torch
 
-    from scale_rae_core import __version__
+    from scale_rae_core.version import __version__
 
     cuda = []
     if torch.cuda.is_available():

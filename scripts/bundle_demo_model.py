@@ -19,9 +19,9 @@ import datetime
 import json
 from pathlib import Path
 
-from scale_rae_core.eval.shapes_bench import about_fields
 from scale_rae_core.infer.bundle import bundle_model
 from scale_rae_core.infer.loading import BUNDLED_MODEL
+from scale_rae_core.shapes.bench import about_fields
 
 
 def main() -> None:

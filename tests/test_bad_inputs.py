@@ -4,8 +4,7 @@ For every row: exit code 1, exactly one line on stderr and it starts with ``erro
 the user had is lost — every file that existed before (data, models, prompts, the trained run, the scaling run,
 a file given as --out) is still there, unchanged, and the trained run still resumes from its checkpoints.
 
-``AFTER_HOMES`` holds the rows whose check lives on the CLI options themselves (finite floats, 64-bit integers);
-they pass once the options branch is merged and are skipped, by name, until the lead enables them.
+``OPTION_ROWS`` are the rows whose check lives on the CLI options themselves (finite floats, 64-bit integers).
 """
 
 from __future__ import annotations
@@ -250,7 +249,7 @@ ROWS = [
 # Checked on the CLI options (finite floats, 64-bit integers) by the options branch (HOMES). Until it is merged
 # these hang or fail with a traceback (a 2**70-step run trains for ever, synth's seed overflows), so they are
 # skipped by name: the lead enables them (moves them to ROWS) with that merge.
-AFTER_HOMES = [
+OPTION_ROWS = [
     Row("synth-heldout-nan", ["data", "synth", "{tmp}/synth-nan", "--n", "4", "--heldout", "nan"], "--heldout"),
     Row("synth-seed-2^70", ["data", "synth", "{tmp}/synth-seed", "--n", "4", "--seed", str(2**70)], "--seed"),
     Row("stage1-steps-2^70", [*STAGE1, "--out", "{tmp}/r-new", "--steps", str(2**70)], "--steps"),
@@ -289,20 +288,14 @@ def check_row(row: Row, world: dict[str, Path]) -> None:
     assert not lost and not changed, (sorted(lost)[:5], sorted(changed)[:5])
 
 
-@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+@pytest.mark.parametrize("row", ROWS + OPTION_ROWS, ids=lambda r: r.id)
 def test_a_bad_input_is_one_error_line_and_nothing_is_lost(row, world):
-    check_row(row, world)
-
-
-@pytest.mark.skip(reason="enable with the HOMES merge (bounds on CLI options): move these rows to ROWS")
-@pytest.mark.parametrize("row", AFTER_HOMES, ids=lambda r: r.id)
-def test_cli_option_bounds_after_homes(row, world):
     check_row(row, world)
 
 
 def test_the_table_is_large_and_the_run_still_resumes_after_it(world):
     """Runs last in this module: every row above left the trained run whole, so it continues from its checkpoint."""
-    assert len(ROWS) + len(AFTER_HOMES) >= 40
+    assert len(ROWS) + len(OPTION_ROWS) >= 40
     assert not (world["tmp"] / "r-div" / "export").exists()  # the diverged run exported nothing
     res = invoke([*(a.format(**world) for a in STAGE1), "--out", world["run"], "--resume", "--accept-changes",
                   "--steps", "3"])

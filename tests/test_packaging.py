@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import re
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,11 +48,24 @@ def test_no_torchvision_in_the_installed_dependency_tree():
 
 
 def test_the_bundled_model_is_package_data():
-    """Every file of the shipped shapes model matches a package-data glob (so a wheel install has it too)."""
+    """Every shipped asset (the shapes model, the tiny tokenizer) matches a package-data glob (so a wheel install
+    has it too)."""
     from fnmatch import fnmatch
 
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["scale_rae_core"]
     package = ROOT / "scale_rae_core"
-    files = [p.relative_to(package).as_posix() for p in (package / "assets" / "shapes-demo").rglob("*") if p.is_file()]
+    files = [p.relative_to(package).as_posix() for p in (package / "assets").rglob("*") if p.is_file()]
     assert "assets/shapes-demo/model.safetensors" in files and "assets/shapes-demo/decoder/config.json" in files
+    assert "assets/tiny-tokenizer/tokenizer.json" in files
     assert [f for f in files if not any(fnmatch(f, g) and "/" not in f[len(g.rsplit("/", 1)[0]) + 1:] for g in globs)] == []
+
+
+def test_the_shapes_scorer_is_an_installed_entry_point():
+    """`--scorer shapes` is found through srae's own `srae.scorers` entry point (the scaling engine does not import
+    the shapes world)."""
+    from scale_rae_core.scale.scorers import available_scorers, build_scorer
+    from scale_rae_core.shapes.scorer import ShapesScorer
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["entry-points"]["srae.scorers"] == {"shapes": "scale_rae_core.shapes.scorer:ShapesScorer"}
+    assert "shapes" in available_scorers() and isinstance(build_scorer("shapes"), ShapesScorer)

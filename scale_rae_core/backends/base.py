@@ -1,12 +1,8 @@
 """What the engine asks of a backend: where tensors live, who this process is, and how to parallelise.
 
 Trainers and the inference pipeline talk to a :class:`Backend` only; they never call ``torch.cuda`` or
-``torch_xla`` themselves. A backend is chosen from the profile's ``[backend]`` section by
-:func:`get_backend`:
-
-* ``cpu`` / ``cuda`` → :class:`scale_rae_core.backends.cpu_cuda.CpuCudaBackend` (one process, or torchrun
-  with torch.distributed and FSDP2),
-* ``xla`` → ``scale_rae_core.backends.xla`` (the only module that imports ``torch_xla``; imported lazily).
+``torch_xla`` themselves. ``scale_rae_core.backends.get_backend`` picks the implementation for the profile's
+``[backend]`` section.
 
 Parallelism is applied after the model is built, in one place (:meth:`Backend.shard_model`) and in a fixed
 order: activation checkpointing per block → ``torch.compile`` per block → data-parallel sharding per block,
@@ -20,17 +16,15 @@ explicit ``torch.manual_seed``) so every rank starts from the same weights befor
 from __future__ import annotations
 
 import contextlib
-import importlib
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from scale_rae_core.config import BackendSettings
-from scale_rae_core.errors import BackendError
 
 
 class Backend(ABC):
@@ -172,35 +166,3 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def get_backend(settings: BackendSettings) -> Backend:
-    """The backend the profile's ``[backend]`` section asks for, initialised for this process."""
-    if settings.kind in ("cpu", "cuda"):
-        from scale_rae_core.backends.cpu_cuda import CpuCudaBackend
-
-        return CpuCudaBackend(settings)
-    if settings.kind == "xla":
-        try:
-            module = importlib.import_module("scale_rae_core.backends.xla")
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.split(".")[0] == "torch_xla":
-                raise BackendError(
-                    "backend.kind = 'xla' needs torch_xla, which is not installed here; run "
-                    "pip install 'srae[tpu]' on a TPU VM, or choose a cpu/cuda profile"
-                ) from None
-            if exc.name != "scale_rae_core.backends.xla":
-                raise
-            raise BackendError(
-                "backend.kind = 'xla' but this srae build has no XLA backend (scale_rae_core/backends/xla.py "
-                "is missing); reinstall srae from a release that includes it, or choose a cpu/cuda profile"
-            ) from None
-        return module.XlaBackend(settings)
-    raise BackendError(f"backend.kind = '{settings.kind}' is not one of cpu, cuda, xla; fix it in the profile")
-
-
-@contextlib.contextmanager
-def backend_for(settings: BackendSettings) -> Iterator[Backend]:
-    """``with backend_for(profile.backend) as backend:`` — :func:`get_backend` that closes on exit."""
-    with get_backend(settings) as backend:  # the backend's __exit__ sees whether the block failed
-        yield backend

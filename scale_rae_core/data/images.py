@@ -176,3 +176,23 @@ def square_pixels(im: Image.Image, size: int) -> torch.Tensor:
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
     return to_tensor(rgb)
+
+
+def to_square_tensor(im: Image.Image, size: int, *, train: bool) -> torch.Tensor:
+    """PIL RGB -> [3, size, size] float32 in [0, 1]: shorter side to `size` (bicubic), then a square crop (random
+    from torch's global RNG when ``train``, centred otherwise)."""
+    import torch
+
+    w, h = im.size
+    if min(w, h) != size:
+        scale = size / min(w, h)
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+        w, h = im.size
+    if train:
+        top = int(torch.randint(0, h - size + 1, (1,)))
+        left = int(torch.randint(0, w - size + 1, (1,)))
+    else:
+        top, left = (h - size) // 2, (w - size) // 2
+    if (w, h) != (size, size):
+        im = im.crop((left, top, left + size, top + size))
+    return to_tensor(im)  # (3, S, S)

@@ -3,7 +3,7 @@
 `open_labelled(path, ...)` returns a resumable stream of `(pixels [3, S, S] in [0, 1], label, position)` from
 
 * a class-folder tree `root/<class>/<image>`: the classes are the sorted sub-folder names (the ImageFolder
-  convention; `srae data synth` writes all 12 shapes classes, `data.synth.SHAPE_CLASSES`, even when empty), the
+  convention; `srae data synth` writes all 12 shapes classes, `shapes.synth.SHAPE_CLASSES`, even when empty), the
   label is the folder's index. Images are listed in sorted path order, shuffled per epoch by `Random(seed, epoch)`
   when training and split contiguously across ranks (drop-last, as `train.decoder_data` reads image folders; with
   `drop_last=False` the ranges cover every image once, for one pass such as `srae latent cache`);
@@ -13,7 +13,7 @@
   `num_classes` must be given (a packed dataset does not list its classes without a full read).
 
 Resize and crop: shorter side to `image_size` (bicubic), then a square crop — random when training, centred
-otherwise (`train.decoder_data.to_square_tensor`).
+otherwise (`data.images.to_square_tensor`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
-from scale_rae_core.data.images import IMAGE_EXTENSIONS, BadImage, read_image
+from scale_rae_core.data.images import IMAGE_EXTENSIONS, BadImage, read_image, to_square_tensor
 from scale_rae_core.data.shards import MANIFEST_NAME
 from scale_rae_core.errors import ConfigError, DataError
-from scale_rae_core.train.decoder_data import to_square_tensor
 
 Position = Any
 

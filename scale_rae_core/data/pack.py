@@ -46,20 +46,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from scale_rae_core.data.entries import Entry, Fields, Input, RowImage, TarMember
 from scale_rae_core.data.images import DEFAULT_MAX_PIXELS, BadImage, read_image
 from scale_rae_core.data.shards import MANIFEST_NAME, _sha256
-from scale_rae_core.data.sources import (
-    FORMATS,
-    TASKS,
-    Entry,
-    Fields,
-    Input,
-    RowImage,
-    TarMember,
-    entries_digest,
-    open_input,
-    read_input,
-)
+from scale_rae_core.data.sources import FORMATS, TASKS, entries_digest, open_input, read_input
 from scale_rae_core.data.transforms import CODECS, encode_image, resize_max_side
 from scale_rae_core.errors import DataError
 from scale_rae_core.events import Reporter
@@ -183,48 +173,8 @@ def _pack_locked(
     resumed = len(shards)
     if done:
         return _summary(out, fmt, shards, resumed, start)
-    first, first_sub = shards[-1]["end"] if shards else (0, 0)
-    rejects_bytes = shards[-1]["rejects_bytes"] if shards else 0
-
     state = {"format_version": FORMAT_VERSION, "options": options, "shards": shards}
-    ext = codec
-    with (out / REJECTS_NAME).open("ab") as rejects:
-        rejects.truncate(rejects_bytes)
-        rejects.seek(rejects_bytes)
-        writer: _ShardWriter | None = None
-        results = _encoded(entries, first, workers, (image_size, codec, quality, max_pixels))
-        for i, entry, result in results:
-            if entry.reject is not None or isinstance(result, str):
-                line = {"source": entry.source}
-                if entry.image is not None:
-                    line["image"] = str(entry.image)
-                line["reason"] = entry.reject if entry.reject is not None else result
-                rejects.write((json.dumps(line, ensure_ascii=False) + "\n").encode())
-            else:
-                sub0 = first_sub if i == first else 0
-                for sub in range(sub0, len(entry.variants)):
-                    suffix, turns = entry.variants[sub]
-                    key = f"{i:09d}{suffix}"
-                    obj: dict[str, Any] = {"conversations": turns, "metadata": entry.metadata}
-                    members = []
-                    if result is not None:
-                        obj["image_filename"] = f"{key}.{ext}"
-                        members.append((f"{key}.{ext}", result))
-                    obj["source"] = entry.source
-                    members.insert(0, (f"{key}.json", json.dumps(obj, ensure_ascii=False).encode()))
-                    size = sum(_member_bytes(len(data)) for _, data in members)
-                    if writer is not None and (
-                        writer.count >= samples_per_shard or _tar_size(writer.bytes + size) > max_shard_bytes
-                    ):
-                        _finish(writer, state, out, (i, sub), rejects)
-                        writer = None
-                    if writer is None:
-                        writer = _ShardWriter(out / SHARD_NAME.format(len(state["shards"])))
-                    writer.add(members, size)
-            if progress is not None:
-                progress(i + 1, len(entries))
-        if writer is not None:
-            _finish(writer, state, out, (len(entries), 0), rejects)
+    _write_shards(entries, out, state, workers, (image_size, codec, quality, max_pixels), progress)
     shards = state["shards"]
     if not shards:
         (out / STATE_NAME).unlink(missing_ok=True)
@@ -234,6 +184,58 @@ def _pack_locked(
     _write_manifest(out, options, shards)
     (out / STATE_NAME).unlink(missing_ok=True)
     return _summary(out, fmt, shards, resumed, start)
+
+
+def _write_shards(entries: list[Entry], out: Path, state: dict[str, Any], workers: int,
+                  encoding: _EncodeOptions, progress: Progress | None) -> None:
+    """Encode ``entries`` from where the shards in ``state`` end and write them into new shards (each one
+    recorded in ``state`` as it closes) and their rejects into ``rejects.jsonl``."""
+    options, shards = state["options"], state["shards"]
+    first, first_sub = shards[-1]["end"] if shards else (0, 0)
+    rejects_bytes = shards[-1]["rejects_bytes"] if shards else 0
+    with (out / REJECTS_NAME).open("ab") as rejects:
+        rejects.truncate(rejects_bytes)
+        rejects.seek(rejects_bytes)
+        writer: _ShardWriter | None = None
+        for i, entry, result in _encoded(entries, first, workers, encoding):
+            if entry.reject is not None or isinstance(result, str):
+                rejects.write(_reject_line(entry, result))
+            else:
+                for sub in range(first_sub if i == first else 0, len(entry.variants)):
+                    members, size = _sample_members(entry, sub, f"{i:09d}{entry.variants[sub][0]}", result, options["codec"])
+                    if writer is not None and (writer.count >= options["samples_per_shard"]
+                                               or _tar_size(writer.bytes + size) > options["max_shard_bytes"]):
+                        _finish(writer, state, out, (i, sub), rejects)
+                        writer = None
+                    if writer is None:
+                        writer = _ShardWriter(out / SHARD_NAME.format(len(state["shards"])))
+                    writer.add(members, size)
+            if progress is not None:
+                progress(i + 1, len(entries))
+        if writer is not None:
+            _finish(writer, state, out, (len(entries), 0), rejects)
+
+
+def _reject_line(entry: Entry, result: bytes | str | None) -> bytes:
+    """The ``rejects.jsonl`` line of an input that cannot be packed: its source, image and the reason."""
+    line = {"source": entry.source}
+    if entry.image is not None:
+        line["image"] = str(entry.image)
+    line["reason"] = entry.reject if entry.reject is not None else result
+    return (json.dumps(line, ensure_ascii=False) + "\n").encode()
+
+
+def _sample_members(entry: Entry, sub: int, key: str, image: bytes | None, ext: str) -> tuple[list[tuple[str, bytes]], int]:
+    """The tar members of one sample (``KEY.json`` first, then ``KEY.<ext>`` with the encoded image) and their
+    size in the tar."""
+    obj: dict[str, Any] = {"conversations": entry.variants[sub][1], "metadata": entry.metadata}
+    members = []
+    if image is not None:
+        obj["image_filename"] = f"{key}.{ext}"
+        members.append((f"{key}.{ext}", image))
+    obj["source"] = entry.source
+    members.insert(0, (f"{key}.json", json.dumps(obj, ensure_ascii=False).encode()))
+    return members, sum(_member_bytes(len(data)) for _, data in members)
 
 
 # ------------------------------------------------------------------------------------------------ options

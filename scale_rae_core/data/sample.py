@@ -13,8 +13,6 @@ from typing import Any
 
 from PIL import Image
 
-IMAGE_TOKEN = "<image>"
-
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 

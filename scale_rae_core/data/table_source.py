@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scale_rae_core.data.entries import Entry, Fields, Input, RowImage, caption_variants, resolve_image
 from scale_rae_core.data.images import BadImage
 from scale_rae_core.data.sample import normalize_conversations
-from scale_rae_core.data.sources import Entry, Fields, Input, RowImage, caption_variants, resolve_image
 from scale_rae_core.errors import DataError
 
 IMAGE_NAMES = ("image", "jpg", "png", "webp", "img", "jpeg")

@@ -13,7 +13,7 @@ its last part; the rest is the extension). What srae takes from a sample:
   sample's image when it has one.
 
 Tars are read in the given order (sorted by path for a folder), samples in member order. Images are not read
-here: an entry points at the member's bytes (:class:`~scale_rae_core.data.sources.TarMember`), which the
+here: an entry points at the member's bytes (:class:`~scale_rae_core.data.entries.TarMember`), which the
 image worker reads. A tar that breaks off (a truncated download) keeps the samples before the break and adds
 one reject for the rest.
 """
@@ -26,10 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from scale_rae_core.data.entries import Entry, Fields, Input, TarMember, caption_variants
 from scale_rae_core.data.images import IMAGE_EXTENSIONS
 from scale_rae_core.data.sample import reference_record
 from scale_rae_core.data.shards import split_key
-from scale_rae_core.data.sources import Entry, Fields, Input, TarMember, caption_variants
 from scale_rae_core.errors import DataError
 
 CAPTION_MEMBERS = ("txt",)

@@ -1,5 +1,5 @@
 """A model directory that carries its pixel decoder: an srae export plus ``decoder/`` (what ``srae demo`` writes
-to ``runs/demo/model`` and what ships as the bundled shapes demo model).
+to ``runs/demo/model`` and what ships as the bundled shapes demo model; ``demo.install`` installs one).
 
     MODEL/config.json, model.safetensors, llm/, latent_stats.safetensors   (the stage-1/2 export, either version)
     MODEL/decoder/config.json, model.safetensors                                       (the `srae train decoder` output)
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from scale_rae_core.errors import CheckpointError, SraeError
+from scale_rae_core.errors import CheckpointError
 from scale_rae_core.infer.loading import BUNDLED_DECODER
 from scale_rae_core.models.io import WEIGHTS_FILE, ExtraFile, write_model_folder
 from scale_rae_core.models.scale_rae import is_export
@@ -56,28 +56,3 @@ def copy_bundle(model: str | Path, dest: str | Path, about: dict[str, Any]) -> P
 
 def _about_text(about: dict[str, Any]) -> str:
     return json.dumps(about, indent=1) + "\n"
-
-
-def install_bundled(model: str | Path, bench_file: str | Path, quality: list[dict[str, Any]],
-                    dest: str | Path | None = None) -> Path:
-    """Make ``model`` (a demo's ``OUT/model``) the package's bundled model, the default ``--model``.
-
-    Refused while a quality bar in ``quality`` (the demo's ``check_bars`` rows) is missed: the bundled model is what
-    ``srae generate`` uses when nothing is named. ``ABOUT.json`` keeps the model's provenance (``made_by``, commit,
-    profile, date) and gains the shapes benchmark in ``bench_file`` and the bars.
-    """
-    from scale_rae_core.eval.shapes_bench import about_fields
-    from scale_rae_core.infer import loading
-
-    model, bench_file = Path(model), Path(bench_file)
-    missed = [q for q in quality if not q["ok"]]
-    if missed:
-        q = missed[0]
-        raise SraeError(f"--install: {q['label']} = {q['value']:.4g} misses its bar ({q['minimum']:.4g}); "
-                        f"the bundled model stays as it is (train longer, e.g. --retrain)")
-    if not (model / "config.json").is_file() or not bench_file.is_file():
-        raise SraeError(f"--install: no finished model ({model}) and benchmark ({bench_file}); run the demo to the end first")
-    about = json.loads((model / ABOUT_FILE).read_text()) if (model / ABOUT_FILE).is_file() else {}
-    about.update(about_fields(json.loads(bench_file.read_text())))
-    about["quality_bars"] = {q["key"]: {"value": q["value"], "minimum": q["minimum"]} for q in quality}
-    return copy_bundle(model, dest or loading.BUNDLED_MODEL, about)

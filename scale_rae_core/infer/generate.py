@@ -32,6 +32,7 @@ from scale_rae_core.events import Reporter
 from scale_rae_core.files import output_folder, read_text
 from scale_rae_core.infer.outputs import check_seeds, claim_stem, save_latent, write_manifest, write_png
 from scale_rae_core.infer.pipeline import SamplerSettings, Session, seconds_since
+from scale_rae_core.prompts import IMAGE_MARKER
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -88,7 +89,7 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     if not out:
         raise DataError("no prompt given; pass PROMPT arguments or --prompts-file FILE")
     for p in out:
-        if "<image>" in p:
+        if IMAGE_MARKER in p:
             raise DataError(f"prompt {p[:40]!r} contains <image>; to ask about an image use `srae understand`")
     return out
 

@@ -22,12 +22,11 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from scale_rae_core import __version__
 from scale_rae_core.backends.base import Backend
 from scale_rae_core.config import Profile
 from scale_rae_core.errors import BackendError, ConfigError
@@ -37,6 +36,7 @@ from scale_rae_core.infer.loading import LoadedModel, Source, load_model, load_p
 from scale_rae_core.models.decoder import Decoder
 from scale_rae_core.models.dit import grid_to_tokens
 from scale_rae_core.models.rae import to_pixels
+from scale_rae_core.version import __version__
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -98,7 +98,7 @@ class Runtime:
 def open_backend(profile: Profile, dtype: str | None) -> tuple[Backend, Runtime]:
     """The profile's backend (cpu or cuda; the caller closes it) and the runtime: its device and the compute
     dtype (``--dtype`` or the profile's)."""
-    from scale_rae_core.backends.base import get_backend
+    from scale_rae_core.backends import get_backend
 
     if profile.backend.kind == "xla":
         raise BackendError(
@@ -230,7 +230,7 @@ class Session:
         manifest: dict[str, Any] = {
             "mode": mode,
             "srae_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "model": {**self.loaded.source.describe(), "layout": self.loaded.layout},
             "encoder": {"kind": self.loaded.encoder.kind, "path": self.loaded.encoder.path},
             "device": str(self.runtime.device),

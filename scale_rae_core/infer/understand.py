@@ -35,6 +35,7 @@ from scale_rae_core.infer.outputs import (
     write_png,
 )
 from scale_rae_core.infer.pipeline import SamplerSettings, Session, decode_pixels, open_backend, seconds_since
+from scale_rae_core.prompts import IMAGE_MARKER, with_images
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -62,9 +63,9 @@ def _request(question: str, n_images: int, history: list[dict[str, str]] | None 
     Without ``<image>`` markers in the question the images go first, each followed by a newline (the reference's
     ``<im_start><image><im_end>\\n{question}``); with markers, their count must be ``n_images``.
     """
-    marks = question.count("<image>")
+    marks = question.count(IMAGE_MARKER)
     if marks == 0:
-        question = "<image>\n" * n_images + question
+        question = with_images(question, n_images)
     elif marks != n_images:
         raise DataError(f"the question has {marks} <image> markers but {n_images} image(s) go with it; remove them or match the count")
     return [*(history or []), {"from": "human", "value": question}]
@@ -193,7 +194,7 @@ def latent_answer(
     history = None
     original = latent.metadata.get("prompt")
     if action == "continue" and original:
-        history = [{"from": "human", "value": original}, {"from": "gpt", "value": "<image>" * latent.tokens.shape[0]}]
+        history = [{"from": "human", "value": original}, {"from": "gpt", "value": IMAGE_MARKER * latent.tokens.shape[0]}]
     n_new = 0 if history else latent.tokens.shape[0]  # with history the images sit in the replayed assistant turn
     start = time.perf_counter()
     (reply,) = answer(session, [_request(prompt, n_new, history)], [latent.tokens], max_new_tokens)
@@ -214,9 +215,9 @@ def decode_latent_file(
     """
     from safetensors import safe_open
 
-    from scale_rae_core import __version__
     from scale_rae_core.config import EncoderSettings
     from scale_rae_core.infer.loading import DEFAULT_DECODERS, carried_decoder, load_pixel_decoder
+    from scale_rae_core.version import __version__
 
     meta: dict[str, str] = {}
     if path.suffix == ".safetensors" and path.is_file():
@@ -311,7 +312,7 @@ def _check_question(item: Any, n: int, seen: dict[str, int]) -> tuple[str, str]:
         return "\"image\" must be a non-empty string (a path, relative to the questions file)", qid
     if not isinstance(question, str) or not question.strip():
         return "\"question\" must be a non-empty string", qid
-    if question.count("<image>") > 1:
+    if question.count(IMAGE_MARKER) > 1:
         return "the question has several <image> markers; one image goes with each question", qid
     if qid in seen:
         return f"id {qid!r} repeats line {seen[qid]}; give every question its own id", qid

@@ -249,7 +249,7 @@ def _diffusers_encoder(etype: str, spec: str, cfg: DecoderConfig) -> tuple[dict[
     import transformers
 
     from scale_rae_core.hub import resolve_transformers
-    from scale_rae_core.models.build import TINY_RANDOM, tiny_random_encoder_dir
+    from scale_rae_core.models.tiny_encoder import TINY_RANDOM, tiny_random_encoder_dir
 
     cls_name, image_size, extra, final_norm = DIFFUSERS_ENCODER_BUILD[etype]
     folder = tiny_random_encoder_dir() if spec == TINY_RANDOM else resolve_transformers(spec, flag="--encoder-id").path

@@ -13,10 +13,8 @@ It writes everything into ``.DEST.tmp-<pid>`` beside ``DEST``, fsyncs it, then r
 behind. A folder that holds other things (no ``config.json``) is never replaced.
 
 Every weight file srae reads goes through :func:`load_state`: each tensor is copied into the module's own, and
-one one-line error lists the unknown keys (in the file's names), the missing keys and the wrong shapes together.
-:func:`load_scale_rae` is the unified model's whole sequence: build on the meta device (no memory, no init) ->
-``to_empty`` -> strict load -> tie the embeddings -> recompute the DiT's fixed tables -> rebuild the LLM's rotary
-embedding (its ``inv_freq`` is a non-persistent buffer that ``to_empty`` left uninitialised).
+one one-line error lists the unknown keys (in the file's names), the missing keys and the wrong shapes together
+(the unified model's whole loading sequence on top of it is ``models.scale_rae.load_scale_rae``).
 """
 
 from __future__ import annotations
@@ -36,16 +34,10 @@ from scale_rae_core.files import apply_umask, fsync_path
 
 if TYPE_CHECKING:
     from scale_rae_core.backends.base import Backend
-    from scale_rae_core.models.scale_rae import ScaleRAE, ScaleRAEConfig
-    from scale_rae_core.models.stats import LatentStats
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 SHOWN_KEYS = 8  # keys listed per kind in a mismatch error
-
-# ScaleRAE tensors a checkpoint may omit: the DiT's fixed tables are recomputed after loading.
-RECOMPUTED = ("diff_head.pos_embed", "diff_head.feat_rope.freqs_cos", "diff_head.feat_rope.freqs_sin")
-LM_HEAD = "lm.llm.lm_head.weight"  # absent when tied to the input embeddings
 
 ExtraFile = str | bytes | Path | Mapping[str, torch.Tensor]
 
@@ -267,27 +259,3 @@ def load_state(
     if unknown or missing or wrong:
         raise CheckpointError(key_mismatch(source, what, fix, unknown=unknown, missing=missing, wrong=wrong.values()))
     return filled
-
-
-def load_scale_rae(
-    cfg: ScaleRAEConfig,
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    *,
-    source: str,
-    fix: str,
-    stats: LatentStats | None = None,
-    rename: Callable[[str], str | None] | None = None,
-) -> ScaleRAE:
-    """The unified model of ``cfg`` with ``tensors`` (our names, or ``rename``-d), in fp32 on CPU, train mode."""
-    from scale_rae_core.models.scale_rae import ScaleRAE
-
-    with torch.device("meta"):
-        model = ScaleRAE(cfg, stats=stats)
-    model.to_empty(device="cpu")
-    optional = set(RECOMPUTED) | ({LM_HEAD} if cfg.llm.get("tie_word_embeddings") else set())
-    load_state(model, tensors, source=source, fix=fix, what="its config.json", rename=rename, optional=optional)
-    llm = model.lm.llm
-    llm.tie_weights()  # to_empty gave the tied head its own (empty) tensor; tied configs share it again
-    model.diff_head.reset_fixed_buffers()  # non-persistent tables (Fourier W, RoPE) and the recomputed ones
-    llm.model.rotary_emb = type(llm.model.rotary_emb)(llm.config)  # its inv_freq buffer is non-persistent
-    return model

@@ -32,18 +32,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicCache
 
 from scale_rae_core.errors import ConfigError, DataError
-from scale_rae_core.models.tokenizer import (
-    DEFAULT_SYSTEM_MESSAGE,
-    IMAGE_END,
-    IMAGE_START,
-    PAD_TOKEN,
-    TURN_END,
-    TURN_START,
-)
+from scale_rae_core.models.tokenizer import PAD_TOKEN, TURN_END, TURN_START
+from scale_rae_core.prompts import DEFAULT_SYSTEM_MESSAGE, IMAGE_END, IMAGE_MARKER, IMAGE_START
 
 IGNORE_INDEX = -100  # label of a position that is not supervised (torch CrossEntropyLoss default)
 IMAGE_PLACEHOLDER_ID = -200  # input id at image positions (the reference's IMAGE_TOKEN_INDEX)
-IMAGE_MARKER = "<image>"  # where an image goes in a conversation's text; never a token itself
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

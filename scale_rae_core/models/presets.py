@@ -6,8 +6,8 @@ checkpoint's own config wins and the preset only documents the expected size. Th
 released ``config.json`` values, so :func:`count_llm_params` (built on the meta device, no memory) gives
 the real parameter counts: 0.494 B, 1.544 B and 7.616 B.
 
-A tiny vocabulary comes from :func:`tiny_tokenizer`: a byte-level BPE trained on the shapes world's words
-plus some generic English (deterministic: the same files every time).
+The tiny preset's vocabulary ships with the package (:data:`TINY_TOKENIZER`): a byte-level BPE trained on the
+shapes world's words plus some generic English, made by ``scale_rae_core.shapes.vocab``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase, Qwen2Config
+from transformers import Qwen2Config
 
 from scale_rae_core.errors import ConfigError
+
+TINY_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tiny-tokenizer"  # the tiny preset's tokenizer
 
 LLM_PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the tiny profile: 4 layers of width 128, GQA 4 q / 2 kv heads (head_dim 32).
@@ -47,14 +49,6 @@ LLM_PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-# Generic words the tiny tokenizer learns besides the shapes world (chat filler, common questions).
-GENERIC_WORDS = (
-    "the a an of in on at to and or is are was it this that what which where how why who there here "
-    "image picture photo draw generate create show describe colour color shape size position background "
-    "yes no left right center top bottom small large big little one two three please thank you hello "
-    "can could would should do does answer question object objects with without plain light dark"
-).split()
-
 
 def llm_config(preset: str, vocab_size: int | None = None) -> Qwen2Config:
     """The ``Qwen2Config`` of a preset; ``vocab_size`` overrides the preset's (e.g. ``len(tokenizer)``)."""
@@ -74,27 +68,3 @@ def count_llm_params(preset: str) -> int:
     with torch.device("meta"):
         model = Qwen2ForCausalLM(llm_config(preset))
     return sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
-
-
-def shapes_world_words() -> list[str]:
-    """Every text the shapes world writes (names, templates, questions), for the tiny tokenizer's BPE."""
-    from scale_rae_core.data import synth
-    from scale_rae_core.scale.questions import CAPTION_QUESTION, VERIFY_QUESTION
-
-    words: list[str] = []
-    for table in (synth.COLOURS, synth.SHAPES, synth.POSITIONS, synth.SIZES, synth.BACKGROUNDS):
-        words += [f"{prefix}{name}" for name in table for prefix in ("", "a ")]  # also with a leading space
-    words += list(synth.WHERE.values())
-    words += [q for q, _ in synth.QUESTIONS]
-    words += [CAPTION_QUESTION, VERIFY_QUESTION.replace("{prompt}", ""), "yes", "no"]
-    words += [t.replace("{", "").replace("}", "") for t in (*synth.CAPTION_TEMPLATES, *synth.GENERATION_TEMPLATES)]
-    return words
-
-
-def tiny_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> PreTrainedTokenizerBase:
-    """The tiny profile's tokenizer (with ``<im_start>``/``<im_end>``), written to ``out_dir`` and reloaded."""
-    from scale_rae_core.models.tokenizer import build_tiny_tokenizer
-
-    # Repeat the world's words so BPE merges them into whole-word tokens before the generic ones.
-    corpus = shapes_world_words() * 4 + [f"a {w}" for w in GENERIC_WORDS]
-    return build_tiny_tokenizer(corpus, out_dir, vocab_size=vocab_size)

@@ -38,7 +38,7 @@ is that inline form, also what a run's ``RUN/model/config.json`` holds.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -51,7 +51,7 @@ from scale_rae_core.config import DiTSettings, EncoderSettings, LLMSettings
 from scale_rae_core.errors import CheckpointError
 from scale_rae_core.flow.transport import FlowMatching
 from scale_rae_core.models.dit import DiTConfig, LightningDiT, tokens_to_grid
-from scale_rae_core.models.io import WEIGHTS_FILE, ExtraFile, export_model, load_scale_rae, read_safetensors
+from scale_rae_core.models.io import WEIGHTS_FILE, ExtraFile, export_model, load_state, read_safetensors
 from scale_rae_core.models.llm import UnifiedLM, UnifiedLMConfig
 from scale_rae_core.models.stats import LatentStats, load_stats
 
@@ -204,11 +204,11 @@ def build_llm(settings: LLMSettings, tokenizer_dir: str | Path) -> tuple[PreTrai
     from transformers import AutoTokenizer
 
     from scale_rae_core.models.llm import add_image_tokens
-    from scale_rae_core.models.presets import llm_config, tiny_tokenizer
+    from scale_rae_core.models.presets import TINY_TOKENIZER, llm_config
 
     tokenizer_dir = Path(tokenizer_dir)
     if not settings.path:
-        tokenizer = tiny_tokenizer(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
         llm = Qwen2ForCausalLM(llm_config(settings.preset, vocab_size=len(tokenizer)))
     else:
         from scale_rae_core.hub import resolve_transformers
@@ -322,6 +322,38 @@ def save_export(model: ScaleRAE, tokenizer: PreTrainedTokenizerBase, out_dir: st
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer.save_pretrained(tok_dir)
         return write_export(out_dir, model.state_dict(), model.cfg, tok_dir, stats_path)
+
+
+# Tensors a checkpoint may omit: the DiT's fixed tables are recomputed after loading.
+RECOMPUTED = ("diff_head.pos_embed", "diff_head.feat_rope.freqs_cos", "diff_head.feat_rope.freqs_sin")
+LM_HEAD = "lm.llm.lm_head.weight"  # absent when tied to the input embeddings
+
+
+def load_scale_rae(
+    cfg: ScaleRAEConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    source: str,
+    fix: str,
+    stats: LatentStats | None = None,
+    rename: Callable[[str], str | None] | None = None,
+) -> ScaleRAE:
+    """The unified model of ``cfg`` with ``tensors`` (our names, or ``rename``-d), in fp32 on CPU, train mode.
+
+    The whole sequence: build on the meta device (no memory, no init) -> ``to_empty`` -> strict load
+    (``models.io.load_state``) -> tie the embeddings -> recompute the DiT's fixed tables -> rebuild the LLM's
+    rotary embedding (its ``inv_freq`` is a non-persistent buffer that ``to_empty`` left uninitialised).
+    """
+    with torch.device("meta"):
+        model = ScaleRAE(cfg, stats=stats)
+    model.to_empty(device="cpu")
+    optional = set(RECOMPUTED) | ({LM_HEAD} if cfg.llm.get("tie_word_embeddings") else set())
+    load_state(model, tensors, source=source, fix=fix, what="its config.json", rename=rename, optional=optional)
+    llm = model.lm.llm
+    llm.tie_weights()  # to_empty gave the tied head its own (empty) tensor; tied configs share it again
+    model.diff_head.reset_fixed_buffers()  # non-persistent tables (Fourier W, RoPE) and the recomputed ones
+    llm.model.rotary_emb = type(llm.model.rotary_emb)(llm.config)  # its inv_freq buffer is non-persistent
+    return model
 
 
 @dataclass

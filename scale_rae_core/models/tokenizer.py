@@ -16,6 +16,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from scale_rae_core.prompts import DEFAULT_SYSTEM_MESSAGE, IMAGE_END, IMAGE_START
+
 # Qwen2's pre-tokenisation regex (split text into words, numbers, punctuation runs and newline runs).
 QWEN_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -24,9 +26,6 @@ QWEN_SPLIT_REGEX = (
 PAD_TOKEN = "<|endoftext|>"
 TURN_START = "<|im_start|>"
 TURN_END = "<|im_end|>"
-IMAGE_START = "<im_start>"
-IMAGE_END = "<im_end>"
-DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
 
 # The Qwen2.5 chat template without the tool-calling branches: a default system turn when the
 # conversation has none, one `<|im_start|>{role}\n{content}<|im_end|>\n` block per message and an

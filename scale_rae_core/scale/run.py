@@ -2,7 +2,7 @@
 
 For each prompt (index i, text p) and each sample k < n·rounds:
 
-1. the generation request "Generate an image of {p}" is decoded greedily once per prompt (text until
+1. the generation request ``GENERATION_REQUEST`` ("Generate an image of {p}") is decoded greedily once per prompt (text until
    ``<im_start>``, deterministic), then the flow head samples latent k from seed ``seed + k`` and the
    pixel decoder writes ``{root}/{i:05d}/samples/{k:05d}.png``;
 2. self-verification (``scale_rae_core.scale.verify``) on the latent (``verify_on="latent"``, the
@@ -45,11 +45,11 @@ from scale_rae_core.events import Reporter
 from scale_rae_core.files import finite_json, output_folder
 from scale_rae_core.infer.outputs import atomic_write, check_seeds, write_png
 from scale_rae_core.infer.pipeline import SamplerSettings, Session
+from scale_rae_core.prompts import CAPTION_QUESTION, GENERATION_REQUEST, VERIFY_QUESTION
 from scale_rae_core.runlock import hold_on_main
 from scale_rae_core.scale import verify as V
 from scale_rae_core.scale.scorers import Scorer, score_batch
 
-GENERATION_REQUEST = "Generate an image of {prompt}"
 VERIFY_ON = ("latent", "image")
 
 
@@ -147,7 +147,7 @@ def self_verify(
     tok, lm = session.tokenizer, session.model.lm
     N, max_len = lm.cfg.num_image_tokens, int(lm.llm.config.max_position_embeddings)
     # (a) yes/no answer; the step logits come from one teacher-forced pass over the greedy answer
-    question = V.VERIFY_QUESTION.format(prompt=prompt)
+    question = VERIFY_QUESTION.format(prompt=prompt)
     conversation = _request(question, 1)
     (reply,) = answer(session, [conversation], [features[None]], max_new_tokens)
     ids = reply.ids
@@ -156,7 +156,7 @@ def self_verify(
     start = len(asked.input_ids) - 1
     scores = V.answer_scores(ids, logits[start:start + len(ids)], *yes_no)
     # (b) caption likelihood of the prompt after "Describe this image."
-    caption = build_sample(_request(V.CAPTION_QUESTION, 1), tok, N, max_len, add_generation_prompt=True)
+    caption = build_sample(_request(CAPTION_QUESTION, 1), tok, N, max_len, add_generation_prompt=True)
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     logits = _logits(session, caption.input_ids + prompt_ids, caption.image_starts[0], features)
     loss, prompt_conf = V.prompt_scores(logits[len(caption.input_ids):], prompt_ids)

@@ -10,9 +10,10 @@ is one registered factory, without touching the loop::
     def _pickscore(device="cpu", **options):
         return MyPickScore(device)        # any object with .name and .score(prompts, images)
 
-A scorer is found by name among (1) the registered ones (built in: ``image_reward``, ``shapes``),
-(2) entry points in the ``srae.scorers`` group of any installed package, (3) ``package.module:factory``.
-Factories take ``device`` and keyword options and return a scorer.
+A scorer is found by name among (1) the registered ones (built in: ``image_reward``), (2) entry points in the
+``srae.scorers`` group of any installed package (srae's own: ``shapes``, the shapes world's pixel scorer,
+``scale_rae_core.shapes.scorer.ShapesScorer``), (3) ``package.module:factory``. Factories take ``device`` and
+keyword options and return a scorer.
 """
 
 from __future__ import annotations
@@ -125,23 +126,4 @@ class ImageRewardScorer:
         return self.model.score(list(prompts), list(images), batch_size=self.batch_size)
 
 
-class ShapesScorer:
-    """The deterministic shapes-world pixel scorer: 1.0 when every attribute the prompt names is right.
-
-    That is colour and shape, plus position and size where the prompt names them
-    (``scale_rae_core.eval.shapes.match(...)["full"]``); the offline benchmarks use it as ground truth.
-    """
-
-    name = "shapes"
-
-    def __init__(self, device: str | torch.device = "cpu") -> None:
-        del device  # pure numpy
-
-    def score(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> torch.Tensor:
-        from scale_rae_core.eval.shapes import match
-
-        return torch.tensor([float(match(p, im)["full"]) for p, im in zip(prompts, images, strict=True)])
-
-
 register_scorer("image_reward", ImageRewardScorer)
-register_scorer("shapes", ShapesScorer)

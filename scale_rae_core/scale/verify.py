@@ -33,10 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from scale_rae_core.errors import DataError
-from scale_rae_core.scale.questions import (
-    CAPTION_QUESTION as CAPTION_QUESTION,  # re-exported (scale.run reads V.*)
-)
-from scale_rae_core.scale.questions import VERIFY_QUESTION as VERIFY_QUESTION
 
 YES_VARIANTS = ("yes", "Yes", "YES", " yes", " Yes", " YES")
 NO_VARIANTS = ("no", "No", "NO", " no", " No", " NO")

@@ -357,7 +357,7 @@ def train_decoder(profile: Profile, data: str | Path, run_dir: str | Path, *, re
     settings or the data differ from the checkpoint's. ``stop_at``: save after that step and stop.
     Collective. The data is opened (and so checked) before RUN is locked and anything is written into it.
     """
-    from scale_rae_core.backends.base import backend_for
+    from scale_rae_core.backends import backend_for
     from scale_rae_core.models.build import build_rae
 
     profile.check_runtime()

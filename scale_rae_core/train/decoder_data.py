@@ -26,30 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from scale_rae_core.data.images import IMAGE_EXTENSIONS, BadImage, read_image, to_tensor
+from scale_rae_core.data.images import IMAGE_EXTENSIONS, BadImage, read_image, to_square_tensor
 from scale_rae_core.data.shards import MANIFEST_NAME
 from scale_rae_core.errors import DataError
 
 Position = Any  # whatever the underlying reader needs to resume (JSON-serialisable)
-
-
-def to_square_tensor(im: Image.Image, size: int, *, train: bool) -> torch.Tensor:
-    """PIL RGB -> [3, size, size] float32 in [0, 1]: shorter side to `size` (bicubic), then a square crop."""
-    w, h = im.size
-    if min(w, h) != size:
-        scale = size / min(w, h)
-        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-        w, h = im.size
-    if train:
-        top = int(torch.randint(0, h - size + 1, (1,)))
-        left = int(torch.randint(0, w - size + 1, (1,)))
-    else:
-        top, left = (h - size) // 2, (w - size) // 2
-    if (w, h) != (size, size):
-        im = im.crop((left, top, left + size, top + size))
-    return to_tensor(im)  # (3, S, S)
 
 
 class ImageStream(ABC):

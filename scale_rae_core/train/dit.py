@@ -55,7 +55,7 @@ from scale_rae_core.train.latent_cache import (
     is_cache,
     latent_source,
 )
-from scale_rae_core.train.loop import TrainLoop, TrainResult, TrainState, TrainTask
+from scale_rae_core.train.loop import TRAJECTORY, TrainLoop, TrainResult, TrainState, TrainTask
 from scale_rae_core.train.schedule import WarmupConstantLinear
 
 MODEL_DIR = "model"
@@ -310,20 +310,24 @@ class DiTTrainer(TrainTask):
 
 
 def train_dit(profile: Profile, data: str | Path, run_dir: str | Path, *, resume: bool = False,
-              reporter: Reporter | None = None, stop_at: int | None = None) -> TrainResult:
+              reporter: Reporter | None = None, stop_at: int | None = None,
+              accept_changes: bool = False) -> TrainResult:
     """Build everything from the profile, then train (the engine behind `srae train dit`). Collective.
 
     ``resume``: continue from the newest complete checkpoint in ``run_dir``, or start fresh when there is none
-    (see :mod:`scale_rae_core.train.loop`). ``stop_at``: save after that step and stop.
+    (see :mod:`scale_rae_core.train.loop`). ``stop_at``: save after that step and stop. ``accept_changes``: resume
+    even though the trajectory settings (``dit_training`` and the shared ones) or the data differ.
     """
-    from scale_rae_core.backends.base import backend_for
+    from scale_rae_core.backends import backend_for
 
     profile.check_runtime()
     if not Path(data).expanduser().exists():  # before the run folder is made
         raise DataError(f"--data {data}: no such file or folder; pass class folders (root/<class>/<image>), a packed "
                         "class dataset (srae data pack --format classes) or a latent cache (srae latent cache)")
-    with backend_for(profile.backend) as backend:
-        loop = TrainLoop("train_dit", profile, run_dir, backend, resume=resume, reporter=reporter)
+    with backend_for(profile.backend) as backend, TrainLoop(
+        "train_dit", profile, run_dir, backend, resume=resume, reporter=reporter, inputs={"data": Path(data)},
+        trajectory=(*TRAJECTORY, "dit_training"), accept_changes=accept_changes,
+    ) as loop:
         backend.seed_everything(profile.run.seed, per_rank=False)  # same initial weights on every rank
         trainer = DiTTrainer(profile, data, loop.run_dir, backend)
         return loop.run(trainer, stop_at=stop_at)

@@ -42,7 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from scale_rae_core.backends.base import Backend, get_backend
+from scale_rae_core.backends import get_backend
+from scale_rae_core.backends.base import Backend
 from scale_rae_core.config import Profile, StageSettings
 from scale_rae_core.errors import CheckpointError, ConfigError, DataError
 from scale_rae_core.events import Reporter
@@ -199,7 +200,7 @@ def _build_model(src: ModelSource) -> ScaleRAE:
     stats_file = src.model_dir / STATS_FILE
     stats = load_stats(stats_file) if stats_file.is_file() else None
     if src.export is not None:
-        from scale_rae_core.models.io import load_scale_rae
+        from scale_rae_core.models.scale_rae import load_scale_rae
 
         fix = "re-export the model"
         return load_scale_rae(src.config, read_export_tensors(src.export, fix=fix), source=str(src.export), fix=fix,

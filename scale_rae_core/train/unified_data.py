@@ -22,9 +22,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from scale_rae_core.data.images import square_pixels
-from scale_rae_core.data.sample import IMAGE_TOKEN, Sample
+from scale_rae_core.data.sample import Sample
 from scale_rae_core.errors import DataError
 from scale_rae_core.models.llm import SequenceTooLongError, TokenizedSample, build_sample, collate
+from scale_rae_core.prompts import IMAGE_MARKER, with_images
 
 
 class SampleSource(Protocol):
@@ -84,9 +85,9 @@ def prepare(
     in front of its first turn.
     """
     turns = [dict(t) for t in sample.conversations]
-    markers = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+    markers = sum(t["value"].count(IMAGE_MARKER) for t in turns)
     if sample.image is not None and markers == 0 and turns:
-        turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
+        turns[0]["value"] = with_images(turns[0]["value"])
         markers = 1
     if markers != (sample.image is not None):
         raise DataError(f"sample {sample.key}: {markers} <image> markers but {int(sample.image is not None)} image(s)")

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from scale_rae_core.backends.base import get_backend  # noqa: E402
+from scale_rae_core.backends import get_backend  # noqa: E402
 from scale_rae_core.config import BackendSettings  # noqa: E402
 from tests.train.ckpt_worker import GLOBAL_BATCH, Block, Tiny, batch  # noqa: E402
 

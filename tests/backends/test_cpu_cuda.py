@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from scale_rae_core.backends.base import Backend, get_backend
+from scale_rae_core.backends import get_backend
+from scale_rae_core.backends.base import Backend
 from scale_rae_core.backends.cpu_cuda import CpuCudaBackend
 from scale_rae_core.config import BackendSettings
 from scale_rae_core.errors import BackendError

@@ -96,3 +96,72 @@ def test_env_reports_versions_devices_and_profile():
     assert info["torch_xla"] is None or isinstance(info["torch_xla"], str)
     assert info["profile"]["backend"]["procs_per_node"] == 8
     assert "cuda_devices" in info and "transformers" in info
+
+
+def _number_options():
+    """(command path, flag, kind) for every int and float option of every command, hidden ones too."""
+    from typer.core import TyperOption
+
+    out = []
+    for path in _all_commands():
+        command = get_command(app)
+        for name in path:
+            command = command.commands[name]
+        for param in command.params:
+            kind = {int: "int", float: "float"}.get(param.type_descriptor.annotation)
+            if isinstance(param, TyperOption) and kind:
+                out.append((path, param.opts[0], kind))
+    return out
+
+
+NUMBER_OPTIONS = _number_options()
+
+
+def test_number_options_are_found():
+    flags = {(" ".join(p), f) for p, f, _ in NUMBER_OPTIONS}
+    assert {("generate", "--seed"), ("generate", "--guidance"), ("demo", "--bench-k"), ("data synth", "--heldout")} <= flags
+
+
+@pytest.mark.parametrize("path, flag, kind", NUMBER_OPTIONS, ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_every_number_option_refuses_what_torch_cannot_take_in_one_line(path, flag, kind):
+    bad = {"int": ["99999999999999999999", "-99999999999999999999"], "float": ["nan", "inf", "-inf"]}[kind]
+    reason = {"int": "does not fit in 64 bits", "float": "is not a finite number"}[kind]
+    for value in bad:
+        result = runner.invoke(app, [*path, flag, value])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 1 and len(lines) == 1, result.output
+        assert lines[0].startswith(f"error: Invalid value for '{flag}'"), lines[0]
+        if value != "-99999999999999999999":  # an option with its own minimum (verify --keep) names that instead
+            assert f"{value} {reason}" in lines[0], lines[0]
+
+
+def test_every_option_is_declared_one_way():
+    """Annotated[T, typer.Option(...)] everywhere: no `x: T = typer.Option(...)` defaults left."""
+    import inspect
+
+    from typer.models import ParameterInfo
+
+    root = get_command(app)
+    for path in _all_commands():
+        command = root
+        for name in path:
+            command = command.commands[name]
+        for parameter in inspect.signature(command.callback).parameters.values():
+            assert not isinstance(parameter.default, ParameterInfo), (path, parameter.name)
+
+
+def test_help_prints_brackets_as_written():
+    """Rich markup would eat "[model]" or "[stageN]"; help texts print as written."""
+    import re
+
+    assert "[model]" in runner.invoke(app, ["train", "--help"]).output  # the decoder command's summary
+    assert "[stageN].steps" in runner.invoke(app, ["train", "stage1", "--help"]).output
+    root = get_command(app)
+    for path in _all_commands():
+        command = root
+        for name in path:
+            command = command.commands[name]
+        texts = [command.help or "", command.epilog or "", *(getattr(p, "help", None) or "" for p in command.params)]
+        output = runner.invoke(app, [*path, "--help"]).output
+        for token in re.findall(r"\[[^\]\s]+\]", " ".join(texts)):
+            assert token.replace("\\", "") in output, (path, token)

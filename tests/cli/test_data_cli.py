@@ -1,4 +1,4 @@
-"""`srae data synth|pack|inspect|verify` and `srae demo` through the command line."""
+"""`srae data synth|pack|inspect|verify` through the command line (the demo: tests/demo)."""
 
 from __future__ import annotations
 
@@ -56,23 +56,6 @@ def test_pack_bad_inputs_are_one_line_errors(tmp_path):
     assert result.exit_code == 1 and "codec" in result.output
     result = runner.invoke(app, ["data", "synth", str(tmp_path / "s"), "--n", "0"])
     assert result.exit_code == 1 and result.output.startswith("error: ")
-
-
-@pytest.mark.slow
-def test_demo_runs_and_continues(tmp_path):
-    """The demo's data stages through the CLI (tests/test_demo.py covers the later stages)."""
-    from tests.test_demo import TINY
-
-    out = tmp_path / "demo"
-    text = _ok(["demo", "--out", str(out), *TINY])
-    assert "verify     351 samples re-read, 0 problems" in text
-    summary = json.loads((out / "demo.json").read_text())
-    assert summary["pack"]["packed"] == 351 and summary["synth"]["train_images"] == 27
-    events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
-    assert events[0] == "demo.synth.start" and "demo.verify.done" in events
-    _ok(["demo", "--out", str(out), *TINY])
-    again = json.loads((out / "demo.json").read_text())
-    assert again["status"]["synth"] == again["status"]["pack"] == "reused" and again["pack"] == summary["pack"]
 
 
 def test_progress_bar_shows_rate_unless_quiet(tmp_path):

@@ -38,10 +38,10 @@ def fails(message: str, *args: str) -> None:
 def world(tmp_path_factory) -> Path:
     """Shapes class folders, a tiny random decoder for the tiny encoder, and a 4-step DiT run that records it."""
     from scale_rae_core.config import EncoderSettings
-    from scale_rae_core.data.synth import synthesize
     from scale_rae_core.models.build import build_encoder
     from scale_rae_core.models.decoder import Decoder, save_decoder
     from scale_rae_core.models.rae import decoder_config_for
+    from scale_rae_core.shapes.synth import synthesize
 
     root = tmp_path_factory.mktemp("world")
     synthesize(root / "s", 36, image_size=64, seed=0)

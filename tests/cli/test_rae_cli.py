@@ -1,5 +1,4 @@
-"""`srae stat`, `srae train decoder`, `srae eval recon`, `srae convert decoder` through a throwaway Typer app
-(the lead registers them in scale_rae_cli/main.py under these names)."""
+"""`srae stat`, `srae train decoder`, `srae eval recon`, `srae convert decoder` through the `srae` app."""
 
 from __future__ import annotations
 
@@ -8,29 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
-from scale_rae_cli import convert, eval_recon, stat, train_decoder
-from scale_rae_cli.main import _SraeGroup
+from scale_rae_cli.main import app
 from scale_rae_core.data.pack import pack
-from scale_rae_core.data.synth import synthesize
 from scale_rae_core.models import build
 from scale_rae_core.models.decoder import load_decoder
 from scale_rae_core.models.stats import load_stats
+from scale_rae_core.shapes.synth import synthesize
 from scale_rae_core.train.decoder_data import batches, open_images
 
-app = typer.Typer(cls=_SraeGroup, pretty_exceptions_enable=False)
-train_app = typer.Typer()
-eval_app = typer.Typer()
-convert_app = typer.Typer()
-train_app.command("decoder", epilog=train_decoder.EPILOG)(train_decoder.decoder)
-eval_app.command("recon", epilog=eval_recon.EPILOG)(eval_recon.recon)
-convert_app.command("decoder", epilog=convert.EPILOG)(convert.convert_decoder)
-app.command("stat", epilog=stat.EPILOG)(stat.stat)
-app.add_typer(train_app, name="train")
-app.add_typer(eval_app, name="eval")
-app.add_typer(convert_app, name="convert")
 runner = CliRunner()
 SMALL = ["--set", "model.encoder.input_size=32", "--set", "model.decoder.image_size=32"]
 

@@ -9,8 +9,8 @@ import torch
 
 from scale_rae_core.data.labelled import LabelledFolder, class_folders, labelled_batches, open_labelled
 from scale_rae_core.data.pack import pack
-from scale_rae_core.data.synth import SHAPE_CLASSES, synthesize
 from scale_rae_core.errors import ConfigError, DataError
+from scale_rae_core.shapes.synth import SHAPE_CLASSES, synthesize
 
 
 @pytest.fixture(scope="module")

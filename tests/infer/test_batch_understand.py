@@ -8,10 +8,10 @@ import json
 import pytest
 
 from scale_rae_core.config import load_profile
-from scale_rae_core.data.synth import ShapeSpec, render
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.infer.pipeline import SamplerSettings, Session
 from scale_rae_core.infer.understand import answer_questions_file, understand_image
+from scale_rae_core.shapes.synth import ShapeSpec, render
 
 SHAPES = [("red", "circle", "left"), ("blue", "square", "right"), ("green", "triangle", "center"),
           ("yellow", "circle", "right"), ("red", "square", "center")]

@@ -23,7 +23,7 @@ FAST = SamplerSettings(steps=3)
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from scale_rae_core.models.build import tiny_random_encoder_dir
+    from scale_rae_core.models.tiny_encoder import tiny_random_encoder_dir
 
     tmp = tmp_path_factory.mktemp("infer")
     model, tok = build_tiny(tmp)
@@ -238,16 +238,10 @@ def test_latent_and_option_errors_are_one_line(session, tmp_path):
 
 
 def test_cli_commands(files, tmp_path, monkeypatch):
-    import typer
     from typer.testing import CliRunner
 
-    from scale_rae_cli import generate, latent, understand
-    from scale_rae_cli.main import _SraeGroup
+    from scale_rae_cli.main import app
 
-    app = typer.Typer(cls=_SraeGroup)
-    app.command("generate", epilog=generate.EPILOG)(generate.generate)
-    app.command("understand", epilog=understand.EPILOG)(understand.understand)
-    app.add_typer(latent.app, name="latent")
     run = CliRunner().invoke
     common = ["--decoder", str(files["decoder"]), "--steps", "2", "--out", str(tmp_path), "--profile", "tiny-cpu"]
     prompts = tmp_path / "prompts.jsonl"
@@ -277,12 +271,10 @@ def test_cli_commands(files, tmp_path, monkeypatch):
 
 
 def test_a_model_folder_carries_its_decoder_and_the_bundle_is_the_default_model(files, tmp_path, monkeypatch):
-    import typer
     from safetensors import safe_open
     from typer.testing import CliRunner
 
-    from scale_rae_cli import generate
-    from scale_rae_cli.main import _SraeGroup
+    from scale_rae_cli.main import app
     from scale_rae_core.infer.bundle import bundle_model
 
     about = {"command": "srae demo --retrain", "bench": {"gen_colour_shape_first": 0.5}}
@@ -301,9 +293,6 @@ def test_a_model_folder_carries_its_decoder_and_the_bundle_is_the_default_model(
 
     monkeypatch.setattr("scale_rae_core.infer.loading.BUNDLED_MODEL", bundle)
     monkeypatch.delenv("SRAE_MODEL_PATH", raising=False)
-    app = typer.Typer(cls=_SraeGroup)
-    app.command("generate")(generate.generate)
-    app.command("unused")(lambda: None)
     res = CliRunner().invoke(app, ["generate", "a red circle", "--steps", "2", "--out", str(tmp_path / "out"), "-q"])
     assert res.exit_code == 0, res.output
     assert f"no --model: using the bundled shapes demo model ({bundle})" in res.output
@@ -357,11 +346,9 @@ def test_understand_refuses_a_bomb_and_a_fifo_in_one_line(files, tmp_path, monke
     import struct
     import zlib
 
-    import typer
     from typer.testing import CliRunner
 
-    from scale_rae_cli import understand
-    from scale_rae_cli.main import _SraeGroup
+    from scale_rae_cli.main import app
 
     data = bytearray(_png_bytes())
     data[16:24] = struct.pack(">II", 100_000, 100_000)  # the header claims 10^10 pixels
@@ -370,9 +357,6 @@ def test_understand_refuses_a_bomb_and_a_fifo_in_one_line(files, tmp_path, monke
     bomb.write_bytes(bytes(data))
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)
-    app = typer.Typer(cls=_SraeGroup)
-    app.command("understand")(understand.understand)
-    app.command("unused")(lambda: None)
     monkeypatch.setenv("SRAE_MODEL_PATH", str(files["export"]))
     for path, reason in ((bomb, "decompression bomb: more than"), (fifo, "not a regular file")):
         res = CliRunner().invoke(app, ["understand", str(path), "What is it?", "--decoder", str(files["decoder"]),
@@ -392,7 +376,7 @@ def _png_bytes() -> bytes:
 
 
 def test_a_session_owns_its_backend_and_closes_it(files, tmp_path, monkeypatch):
-    import scale_rae_core.backends.base as backends
+    import scale_rae_core.backends as backends
 
     closed: list[str] = []
     real = backends.get_backend

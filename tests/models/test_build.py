@@ -9,7 +9,7 @@ import torch
 
 from scale_rae_core.config import DecoderSettings, EncoderSettings, ModelSettings, load_profile
 from scale_rae_core.errors import CheckpointError, ConfigError
-from scale_rae_core.models import build
+from scale_rae_core.models import build, tiny_encoder
 from scale_rae_core.models.decoder import save_decoder
 from scale_rae_core.models.stats import LatentStats
 
@@ -34,13 +34,13 @@ def test_tiny_random_is_generated_once_cached_and_deterministic(cache):
     before = torch.get_rng_state()
     a = build.build_encoder(settings)
     assert torch.equal(torch.get_rng_state(), before)  # generating it leaves the caller's RNG alone
-    folder = build.tiny_random_encoder_dir()
+    folder = tiny_encoder.tiny_random_encoder_dir()
     assert folder.parent == cache and (folder / "preprocessor_config.json").is_file()
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     b = build.build_encoder(settings)  # loaded from the cache, not regenerated
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     assert _weights_hash(a) == _weights_hash(b)
-    assert (a.num_tokens, a.hidden_size, a.grid) == (64, build.TINY_RANDOM_CONFIG["hidden_size"], (8, 8))
+    assert (a.num_tokens, a.hidden_size, a.grid) == (64, tiny_encoder.TINY_RANDOM_CONFIG["hidden_size"], (8, 8))
     # a fresh cache regenerates exactly the same weights
     (folder / "config.json").unlink()
     c = build.build_encoder(settings)

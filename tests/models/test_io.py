@@ -14,7 +14,14 @@ from torch import nn
 
 from scale_rae_core.errors import CheckpointError
 from scale_rae_core.models import io
-from scale_rae_core.models.scale_rae import ScaleRAE, load_export, read_export_config
+from scale_rae_core.models.scale_rae import (
+    LM_HEAD,
+    RECOMPUTED,
+    ScaleRAE,
+    load_export,
+    load_scale_rae,
+    read_export_config,
+)
 
 EXPORT_V1 = Path(__file__).parent / "assets" / "export-v1"
 
@@ -165,13 +172,13 @@ def test_an_export_of_the_current_writer_round_trips(tmp_path):
 def test_the_scale_rae_loader_reports_a_foreign_tensor_and_may_omit_recomputed_tables(tmp_path):
     cfg = read_export_config(EXPORT_V1)
     stored = load_file(str(EXPORT_V1 / "model.safetensors"))
-    trimmed = {k: v for k, v in stored.items() if k not in io.RECOMPUTED and k != io.LM_HEAD}  # tied config
-    model = io.load_scale_rae(cfg, trimmed.items(), source="s", fix="f")
+    trimmed = {k: v for k, v in stored.items() if k not in RECOMPUTED and k != LM_HEAD}  # tied config
+    model = load_scale_rae(cfg, trimmed.items(), source="s", fix="f")
     assert torch.equal(model.diff_head.pos_embed, ScaleRAE(cfg).diff_head.pos_embed)
     bad = dict(trimmed) | {"lm.latent_queries": torch.zeros(3, 3)}
     with pytest.raises(CheckpointError, match=r"^s: weights do not match its config\.json \(wrong shapes: "
                                               r"lm\.latent_queries \(3, 3\) vs \(4, 16\)\); f$"):
-        io.load_scale_rae(cfg, bad.items(), source="s", fix="f")
+        load_scale_rae(cfg, bad.items(), source="s", fix="f")
 
 
 def test_the_bundled_model_loads_bit_identically():
@@ -185,7 +192,7 @@ def test_the_bundled_model_loads_bit_identically():
     state = loaded.model.state_dict()
     fresh = ScaleRAE(loaded.config).state_dict()
     for name, tensor in load_file(str(bundle / "model.safetensors")).items():  # stored as fp16, loaded as fp32
-        want = fresh[name] if name in io.RECOMPUTED else tensor.float()  # fixed tables: recomputed in fp32
+        want = fresh[name] if name in RECOMPUTED else tensor.float()  # fixed tables: recomputed in fp32
         assert state[name].dtype == torch.float32 and torch.equal(state[name], want), name
     decoder, source = load_pixel_decoder(loaded.default_decoder, EncoderSettings(kind="siglip", path="tiny-random"))
     assert source.path == bundle / "decoder"

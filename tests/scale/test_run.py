@@ -31,23 +31,19 @@ def session(files):
 
 
 def test_cli_scale_then_verify(files, tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    from scale_rae_cli.main import _SraeGroup
-    from scale_rae_cli.scale import SCALE_EPILOG, VERIFY_EPILOG, scale, verify
+    from scale_rae_cli.main import app
 
-    app = typer.Typer(cls=_SraeGroup)
-    app.command("scale", epilog=SCALE_EPILOG)(scale)
-    app.command("verify", epilog=VERIFY_EPILOG)(verify)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a green circle\n")
     res = CliRunner().invoke(app, [
         "scale", "--prompts", str(prompts), "--n", "2", "--rounds", "1", "--out", str(tmp_path / "runs"),
         "--model", str(files["export"]), "--decoder", str(files["decoder"]), "--scorer", "shapes", "--steps", "2",
-        "--max-new-tokens", "1", "--verify-max-new-tokens", "2", "--profile", "tiny-cpu", "-q"])
+        "--max-new-tokens", "1", "--verify-max-new-tokens", "2", "--profile", "tiny-cpu", "--set", "run.seed=5", "-q"])
     assert res.exit_code == 0, res.output
     root = tmp_path / "runs" / "export" / "1_verify_scale_latent"
+    assert json.loads((root / "00000" / "metadata.jsonl").read_text())["seeds"] == [5, 6]  # no --seed: run.seed
     res = CliRunner().invoke(app, ["verify", str(root), "--metric", "loss", "--keep", "1"])
     assert res.exit_code == 0, res.output
     assert (root.with_name(root.name + "_loss_verified") / "00000" / "samples" / "00000.png").is_file()
@@ -138,7 +134,7 @@ def test_scaling_run_resume_and_verify(session, tmp_path):
 
 def test_verify_on_image_reads_the_png_as_understand_does(session, tmp_path):
     from scale_rae_core.infer.understand import understand_image
-    from scale_rae_core.scale.verify import VERIFY_QUESTION
+    from scale_rae_core.prompts import VERIFY_QUESTION
 
     settings = ScaleSettings(n=1, rounds=1, batch_size=1, max_new_tokens=2, verify_max_new_tokens=4, verify_on="image")
     prompt = "a red circle"

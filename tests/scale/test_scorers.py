@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from scale_rae_core.data.synth import ShapeSpec, render
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.scale import scorers
 from scale_rae_core.scale.scorers import (
@@ -20,6 +19,7 @@ from scale_rae_core.scale.scorers import (
     register_scorer,
     score_batch,
 )
+from scale_rae_core.shapes.synth import ShapeSpec, render
 
 
 def test_shapes_scorer_is_one_when_every_named_attribute_matches():

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from scale_rae_cli.scale import verify
+from scale_rae_cli.main import app
 from scale_rae_core.errors import DataError
 from scale_rae_core.scale.select import read_prompt_folder, read_run, select, write_selection
 
@@ -76,10 +75,8 @@ def test_metric_orders(run_dir, metric, order):
 
 
 def test_verify_writes_a_geneval_tree_and_report(run_dir, tmp_path):
-    app = typer.Typer()
-    app.command()(verify)
     out = tmp_path / "selected"
-    result = CliRunner().invoke(app, [str(run_dir), "--metric", "combined", "--keep", "4", "--out", str(out)])
+    result = CliRunner().invoke(app, ["verify", str(run_dir), "--metric", "combined", "--keep", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "combined *" in result.output and "fewer than 4 samples" in result.output
 

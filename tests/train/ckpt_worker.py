@@ -134,7 +134,7 @@ def run_job(backend: Any, job: dict[str, Any]) -> None:
 
 def main(jobs_file: str) -> None:
     torch.set_num_threads(1)
-    from scale_rae_core.backends.base import get_backend
+    from scale_rae_core.backends import get_backend
     from scale_rae_core.config import BackendSettings
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

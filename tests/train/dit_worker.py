@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from scale_rae_core.backends.base import backend_for
+from scale_rae_core.backends import backend_for
 from scale_rae_core.train.dit import train_dit
 from scale_rae_core.train.latent_cache import cache_latents
 from tests.train.test_dit import tiny_profile

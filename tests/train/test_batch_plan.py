@@ -15,7 +15,7 @@ import pytest
 import scale_rae_core.train.decoder as decoder_mod
 from scale_rae_core.backends.cpu_cuda import CpuCudaBackend
 from scale_rae_core.config import BackendSettings, load_profile
-from scale_rae_core.data.synth import synthesize
+from scale_rae_core.shapes.synth import synthesize
 from scale_rae_core.train.unified_data import MicroBatcher
 from tests.train.test_decoder_train import tiny_profile as tiny_decoder_profile
 from tests.train.test_decoder_train import write_images

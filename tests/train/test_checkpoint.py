@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from scale_rae_core.backends.base import get_backend
+from scale_rae_core.backends import get_backend
 from scale_rae_core.config import BackendSettings
 from scale_rae_core.errors import CheckpointError
 from scale_rae_core.models.io import export_model

@@ -162,7 +162,7 @@ def test_resume_right_after_an_epoch_boundary_continues(tmp_path):
     with only the dropped tail left; resuming must carry on into the next epoch and match the full run."""
     from scale_rae_core.config import load_profile
     from scale_rae_core.data.pack import pack
-    from scale_rae_core.data.synth import synthesize
+    from scale_rae_core.shapes.synth import synthesize
     from scale_rae_core.train.decoder import train_decoder
 
     synthesize(tmp_path / "s", 16, image_size=64, seed=0)

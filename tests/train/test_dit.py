@@ -43,7 +43,7 @@ def one_line(err: pytest.ExceptionInfo, *needles: str) -> None:
 def shapes(tmp_path_factory) -> Path:
     """The shapes world's 12 class folders (40 images, 64 px) and the same images packed."""
     from scale_rae_core.data.pack import pack
-    from scale_rae_core.data.synth import synthesize
+    from scale_rae_core.shapes.synth import synthesize
 
     root = tmp_path_factory.mktemp("shapes")
     synthesize(root / "s", 40, image_size=64, seed=0)
@@ -53,7 +53,7 @@ def shapes(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cache(shapes, tmp_path_factory) -> Path:
-    from scale_rae_core.backends.base import get_backend
+    from scale_rae_core.backends import get_backend
     from scale_rae_core.train.latent_cache import cache_latents
 
     out = tmp_path_factory.mktemp("cache") / "c"
@@ -89,7 +89,7 @@ def test_resume_repeats_the_uninterrupted_run_exactly(shapes, tmp_path, kind):
 
 def test_the_export_is_the_ema_and_records_its_latent_space(shapes, tmp_path):
     """Build the trainer by hand to see both modules: the folder holds the EMA weights, not the live ones."""
-    from scale_rae_core.backends.base import backend_for
+    from scale_rae_core.backends import backend_for
     from scale_rae_core.train.dit import DiTTrainer
     from scale_rae_core.train.loop import TrainLoop
 
@@ -218,7 +218,7 @@ def test_an_interrupted_cache_resumes_and_other_settings_are_refused(shapes, cac
     from safetensors.torch import load_file
 
     import scale_rae_core.data.labelled as labelled
-    from scale_rae_core.backends.base import get_backend
+    from scale_rae_core.backends import get_backend
     from scale_rae_core.train.latent_cache import cache_latents
 
     copy = tmp_path / "c"

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from scale_rae_core.data.synth import synthesize
+from scale_rae_cli.main import app
 from scale_rae_core.errors import DataError
 from scale_rae_core.models.scale_rae import load_export
+from scale_rae_core.shapes.synth import synthesize
 from scale_rae_core.train.unified import train_unified
 from tests.train.unified_helpers import tiny_profile, use_list_reader
 
@@ -109,19 +109,7 @@ def test_all_samples_too_long_is_one_data_error(shapes, tmp_path, monkeypatch):
         train_unified(tiny_profile("stage1.seq_len=16"), "stage1", shapes, tmp_path / "run")
 
 
-# ---- CLI (a throwaway app with the real error handling) ------------------------------------------------
-
-
-def _cli():
-    from scale_rae_cli.main import _SraeGroup
-    from scale_rae_cli.train_unified import stage1, stage2
-
-    app = typer.Typer(cls=_SraeGroup)
-    train = typer.Typer()
-    train.command("stage1")(stage1)
-    train.command("stage2")(stage2)
-    app.add_typer(train, name="train")
-    return app
+# ---- CLI (the `srae` app) ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -135,7 +123,7 @@ def _cli():
 def test_cli_bad_inputs_print_one_line(args, message, shapes, tmp_path, monkeypatch):
     monkeypatch.delenv("SRAE_DEBUG", raising=False)
     args = [a.format(tmp=tmp_path, data=shapes) for a in args]
-    res = CliRunner().invoke(_cli(), [*args, "--set", "model.llm.preset=tiny", "--quiet"])
+    res = CliRunner().invoke(app, [*args, "--set", "model.llm.preset=tiny", "--quiet"])
     assert res.exit_code == 1, res.output
     lines = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0]
@@ -147,7 +135,7 @@ def test_cli_too_long_data_prints_one_line(shapes, tmp_path, monkeypatch):
     from tests.train.unified_helpers import TINY_OVERRIDES
 
     sets = [x for o in [*TINY_OVERRIDES, "stage1.seq_len=16"] for x in ("--set", o)]
-    res = CliRunner().invoke(_cli(), ["train", "stage1", "--data", str(shapes), "--out", str(tmp_path / "r"), *sets])
+    res = CliRunner().invoke(app, ["train", "stage1", "--data", str(shapes), "--out", str(tmp_path / "r"), *sets])
     assert res.exit_code == 1
     assert "error: the data has no usable sample" in res.output
 
@@ -159,7 +147,7 @@ def test_cli_resume_on_an_empty_folder_is_a_new_run(shapes, tmp_path, monkeypatc
 
     sets = [x for o in TINY_OVERRIDES for x in ("--set", o)]
     out = tmp_path / "r"
-    res = CliRunner().invoke(_cli(), ["train", "stage1", "--data", str(shapes), "--out", str(out), "--resume",
+    res = CliRunner().invoke(app, ["train", "stage1", "--data", str(shapes), "--out", str(out), "--resume",
                                       "--steps", "1", "--quiet", *sets])
     assert res.exit_code == 0, res.output
     assert f"--resume: {out} held no checkpoint yet, so this was a new run" in res.output

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from scale_rae_core.backends.base import get_backend
+from scale_rae_core.backends import get_backend
 from scale_rae_core.config import DiTSettings, EncoderSettings, LLMSettings
-from scale_rae_core.data.synth import synthesize
 from scale_rae_core.models.build import build_encoder
 from scale_rae_core.models.scale_rae import ScaleRAE, build_llm, scale_rae_config
+from scale_rae_core.shapes.synth import synthesize
 from scale_rae_core.train.unified_eval import EvalBatches
 from tests.train.unified_helpers import tiny_profile
 

@@ -10,8 +10,8 @@ import pytest
 
 from scale_rae_core.config import load_profile
 from scale_rae_core.data.pack import pack
-from scale_rae_core.data.synth import synthesize
 from scale_rae_core.models.scale_rae import load_export
+from scale_rae_core.shapes.synth import synthesize
 from scale_rae_core.train.unified import train_unified
 
 pytestmark = pytest.mark.xla

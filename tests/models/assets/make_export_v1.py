@@ -23,9 +23,10 @@ def main(out: Path) -> None:
 
     from scale_rae_core.models.dit import DiTConfig
     from scale_rae_core.models.llm import UnifiedLMConfig, add_image_tokens
-    from scale_rae_core.models.presets import LLM_PRESETS, tiny_tokenizer
+    from scale_rae_core.models.presets import LLM_PRESETS
     from scale_rae_core.models.scale_rae import ScaleRAE, ScaleRAEConfig, save_export
     from scale_rae_core.models.stats import LatentStats
+    from scale_rae_core.shapes.vocab import tiny_tokenizer
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

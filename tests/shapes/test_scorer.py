@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from scale_rae_core.data.synth import BACKGROUNDS, ShapeSpec, random_spec, render, synthesize
 from scale_rae_core.errors import DataError
-from scale_rae_core.eval.shapes import NO_SHAPE, match, parse_prompt, read_image
+from scale_rae_core.shapes.scorer import NO_SHAPE, match, parse_prompt, read_image
+from scale_rae_core.shapes.synth import BACKGROUNDS, ShapeSpec, random_spec, render, synthesize
 
 ATTRIBUTES = ("colour", "shape", "position", "size")
 

@@ -1,26 +1,29 @@
 """`srae demo` end to end on a tiny world with tiny step counts: every stage, reuse, continuation after an
 interruption, --redo / changed settings, --retrain (the bundled model's recipe) and --install, quality bars, and
-the report."""
+the report.
+
+One quick run (``first_run``) is shared read-only; a test that runs the demo again works on its own copy of it
+(``_own_copy``), so the tests pass in any order or subset. Only the fast tests (no demo run) are not ``slow``.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from scale_rae_cli.main import app
-from scale_rae_core.demo import (
-    BUNDLED_RECIPE,
-    QUALITY_BARS,
-    STAGE_NAMES,
-    DemoOptions,
-    check_bars,
-)
+from scale_rae_core.demo.bars import QUALITY_BARS, check_bars
+from scale_rae_core.demo.context import DemoOptions
+from scale_rae_core.demo.install import install_bundled
+from scale_rae_core.demo.run import BUNDLED_RECIPE
+from scale_rae_core.demo.stages import STAGE_NAMES
 from scale_rae_core.errors import ConfigError
-from scale_rae_core.infer.bundle import install_bundled
-from tests.test_report import check_html
+from scale_rae_core.infer.loading import bundled_model
+from tests.demo.test_page import check_html
 
 TINY = [
     "--n", "30", "--quiet",
@@ -53,8 +56,15 @@ def _events(out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory) -> tuple[Path, str]:
+    """One quick demo run and its output, for reading only (``_own_copy`` before running the demo again)."""
     out = tmp_path_factory.mktemp("demo") / "run"
     return out, _demo(out)
+
+
+def _own_copy(first_run: tuple[Path, str], tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(first_run[0], out)
+    return out
 
 
 @pytest.mark.slow
@@ -89,6 +99,8 @@ def test_every_stage_runs_and_reports(first_run):
     assert summary["model"]["path"] == str(model)
     about = json.loads((model / "ABOUT.json").read_text())
     assert about["made_by"] == "srae demo --n 30 " + " ".join(TINY[3:TINY.index("--sampler-steps")])
+    bundled = json.loads((bundled_model() / "ABOUT.json").read_text())["shapes_benchmark"]
+    assert f"colour+shape {100 * bundled['gen_colour_shape_mean']:.1f}%" in text  # the shipped model's own numbers
 
 
 @pytest.mark.slow
@@ -111,13 +123,15 @@ def test_report_holds_every_image_curve_and_the_benchmark(first_run):
 
 
 @pytest.mark.slow
-def test_rerun_reuses_then_changes_rerun_only_what_depends_on_them(first_run):
-    out, _ = first_run
+def test_rerun_reuses_then_changes_rerun_only_what_depends_on_them(first_run, tmp_path):
+    out = _own_copy(first_run, tmp_path)
     before = (out / "eval_shapes.json").read_text()
+    packed = json.loads((out / "demo.json").read_text())["pack"]
     text = _demo(out)
     assert "(reused)" in text
     assert _status(out) == {n: ("ran" if n in ("inspect", "report") else "reused") for n in QUICK}
     assert (out / "eval_shapes.json").read_text() == before
+    assert json.loads((out / "demo.json").read_text())["pack"] == packed
     assert "demo.stage1.reused" in _events(out)
 
     _demo(out, "--set", "stage1.steps=3")  # a changed stage-1 setting: stage 1 and what needs it
@@ -134,23 +148,20 @@ def test_rerun_reuses_then_changes_rerun_only_what_depends_on_them(first_run):
 
 @pytest.mark.slow
 def test_interrupted_stage_continues(first_run, tmp_path, monkeypatch):
-    import shutil
+    import scale_rae_core.demo.stages as stages
 
-    import scale_rae_core.infer.generate as gen
-
-    out = tmp_path / "run"
-    shutil.copytree(first_run[0], out)
-    real = gen.generate_images
+    out = _own_copy(first_run, tmp_path)
+    real = stages.generate_images
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gen, "generate_images", interrupted)
+    monkeypatch.setattr(stages, "generate_images", interrupted)
     # stage1 must run again (changed steps); generate is interrupted after it
     text = _demo(out, "--set", "stage1.steps=4", code=130)
     assert "interrupted" in text
     assert json.loads((out / "stages" / "generate.json").read_text())["status"] == "running"
-    monkeypatch.setattr(gen, "generate_images", real)
+    monkeypatch.setattr(stages, "generate_images", real)
     _demo(out, "--set", "stage1.steps=4")
     status = _status(out)
     assert status["stage1"] == "reused" and status["generate"] == "continued"
@@ -159,22 +170,17 @@ def test_interrupted_stage_continues(first_run, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_retrain_runs_the_bundled_recipe_and_install_needs_the_bars(first_run, tmp_path, monkeypatch):
-    import shutil
-
     from safetensors import safe_open
 
-    from scale_rae_core.infer.loading import bundled_model
-
-    out = tmp_path / "run"
-    shutil.copytree(first_run[0], out)
+    out = _own_copy(first_run, tmp_path)
     bundled = tmp_path / "assets" / "shapes-demo"  # a stand-in for the package's bundled model
     shutil.copytree(bundled_model(), bundled)
     monkeypatch.setattr("scale_rae_core.infer.loading.BUNDLED_MODEL", bundled)
     before = (bundled / "ABOUT.json").read_text()
 
     # --retrain adds stage 2 (the recipe's flow weight 12); --set stage1.steps wins over the recipe's 6000, so the
-    # stage-1 model of the earlier run (whatever steps the tests before left it at) is reused. Two decoder steps miss
-    # the PSNR bar: --install refuses and the bundled model is unchanged.
+    # stage-1 model of the first run is reused. Two decoder steps miss the PSNR bar: --install refuses and the
+    # bundled model is unchanged.
     steps = json.loads((out / "stages" / "stage1.json").read_text())["info"]["steps"]
     text = _demo(out, "--retrain", "--install", "--set", f"stage1.steps={steps}", *STAGE2, code=1)
     status = _status(out)
@@ -214,10 +220,7 @@ def test_user_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_strict_fails_on_a_missed_bar(first_run, tmp_path):
-    import shutil
-
-    out = tmp_path / "run"
-    shutil.copytree(first_run[0], out)
+    out = _own_copy(first_run, tmp_path)
     text = _demo(out, "--strict", code=1)
     assert "error: quality bar missed: decoder held-out PSNR (dB) = " in text  # two decoder steps: far below 25 dB
 
@@ -234,12 +237,12 @@ def test_bars_and_options():
         DemoOptions(guidance=0.5)
 
 
-def test_the_bars_line_compares_with_the_bundled_model(first_run, monkeypatch, tmp_path):
+def test_the_bars_line_compares_with_the_bundled_model(monkeypatch, tmp_path):
     from scale_rae_cli.demo import bundled_line
-    from scale_rae_core.infer.loading import bundled_model
 
-    _, text = first_run
     about = json.loads((bundled_model() / "ABOUT.json").read_text())["shapes_benchmark"]
-    assert f"colour+shape {100 * about['gen_colour_shape_mean']:.1f}%" in text  # the shipped model's own numbers
+    line = bundled_line()  # the demo prints it under its quality bars (test_every_stage_runs_and_reports)
+    assert f"colour+shape {100 * about['gen_colour_shape_mean']:.1f}%" in line  # the shipped model's own numbers
+    assert f"understanding {100 * about['understanding']:.1f}%" in line and str(bundled_model() / "ABOUT.json") in line
     monkeypatch.setattr("scale_rae_core.infer.loading.BUNDLED_MODEL", tmp_path / "none")
     assert bundled_line() == " no bundled model to compare with"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from scale_rae_core.report import (
+from scale_rae_core.demo.page import (
     QA,
     AnsweredImage,
     Curve,

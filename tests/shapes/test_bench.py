@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from scale_rae_core.config import load_profile
-from scale_rae_core.data.synth import COLOURS, POSITIONS, SHAPES, render
 from scale_rae_core.errors import ConfigError
-from scale_rae_core.eval.shapes import parse_prompt, read_image
-from scale_rae_core.eval.shapes_bench import (
+from scale_rae_core.infer.pipeline import Session
+from scale_rae_core.shapes.bench import (
     SETTINGS_FILE,
     bench_prompts,
     heldout_specs,
@@ -20,7 +19,8 @@ from scale_rae_core.eval.shapes_bench import (
     run_benchmark,
     table_rows,
 )
-from scale_rae_core.infer.pipeline import Session
+from scale_rae_core.shapes.scorer import parse_prompt, read_image
+from scale_rae_core.shapes.synth import COLOURS, POSITIONS, SHAPES, render
 from tests.infer.helpers import build_tiny, write_decoder, write_export
 
 
@@ -126,16 +126,10 @@ def test_selection_uses_the_models_yes_answer(files, tmp_path, monkeypatch):
 
 
 def test_cli_eval_shapes(files, tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    from scale_rae_cli.eval_shapes import EPILOG, shapes
-    from scale_rae_cli.main import _SraeGroup
+    from scale_rae_cli.main import app
 
-    app = typer.Typer(cls=_SraeGroup)
-    ev = typer.Typer()
-    ev.command("shapes", epilog=EPILOG)(shapes)
-    app.add_typer(ev, name="eval")
     out = tmp_path / "s.json"
     res = CliRunner().invoke(app, ["eval", "shapes", "--model", str(files["export"]), "--decoder", str(files["decoder"]),
                                    "--out", str(out), "--n-prompts", "1", "--k", "1", "--n-images", "1", "--steps", "2",

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scale_rae_core.data.synth import (
+from scale_rae_core.errors import DataError
+from scale_rae_core.prompts import CAPTION_QUESTION, SHAPES_WHERE, VERIFY_QUESTION
+from scale_rae_core.shapes.synth import (
     BACKGROUNDS,
     COLOURS,
     GENERATION_SAMPLES,
     POSITIONS,
     SHAPES,
-    WHERE,
     ShapeSpec,
     caption,
     questions,
@@ -27,8 +28,6 @@ from scale_rae_core.data.synth import (
     synthesize,
     verification_claims,
 )
-from scale_rae_core.errors import DataError
-from scale_rae_core.scale.questions import CAPTION_QUESTION, VERIFY_QUESTION
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -49,7 +48,7 @@ def _named(claim: str) -> tuple[list[str], list[str], list[str]]:
     return (
         [c for c in COLOURS if f" {c} " in words],
         [s for s in SHAPES if f" {s} " in words],
-        [p for p in POSITIONS if WHERE[p] in claim],
+        [p for p in POSITIONS if SHAPES_WHERE[p] in claim],
     )
 
 

@@ -10,18 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from scale_rae_core.backends import tpu_clear
-from scale_rae_core.backends.tpu_clear import (
-    Roots,
+from scale_rae_core.errors import BackendError
+from scale_rae_core.ops import tpu_procs
+from scale_rae_core.ops.tpu_clear import (
     all_workers_argv,
     all_workers_command,
     clear_tpu,
-    find_tpu_processes,
     render_report,
-    resolve_cache_dir,
     run_all_workers,
 )
-from scale_rae_core.errors import BackendError
+from scale_rae_core.ops.tpu_procs import Roots, find_tpu_processes
+from scale_rae_core.ops.xla_cache import resolve_cache_dir
 
 ME = os.getuid()
 OTHER = 65534 if ME != 65534 else 65533
@@ -149,8 +148,8 @@ def test_scan_skips_vanished_and_unreadable_processes(roots: Roots, monkeypatch)
             raise FileNotFoundError(2, "No such file")  # fd closed mid-scan
         return real_readlink(path)
 
-    monkeypatch.setattr(tpu_clear.os, "listdir", listdir)
-    monkeypatch.setattr(tpu_clear.os, "readlink", readlink)
+    monkeypatch.setattr(tpu_procs.os, "listdir", listdir)
+    monkeypatch.setattr(tpu_procs.os, "readlink", readlink)
     scan = find_tpu_processes(roots)
     assert pids(scan.processes) == [10]
     assert scan.uninspectable == 1

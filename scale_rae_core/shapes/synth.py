@@ -50,7 +50,16 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from scale_rae_core.errors import DataError
-from scale_rae_core.scale.questions import CAPTION_QUESTION, VERIFY_QUESTION
+from scale_rae_core.prompts import (
+    CAPTION_QUESTION,
+    IMAGE_MARKER,
+    SHAPES_CAPTION_TEMPLATES,
+    SHAPES_GENERATION_TEMPLATES,
+    SHAPES_QUESTIONS,
+    SHAPES_WHERE,
+    VERIFY_QUESTION,
+    with_images,
+)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -76,25 +85,6 @@ VERTICAL_JITTER = 0.08  # max vertical offset of the centre, fraction of height
 SCALE_JITTER = 0.04  # max relative change of the box side
 SUPERSAMPLE = 4
 
-QUESTIONS: tuple[tuple[str, str], ...] = (
-    ("What colour is the shape?", "colour"),
-    ("What shape is in the image?", "shape"),
-    ("Where is the shape?", "position"),
-    ("Is the shape large or small?", "size"),
-)
-CAPTION_TEMPLATES: tuple[str, ...] = (
-    "a {colour} {shape} {where}",
-    "a {size} {colour} {shape} {where}",
-    "a {colour} {shape} {where} on a {background} background",
-    "a {size} {colour} {shape} {where}, on a plain {background} background",
-)
-GENERATION_TEMPLATES: tuple[str, ...] = (
-    "Generate an image of {caption}.",
-    "Generate an image of {caption}",  # the request `srae scale` sends ("Generate an image of {prompt}", no stop)
-    "Draw {caption}.",
-    "Create a picture of {caption}.",
-)
-WHERE = {"left": "on the left", "center": "in the center", "right": "on the right"}
 GENERATION_SAMPLES = 6  # generation records per image, each worded anew (half of all records)
 
 
@@ -191,14 +181,14 @@ def render(spec: ShapeSpec, image_size: int = 64) -> Image.Image:
 
 def caption(spec: ShapeSpec, rng: random.Random) -> str:
     """A caption for ``spec`` in one of the templates, chosen by ``rng``."""
-    template = rng.choice(CAPTION_TEMPLATES)
-    return template.format(where=WHERE[spec.position], **spec.attributes())
+    template = rng.choice(SHAPES_CAPTION_TEMPLATES)
+    return template.format(where=SHAPES_WHERE[spec.position], **spec.attributes())
 
 
 def questions(spec: ShapeSpec) -> list[tuple[str, str]]:
     """Understanding (question, answer) pairs: colour, shape, position and size."""
     values = spec.attributes()
-    return [(question, values[attribute]) for question, attribute in QUESTIONS]
+    return [(question, values[attribute]) for question, attribute in SHAPES_QUESTIONS]
 
 
 def hard_negative(spec: ShapeSpec, text: str, rng: random.Random) -> str:
@@ -207,8 +197,8 @@ def hard_negative(spec: ShapeSpec, text: str, rng: random.Random) -> str:
     attribute = rng.choice(("colour", "shape", "position"))
     table = {"colour": COLOURS, "shape": SHAPES, "position": POSITIONS}[attribute]
     other = rng.choice([v for v in table if v != getattr(spec, attribute)])
-    old = WHERE[spec.position] if attribute == "position" else getattr(spec, attribute)
-    new = WHERE[other] if attribute == "position" else other
+    old = SHAPES_WHERE[spec.position] if attribute == "position" else getattr(spec, attribute)
+    new = SHAPES_WHERE[other] if attribute == "position" else other
     return text.replace(old, new, 1)
 
 
@@ -234,7 +224,7 @@ def _split_specs(n: int, seed: int, split: str) -> list[tuple[ShapeSpec, str, st
         for colour, shape, position, size in order[: n - len(samples)]:
             spec = random_spec(rng, colour, shape, position, size)
             text = caption(spec, rng)
-            prompt = rng.choice(GENERATION_TEMPLATES).format(caption=text)
+            prompt = rng.choice(SHAPES_GENERATION_TEMPLATES).format(caption=text)
             samples.append((spec, text, prompt))
     return samples
 
@@ -258,17 +248,17 @@ def _conversation_records(image: str, spec: ShapeSpec, prompt: str, text: str,
             "metadata": {**metadata, **extra, "task": task},
         }
 
-    records = [record("gen", prompt, "<image>", "generation")]
+    records = [record("gen", prompt, IMAGE_MARKER, "generation")]
     for k in range(1, GENERATION_SAMPLES):  # more wordings of the same image: generation is the slow task to learn
         other = caption(spec, rng)
-        records.append(record(f"gen{k}", rng.choice(GENERATION_TEMPLATES).format(caption=other), "<image>", "generation",
+        records.append(record(f"gen{k}", rng.choice(SHAPES_GENERATION_TEMPLATES).format(caption=other), IMAGE_MARKER, "generation",
                               caption=other))
     for k, (question, answer) in enumerate(questions(spec)):
-        records.append(record(f"q{k}", f"<image>\n{question}", answer, "understanding"))
-    records.append(record("caption", f"<image>\n{CAPTION_QUESTION}", text, "understanding"))
-    short = rng.choice(CAPTION_TEMPLATES[:2]).format(where=WHERE[spec.position], **spec.attributes())
+        records.append(record(f"q{k}", with_images(question), answer, "understanding"))
+    records.append(record("caption", with_images(CAPTION_QUESTION), text, "understanding"))
+    short = rng.choice(SHAPES_CAPTION_TEMPLATES[:2]).format(where=SHAPES_WHERE[spec.position], **spec.attributes())
     for k, (claim, verdict) in enumerate(verification_claims(spec, short, rng)):
-        records.append(record(f"verify{k}", f"<image>\n{VERIFY_QUESTION.format(prompt=claim)}", verdict,
+        records.append(record(f"verify{k}", with_images(VERIFY_QUESTION.format(prompt=claim)), verdict,
                               "verification", claim=claim))
     return records
 

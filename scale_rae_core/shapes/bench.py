@@ -5,7 +5,7 @@ Three numbers, all judged without any learned judge:
 1. **generation**: a fixed prompt set (every colour x shape x position of the world, 36 captions such as
    "a red circle on the left", ordered so that a prefix of 12 already holds every colour x shape). For each prompt the scaling loop
    (``scale.run.run_scaling``) draws ``k`` samples (seeds ``seed .. seed + k - 1``) and self-verifies each;
-   every PNG is read by the pixel scorer (``eval.shapes.match``): colour, shape, position and ``full``
+   every PNG is read by the pixel scorer (``shapes.scorer.match``): colour, shape, position and ``full``
    (all three right). Reported: the rate of the *first* sample (one sample per prompt, what
    ``srae generate`` gives) and the mean over all ``k`` samples (the same expectation, less noisy);
 2. **scale + verify gain**: the rate of the sample the model itself ranks best by ``answer_conf`` (its
@@ -13,7 +13,7 @@ Three numbers, all judged without any learned judge:
    rate (the mean over all ``k``, the expectation of picking one at random); plus the oracle best-of-k (some
    sample is fully right), the ceiling of any selector;
 3. **understanding**: ``n_images`` freshly rendered images (their own random stream, so never in a
-   training split), each asked the world's four questions (``data.synth.questions``); an answer counts when
+   training split), each asked the world's four questions (``shapes.synth.questions``); an answer counts when
    its normalised text (lower case, outer punctuation stripped, spelling variants such as "centre"
    mapped) equals the expected word.
 
@@ -32,22 +32,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scale_rae_core.data.synth import (
+from scale_rae_core.data.images import read_image
+from scale_rae_core.errors import ConfigError
+from scale_rae_core.events import Reporter
+from scale_rae_core.infer.pipeline import SamplerSettings, Session
+from scale_rae_core.infer.understand import _request, answer
+from scale_rae_core.prompts import SHAPES_QUESTIONS, SHAPES_WHERE
+from scale_rae_core.scale.run import ScaleSettings, run_root, run_scaling
+from scale_rae_core.scale.select import SELF_VERIFICATION_METRICS, read_run, select
+from scale_rae_core.shapes.scorer import ShapesScorer, match
+from scale_rae_core.shapes.synth import (
     COLOURS,
     POSITIONS,
-    QUESTIONS,
     SHAPES,
     SIZES,
-    WHERE,
     ShapeSpec,
     questions,
     random_spec,
     render,
 )
-from scale_rae_core.errors import ConfigError
-from scale_rae_core.events import Reporter
-from scale_rae_core.infer.pipeline import SamplerSettings, Session
-from scale_rae_core.scale.select import SELF_VERIFICATION_METRICS
 
 ATTRIBUTES = ("colour", "shape", "position")
 SELECTOR = "answer_conf"  # the default: the model's yes/no answer to "Does this image align with the prompt?"
@@ -61,7 +64,7 @@ def bench_prompts(n: int | None = None) -> list[str]:
     i has colour i mod 4, shape i mod 3 and position (i // 4 + i // 12) mod 3 (a bijection onto the 36).
     """
     colours, positions = list(COLOURS), list(POSITIONS)
-    prompts = [f"a {colours[i % 4]} {SHAPES[i % 3]} {WHERE[positions[(i // 4 + i // 12) % 3]]}" for i in range(36)]
+    prompts = [f"a {colours[i % 4]} {SHAPES[i % 3]} {SHAPES_WHERE[positions[(i // 4 + i // 12) % 3]]}" for i in range(36)]
     if n is not None and not 1 <= n <= len(prompts):
         raise ConfigError(f"--n-prompts {n}: choose 1..{len(prompts)} (the fixed set has {len(prompts)} prompts)")
     return prompts[:n] if n is not None else prompts
@@ -99,9 +102,6 @@ def _rates(rows: list[dict[str, bool]]) -> dict[str, float]:
 
 
 def _judge(prompt: str, png: Path) -> dict[str, Any]:
-    from scale_rae_core.data.images import read_image
-    from scale_rae_core.eval.shapes import match
-
     m = match(prompt, read_image(png))
     r = m["reading"]
     return {
@@ -116,16 +116,12 @@ def evaluate_generation(
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Generation match rates (first, mean over k, best-of-k by self-verification, oracle) over ``prompts``."""
-    from scale_rae_core.scale.run import ScaleSettings, run_root, run_scaling
-    from scale_rae_core.scale.scorers import build_scorer
-    from scale_rae_core.scale.select import read_run, select
-
     if k < 1:
         raise ConfigError(f"--k {k}: must be at least 1")
     settings = ScaleSettings(n=k, rounds=1, seed=seed, batch_size=min(k, 8), max_new_tokens=max_new_tokens,
                              verify_max_new_tokens=verify_max_new_tokens, verify_on=verify_on)
     lines = [{"index": i, "prompt": p} for i, p in enumerate(prompts)]
-    run_scaling(session, lines, work, "bench", settings, sampler, [build_scorer("shapes")], reporter,
+    run_scaling(session, lines, work, "bench", settings, sampler, [ShapesScorer()], reporter,
                 rank=0, world_size=1)
     runs, skipped = read_run(run_root(work, "bench", settings))
     if skipped:
@@ -161,11 +157,9 @@ def evaluate_generation(
 def evaluate_understanding(session: Session, specs: list[ShapeSpec], *, image_size: int, max_new_tokens: int = 4,
                            images_dir: Path | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
     """Exact-match accuracy of the model's answers to the world's four questions about each of ``specs``."""
-    from scale_rae_core.infer.understand import _request, answer
-
     reporter = reporter or Reporter()
     rows, by_attribute = [], {}
-    attribute_of = dict(QUESTIONS)  # question -> attribute
+    attribute_of = dict(SHAPES_QUESTIONS)  # question -> attribute
     with reporter.task("understand", len(specs)) as advance:
         for i, spec in enumerate(specs):
             image = render(spec, image_size)

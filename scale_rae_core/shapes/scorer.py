@@ -1,4 +1,4 @@
-"""A deterministic pixel scorer for the shapes world (``scale_rae_core.data.synth``).
+"""A deterministic pixel scorer for the shapes world (``scale_rae_core.shapes.synth``).
 
 ``read_image`` says which colour, shape, position and size an image shows, using only numpy, and is
 meant for generated images: blurry, noisy, JPEG-damaged or slightly off-colour. The steps:
@@ -16,11 +16,14 @@ meant for generated images: blurry, noisy, JPEG-damaged or slightly off-colour. 
    ``SIZE_THRESHOLD`` of the image side.
 
 ``parse_prompt`` pulls the attribute words out of a caption or prompt, and ``match`` compares the two.
+:class:`ShapesScorer` is ``match`` as a test-time-scaling scorer (``scale.scorers``); srae registers it as the
+``shapes`` entry point of the ``srae.scorers`` group, so ``srae scale --scorer shapes`` finds it by name.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +31,8 @@ import numpy as np
 from PIL import Image
 
 from scale_rae_core.data.images import as_rgb
-from scale_rae_core.data.synth import COLOURS, SHAPES, SIZE_THRESHOLD
 from scale_rae_core.errors import DataError
+from scale_rae_core.shapes.synth import COLOURS, SHAPES, SIZE_THRESHOLD
 
 if TYPE_CHECKING:  # torch is only needed by callers that pass tensors
     import torch
@@ -224,3 +227,21 @@ def match(prompt: str, img: Image.Image | np.ndarray | torch.Tensor) -> dict[str
     result["colour_shape"] = bool(result["colour"] and result["shape"])
     result["full"] = all(result[attribute] is not False for attribute in _WORDS) and result["colour_shape"]
     return result
+
+
+class ShapesScorer:
+    """The pixel scorer as a scaling scorer: 1.0 when every attribute the prompt names is right, else 0.0.
+
+    That is colour and shape, plus position and size where the prompt names them (``match(...)["full"]``); the
+    offline benchmarks use it as ground truth.
+    """
+
+    name = "shapes"
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        del device  # pure numpy
+
+    def score(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> torch.Tensor:
+        import torch
+
+        return torch.tensor([float(match(p, im)["full"]) for p, im in zip(prompts, images, strict=True)])
