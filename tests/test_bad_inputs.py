@@ -139,8 +139,8 @@ def _new_weights(w: dict[str, Path]) -> None:
 
 ROWS = [
     # generate: numbers, prompts, files, models
-    Row("generate-guidance-nan", [*GEN, "--guidance", "nan"], "--guidance nan must be a number"),
-    Row("generate-guidance-inf", [*GEN, "--guidance", "inf"], "--guidance inf must be a number"),
+    Row("generate-guidance-nan", [*GEN, "--guidance", "nan"], "'--guidance': nan is not a finite number"),
+    Row("generate-guidance-inf", [*GEN, "--guidance", "inf"], "'--guidance': inf is not a finite number"),
     Row("generate-guidance-1e30", [*GEN, "--guidance", "1e30"], "--guidance 1e+30 must be a number"),
     Row("generate-guidance-negative", [*GEN, "--guidance", "-1"], "--guidance -1.0 must be a number"),
     Row("generate-interval-nan", [*GEN, "--guidance", "2", "--guidance-interval", "nan,0.5"], "--guidance-interval"),
@@ -153,7 +153,7 @@ ROWS = [
     Row("generate-n-0", [*GEN, "--n", "0"], "--n 0 and --batch-size 4 must both be >= 1"),
     Row("generate-batch-0", [*GEN, "--batch-size", "0"], "--batch-size 0 must both be >= 1"),
     Row("generate-max-new-tokens", [*GEN, "--max-new-tokens", "-1"], "--max-new-tokens -1 must be >= 0"),
-    Row("generate-seed-2^64", [*GEN, "--seed", str(2**64)], "64-bit range"),
+    Row("generate-seed-2^64", [*GEN, "--seed", str(2**64)], "'--seed': 18446744073709551616 does not fit in 64 bits"),
     Row("generate-prompts-latin1", ["generate", "--prompts-file", "{latin1}", *M, "--out", "{tmp}/gen", "-q"],
         "not UTF-8 text (byte 0xe9"),
     Row("generate-prompts-missing", ["generate", "--prompts-file", "{tmp}/nope.txt", *M, "-q"], "nope.txt: not found"),
@@ -185,7 +185,7 @@ ROWS = [
     Row("scale-verify-on", ["scale", "--prompts", "{prompts}", "--out", "{tmp}/scale2", *M, *SCALE_FLAGS,
                             "--verify-on", "pixels"], "--verify-on 'pixels' is unknown"),
     Row("scale-seed-2^64", ["scale", "--prompts", "{prompts}", "--out", "{tmp}/scale2", *M, *SCALE_FLAGS,
-                            "--seed", str(2**64)], "64-bit range"),
+                            "--seed", str(2**64)], "'--seed': 18446744073709551616 does not fit in 64 bits"),
     Row("scale-continue-max-new-tokens", ["scale", "--prompts", "{prompts}", "--out", "{tmp}/scale",
                                           "--model", "{scale_model}", *SCALE_FLAGS, "--max-new-tokens", "3"],
         "max_new_tokens 1 -> 3"),
@@ -237,7 +237,7 @@ ROWS = [
     Row("pack-out-is-a-file", ["data", "pack", "{jsonl}", "--out", "{afile}", "-q"], "afile.txt"),
     Row("pack-out-under-proc", ["data", "pack", "{jsonl}", "--out", "/proc/srae-pack", "-q"], "/proc/srae-pack"),
     Row("probe-weight-decay-inf", ["eval", "probe", "--data", "{tmp}/shapes/classes", "--out", "{tmp}/probe.json",
-                                   "--weight-decay", "inf"], "--weight-decay inf must be a finite number"),
+                                   "--weight-decay", "inf"], "'--weight-decay': inf is not a finite number"),
     Row("latent-decode-pickle", ["latent", "decode", "{evil}", "--decoder", "{model}/decoder"],
         "cannot read as a weights-only torch file"),
     Row("pack-input-missing", ["data", "pack", "{tmp}/nope.jsonl", "--out", "{tmp}/p2", "-q"], "nope.jsonl"),
