@@ -106,6 +106,8 @@ class TrainTask(ABC):
     """A trainer, as the loop sees it. Subclasses set ``plan`` and ``total_steps`` in their constructor."""
 
     plan: BatchPlan  # the profile section's batch plan (the loop reports it and times throughput with it)
+    backend: Backend
+    stream: Any  # the resumable data stream (state_dict / load_state_dict) the default data position uses
     total_steps: int  # optimiser steps of the whole run (the schedule's length)
     progress_keys: tuple[str, ...] = ("loss",)  # metrics shown next to the progress bar
     throughput_key = "samples_per_s"  # the loop's logged throughput (global batch × steps / seconds since the last log)
@@ -119,14 +121,22 @@ class TrainTask(ABC):
         """Run one optimiser step (``done`` steps are complete before it), gradient accumulation and the
         backend's ``mark_step`` included; return its metrics as JSON numbers (the same on every process)."""
 
-    @abstractmethod
     def data_position(self) -> Any:
-        """This process's data position after the last step (any JSON value), saved with each checkpoint."""
+        """This process's data position after the last step (any JSON value), saved with each checkpoint. By
+        default the state of ``self.stream``, the task's one resumable data stream."""
+        return self.stream.state_dict()
 
-    @abstractmethod
     def restore(self, info: dict[str, Any]) -> dict[str, Any]:
         """Put the data position back from :meth:`CheckpointManager.load`'s ``info`` (weights, optimiser,
-        scheduler and RNG are restored already); return extra fields for the resume event."""
+        scheduler and RNG are restored already); return extra fields for the resume event. By default
+        ``self.stream`` continues where it stopped, which needs the saving run's process count."""
+        if info["data_position"] is None:
+            raise CheckpointError(
+                f"{info['path']}: saved by {info['world_size']} processes, this run has {self.backend.num_processes}; "
+                "resume with the same process count"
+            )
+        self.stream.load_state_dict(info["data_position"])
+        return {}
 
     @abstractmethod
     def export(self) -> Path:
