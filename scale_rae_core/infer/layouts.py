@@ -155,6 +155,11 @@ def dpg_id(line: dict[str, Any]) -> str | None:
     return None
 
 
+def check_layout_name(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ConfigError(f"--layout {layout!r} is unknown; choose one of {', '.join(LAYOUTS)}")
+
+
 def check_layout(lines: Sequence[tuple[str, dict[str, Any]]], layout: str | None) -> None:
     """Refuse, in one line, prompts a layout cannot hold: ``lines`` are (where the line comes from, the line).
 
@@ -162,8 +167,7 @@ def check_layout(lines: Sequence[tuple[str, dict[str, Any]]], layout: str | None
     prompt that can be a file name (no '.', no '/') and appears once."""
     if layout is None:
         return
-    if layout not in LAYOUTS:
-        raise ConfigError(f"--layout {layout!r} is unknown; choose one of {', '.join(LAYOUTS)}")
+    check_layout_name(layout)
     seen: dict[str, str] = {}
     for where, line in lines:
         if layout == "geneval":
@@ -257,6 +261,7 @@ def prepare_output(lines: list[dict[str, Any]], out: Path, layout: str | None, *
         if grid and not decode:
             raise ConfigError("--grid needs images; drop --skip-decoder")
         return
+    check_layout_name(layout)
     if save_latents or not decode:
         raise ConfigError(f"--layout {layout} writes images only; drop --save-latent and --skip-decoder")
     if layout == "dpg":

@@ -1,4 +1,4 @@
-"""Best-of-N selection over a scaling run, written out as a GenEval-readable tree, with a report.
+"""Best-of-N selection over a scaling run, written out as a per-prompt tree (GenEval's layout) or DPG-Bench grids, with a report.
 
 Input: a scaling run in the reference layout (``srae scale`` writes the same)::
 

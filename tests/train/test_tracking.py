@@ -118,3 +118,25 @@ def test_wandb_offline_run_holds_the_history_and_the_profile(tmp_path, monkeypat
                 assert history[r["step"]][name] == pytest.approx(value, rel=1e-9), (r["step"], name)
     profile = load_profile("tiny-cpu", [*SETS, LOG_EVERY_STEP, "output.tracker=wandb"]).to_toml_dict()
     assert configs and all({k: c[k] for k in profile} == profile for c in configs)  # the resolved profile
+
+
+def test_wandb_problems_are_one_line(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from scale_rae_core.train.tracking import WANDB_RUN_FILE, open_tracker
+
+    tracker = open_tracker("wandb", tmp_path, {"run": {}}, "toy", 0)
+    (tmp_path / WANDB_RUN_FILE).write_text("not json")
+    with pytest.raises(ConfigError, match=r"wandb_run\.json: not \{\"id\": \.\.\.\}; delete it to start a new W&B run"):
+        tracker.log({"step": 1, "loss": 1.0})
+    (tmp_path / WANDB_RUN_FILE).unlink()
+
+    def no_login(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    monkeypatch.setattr(wandb, "init", no_login)
+    with pytest.raises(ConfigError) as err:
+        tracker.log({"step": 1, "loss": 1.0})
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("output.tracker = 'wandb': wandb.init failed (UsageError: api_key not")
+    assert "set WANDB_MODE=offline" in msg
+    assert len(json.loads((tmp_path / WANDB_RUN_FILE).read_text())["id"]) == 8  # the id is made once and kept
