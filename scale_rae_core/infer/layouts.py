@@ -243,6 +243,11 @@ def dpg_grid(images: Sequence[Image.Image]) -> Image.Image:
     return contact_sheet(images, 2)
 
 
+def read_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def save_image(image: Image.Image, path: Path) -> Path:
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
@@ -363,5 +368,4 @@ def _flat_sheet(out: Path, images: list[Any], n: int) -> Path | None:
         return None
     first = images[0].stem.name.split("-")[0]
     cols = n if n > 1 else min(len(images), 8)
-    with_images = [Image.open(rec.png).convert("RGB") for rec in images]
-    return save_image(contact_sheet(with_images, cols, pad=2), out / f"grid-{first}.png")
+    return save_image(contact_sheet([read_rgb(rec.png) for rec in images], cols, pad=2), out / f"grid-{first}.png")

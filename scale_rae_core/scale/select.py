@@ -48,8 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from scale_rae_core.errors import DataError
 from scale_rae_core.files import apply_umask, finite_json
 from scale_rae_core.infer import layouts as L
@@ -351,7 +349,7 @@ def _fill_tree(partial: Path, directory: Path, runs: list[Any], skipped: list[di
             continue
         selection = _selection(run, metric, keep, chosen)
         if layout == "dpg":
-            tiles = [Image.open(run_sample(run, k).path).convert("RGB") for k in chosen]
+            tiles = [L.read_rgb(run_sample(run, k).path) for k in chosen]
             L.save_image(L.dpg_grid(tiles), partial / f"{L.dpg_id(run.metadata)}.png")
             items[str(L.dpg_id(run.metadata))] = {"prompt": run.metadata.get("prompt"), **selection}
         else:
