@@ -97,6 +97,9 @@ TextTokensOpt = Annotated[int, int_option("--max-new-tokens", help="Text tokens 
 AnswerTokensOpt = Annotated[int, int_option("--max-new-tokens", help="Longest answer in tokens.")]
 LatentArg = Annotated[Path, typer.Argument(help="A latent from `srae generate --save-latent` (.safetensors) or a reference .pt (256·n × C).")]
 PromptArg = Annotated[str, typer.Argument(help="The question or follow-up request.")]
+LayoutOpt = Annotated[str | None, typer.Option(
+    "--layout", help="A benchmark tree: geneval (OUT/{index:05d}/metadata.jsonl + samples/{k:05d}.png; the prompts "
+    "need GenEval's tag and include) | dpg (OUT/{item_id}.png, a 2x2 grid of 4 samples per prompt id).")]
 
 
 def sampler_settings(steps: int, guidance: float, interval: str | None, method: str) -> Any:

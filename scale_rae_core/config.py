@@ -213,6 +213,9 @@ class OutputSettings(_Section):
     log_every: int = Field(10, ge=1)  # steps between metric records
     progress: bool = True  # rich progress bars (--quiet turns them off)
     events_file: str = "events.jsonl"  # machine-readable log inside the run dir
+    # Training metrics (every metrics.jsonl record) also go to: none | tensorboard (RUN/tensorboard/, extra
+    # srae[tensorboard]) | wandb (extra srae[wandb]; WANDB_MODE=offline logs without a network).
+    tracker: Literal["none", "tensorboard", "wandb"] = "none"
 
 
 # --------------------------------------------------------------------------------------------- batch plan

@@ -21,6 +21,7 @@ at most one grey level, since other batch shapes run other CPU/GPU kernels).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,9 @@ class ImageRecord:
     manifest: Path
     latent: Path | None
     text: str
+
+
+ImageWriter = Callable[[int, TextResult, int, int, torch.Tensor], ImageRecord]  # see generate_images
 
 
 @dataclass
@@ -94,23 +98,31 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     return out
 
 
+def request_ids(session: Session, prompt: str) -> list[int]:
+    """The token ids of the chat-templated request ``prompt`` (one user turn, the assistant turn opened);
+    ``SequenceTooLongError`` (a DataError) in one line when it does not fit the model."""
+    from scale_rae_core.models.llm import SequenceTooLongError, build_sample
+
+    lm = session.model.lm
+    N, max_len = lm.cfg.num_image_tokens, int(lm.llm.config.max_position_embeddings)
+    try:
+        return build_sample([{"from": "human", "value": prompt}], session.tokenizer, N, max_len,
+                            add_generation_prompt=True).input_ids
+    except SequenceTooLongError:
+        raise SequenceTooLongError(
+            f"prompt {prompt[:40]!r}…: longer than the {max_len} tokens the model reads (its "
+            "max_position_embeddings, with the chat template); shorten the prompt"
+        ) from None
+
+
 @torch.inference_mode()
 def decode_to_image_start(session: Session, prompts: list[str], max_new_tokens: int) -> tuple[list[TextResult], torch.Tensor]:
     """Greedy text for a batch of prompts until ``<im_start>`` (forced at a turn end or the token limit)
     -> (texts, conditions (B, N, Z) on the device)."""
-    from scale_rae_core.models.llm import SequenceTooLongError, build_sample, image_token_ids, stop_token_ids
+    from scale_rae_core.models.llm import image_token_ids, stop_token_ids
 
     lm, tok, device = session.model.lm, session.tokenizer, session.runtime.device
-    N, max_len = lm.cfg.num_image_tokens, int(lm.llm.config.max_position_embeddings)
-    ids = []
-    for p in prompts:
-        try:
-            ids.append(build_sample([{"from": "human", "value": p}], tok, N, max_len, add_generation_prompt=True).input_ids)
-        except SequenceTooLongError:
-            raise DataError(
-                f"prompt {p[:40]!r}…: longer than the {max_len} tokens the model reads (its "
-                "max_position_embeddings, with the chat template); shorten the prompt"
-            ) from None
+    ids = [request_ids(session, p) for p in prompts]
     with session.runtime.autocast():
         embeds = [lm.embed_text(torch.tensor(row, device=device)) for row in ids]  # (T_i, d) each
         out = lm.decode(embeds, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tok),
@@ -142,14 +154,21 @@ def generate_images(
     save_latents: bool = False,
     decode: bool = True,
     reporter: Reporter | None = None,
+    writer: ImageWriter | None = None,
 ) -> GenerateResult:
-    """Generate ``n`` images for each prompt into ``out_dir`` (PNG + manifest [+ latent] per image)."""
+    """Generate ``n`` images for each prompt into ``out_dir`` (PNG + manifest [+ latent] per image).
+
+    ``writer``: where each image goes instead (a benchmark layout, :mod:`scale_rae_core.infer.layouts`); it is
+    called as ``writer(position of the prompt in prompts, its text, seed, image index in the prompt, pixels (3, H, W))``,
+    prompt after prompt, images in order."""
     from scale_rae_core.errors import ConfigError
 
     if n < 1 or batch_size < 1:
         raise ConfigError(f"--n {n} and --batch-size {batch_size} must both be >= 1")
     if max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens {max_new_tokens} must be >= 0")
+    if writer is not None and not decode:
+        raise ConfigError("--skip-decoder writes no images; a --layout needs them (drop --skip-decoder)")
     if not decode and not save_latents:
         raise ConfigError("--skip-decoder without --save-latent would write no image data; add --save-latent")
     check_seeds(seed, n)
@@ -181,7 +200,7 @@ def generate_images(
                 totals["sample"] += sample_s
                 totals["decode"] += decode_s
                 for k, (i, j) in enumerate(batch):
-                    record = _write_image(
+                    record = writer(p0 + i, texts[i], seeds[k], j, pixels[k]) if writer and pixels is not None else _write_image(
                         session, out_dir, texts[i], seeds[k], j, settings, tokens[k], None if pixels is None else pixels[k],
                         save_latents, {"text": text_s, "sample": sample_s, "decode": decode_s,
                                        "load": session.load_seconds, "batch_images": len(batch),
