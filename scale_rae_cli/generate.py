@@ -36,9 +36,16 @@ GuidanceOpt = Annotated[float, typer.Option("--guidance", help="CFG weight w in 
 VerifyOnOpt = Annotated[str, typer.Option("--verify-on", help="Self-verify the latent (reference) or the decoded image re-encoded.")]
 IntervalOpt = Annotated[str | None, typer.Option("--guidance-interval", help="Guide only for t in lo,hi (t=1 noise, t=0 data), e.g. 0.1,0.9.")]
 SamplerOpt = Annotated[str, typer.Option("--sampler", help="euler | heun | reference (the released grid, bugs included).")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="fp32 | bf16 (bf16 autocast, CUDA only). Default: backend.precision.")]
+DtypeOpt = Annotated[str | None, typer.Option(
+    "--dtype", help="fp32 | bf16 | fp16: the dtype the weights are loaded and held in (CPU or CUDA; norms, the sampler "
+    "state and the timestep embedding stay fp32). Default: backend.weights_dtype (auto: backend.precision).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder. Default: <run.out_dir>/samples.")]
 SaveLatentOpt = Annotated[bool, typer.Option("--save-latent", help="Also write each latent as .safetensors (for srae latent ...).")]
+NoiseOpt = Annotated[str, typer.Option(
+    "--noise", help="Start noise: seed (each image its own CPU generator, seed+j) | reference (as the released CLI: the "
+    "global generator seeded with --seed, one draw per image on the model's device, in the order images are made).")]
+NoiseFileOpt = Annotated[Path | None, typer.Option(
+    "--noise-file", help="Start noise from a .safetensors file: one (K, C, g, g) tensor, row k for the run's k-th image.")]
 
 
 def require_model(model: str | None) -> str:
@@ -79,6 +86,8 @@ def generate(
     save_latent: SaveLatentOpt = False,
     skip_decoder: Annotated[bool, typer.Option("--skip-decoder", help="Write latents only, no PNG (needs --save-latent).")] = False,
     dtype: DtypeOpt = None,
+    noise: NoiseOpt = "seed",
+    noise_file: NoiseFileOpt = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -86,17 +95,20 @@ def generate(
     """Generate images from text: greedy text with a KV cache until <im_start>, then the flow head and the pixel decoder."""
     from scale_rae_core.events import Reporter
     from scale_rae_core.infer.generate import generate_images, read_prompts
+    from scale_rae_core.infer.noise import start_noise
     from scale_rae_core.infer.pipeline import SamplerSettings, Session, parse_interval
 
     prof = load(profile, set_)
     texts = read_prompts(list(prompts or []), prompts_file)
     settings = SamplerSettings(steps=steps, guidance=guidance, interval=parse_interval(guidance_interval), method=sampler)
+    first_seed = prof.run.seed if seed is None else seed
+    start = start_noise(noise, first_seed, noise_file)  # a bad --noise-file fails before the model loads
     folder = out_dir(out, prof)
     with (Session.open(require_model(model), prof, dtype=dtype, decoder=decoder) as session,
           Reporter(folder / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep):
         result = generate_images(
-            session, texts, folder, settings, seed=prof.run.seed if seed is None else seed, n=n, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, save_latents=save_latent, decode=not skip_decoder, reporter=rep,
+            session, texts, folder, settings, seed=first_seed, n=n, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, save_latents=save_latent, decode=not skip_decoder, reporter=rep, noise=start,
         )
     for rec in result.images:
         what = rec.png or rec.latent

@@ -15,8 +15,11 @@ behind. A folder that holds other things (no ``config.json``) is never replaced.
 Every weight file srae reads goes through :func:`load_state`: each tensor is copied into the module's own, and
 one one-line error lists the unknown keys (in the file's names), the missing keys and the wrong shapes together.
 :func:`load_scale_rae` is the unified model's whole sequence: build on the meta device (no memory, no init) ->
-``to_empty`` -> strict load -> tie the embeddings -> recompute the DiT's fixed tables -> rebuild the LLM's rotary
-embedding (its ``inv_freq`` is a non-persistent buffer that ``to_empty`` left uninitialised).
+cast to the weights' dtype (:func:`cast_weights`, still on meta) -> ``to_empty`` on the target device (the only
+allocation: the model in its final dtype) -> strict load, one file tensor at a time, each cast into place -> tie
+the embeddings -> the DiT's fixed tables (kept as stored, recomputed where the file has none) -> rebuild the LLM's
+rotary embedding (its ``inv_freq`` is a non-persistent buffer that ``to_empty`` left uninitialised). No float32
+copy of a half-precision model is ever made; peak memory is the model plus the largest tensor of the file.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,9 +47,11 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 SHOWN_KEYS = 8  # keys listed per kind in a mismatch error
 
-# ScaleRAE tensors a checkpoint may omit: the DiT's fixed tables are recomputed after loading.
+# ScaleRAE tensors a checkpoint may omit: the DiT's fixed tables, recomputed when absent (kept when stored).
 RECOMPUTED = ("diff_head.pos_embed", "diff_head.feat_rope.freqs_cos", "diff_head.feat_rope.freqs_sin")
 LM_HEAD = "lm.llm.lm_head.weight"  # absent when tied to the input embeddings
+EMBED_TOKENS = "lm.llm.model.embed_tokens.weight"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names
 
 ExtraFile = str | bytes | Path | Mapping[str, torch.Tensor]
 
@@ -269,6 +275,25 @@ def load_state(
     return filled
 
 
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``model``'s floating-point parameters and buffers to ``dtype`` in place (free on the meta device),
+    except what a module lists in its ``keep_fp32`` (names of its own tensors or sub-modules), which stays float32.
+    """
+    model.to(dtype)
+    if dtype == torch.float32:
+        return model
+    for module in model.modules():
+        for name in getattr(module, "keep_fp32", ()):
+            item = getattr(module, name)
+            if isinstance(item, nn.Module):
+                item.float()
+            elif name in module._parameters:
+                module._parameters[name] = nn.Parameter(item.float(), requires_grad=item.requires_grad)
+            else:
+                module._buffers[name] = item.float()
+    return model
+
+
 def load_scale_rae(
     cfg: ScaleRAEConfig,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -277,17 +302,58 @@ def load_scale_rae(
     fix: str,
     stats: LatentStats | None = None,
     rename: Callable[[str], str | None] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    keep_stored_tables: bool = False,
 ) -> ScaleRAE:
-    """The unified model of ``cfg`` with ``tensors`` (our names, or ``rename``-d), in fp32 on CPU, train mode."""
+    """The unified model of ``cfg`` with ``tensors`` (our names, or ``rename``-d), train mode, its weights in
+    ``dtype`` (:func:`cast_weights`: the DiT's tables and timestep embedder stay float32) on ``device``.
+
+    The DiT's fixed tables (``pos_embed``, RoPE) are computed here, except with ``keep_stored_tables`` (the released
+    layout, whose code uses the stored values): then tables the file stores are kept, with a warning naming the
+    largest difference from the computed ones when they differ (a checkpoint that stored them in bf16, say). srae's
+    own files store the tables it computed (fp16-rounded in a bundle written with ``half``): recomputing restores
+    the exact ones. A tied config (``tie_word_embeddings``) ties ``lm_head`` to the input embeddings even when the
+    file also stores an ``lm_head.weight`` (as transformers does), with a warning when that stored head differs.
+    """
     from scale_rae_core.models.scale_rae import ScaleRAE
 
     with torch.device("meta"):
         model = ScaleRAE(cfg, stats=stats)
-    model.to_empty(device="cpu")
-    optional = set(RECOMPUTED) | ({LM_HEAD} if cfg.llm.get("tie_word_embeddings") else set())
-    load_state(model, tensors, source=source, fix=fix, what="its config.json", rename=rename, optional=optional)
+    cast_weights(model, dtype)
+    model.to_empty(device=device)
+    tied = bool(cfg.llm.get("tie_word_embeddings"))
+    optional = set(RECOMPUTED) | ({LM_HEAD} if tied else set())
+    filled = load_state(model, tensors, source=source, fix=fix, what="its config.json", rename=rename, optional=optional)
     llm = model.lm.llm
+    if tied and LM_HEAD in filled:
+        _warn_if_differs(source, "the stored lm_head.weight", llm.lm_head.weight, "the input embeddings",
+                         llm.model.embed_tokens.weight, "unused: the config ties the two (tie_word_embeddings)")
     llm.tie_weights()  # to_empty gave the tied head its own (empty) tensor; tied configs share it again
-    model.diff_head.reset_fixed_buffers()  # non-persistent tables (Fourier W, RoPE) and the recomputed ones
-    llm.model.rotary_emb = type(llm.model.rotary_emb)(llm.config)  # its inv_freq buffer is non-persistent
+    stored = {n.removeprefix("diff_head.") for n in filled & set(RECOMPUTED)} if keep_stored_tables else set()
+    own = model.diff_head.state_dict()
+    for name, table in model.diff_head.fixed_tables().items():
+        if name in stored:
+            _warn_if_differs(source, f"the stored DiT table {name}", own[name], "the computed one", table,
+                             "the stored values are used, as the released code does")
+    model.diff_head.reset_fixed_buffers(keep=stored)  # Fourier W, and the tables not kept from the file
+    llm.model.rotary_emb = type(llm.model.rotary_emb)(llm.config).to(device)  # inv_freq is non-persistent
     return model
+
+
+def largest_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(largest |a − b|, that relative to the largest |b|), computed in float32 on the CPU."""
+    with torch.no_grad():
+        a, b = a.detach().float().cpu(), b.detach().float().cpu()
+        largest = float((a - b).abs().max()) if a.numel() else 0.0
+        scale = float(b.abs().max()) if b.numel() else 0.0
+    return largest, largest / scale if scale else largest
+
+
+def _warn_if_differs(source: str, what: str, stored: torch.Tensor, other: str, expected: torch.Tensor,
+                     outcome: str) -> None:
+    """One warning naming ``what``, the largest difference from ``other`` and the ``outcome``, if they differ."""
+    largest, relative = largest_difference(stored, expected)
+    if largest > 0:
+        warnings.warn(f"{source}: {what} differs from {other} by up to {largest:.3g} ({relative:.3g} relative to its "
+                      f"largest value); {outcome}", stacklevel=3)

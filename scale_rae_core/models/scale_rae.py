@@ -83,12 +83,15 @@ class ScaleRAEConfig:
     encoder: dict[str, Any] = field(default_factory=dict)  # kind, path, input_size (+ hidden_size, num_tokens)
 
     def to_json(self) -> dict[str, Any]:
+        dit = asdict(self.dit)
+        if dit["null_condition"]:  # the default: left out, so files keep the layout written before the key existed
+            del dit["null_condition"]
         return {
             "format": FORMAT,
             "version": INLINE_VERSION,
             "llm": self.llm,
             "lm": asdict(self.lm),
-            "dit": asdict(self.dit),
+            "dit": dit,
             "shift_base_dim": self.shift_base_dim,
             "encoder": self.encoder,
         }
@@ -257,7 +260,8 @@ def scale_rae_config(
         dit=dit_cfg,
         shift_base_dim=dit.shift_base_dim,
         encoder={"kind": encoder.kind, "path": encoder.path, "input_size": encoder.input_size,
-                 "hidden_size": encoder_hidden, "num_tokens": encoder_grid**2},
+                 "hidden_size": encoder_hidden, "num_tokens": encoder_grid**2,
+                 **({"select_layer": encoder.select_layer} if encoder.select_layer != -1 else {})},
     )
 
 
@@ -336,7 +340,8 @@ class LoadedExport:
         from scale_rae_core.config import EncoderSettings
 
         enc = self.config.encoder
-        return EncoderSettings(kind=enc["kind"], path=enc["path"], input_size=enc.get("input_size"))
+        return EncoderSettings(kind=enc["kind"], path=enc["path"], input_size=enc.get("input_size"),
+                               select_layer=int(enc.get("select_layer", -1)))
 
 
 def is_export(path: str | Path) -> bool:
@@ -400,8 +405,9 @@ def read_export_tensors(path: str | Path, *, fix: str) -> Iterator[tuple[str, to
             yield LLM_PREFIX + key, value
 
 
-def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedExport:
-    """Load an export directory (either version) written by training or :func:`save_export`, fp32, eval mode."""
+def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedExport:
+    """Load an export directory (either version) written by training or :func:`save_export`, eval mode, its weights
+    in ``dtype`` on ``device`` (:func:`~scale_rae_core.models.io.load_scale_rae`)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -414,5 +420,6 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedE
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: the tokenizer files are missing or broken ({type(exc).__name__}); re-export the model") from None
     fix = "re-export the model"
-    model = load_scale_rae(cfg, read_export_tensors(path, fix=fix), source=str(path), fix=fix, stats=stats)
-    return LoadedExport(model.to(device).eval(), tokenizer, cfg, path)
+    model = load_scale_rae(cfg, read_export_tensors(path, fix=fix), source=str(path), fix=fix, stats=stats,
+                           device=device, dtype=dtype)
+    return LoadedExport(model.eval(), tokenizer, cfg, path)
