@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import ipaddress
+import os
 import random
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -197,6 +201,52 @@ def get_backend(settings: BackendSettings) -> Backend:
             ) from None
         return module.XlaBackend(settings)
     raise BackendError(f"backend.kind = '{settings.kind}' is not one of cpu, cuda, xla; fix it in the profile")
+
+
+HOST_GROUP_PORT = 12355  # MASTER_PORT default (torch_xla's too)
+HOST_GROUP_TIMEOUT = timedelta(minutes=10)
+
+
+def start_host_group(rank: int, world: int, *, what: str) -> None:
+    """A gloo process group of ``world`` host processes (this one is ``rank``), for host-side data only.
+
+    The rendezvous is a TCPStore at ``MASTER_ADDR:MASTER_PORT`` (port default 12355) served by the process running on
+    that address (for a loopback address: rank 0), so no accelerator program runs to find the peers. ``what`` names
+    the launch for the one-line error when ``MASTER_ADDR`` is unset.
+    """
+    import torch.distributed as dist
+
+    addr = os.environ.get("MASTER_ADDR", "")
+    if not addr:
+        raise BackendError(
+            f"{what}: {world} host processes need MASTER_ADDR (the internal IP of worker 0) for their host-side process "
+            "group; set it on every host in the launch command (see the profile's launch line)"
+        )
+    try:
+        port = int(os.environ.get("MASTER_PORT", HOST_GROUP_PORT))
+    except ValueError:
+        raise BackendError(f"{what}: MASTER_PORT={os.environ['MASTER_PORT']!r} is not a port number; set it or unset it") from None
+    serves = rank == 0 if _is_loopback(addr) else _is_local_address(addr)
+    store = dist.TCPStore(addr, port, world, is_master=serves, timeout=HOST_GROUP_TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=HOST_GROUP_TIMEOUT)
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _is_local_address(addr: str) -> bool:
+    """True when ``addr`` resolves to one of this host's own addresses (it can be bound here)."""
+    try:
+        target = socket.gethostbyname(addr)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind((target, 0))
+        return True
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
