@@ -171,7 +171,12 @@ ROWS = [
     Row("generate-model-config-shapes", ["generate", "x", "--model", "{bad_config}", "-q"], "weights do not match"),
     Row("generate-model-truncated", ["generate", "x", "--model", "{truncated}", "-q"], "cannot read the weights"),
     Row("generate-decoder-missing", [*GEN, "--decoder", "{tmp}/no-decoder"], "no-decoder"),
-    Row("generate-bf16-on-cpu", [*GEN, "--dtype", "bf16"], "--dtype bf16 needs a CUDA device"),
+    Row("generate-dtype-unknown", [*GEN, "--dtype", "int8"], "--dtype 'int8' is unknown; use fp32, bf16, fp16"),
+    Row("generate-noise-unknown", [*GEN, "--noise", "bogus"], "--noise 'bogus' is unknown; choose one of seed, reference"),
+    Row("generate-noise-and-file", [*GEN, "--noise", "reference", "--noise-file", "{afile}"],
+        "--noise reference and --noise-file both name the start noise"),
+    Row("generate-noise-file-missing", [*GEN, "--noise-file", "{tmp}/none.safetensors"], "none.safetensors: not found"),
+    Row("generate-noise-file-not-safetensors", [*GEN, "--noise-file", "{afile}"], "not a readable safetensors file"),
     Row("generate-skip-decoder", [*GEN, "--skip-decoder"], "--skip-decoder without --save-latent"),
     # scale and verify
     Row("scale-prompts-latin1", ["scale", "--prompts", "{latin1}", "--out", "{tmp}/scale2", *M, *SCALE_FLAGS],

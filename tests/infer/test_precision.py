@@ -14,6 +14,8 @@ wrong dtype path (a float32 island lost, the state rounded to half) breaks it.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -120,8 +122,11 @@ def test_generate_runs_in_half_on_cpu_and_says_so(files, tmp_path, dtype):
         assert s.encoder().mean.dtype == torch.float32
         tokens = s.encode_image(torch.rand(1, 3, 64, 64))
         assert tokens.dtype == torch.float32 and torch.isfinite(tokens).all()
-    import json
+        from scale_rae_core.infer.understand import understand_image
 
+        reply = understand_image(s, result.images[0].png, "What colour is it?", tmp_path / "u", SamplerSettings(steps=2),
+                                 max_new_tokens=3)
+        assert json.loads(reply.manifest.read_text())["dtype"] == dtype
     manifest = json.loads(result.images[0].manifest.read_text())
     assert manifest["dtype"] == dtype and result.images[0].png.is_file()
 
