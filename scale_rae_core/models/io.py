@@ -47,7 +47,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 SHOWN_KEYS = 8  # keys listed per kind in a mismatch error
 
-# ScaleRAE tensors a checkpoint may omit: the DiT's fixed tables, recomputed when absent (kept when stored).
+# ScaleRAE tensors a checkpoint may omit: the DiT's fixed tables (computed; a released file's stored ones are kept).
 RECOMPUTED = ("diff_head.pos_embed", "diff_head.feat_rope.freqs_cos", "diff_head.feat_rope.freqs_sin")
 LM_HEAD = "lm.llm.lm_head.weight"  # absent when tied to the input embeddings
 EMBED_TOKENS = "lm.llm.model.embed_tokens.weight"
