@@ -17,7 +17,7 @@ one one-line error lists the unknown keys (in the file's names), the missing key
 :func:`load_scale_rae` is the unified model's whole sequence: build on the meta device (no memory, no init) ->
 cast to the weights' dtype (:func:`cast_weights`, still on meta) -> ``to_empty`` on the target device (the only
 allocation: the model in its final dtype) -> strict load, one file tensor at a time, each cast into place -> tie
-the embeddings -> the DiT's fixed tables (kept as stored, recomputed where the file has none) -> rebuild the LLM's
+the embeddings -> the DiT's fixed tables (computed; a released file's stored ones kept) -> rebuild the LLM's
 rotary embedding (its ``inv_freq`` is a non-persistent buffer that ``to_empty`` left uninitialised). No float32
 copy of a half-precision model is ever made; peak memory is the model plus the largest tensor of the file.
 """
@@ -50,7 +50,6 @@ SHOWN_KEYS = 8  # keys listed per kind in a mismatch error
 # ScaleRAE tensors a checkpoint may omit: the DiT's fixed tables (computed; a released file's stored ones are kept).
 RECOMPUTED = ("diff_head.pos_embed", "diff_head.feat_rope.freqs_cos", "diff_head.feat_rope.freqs_sin")
 LM_HEAD = "lm.llm.lm_head.weight"  # absent when tied to the input embeddings
-EMBED_TOKENS = "lm.llm.model.embed_tokens.weight"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names
 
 ExtraFile = str | bytes | Path | Mapping[str, torch.Tensor]
@@ -341,12 +340,17 @@ def load_scale_rae(
     return model
 
 
-def largest_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """(largest |a − b|, that relative to the largest |b|), computed in float32 on the CPU."""
+def largest_difference(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> tuple[float, float]:
+    """(largest |a − b|, that relative to the largest |b|), in float32, ``rows`` rows at a time (an embedding matrix
+    is compared without a float32 copy of it)."""
+    largest = scale = 0.0
     with torch.no_grad():
-        a, b = a.detach().float().cpu(), b.detach().float().cpu()
-        largest = float((a - b).abs().max()) if a.numel() else 0.0
-        scale = float(b.abs().max()) if b.numel() else 0.0
+        for x, y in zip(a.detach().reshape(a.shape[0] if a.dim() else 1, -1).split(rows),
+                        b.detach().reshape(b.shape[0] if b.dim() else 1, -1).split(rows), strict=True):
+            x, y = x.float(), y.to(x.device).float()
+            if x.numel():
+                largest = max(largest, float((x - y).abs().max()))
+                scale = max(scale, float(y.abs().max()))
     return largest, largest / scale if scale else largest
 
 
