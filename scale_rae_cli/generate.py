@@ -14,6 +14,8 @@ from scale_rae_cli.options import (
     IntervalOpt,
     LayoutOpt,
     ModelOpt,
+    NoiseFileOpt,
+    NoiseOpt,
     ProfileOpt,
     QuietOpt,
     SamplerOpt,
@@ -56,6 +58,8 @@ def generate(
     layout: LayoutOpt = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also a contact sheet: OUT/grid-<first index>.png of all images (a row per prompt), with --layout geneval a grid.png per prompt folder.")] = False,
     dtype: DtypeOpt = None,
+    noise: NoiseOpt = "seed",
+    noise_file: NoiseFileOpt = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -63,20 +67,23 @@ def generate(
     """Generate images from text: greedy text with a KV cache until <im_start>, then the flow head and the pixel decoder."""
     from scale_rae_core.events import Reporter
     from scale_rae_core.infer.layouts import generate_layout, prepare_output, read_layout_prompts
+    from scale_rae_core.infer.noise import start_noise
     from scale_rae_core.infer.pipeline import Session
 
     prof = load(profile, set_)
     lines = read_layout_prompts(list(prompts or []), prompts_file, layout)
     settings = sampler_settings(steps, guidance, guidance_interval, sampler)
+    first_seed = prof.run.seed if seed is None else seed
+    start = start_noise(noise, first_seed, noise_file)  # a bad --noise-file fails before the model loads
     folder = samples_dir(out, prof)
     prepare_output(lines, folder, layout, n=n, grid=grid, save_latents=save_latent, decode=not skip_decoder)
     events = folder / prof.output.events_file if layout is None else None  # a benchmark tree holds its images only
     with (Session.open(require_model(model), prof, dtype=dtype, decoder=decoder) as session,
           Reporter(events, show_progress=prof.output.progress and not quiet) as rep):
         result = generate_layout(
-            session, lines, folder, settings, layout=layout, grid=grid, seed=prof.run.seed if seed is None else seed,
+            session, lines, folder, settings, layout=layout, grid=grid, seed=first_seed,
             n=n, batch_size=batch_size, max_new_tokens=max_new_tokens, save_latents=save_latent,
-            decode=not skip_decoder, reporter=rep,
+            decode=not skip_decoder, reporter=rep, noise=start,
         )
     for rec in result["images"] if layout is None else []:
         what = rec.png or rec.latent

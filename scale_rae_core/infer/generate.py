@@ -15,7 +15,12 @@ batches of ``batch_size``, CFG rows included in the same forward.
 
 Image j (0-based) of every prompt uses seed ``seed + j``; ``--seed S --n 1`` regenerates the image whose manifest
 says ``"seed": S`` (bit for bit with the same prompts per batch; with other batch neighbours up to float rounding,
-at most one grey level, since other batch shapes run other CPU/GPU kernels).
+at most one grey level, since other batch shapes run other CPU/GPU kernels). ``--noise reference`` instead draws
+the start noise as the released CLI does (the global generator seeded with ``--seed``, one draw per image in the
+order the images are made) and ``--noise-file`` reads it; the manifest's ``noise`` says which, and for those two
+the image's ``noise_index`` in that order (:mod:`scale_rae_core.infer.noise`). With ``--noise reference
+--sampler reference --steps 50 --guidance 1`` on CUDA an image is the released CLI's ``t2i`` image for the same
+prompt and seed.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ import torch
 from scale_rae_core.errors import DataError
 from scale_rae_core.events import Reporter
 from scale_rae_core.files import output_folder, read_text
+from scale_rae_core.infer.noise import SeedNoise, StartNoise
 from scale_rae_core.infer.outputs import check_seeds, claim_stem, save_latent, write_manifest, write_png
-from scale_rae_core.infer.pipeline import SamplerSettings, Session, seconds_since
+from scale_rae_core.infer.pipeline import SamplerSettings, Session, check_guidable, seconds_since
 from scale_rae_core.prompts import IMAGE_MARKER
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -123,10 +129,9 @@ def decode_to_image_start(session: Session, prompts: list[str], max_new_tokens: 
 
     lm, tok, device = session.model.lm, session.tokenizer, session.runtime.device
     ids = [request_ids(session, p) for p in prompts]
-    with session.runtime.autocast():
-        embeds = [lm.embed_text(torch.tensor(row, device=device)) for row in ids]  # (T_i, d) each
-        out = lm.decode(embeds, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tok),
-                        image_start_id=image_token_ids(tok).im_start, force_image=True)
+    embeds = [lm.embed_text(torch.tensor(row, device=device)) for row in ids]  # (T_i, d) each
+    out = lm.decode(embeds, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tok),
+                    image_start_id=image_token_ids(tok).im_start, force_image=True)
     results = [
         TextResult(
             prompt=p,
@@ -155,12 +160,14 @@ def generate_images(
     decode: bool = True,
     reporter: Reporter | None = None,
     writer: ImageWriter | None = None,
+    noise: StartNoise | None = None,
 ) -> GenerateResult:
     """Generate ``n`` images for each prompt into ``out_dir`` (PNG + manifest [+ latent] per image).
 
     ``writer``: where each image goes instead (a benchmark layout, :mod:`scale_rae_core.infer.layouts`); it is
     called as ``writer(position of the prompt in prompts, its text, seed, image index in the prompt, pixels (3, H, W))``,
-    prompt after prompt, images in order."""
+    prompt after prompt, images in order. ``noise``: where the start noise comes from (default: each image's seed;
+    see the module docstring)."""
     from scale_rae_core.errors import ConfigError
 
     if n < 1 or batch_size < 1:
@@ -172,9 +179,13 @@ def generate_images(
     if not decode and not save_latents:
         raise ConfigError("--skip-decoder without --save-latent would write no image data; add --save-latent")
     check_seeds(seed, n)
+    check_guidable(session.model, settings)
+    dit = session.model.diff_head.cfg
     output_folder(out_dir)
     if decode:
         session.decoder()  # fail early (before any compute) when no decoder can be found
+    noise = noise or SeedNoise()
+    noise.check(len(prompts) * n, (dit.in_channels, dit.grid, dit.grid))  # reference: seeds the generator here
     reporter = reporter or Reporter()
     result = GenerateResult()
     totals = {"text": 0.0, "sample": 0.0, "decode": 0.0}
@@ -192,7 +203,8 @@ def generate_images(
                 seeds = [seed + j for _, j in batch]
                 cond = conditions[torch.tensor([i for i, _ in batch], device=conditions.device)]  # (b, N, Z)
                 start = time.perf_counter()
-                tokens = session.sample(cond, seeds, settings)  # (b, N, C) on the CPU
+                first = noise.next_index
+                tokens = session.sample(cond, seeds, settings, noise)  # (b, N, C) on the CPU
                 sample_s = seconds_since(start)
                 start = time.perf_counter()
                 pixels = session.decode_pixels(tokens) if decode else None
@@ -205,6 +217,7 @@ def generate_images(
                         save_latents, {"text": text_s, "sample": sample_s, "decode": decode_s,
                                        "load": session.load_seconds, "batch_images": len(batch),
                                        "batch_prompts": len(chunk)}, enc,
+                        {"noise": noise.kind} | ({"noise_index": first + k} if first >= 0 else {}),
                     )
                     result.images.append(record)
                     reporter.event("image", png=record.png, manifest=record.manifest, seed=record.seed)
@@ -216,6 +229,7 @@ def generate_images(
 def _write_image(
     session: Session, out_dir: Path, text: TextResult, seed: int, index_in_prompt: int, settings: SamplerSettings,
     tokens: torch.Tensor, pixels: torch.Tensor | None, save: bool, timings: dict[str, Any], encoder: dict[str, Any],
+    noise: dict[str, Any],
 ) -> ImageRecord:
     stem = claim_stem(out_dir, text.prompt, seed)
     png = write_png(stem.with_suffix(".png"), pixels) if pixels is not None else None
@@ -233,6 +247,7 @@ def _write_image(
         "output_text": text.text,
         "image_start": "forced" if text.forced else "model",
         "seed": seed,
+        **noise,
         "index_in_prompt": index_in_prompt,
         **settings.describe(),
         "image": png.name if png else None,

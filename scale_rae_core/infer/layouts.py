@@ -327,14 +327,15 @@ class LayoutWriter:
 
 def generate_layout(session: Any, lines: list[dict[str, Any]], out: Path, settings: Any, *, layout: str | None,
                     grid: bool = False, seed: int = 0, n: int = 1, batch_size: int = 4, max_new_tokens: int = 64,
-                    save_latents: bool = False, decode: bool = True, reporter: Any = None) -> dict[str, Any]:
+                    save_latents: bool = False, decode: bool = True, reporter: Any = None,
+                    noise: Any = None) -> dict[str, Any]:
     """``srae generate``: the images of ``lines`` into ``out`` in ``layout`` (None: srae's flat files), plus a
-    contact sheet with ``grid``; call :func:`prepare_output` first. Returns a summary: ``images`` (ImageRecords),
+    contact sheet with ``grid``; call :func:`prepare_output` first. ``noise``: the start noise (``infer.noise``). Returns a summary: ``images`` (ImageRecords),
     ``failed`` {prompt folder / item id: reason}, ``report`` and ``grid`` (paths or None), ``timings``."""
     from scale_rae_core.infer.generate import GenerateResult, generate_images, request_ids
     from scale_rae_core.models.llm import SequenceTooLongError
 
-    common = dict(seed=seed, n=n, batch_size=batch_size, max_new_tokens=max_new_tokens, reporter=reporter)
+    common = dict(seed=seed, n=n, batch_size=batch_size, max_new_tokens=max_new_tokens, reporter=reporter, noise=noise)
     if layout is None:
         result = generate_images(session, [line["prompt"] for line in lines], out, settings, save_latents=save_latents,
                                  decode=decode, **common)
