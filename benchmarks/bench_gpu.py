@@ -280,8 +280,8 @@ def generation_models(s: Sizes, dtype: torch.dtype, tokenizer_dir: Path):  # -> 
     from scale_rae_core.infer.loading import LoadedModel, Source
     from scale_rae_core.infer.pipeline import Runtime, Session
     from scale_rae_core.models.decoder import Decoder
-    from scale_rae_core.models.presets import tiny_tokenizer
     from scale_rae_core.models.scale_rae import ScaleRAE
+    from scale_rae_core.shapes.vocab import tiny_tokenizer
 
     cfg = scale_rae_config(s)
     model = random_model(lambda: ScaleRAE(cfg), s.device, dtype).eval()

@@ -53,8 +53,8 @@ def write_model(folder: Path) -> None:
 
     from scale_rae_core.models.adapters import srae_to_released_key, to_released_config
     from scale_rae_core.models.io import cast_weights
-    from scale_rae_core.models.presets import tiny_tokenizer
     from scale_rae_core.models.scale_rae import ScaleRAE
+    from scale_rae_core.shapes.vocab import tiny_tokenizer
 
     cfg = released_architecture()
     with torch.device("meta"):
