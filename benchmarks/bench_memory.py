@@ -51,7 +51,7 @@ def write_model(folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from scale_rae_core.models.adapters import srae_to_released_key, to_released_config
+    from scale_rae_core.models.adapters.scale_rae import srae_to_released_key, to_released_config
     from scale_rae_core.models.io import cast_weights
     from scale_rae_core.models.scale_rae import ScaleRAE
     from scale_rae_core.shapes.vocab import tiny_tokenizer

@@ -225,7 +225,7 @@ def load_class_model(spec: str, device: torch.device | str, *, preset: str | Non
                      flag: str = "--model", preset_flag: str = "--preset") -> ClassModel:
     """An `srae train dit` run or model folder, or a released RAE stage-2 checkpoint of size `preset` (else
     `default_preset`)."""
-    from scale_rae_core.models.adapters import is_class_dit_folder, load_class_dit, load_rae_stage2
+    from scale_rae_core.models.adapters.class_dit import is_class_dit_folder, load_class_dit, load_rae_stage2
     from scale_rae_core.models.class_dit import CLASS_DIT_PRESETS
     from scale_rae_core.models.stats import load_stats
 

@@ -14,7 +14,7 @@ Two layouts load:
 * **released** (``nyu-visionx/Scale-RAE-*``): a ``cambrian_qwen`` ``config.json`` (the Qwen2 fields plus
   ``mm_vision_tower_aux_list``, ``mm_hidden_size``, ``diffusion_model_{hidden_size,depth,heads,z_channels,channels}``,
   ...), safetensors weights (one file or shards + ``model.safetensors.index.json``) under the reference names, and
-  the Qwen tokenizer with ``<im_start>``/``<im_end>``. Config and keys map with :mod:`scale_rae_core.models.adapters`.
+  the Qwen tokenizer with ``<im_start>``/``<im_end>``. Config and keys map with :mod:`scale_rae_core.models.adapters.scale_rae`.
   Loading is strict (:func:`scale_rae_core.models.scale_rae.load_scale_rae`): a key that maps nowhere, a missing key or a
   wrong shape is an error. Only ``lm_head.weight`` (tied to the input embeddings when ``tie_word_embeddings``; a
   stored one is then not used, as transformers does) and the DiT's fixed tables (2-D sin-cos positions, RoPE) may
@@ -44,7 +44,7 @@ import torch
 from scale_rae_core.config import EncoderSettings
 from scale_rae_core.errors import CheckpointError, ConfigError
 from scale_rae_core.hub import Source, resolve
-from scale_rae_core.models.adapters import released_config, released_to_srae_key
+from scale_rae_core.models.adapters.scale_rae import released_config, released_to_srae_key
 from scale_rae_core.models.decoder import Decoder
 from scale_rae_core.models.io import read_safetensors
 from scale_rae_core.models.scale_rae import ScaleRAE, ScaleRAEConfig, load_scale_rae

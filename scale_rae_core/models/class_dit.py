@@ -25,7 +25,7 @@ blocks (the recipe behind the published FIDs); both zero the adaLN outputs and t
 the only one RAE's released models use (RAE latents are already one token per position).
 
 Module names follow RAE's LightningDiT exactly; DiT^DH splits RAE's single `blocks` list into `blocks` (trunk)
-and `head_blocks`, and names its RoPE tables `feat_rope` / `head_rope` (`models/adapters.py` maps the
+and `head_blocks`, and names its RoPE tables `feat_rope` / `head_rope` (`models/adapters/class_dit.py` maps the
 released key layout onto these names). The Fourier frequencies `t_embedder.W`, the positions and the RoPE tables
 are saved in the state dict, as RAE saves them.
 """

@@ -7,7 +7,7 @@ next to a Hugging Face ``vit_mae`` ``config.json`` (``nyu-visionx/siglip2_decode
 An ``AutoencoderRAE`` (diffusers >= 0.42, e.g. ``nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08``) is a config.json with
 ``_class_name: "AutoencoderRAE"`` + ``diffusion_pytorch_model.safetensors``: its decoder and latent statistics are
 read (its encoder is srae's own frozen encoder of the same kind). The key maps and the sizes rules live in
-:mod:`scale_rae_core.models.adapters`. Loading is strict: any missing or extra key is an error. Reading an
+:mod:`scale_rae_core.models.adapters` (rae_decoder, diffusers_rae). Loading is strict: any missing or extra key is an error. Reading an
 AutoencoderRAE needs no diffusers; diffusers loads what :func:`save_diffusers_rae` writes.
 """
 
@@ -24,24 +24,26 @@ import torch
 from scale_rae_core.errors import CheckpointError, ConfigError
 from scale_rae_core.files import read_plain_state_dict
 from scale_rae_core.hub import Source, resolve
-from scale_rae_core.models.adapters import (
+from scale_rae_core.models.adapters.diffusers_rae import (
     DIFFUSERS_CLASS,
     DIFFUSERS_LN_EPS,
     DIFFUSERS_VERSION,
-    RELEASED_DECODERS,
     SRAE_TO_DIFFUSERS_ENCODER,
-    check_released_decoder,
     diffusers_decoder_config,
     diffusers_decoder_to_srae,
     diffusers_latent_stats,
     diffusers_pos_embed,
     is_diffusers_rae_config,
-    released_decoder_keys,
-    released_decoder_sizes,
-    released_decoder_to_srae,
     released_to_diffusers_key,
     srae_decoder_to_diffusers,
     srae_stats_to_diffusers,
+)
+from scale_rae_core.models.adapters.rae_decoder import (
+    RELEASED_DECODERS,
+    check_released_decoder,
+    released_decoder_keys,
+    released_decoder_sizes,
+    released_decoder_to_srae,
 )
 from scale_rae_core.models.decoder import FORMAT, Decoder, DecoderConfig, load_decoder, save_decoder
 from scale_rae_core.models.encoder import FAMILIES
@@ -80,7 +82,7 @@ def load_any_decoder(spec: str, *, flag: str, encoder_kind: str, encoder_id: str
     AutoencoderRAE (folder or repo id), as a ``Decoder``.
 
     ``encoder_kind`` / ``encoder_id``: the encoder a released decoder reads, unless its repo is a known one
-    (:data:`~scale_rae_core.models.adapters.RELEASED_DECODERS`); an AutoencoderRAE names its encoder's kind itself.
+    (:data:`~scale_rae_core.models.adapters.rae_decoder.RELEASED_DECODERS`); an AutoencoderRAE names its encoder's kind itself.
     """
     source = resolve(spec, flag=flag, allow_patterns=DECODER_FILES, revision=revision, files_ok=True,
                      hint="train one with `srae train decoder` or convert a released one with `srae convert decoder`")

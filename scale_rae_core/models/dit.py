@@ -10,7 +10,7 @@ Data flow for x ∈ (B, C, g, g), t ∈ [0, 1]^B (t=0 data, t=1 noise; see `flow
 Module and parameter names follow the released Scale-RAE checkpoints (`x_embedder`, `t_embedder.mlp`,
 `y_embedder.dropout_embedding`, `pos_embed`, `feat_rope.freqs_cos/_sin`, `dit_blocks.N.{norm1,attn.qkv,
 attn.proj,norm2,mlp.w12,mlp.w3,adaLN_modulation.1}`, `final_layer.{norm_final,linear,adaLN_modulation.1}`), so a
-reference state dict loads strictly once its prefix is stripped (`models.adapters.dit_state_dict_from_reference`).
+reference state dict loads strictly once its prefix is stripped (`models.adapters.scale_rae.dit_state_dict_from_reference`).
 The Fourier frequencies `t_embedder.W` are not in those checkpoints: they are regenerated from a fixed seed.
 
 Classifier-free guidance is the sampler's (`flow/guidance.py: guided_velocity`, with `null_condition` as the

@@ -334,7 +334,7 @@ class UnifiedLM(nn.Module):
     """A Qwen2 causal LM with the Scale-RAE image interfaces around it.
 
     ``llm`` is a transformers ``Qwen2ForCausalLM`` (built from a config or loaded from a checkpoint);
-    its width d sets the projectors' sizes. Parameters (reference names in ``models.adapters.to_reference_key``):
+    its width d sets the projectors' sizes. Parameters (reference names in ``models.adapters.scale_rae.to_reference_key``):
     ``mm_projector`` Linear(C→d) → GELU → Linear(d→d); ``latent_queries`` (N, d) ~ N(0, 1)/√d;
     ``diff_head_projector`` Linear(d→Z).
     """

@@ -10,7 +10,7 @@ undeclared ``clip`` module and a transformers-4 API), so the same network is reb
     reward = (r - 0.16717362830052426) / 1.0333394966054072
 
 The public checkpoint is a plain state dict of the reference ``ImageReward`` module (timm-style ViT keys,
-BLIP's ``med.py`` BERT keys); :mod:`scale_rae_core.models.adapters` maps every key, and loading is strict.
+BLIP's ``med.py`` BERT keys); :mod:`scale_rae_core.models.adapters.imagereward` maps every key, and loading is strict.
 
 Vision sizes come from the weights (BLIP's ViTs use 64-wide heads); text sizes from ``med_config.json``,
 cross-checked against the weights. The tokenizer is BERT's uncased vocabulary plus ``[DEC]`` (bos) and
@@ -35,7 +35,7 @@ from scale_rae_core.data.images import as_rgb, open_image_file, to_tensor
 from scale_rae_core.errors import CheckpointError, DataError
 from scale_rae_core.files import read_plain_state_dict
 from scale_rae_core.hub import resolve
-from scale_rae_core.models.adapters import (
+from scale_rae_core.models.adapters.imagereward import (
     IMAGEREWARD_POSITION_IDS,
     imagereward_sizes,
     imagereward_to_local,

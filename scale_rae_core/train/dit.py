@@ -24,7 +24,7 @@ seed on every process; its EMA is a separate module (built before parallelism, `
 handed to the backend (`shard_model`: FSDP2 per DiT block under torchrun, FSDPv2 under torch_xla SPMD), the EMA
 sharded like the model so its update stays local. A checkpoint holds both, the optimiser, the schedule, every
 process's RNG and data position, so a resumed run repeats the uninterrupted one exactly (same process count).
-At the end the EMA weights are exported as the model folder `RUN/model` (`models/adapters.py: load_class_dit`):
+At the end the EMA weights are exported as the model folder `RUN/model` (`models/adapters/class_dit.py: load_class_dit`):
 model.safetensors + config.json (format `srae-class-dit`: preset, config, encoder, decoder, image size) + the
 latent statistics, which is what `srae sample --model RUN` reads.
 """
@@ -44,7 +44,7 @@ from scale_rae_core.backends.base import Backend
 from scale_rae_core.config import BatchPlan, DiTTrainSettings, Profile
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.events import Reporter
-from scale_rae_core.models.adapters import CLASS_DIT_FORMAT, CLASS_DIT_STATS, CLASS_DIT_VERSION
+from scale_rae_core.models.adapters.class_dit import CLASS_DIT_FORMAT, CLASS_DIT_STATS, CLASS_DIT_VERSION
 from scale_rae_core.train.checkpoint import CheckpointManager
 from scale_rae_core.train.ema import EMA
 from scale_rae_core.train.latent_cache import (

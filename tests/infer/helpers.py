@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from scale_rae_core.config import DiTSettings, EncoderSettings, LLMSettings
-from scale_rae_core.models.adapters import srae_to_released_key, to_released_config
+from scale_rae_core.models.adapters.scale_rae import srae_to_released_key, to_released_config
 from scale_rae_core.models.scale_rae import ScaleRAE, build_llm, save_export, scale_rae_config
 
 ENCODER = EncoderSettings(kind="siglip", path="tiny-random", input_size=64)

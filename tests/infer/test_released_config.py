@@ -127,7 +127,7 @@ def test_mm_vision_select_layer_reaches_the_encoder(files, tmp_path):
     assert json.loads((path / "config.json").read_text())["mm_vision_select_layer"] == -2
     assert load_model(str(path)).config.encoder["select_layer"] == -2  # recorded in the model config (manifests)
     # the reference's DINO tower reads its last layer whatever the config says: so does srae
-    from scale_rae_core.models.adapters import released_config
+    from scale_rae_core.models.adapters.scale_rae import released_config
 
     hf = json.loads((path / "config.json").read_text())
     _, dino = released_config(hf | {"mm_vision_tower_aux_list": ["facebook/webssl-dino300m-full2b-224-interp256"]})

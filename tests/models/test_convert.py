@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from scale_rae_core.errors import CheckpointError, ConfigError
-from scale_rae_core.models.adapters import released_decoder_to_srae, srae_decoder_to_released
+from scale_rae_core.models.adapters.rae_decoder import released_decoder_to_srae, srae_decoder_to_released
 from scale_rae_core.models.convert import convert_decoder, load_released_decoder
 from scale_rae_core.models.decoder import load_decoder
 

@@ -9,7 +9,7 @@ import torch
 
 from scale_rae_core.errors import CheckpointError, ConfigError
 from scale_rae_core.flow.guidance import Guidance, guided_velocity
-from scale_rae_core.models.adapters import REFERENCE_DIT_PREFIX, dit_state_dict_from_reference
+from scale_rae_core.models.adapters.scale_rae import REFERENCE_DIT_PREFIX, dit_state_dict_from_reference
 from scale_rae_core.models.dit import (
     DIT_PRESETS,
     ConditionEmbedder,

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from scale_rae_core.errors import ConfigError, DataError
-from scale_rae_core.models.adapters import from_reference_key, to_reference_key
+from scale_rae_core.models.adapters.scale_rae import from_reference_key, to_reference_key
 from scale_rae_core.models.llm import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER_ID,

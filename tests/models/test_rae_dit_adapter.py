@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from scale_rae_core.errors import CheckpointError
-from scale_rae_core.models.adapters import load_rae_stage2, read_rae_state_dict, state_dict_from_rae
+from scale_rae_core.models.adapters.class_dit import load_rae_stage2, read_rae_state_dict, state_dict_from_rae
 from scale_rae_core.models.class_dit import CLASS_DIT_PRESETS, ClassDiTConfig, build_class_dit
 
 DDT = CLASS_DIT_PRESETS["tiny-ddt"]  # trunk 64 x 2 (4 heads), head 96 x 1 (4 heads), C=32, g=8, K=12

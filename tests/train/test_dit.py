@@ -15,7 +15,7 @@ import torch
 
 from scale_rae_core.config import Profile, load_profile
 from scale_rae_core.errors import ConfigError, DataError
-from scale_rae_core.models.adapters import load_class_dit
+from scale_rae_core.models.adapters.class_dit import load_class_dit
 from scale_rae_core.models.stats import LatentStats, RunningStats
 from scale_rae_core.train.dit import Phases, train_dit
 from scale_rae_core.train.latent_cache import read_manifest

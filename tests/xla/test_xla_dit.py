@@ -9,7 +9,7 @@ import pytest
 
 from scale_rae_core.config import load_profile
 from scale_rae_core.data.pack import pack
-from scale_rae_core.models.adapters import load_class_dit
+from scale_rae_core.models.adapters.class_dit import load_class_dit
 from scale_rae_core.shapes.synth import synthesize
 from scale_rae_core.train.dit import train_dit
 
