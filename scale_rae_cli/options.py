@@ -10,6 +10,7 @@ inf); a bad value is one line naming the flag, like every other usage error.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -141,6 +142,30 @@ def samples_dir(out: Path | None, prof: Any) -> Path:
 # ----------------------------------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------------
+
+def run_trainer(out: Path, profile: str | None, overrides: list[str] | None, steps: int | None, steps_key: str,
+                resume: bool, quiet: bool, train: Callable[[Any, Any], Any]) -> Any:
+    """The frame of every `srae train` command: ``--steps`` as the ``steps_key`` override, the profile, one reporter
+    into OUT's events file for ``train(profile, reporter)``; -> its result on the reporting process, else None (the
+    caller prints its summary only when it gets a result)."""
+    from scale_rae_core.errors import ConfigError
+    from scale_rae_core.events import Reporter
+
+    items = list(overrides or [])
+    if steps is not None:
+        if steps < 1:
+            raise ConfigError(f"--steps {steps}: train at least 1 step")
+        items.append(f"{steps_key}={steps}")
+    prof = load(profile, items)
+    # every process passes the same reporter; the engine keeps it on the main process only
+    with Reporter(out / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep:
+        result = train(prof, rep)
+    if not result.is_main:
+        return None
+    if resume and result.resumed_from is None:
+        typer.echo(f"--resume: {out} held no checkpoint yet, so this was a new run")
+    return result
+
 
 RunOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, metrics.jsonl, model/, export/.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in --out (a fresh start if there is none yet).")]

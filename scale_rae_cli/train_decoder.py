@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from scale_rae_cli.options import AcceptChangesOpt, ProfileOpt, QuietOpt, ResumeOpt, SetOpt, int_option, load
+from scale_rae_cli.options import (
+    AcceptChangesOpt,
+    ProfileOpt,
+    QuietOpt,
+    ResumeOpt,
+    SetOpt,
+    int_option,
+    run_trainer,
+)
 
 EPILOG = (
     "Example: srae train decoder --profile tiny-cpu --data packed --out runs/decoder   "
@@ -26,24 +34,13 @@ def decoder(
     accept_changes: AcceptChangesOpt = False,
 ) -> None:
     """Train the decoder of the profile's [model] on frozen-encoder tokens, with checkpoints and exact resume."""
-    from scale_rae_core.events import Reporter
     from scale_rae_core.train.decoder import train_decoder
 
-    overrides = list(set_ or [])
-    if steps is not None:
-        if steps < 1:
-            from scale_rae_core.errors import ConfigError
-
-            raise ConfigError(f"--steps {steps}: train at least 1 step")
-        overrides.append(f"decoder_training.steps={steps}")
-    prof = load(profile, overrides)
-    # every process passes the same reporter; the engine keeps it on the main process only
-    with Reporter(out / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep:
-        result = train_decoder(prof, data, out, resume=resume, reporter=rep, accept_changes=accept_changes)
-    if not result.is_main:
+    result = run_trainer(out, profile, set_, steps, "decoder_training.steps", resume, quiet,
+                         lambda prof, rep: train_decoder(prof, data, out, resume=resume, reporter=rep,
+                                                         accept_changes=accept_changes))
+    if result is None:
         return
-    if resume and result.resumed_from is None:
-        typer.echo(f"--resume: {out} held no checkpoint yet, so this was a new run")
     last = result.records[-1] if result.records else {}
     summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "l1", "lpips", "gan") if k in last)
     typer.echo(f"trained to step {result.step} in {out}" + (f" ({summary})" if summary else ""))

@@ -16,7 +16,7 @@ from scale_rae_cli.options import (
     SetOpt,
     StageStepsOpt,
     TrainDataOpt,
-    load,
+    run_trainer,
 )
 
 STAGE1_EPILOG = "Example: srae train stage1 --profile tiny-cpu --data shapes-packed --out runs/stage1"
@@ -25,24 +25,13 @@ STAGE2_EPILOG = "Example: srae train stage2 --profile tiny-cpu --from runs/stage
 
 def _run(stage: str, profile: str | None, overrides: list[str] | None, data: Path | None, out: Path,
          init_from: Path | None, resume: bool, steps: int | None, quiet: bool, accept_changes: bool = False) -> None:
-    from scale_rae_core.errors import ConfigError
-    from scale_rae_core.events import Reporter
     from scale_rae_core.train.unified import train_unified
 
-    items = list(overrides or [])
-    if steps is not None:
-        if steps < 1:
-            raise ConfigError(f"--steps {steps}: train at least 1 step")
-        items.append(f"{stage}.steps={steps}")
-    prof = load(profile, items)
-    # every process passes the same reporter; the engine keeps it on the main process only
-    with Reporter(out / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep:
-        result = train_unified(prof, stage, data, out, init_from=init_from, resume=resume, reporter=rep,
-                               accept_changes=accept_changes)
-    if not result.is_main:
+    result = run_trainer(out, profile, overrides, steps, f"{stage}.steps", resume, quiet,
+                         lambda prof, rep: train_unified(prof, stage, data, out, init_from=init_from, resume=resume,
+                                                         reporter=rep, accept_changes=accept_changes))
+    if result is None:
         return
-    if resume and result.resumed_from is None:
-        typer.echo(f"--resume: {out} held no checkpoint yet, so this was a new run")
     last = result.records[-1] if result.records else {}
     summary = f"{stage}: {result.step} steps in {out}"
     if last:

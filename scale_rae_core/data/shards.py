@@ -137,6 +137,16 @@ def load_manifest(path: Path) -> Manifest:
     )
 
 
+def _image_name(data: bytes) -> Any:
+    """The ``image_filename`` a sample's json names, or None (none named, or json ``decode_sample`` will report
+    with the member name)."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return (obj.get("image_filename") or None) if isinstance(obj, dict) else None
+
+
 class TarIndex:
     """Random access to the samples of one tar, by index in sorted ``.json`` name order."""
 
@@ -165,17 +175,12 @@ class TarIndex:
         """``(json member name, json bytes, image bytes or None)`` of sample ``index``."""
         name = self.json_names[index]
         data = self._read(name)
-        image = None
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return name, data, None  # decode_sample reports it with the member name
-        image_name = obj.get("image_filename") if isinstance(obj, dict) else None
-        if image_name:
-            if image_name not in self._members:
-                raise DataError(f"{self.path}:{name}: image_filename {image_name!r} is not in the tar")
-            image = self._read(image_name)
-        return name, data, image
+        image_name = _image_name(data)
+        if image_name is None:
+            return name, data, None
+        if image_name not in self._members:
+            raise DataError(f"{self.path}:{name}: image_filename {image_name!r} is not in the tar")
+        return name, data, self._read(image_name)
 
 
 class TarStream:
@@ -206,20 +211,15 @@ class TarStream:
             self.next += 1
             if self.next - 1 == index:
                 break
-        image = None
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return name, data, None  # decode_sample reports it with the member name
-        image_name = obj.get("image_filename") if isinstance(obj, dict) else None
-        if image_name:
-            if image_name not in group:
-                raise DataError(
-                    f"{self.url}:{name}: image_filename {image_name!r} is not under the sample's key; a streamed tar "
-                    "needs each image next to its json (key.json + key.png): re-pack with `srae data pack`"
-                )
-            image = group[image_name]
-        return name, data, image
+        image_name = _image_name(data)
+        if image_name is None:
+            return name, data, None
+        if image_name not in group:
+            raise DataError(
+                f"{self.url}:{name}: image_filename {image_name!r} is not under the sample's key; a streamed tar "
+                "needs each image next to its json (key.json + key.png): re-pack with `srae data pack`"
+            )
+        return name, data, group[image_name]
 
     def close(self) -> None:
         self._samples.close()
