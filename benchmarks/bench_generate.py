@@ -41,6 +41,7 @@ def build_session(tmp: Path, size: str, device: str) -> Any:
     from scale_rae_core.infer.loading import LoadedModel, Source
     from scale_rae_core.infer.pipeline import Runtime, Session
     from scale_rae_core.models.decoder import Decoder, DecoderConfig
+    from scale_rae_core.models.io import cast_weights
     from scale_rae_core.models.scale_rae import ScaleRAE, build_llm, scale_rae_config
 
     torch.manual_seed(0)
@@ -66,8 +67,9 @@ def build_session(tmp: Path, size: str, device: str) -> Any:
                 p.normal_(0, 0.02)
     runtime = Runtime(torch.device(device), "bf16" if device == "cuda" else "fp32")
     source = Source("random", tmp, None, "random")
-    loaded = LoadedModel(model.to(runtime.device).eval(), tok, cfg, enc, source, "srae-export")
-    decoder = Decoder(dec).to(runtime.device).eval()
+    # the weights are held in the runtime's dtype (inference runs no autocast)
+    loaded = LoadedModel(cast_weights(model.to(runtime.device), runtime.torch_dtype).eval(), tok, cfg, enc, source, "srae-export")
+    decoder = cast_weights(Decoder(dec).to(runtime.device), runtime.torch_dtype).eval()
     return Session(loaded, runtime, load_profile("tiny-cpu"), _decoder=(decoder, source))
 
 

@@ -90,13 +90,23 @@ SamplerOpt = Annotated[str, typer.Option(
     "--sampler", help="euler | heun (ODE to t = 0) | sde | sde-heun | rae-euler | rae-heun (RAE's ODE grid) | "
     "reference (the released Scale-RAE grid, bugs included).")]
 VerifyOnOpt = Annotated[str, typer.Option("--verify-on", help="Self-verify the latent (reference) or the decoded image re-encoded.")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="fp32 | bf16 (bf16 autocast, CUDA only). Default: backend.precision.")]
+DtypeOpt = Annotated[str | None, typer.Option(
+    "--dtype", help="fp32 | bf16 | fp16: the dtype the weights are loaded and held in (CPU or CUDA; norms, the sampler "
+    "state and the timestep embedding stay fp32). Default: backend.weights_dtype (auto: backend.precision).")]
+NoiseOpt = Annotated[str, typer.Option(
+    "--noise", help="Start noise: seed (each image its own CPU generator, seed+j) | reference (as the released CLI: the "
+    "global generator seeded with --seed, one draw per image on the model's device, in the order images are made).")]
+NoiseFileOpt = Annotated[Path | None, typer.Option(
+    "--noise-file", help="Start noise from a .safetensors file: one (K, C, g, g) tensor, row k for the run's k-th image.")]
 SamplesOutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder. Default: <run.out_dir>/samples.")]
 SaveLatentOpt = Annotated[bool, typer.Option("--save-latent", help="Also write each latent as .safetensors (for srae latent ...).")]
 TextTokensOpt = Annotated[int, int_option("--max-new-tokens", help="Text tokens before <im_start> is forced (0 = at once).")]
 AnswerTokensOpt = Annotated[int, int_option("--max-new-tokens", help="Longest answer in tokens.")]
 LatentArg = Annotated[Path, typer.Argument(help="A latent from `srae generate --save-latent` (.safetensors) or a reference .pt (256·n × C).")]
 PromptArg = Annotated[str, typer.Argument(help="The question or follow-up request.")]
+LayoutOpt = Annotated[str | None, typer.Option(
+    "--layout", help="A benchmark tree: geneval (OUT/{index:05d}/metadata.jsonl + samples/{k:05d}.png; the prompts "
+    "need GenEval's tag and include) | dpg (OUT/{item_id}.png, a 2x2 grid of 4 samples per prompt id).")]
 
 
 def sampler_settings(steps: int, guidance: float, interval: str | None, method: str) -> Any:

@@ -12,6 +12,7 @@ from scale_rae_cli.options import (
     DecoderOpt,
     DtypeOpt,
     GuidanceOpt,
+    LayoutOpt,
     ModelOpt,
     ProfileOpt,
     QuietOpt,
@@ -26,8 +27,8 @@ from scale_rae_cli.options import (
 )
 
 VERIFY_EPILOG = (
-    "Example: srae verify runs/scale/Scale-RAE-Qwen1-5B_DiT2-4B/2_verify_scale_latent --metric combined --keep 4   "
-    "(writes ..._combined_verified/{index}/samples/*.png for GenEval, plus report.json)"
+    "Example: srae verify runs/scale/Scale-RAE-Qwen1-5B_DiT2-4B/2_verify_scale_latent --metric combined --keep 4 "
+    "--layout geneval   (writes ..._combined_verified/{index}/samples/*.png for GenEval, plus report.json)"
 )
 
 
@@ -37,15 +38,18 @@ def verify(
     keep: Annotated[int, int_option("--keep", "-k", min=1, help="Samples kept per prompt (all are kept where a prompt has fewer).")] = 4,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output tree. Default: DIR_<metric>_verified beside DIR.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier `srae verify` output at --out.")] = False,
+    layout: LayoutOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the output path, no table.")] = False,
 ) -> None:
-    """Keep the best K samples per prompt by a metric; write a GenEval-readable tree and a report."""
+    """Keep the best K samples per prompt by a metric; write the per-prompt tree (checked for GenEval with --layout
+    geneval) or DPG-Bench grids (--layout dpg), and a report."""
     from scale_rae_core.scale.select import write_selection
 
-    report = write_selection(directory, metric, keep, out, overwrite=overwrite)
+    report = write_selection(directory, metric, keep, out, overwrite=overwrite, layout=layout)
     if not quiet:
         _print_report(report)
-    typer.echo(f"wrote {report['out']} ({report['prompts']} prompts, report in {Path(report['out']) / 'report.json'})")
+    typer.echo(f"wrote {report['out']} ({report['prompts']} prompts, {len(report['failed'])} failed, "
+               f"report in {Path(report['out']) / 'report.json'})")
 
 
 def _fmt(value: float | None) -> str:
@@ -77,8 +81,8 @@ def _print_report(report: dict[str, Any]) -> None:
     if report["unscored"]:
         console.print("[yellow]samples without self-verification scores (not candidates):[/] "
                       + escape(", ".join(f"{k} ({v})" for k, v in report["unscored"].items())))
-    for item in report["skipped"]:
-        console.print(f"[yellow]skipped {escape(str(item['folder']))}:[/] {escape(item['reason'])}")
+    for name, reason in report["failed"].items():
+        console.print(f"[yellow]failed {escape(name)} (no samples in the output):[/] {escape(reason)}")
 
 
 SCALE_EPILOG = (
@@ -95,7 +99,7 @@ def scale(
     n: Annotated[int, int_option("--n", help="Samples per round.")] = 4,
     rounds: Annotated[int, int_option("--rounds", help="Scaling rounds: n × rounds samples per prompt.")] = 1,
     verify_on: VerifyOnOpt = "latent",
-    scorer: Annotated[list[str] | None, typer.Option("--scorer", help="Scorer (repeatable): image_reward | shapes | a registered name | package.module:factory.")] = None,
+    scorer: Annotated[list[str] | None, typer.Option("--scorer", help="Scorer (repeatable): image_reward | shapes | a registered name | package.module:factory | none (no scorer: self-verification only).")] = None,
     ir_weights: Annotated[str, typer.Option("--ir-weights", help="ImageReward.pt: file, directory or hub repo id.")] = "THUDM/ImageReward",
     ir_tokenizer: Annotated[str | None, typer.Option("--ir-tokenizer", help="BERT vocab.txt (file, dir or repo) for ImageReward.")] = None,
     seed: SeedOpt = None,
@@ -113,10 +117,17 @@ def scale(
     """Best-of-N generation: n × rounds samples per prompt, each scored by scorers and by self-verification."""
     from scale_rae_core.events import Reporter
     from scale_rae_core.infer.pipeline import SamplerSettings, Session
-    from scale_rae_core.scale.run import ScaleSettings, read_prompt_file, run_scaling
+    from scale_rae_core.scale.run import (
+        ScaleSettings,
+        failed_prompts,
+        read_prompt_file,
+        run_scaling,
+        scorer_names,
+    )
     from scale_rae_core.scale.scorers import build_scorer
 
     model = require_model(model)
+    names = scorer_names(scorer)
     prof = load(profile, set_)
     settings = ScaleSettings(n=n, rounds=rounds, verify_on=verify_on, seed=prof.run.seed if seed is None else seed,
                              batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -125,8 +136,12 @@ def scale(
     with Session.open(model, prof, dtype=dtype, decoder=decoder) as session:
         device = session.runtime.device
         options = {"image_reward": {"weights": ir_weights, "tokenizer": ir_tokenizer}}
-        scorers = [build_scorer(name, device=device, **options.get(name, {})) for name in (scorer or ["image_reward"])]
+        scorers = [build_scorer(name, device=device, **options.get(name, {})) for name in names]
         with Reporter(None, show_progress=prof.output.progress and not quiet) as rep:
             root = run_scaling(session, lines, out, model, settings, SamplerSettings(steps=steps, guidance=guidance),
                                scorers, rep, accept_changes=accept_changes)
-    typer.echo(f"wrote {root} ({len(lines)} prompts × {settings.total} samples); select with: srae verify {root}")
+    failed = failed_prompts(root, lines)
+    for name, reason in failed.items():
+        typer.echo(f"failed {name}: {reason}", err=True)
+    typer.echo(f"wrote {root} ({len(lines)} prompts × {settings.total} samples, {len(failed)} failed); "
+               f"select with: srae verify {root}")

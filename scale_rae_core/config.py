@@ -55,6 +55,9 @@ class MeshSettings(_Section):
 class BackendSettings(_Section):
     kind: Literal["cpu", "cuda", "xla"] = "cpu"
     precision: Literal["fp32", "bf16"] = "fp32"  # compute dtype under autocast; master weights stay fp32
+    # Inference only (generate, understand, latent, scale: --dtype): the dtype weights are loaded and held in.
+    # "auto" = precision. Training is unaffected (its master weights stay fp32).
+    weights_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     nodes: int = Field(1, ge=1)  # machines (cpu/cuda: torchrun --nnodes) or TPU hosts (xla)
     procs_per_node: int = Field(1, ge=1)  # cpu/cuda: torchrun --nproc-per-node
     devices_per_node: int = Field(1, ge=1)  # xla: chips per host (one PJRT device each)
@@ -92,6 +95,7 @@ class EncoderSettings(_Section):
     kind: Literal["siglip", "siglip2", "dinov2-reg", "webssl-dino", "mae"] = "siglip2"
     path: str = "google/siglip2-so400m-patch14-224"  # HF repo id or local dir; "tiny-random" builds a seeded tiny one
     input_size: int | None = None  # square input side in pixels; None = the encoder's own
+    select_layer: int = -1  # SigLIP: hidden state taken (-1 last block, -2 the one before; reference mm_vision_select_layer)
 
 
 class DecoderSettings(_Section):
@@ -213,6 +217,9 @@ class OutputSettings(_Section):
     log_every: int = Field(10, ge=1)  # steps between metric records
     progress: bool = True  # rich progress bars (--quiet turns them off)
     events_file: str = "events.jsonl"  # machine-readable log inside the run dir
+    # Training metrics (every metrics.jsonl record) also go to: none | tensorboard (RUN/tensorboard/, extra
+    # srae[tensorboard]) | wandb (extra srae[wandb]; WANDB_MODE=offline logs without a network).
+    tracker: Literal["none", "tensorboard", "wandb"] = "none"
 
 
 # --------------------------------------------------------------------------------------------- batch plan
@@ -350,6 +357,12 @@ class Profile(BaseSettings):
         return self
 
     # ---------------------------------------------------------------------------- derived values
+    @property
+    def inference_dtype(self) -> str:
+        """The dtype inference holds weights in: ``backend.weights_dtype``, or ``backend.precision`` for auto."""
+        b = self.backend
+        return b.precision if b.weights_dtype == "auto" else b.weights_dtype
+
     def batch_plan(self, section: str) -> BatchPlan:
         """The :class:`BatchPlan` of a training section (one of ``TRAINING_SECTIONS``) for this
         profile's process layout; ConfigError naming the key when it does not split evenly (a layout changed

@@ -16,6 +16,7 @@ from scale_rae_core.config import (
     load_profile,
     parse_overrides,
     resolve_profile_path,
+    shipped_profiles_dir,
 )
 from scale_rae_core.errors import BackendError, ConfigError
 
@@ -228,3 +229,13 @@ def test_profiles_show_follows_srae_profile(monkeypatch):
     result = CliRunner().invoke(app, ["profiles", "show", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["source"].endswith("gpu-1.toml")
+
+
+@pytest.mark.parametrize("name", ["v4-256", "v5p-128"])
+def test_multi_host_launch_lines_pass_master_addr_to_every_worker(name):
+    profile = load_profile(name)
+    launch = profile.backend.launch
+    assert profile.backend.nodes > 1 and "--worker=all" in launch
+    assert launch.startswith("MASTER_ADDR=$(gcloud compute tpus tpu-vm describe $TPU_NAME ")
+    assert "--command \"MASTER_ADDR=$MASTER_ADDR PJRT_DEVICE=TPU srae train stage1" in launch
+    assert "init_method" not in (shipped_profiles_dir() / f"{name}.toml").read_text()

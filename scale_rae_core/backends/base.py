@@ -16,15 +16,20 @@ explicit ``torch.manual_seed``) so every rank starts from the same weights befor
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import os
 import random
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from datetime import timedelta
 
 import numpy as np
 import torch
 from torch import nn
 
 from scale_rae_core.config import BackendSettings
+from scale_rae_core.errors import BackendError
 
 
 class Backend(ABC):
@@ -166,3 +171,49 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+HOST_GROUP_PORT = 12355  # MASTER_PORT default (torch_xla's too)
+HOST_GROUP_TIMEOUT = timedelta(minutes=10)
+
+
+def start_host_group(rank: int, world: int, *, what: str) -> None:
+    """A gloo process group of ``world`` host processes (this one is ``rank``), for host-side data only.
+
+    The rendezvous is a TCPStore at ``MASTER_ADDR:MASTER_PORT`` (port default 12355) served by the process running on
+    that address (for a loopback address: rank 0), so no accelerator program runs to find the peers. ``what`` names
+    the launch for the one-line error when ``MASTER_ADDR`` is unset.
+    """
+    import torch.distributed as dist
+
+    addr = os.environ.get("MASTER_ADDR", "")
+    if not addr:
+        raise BackendError(
+            f"{what}: {world} host processes need MASTER_ADDR (the internal IP of worker 0) for their host-side process "
+            "group; set it on every host in the launch command (see the profile's launch line)"
+        )
+    try:
+        port = int(os.environ.get("MASTER_PORT", HOST_GROUP_PORT))
+    except ValueError:
+        raise BackendError(f"{what}: MASTER_PORT={os.environ['MASTER_PORT']!r} is not a port number; set it or unset it") from None
+    serves = rank == 0 if _is_loopback(addr) else _is_local_address(addr)
+    store = dist.TCPStore(addr, port, world, is_master=serves, timeout=HOST_GROUP_TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=HOST_GROUP_TIMEOUT)
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _is_local_address(addr: str) -> bool:
+    """True when ``addr`` resolves to one of this host's own addresses (it can be bound here)."""
+    try:
+        target = socket.gethostbyname(addr)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind((target, 0))
+        return True
+    except OSError:
+        return False

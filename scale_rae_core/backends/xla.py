@@ -1,9 +1,23 @@
 """The TPU backend: torch_xla SPMD with FSDPv2. The only module in srae that imports torch_xla.
 
-One process per host drives all of its chips. The mesh comes from the profile (``backend.mesh``: ``fsdp`` ×
+One process per host drives all of its chips (torch_xla's SPMD model: ``xr.use_spmd()`` before anything touches
+the device; every host runs the same program). The mesh comes from the profile (``backend.mesh``: ``fsdp`` ×
 ``tp`` axes over every chip of the slice); parameters are sharded along ``fsdp`` by
 ``SpmdFullyShardedDataParallel`` wrapped per block (decoder layer / DiT block), optionally with gradient
-checkpointing per block, and each host's batch is sharded over the batch axis by :meth:`shard_batch`.
+checkpointing per block.
+
+Input: each host loads its own share of the global batch (``world_size`` = hosts). :meth:`shard_batch` hands that
+host-local batch to torch_xla as *this host's part of one global array* (``ShardingSpec(..., minibatch=True)``
+through ``xm.send_cpu_data_to_device``, the path ``MpDeviceLoader(input_sharding=...)`` takes): the global tensor
+has hosts × the local rows, the host's rows on the host's own chips. (Moving the local batch with ``.to(device)``
+and marking it sharded would declare each host's different rows to be the same global tensor.)
+
+Hosts: a single host needs no process group. Several hosts get one gloo group for host-side data (checkpoint
+files through DCP, run locks, resume agreement, host-tensor means, barriers), started from a TCPStore at
+``MASTER_ADDR`` (:func:`~scale_rae_core.backends.base.start_host_group`) rather than ``init_method="xla://"``,
+whose master discovery runs an XLA program on every host first and is what failed to rendezvous on a v5p-128 in
+the reference's tracker. Barriers use that group: under SPMD ``xm.rendezvous`` does not wait for the other hosts
+(torch_xla 2.9 sets no replication devices in SPMD, so ``xr.world_size()`` is 1 and its all-gather spans one shard).
 
 Static shapes are the caller's job (pad to the profile's sequence length, fixed images per sample); with
 them the step compiles once or twice (the first optimiser step creates the Adam state) and then never again
@@ -31,7 +45,7 @@ from torch import nn
 from torch_xla.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel as FSDPv2
 
-from scale_rae_core.backends.base import Backend
+from scale_rae_core.backends.base import Backend, start_host_group
 from scale_rae_core.config import BackendSettings
 from scale_rae_core.errors import BackendError
 
@@ -70,7 +84,7 @@ class XlaBackend(Backend):
         self._device = torch_xla.device()
         self._pg = False
         if xr.process_count() > 1 and not dist.is_initialized():
-            dist.init_process_group("gloo", init_method="xla://")  # side channel for barriers and host data
+            start_host_group(xr.process_index(), xr.process_count(), what=f"backend.nodes = {settings.nodes}")
             self._pg = True
 
     # ------------------------------------------------------------------------------------- identity
@@ -102,8 +116,10 @@ class XlaBackend(Backend):
 
     # ------------------------------------------------------------------------------------- collectives
     def barrier(self) -> None:
-        if xr.process_count() > 1:
-            xm.rendezvous("srae-barrier")
+        """Every host waits here (the device work queued so far is flushed first)."""
+        if self._pg:
+            torch_xla.sync()
+            dist.barrier()
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Under SPMD a device tensor is already global; host tensors are averaged over hosts."""
@@ -145,11 +161,24 @@ class XlaBackend(Backend):
             auto_wrap_policy=policy, auto_wrapper_callable=wrapper,
         )
 
+    def input_sharding(self, dims: int) -> xs.ShardingSpec:
+        """How a host's batch tensor of ``dims`` dimensions joins the global one, as this host's part
+        (``minibatch``): rows over every chip (``fsdp`` × ``tp``; torch_xla's minibatch input takes no replicated
+        axis, the partitioner moves rows to the ``tp`` groups inside the step)."""
+        return xs.ShardingSpec(self.mesh, (("fsdp", "tp"),) + (None,) * (dims - 1), minibatch=True)
+
     def shard_batch(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Move a host batch to the device and shard its first (batch) dimension over the fsdp axis."""
-        tensor = tensor.to(self._device)
-        xs.mark_sharding(tensor, self.mesh, ("fsdp",) + (None,) * (tensor.dim() - 1))
-        return tensor
+        """This host's batch (B_host, ...) on the CPU -> its part of the global batch (hosts × B_host, ...), sharded
+        over the fsdp axis, on the host's own chips (see the module docstring)."""
+        if tensor.dim() == 0:
+            return tensor.to(self._device)
+        local = xr.addressable_runtime_device_count()
+        if tensor.shape[0] % local:
+            raise BackendError(
+                f"a host batch of {tensor.shape[0]} rows does not split over this host's {local} chips; make the "
+                f"per-host batch (global batch / backend.nodes) a multiple of backend.devices_per_node"
+            )
+        return xm.send_cpu_data_to_device(tensor.cpu(), self._device, input_sharding=self.input_sharding(tensor.dim()))[0]
 
     # ------------------------------------------------------------------------------------- checkpoint state
     # FSDPv2 wraps modules as ``_orig_module``; checkpoints store the plain names and host (CPU) tensors, the

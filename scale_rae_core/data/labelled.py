@@ -18,7 +18,6 @@ otherwise (`data.images.to_square_tensor`).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from scale_rae_core.data.images import IMAGE_EXTENSIONS, BadImage, read_image, to_square_tensor
+from scale_rae_core.data.order import EpochOrder
 from scale_rae_core.data.shards import MANIFEST_NAME
 from scale_rae_core.errors import ConfigError, DataError
 
@@ -59,59 +59,34 @@ class LabelledFolder:
                  seed: int = 0, drop_last: bool = True) -> None:
         self.root = Path(root)
         self.classes, self.items = class_folders(self.root)
-        if len(self.items) < world_size:
-            raise DataError(f"{root}: {len(self.items)} images cannot be split across {world_size} processes; add images")
         self.num_classes = len(self.classes)
         self.image_size, self.train = image_size, train
-        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
-        n = len(self.items)
-        self._range = ((rank * (n // world_size), (rank + 1) * (n // world_size)) if drop_last
-                       else (rank * n // world_size, (rank + 1) * n // world_size))
-        self.images_per_epoch = self._range[1] - self._range[0]
-        self.epoch, self.consumed = 0, 0
-
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.items)))
-        if self.train:
-            random.Random(f"srae-labelled-{self.seed}-{epoch}").shuffle(order)
-        return order[self._range[0] : self._range[1]]
+        self.order = EpochOrder(len(self.items), kind="class-folders", tag="srae-labelled", where=str(root),
+                                shuffle=train, rank=rank, world_size=world_size, seed=seed, drop_last=drop_last,
+                                identity={"classes": self.classes})
+        self.images_per_epoch = self.order.per_epoch
 
     def skip(self, count: int) -> None:
         """Continue the current epoch after its first `count` images, without reading them."""
-        self.consumed = count
+        self.order.skip(count)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, Position]]:
-        if self.consumed >= self.images_per_epoch:
-            self.epoch, self.consumed = self.epoch + 1, 0
-        epoch, order = self.epoch, self._order(self.epoch)
-        for j in range(self.consumed, len(order)):
-            path, label = self.items[order[j]]
+        for i, position in self.order.items():
+            path, label = self.items[i]
             try:
                 im = read_image(path)
             except BadImage as err:
                 raise DataError(f"{path}: {err}; remove or replace the file") from err
-            self.consumed = j + 1
-            yield to_square_tensor(im, self.image_size, train=self.train), label, (epoch, j)
+            yield to_square_tensor(im, self.image_size, train=self.train), label, position
 
     def mark_consumed(self, positions: list[Position]) -> None:
-        for epoch, j in positions:
-            if epoch > self.epoch:
-                self.epoch, self.consumed = epoch, 0
-            if epoch == self.epoch:
-                self.consumed = max(self.consumed, j + 1)
+        self.order.mark_consumed(positions)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "class-folders", "epoch": self.epoch, "consumed": self.consumed, "count": len(self.items),
-                "classes": self.classes, "world_size": self.world_size, "seed": self.seed}
+        return self.order.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        same = (state.get("kind"), state.get("count"), state.get("classes"), state.get("world_size"), state.get("seed"))
-        if same != ("class-folders", len(self.items), self.classes, self.world_size, self.seed):
-            raise DataError(
-                f"{self.root}: the checkpoint's data position was saved for other class folders, process count or "
-                "seed; resume with the same --data, process count and run.seed"
-            )
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.order.load_state_dict(state)
 
 
 class LabelledPacked:

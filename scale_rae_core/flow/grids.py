@@ -30,16 +30,22 @@ Schedule = tuple[torch.Tensor, torch.Tensor]  # (t, t_next), each (K,) float64: 
 
 
 def space_timesteps(num_train_steps: int, count: int) -> list[int]:
-    """`count` integer indices spread evenly over [0, num_train_steps − 1], both ends included.
+    """`count` integer indices spread evenly over [0, num_train_steps − 1], both ends included, ascending.
 
-    For (1000, 50): 0, 20, 41, …, 958, 979, 999 — the reference's respacing of a single section.
+    The released respacing (one section): a float position starts at 0 and grows by the stride
+    (T − 1)/(count − 1) once per index, and each index is Python's round() of the position reached so far. The
+    accumulated sum carries float rounding that ``round(i · stride)`` does not, so the two disagree at some counts
+    (21, 23, 31, 35, ...: a position that should be k + 0.5 lands just above or below it); this is the released rule.
+    For (1000, 50): 0, 20, 41, …, 958, 979, 999.
     """
     if not 1 <= count <= num_train_steps:
         raise ConfigError(f"sampler steps must be in [1, {num_train_steps}], got {count}")
-    if count == 1:
-        return [0]
-    stride = (num_train_steps - 1) / (count - 1)
-    return [round(i * stride) for i in range(count)]
+    stride = 1.0 if count == 1 else (num_train_steps - 1) / (count - 1)
+    position, used = 0.0, []
+    for _ in range(count):
+        used.append(round(position))
+        position += stride
+    return sorted(set(used))
 
 
 def srae_grid(steps: int, shift: float) -> torch.Tensor:

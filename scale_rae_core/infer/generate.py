@@ -15,12 +15,18 @@ batches of ``batch_size``, CFG rows included in the same forward.
 
 Image j (0-based) of every prompt uses seed ``seed + j``; ``--seed S --n 1`` regenerates the image whose manifest
 says ``"seed": S`` (bit for bit with the same prompts per batch; with other batch neighbours up to float rounding,
-at most one grey level, since other batch shapes run other CPU/GPU kernels).
+at most one grey level, since other batch shapes run other CPU/GPU kernels). ``--noise reference`` instead draws
+the start noise as the released CLI does (the global generator seeded with ``--seed``, one draw per image in the
+order the images are made) and ``--noise-file`` reads it; the manifest's ``noise`` says which, and for those two
+the image's ``noise_index`` in that order (:mod:`scale_rae_core.infer.noise`). With ``--noise reference
+--sampler reference --steps 50 --guidance 1`` on CUDA an image is the released CLI's ``t2i`` image for the same
+prompt and seed.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +36,9 @@ import torch
 from scale_rae_core.errors import DataError
 from scale_rae_core.events import Reporter
 from scale_rae_core.files import output_folder, read_text
+from scale_rae_core.infer.noise import SeedNoise, StartNoise
 from scale_rae_core.infer.outputs import check_seeds, claim_stem, save_latent, write_manifest, write_png
-from scale_rae_core.infer.pipeline import SamplerSettings, Session, seconds_since
+from scale_rae_core.infer.pipeline import SamplerSettings, Session, check_guidable, seconds_since
 from scale_rae_core.prompts import IMAGE_MARKER
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -55,6 +62,9 @@ class ImageRecord:
     manifest: Path
     latent: Path | None
     text: str
+
+
+ImageWriter = Callable[[int, TextResult, int, int, torch.Tensor], ImageRecord]  # see generate_images
 
 
 @dataclass
@@ -94,27 +104,34 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     return out
 
 
+def request_ids(session: Session, prompt: str) -> list[int]:
+    """The token ids of the chat-templated request ``prompt`` (one user turn, the assistant turn opened);
+    ``SequenceTooLongError`` (a DataError) in one line when it does not fit the model."""
+    from scale_rae_core.models.llm import SequenceTooLongError, build_sample
+
+    lm = session.model.lm
+    N, max_len = lm.cfg.num_image_tokens, int(lm.llm.config.max_position_embeddings)
+    try:
+        return build_sample([{"from": "human", "value": prompt}], session.tokenizer, N, max_len,
+                            add_generation_prompt=True).input_ids
+    except SequenceTooLongError:
+        raise SequenceTooLongError(
+            f"prompt {prompt[:40]!r}…: longer than the {max_len} tokens the model reads (its "
+            "max_position_embeddings, with the chat template); shorten the prompt"
+        ) from None
+
+
 @torch.inference_mode()
 def decode_to_image_start(session: Session, prompts: list[str], max_new_tokens: int) -> tuple[list[TextResult], torch.Tensor]:
     """Greedy text for a batch of prompts until ``<im_start>`` (forced at a turn end or the token limit)
     -> (texts, conditions (B, N, Z) on the device)."""
-    from scale_rae_core.models.llm import SequenceTooLongError, build_sample, image_token_ids, stop_token_ids
+    from scale_rae_core.models.llm import image_token_ids, stop_token_ids
 
     lm, tok, device = session.model.lm, session.tokenizer, session.runtime.device
-    N, max_len = lm.cfg.num_image_tokens, int(lm.llm.config.max_position_embeddings)
-    ids = []
-    for p in prompts:
-        try:
-            ids.append(build_sample([{"from": "human", "value": p}], tok, N, max_len, add_generation_prompt=True).input_ids)
-        except SequenceTooLongError:
-            raise DataError(
-                f"prompt {p[:40]!r}…: longer than the {max_len} tokens the model reads (its "
-                "max_position_embeddings, with the chat template); shorten the prompt"
-            ) from None
-    with session.runtime.autocast():
-        embeds = [lm.embed_text(torch.tensor(row, device=device)) for row in ids]  # (T_i, d) each
-        out = lm.decode(embeds, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tok),
-                        image_start_id=image_token_ids(tok).im_start, force_image=True)
+    ids = [request_ids(session, p) for p in prompts]
+    embeds = [lm.embed_text(torch.tensor(row, device=device)) for row in ids]  # (T_i, d) each
+    out = lm.decode(embeds, max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tok),
+                    image_start_id=image_token_ids(tok).im_start, force_image=True)
     results = [
         TextResult(
             prompt=p,
@@ -142,20 +159,33 @@ def generate_images(
     save_latents: bool = False,
     decode: bool = True,
     reporter: Reporter | None = None,
+    writer: ImageWriter | None = None,
+    noise: StartNoise | None = None,
 ) -> GenerateResult:
-    """Generate ``n`` images for each prompt into ``out_dir`` (PNG + manifest [+ latent] per image)."""
+    """Generate ``n`` images for each prompt into ``out_dir`` (PNG + manifest [+ latent] per image).
+
+    ``writer``: where each image goes instead (a benchmark layout, :mod:`scale_rae_core.infer.layouts`); it is
+    called as ``writer(position of the prompt in prompts, its text, seed, image index in the prompt, pixels (3, H, W))``,
+    prompt after prompt, images in order. ``noise``: where the start noise comes from (default: each image's seed;
+    see the module docstring)."""
     from scale_rae_core.errors import ConfigError
 
     if n < 1 or batch_size < 1:
         raise ConfigError(f"--n {n} and --batch-size {batch_size} must both be >= 1")
     if max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens {max_new_tokens} must be >= 0")
+    if writer is not None and not decode:
+        raise ConfigError("--skip-decoder writes no images; a --layout needs them (drop --skip-decoder)")
     if not decode and not save_latents:
         raise ConfigError("--skip-decoder without --save-latent would write no image data; add --save-latent")
     check_seeds(seed, n)
+    check_guidable(session.model, settings)
+    dit = session.model.diff_head.cfg
     output_folder(out_dir)
     if decode:
         session.decoder()  # fail early (before any compute) when no decoder can be found
+    noise = noise or SeedNoise()
+    noise.check(len(prompts) * n, (dit.in_channels, dit.grid, dit.grid))  # reference: seeds the generator here
     reporter = reporter or Reporter()
     result = GenerateResult()
     totals = {"text": 0.0, "sample": 0.0, "decode": 0.0}
@@ -173,7 +203,8 @@ def generate_images(
                 seeds = [seed + j for _, j in batch]
                 cond = conditions[torch.tensor([i for i, _ in batch], device=conditions.device)]  # (b, N, Z)
                 start = time.perf_counter()
-                tokens = session.sample(cond, seeds, settings)  # (b, N, C) on the CPU
+                first = noise.next_index
+                tokens = session.sample(cond, seeds, settings, noise)  # (b, N, C) on the CPU
                 sample_s = seconds_since(start)
                 start = time.perf_counter()
                 pixels = session.decode_pixels(tokens) if decode else None
@@ -181,11 +212,12 @@ def generate_images(
                 totals["sample"] += sample_s
                 totals["decode"] += decode_s
                 for k, (i, j) in enumerate(batch):
-                    record = _write_image(
+                    record = writer(p0 + i, texts[i], seeds[k], j, pixels[k]) if writer and pixels is not None else _write_image(
                         session, out_dir, texts[i], seeds[k], j, settings, tokens[k], None if pixels is None else pixels[k],
                         save_latents, {"text": text_s, "sample": sample_s, "decode": decode_s,
                                        "load": session.load_seconds, "batch_images": len(batch),
                                        "batch_prompts": len(chunk)}, enc,
+                        {"noise": noise.kind} | ({"noise_index": first + k} if first >= 0 else {}),
                     )
                     result.images.append(record)
                     reporter.event("image", png=record.png, manifest=record.manifest, seed=record.seed)
@@ -197,6 +229,7 @@ def generate_images(
 def _write_image(
     session: Session, out_dir: Path, text: TextResult, seed: int, index_in_prompt: int, settings: SamplerSettings,
     tokens: torch.Tensor, pixels: torch.Tensor | None, save: bool, timings: dict[str, Any], encoder: dict[str, Any],
+    noise: dict[str, Any],
 ) -> ImageRecord:
     stem = claim_stem(out_dir, text.prompt, seed)
     png = write_png(stem.with_suffix(".png"), pixels) if pixels is not None else None
@@ -214,6 +247,7 @@ def _write_image(
         "output_text": text.text,
         "image_start": "forced" if text.forced else "model",
         "seed": seed,
+        **noise,
         "index_in_prompt": index_in_prompt,
         **settings.describe(),
         "image": png.name if png else None,

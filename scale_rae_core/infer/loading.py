@@ -16,8 +16,15 @@ Two layouts load:
   ...), safetensors weights (one file or shards + ``model.safetensors.index.json``) under the reference names, and
   the Qwen tokenizer with ``<im_start>``/``<im_end>``. Config and keys map with :mod:`scale_rae_core.models.adapters`.
   Loading is strict (:func:`scale_rae_core.models.scale_rae.load_scale_rae`): a key that maps nowhere, a missing key or a
-  wrong shape is an error. Only ``lm_head.weight`` (tied to the input embeddings when ``tie_word_embeddings``) and
-  the DiT's fixed tables (2-D sin-cos positions, RoPE, which are recomputed) may be absent.
+  wrong shape is an error. Only ``lm_head.weight`` (tied to the input embeddings when ``tie_word_embeddings``; a
+  stored one is then not used, as transformers does) and the DiT's fixed tables (2-D sin-cos positions, RoPE) may
+  be absent; stored tables are used as stored, as the released code does (a warning names how far they are from
+  the computed ones). ``diffusion_class_dropout_prob = 0`` loads a head without the null vector (not guidable) and
+  ``mm_vision_select_layer`` picks the SigLIP hidden state the encoder returns (:mod:`~scale_rae_core.models.adapters`).
+
+Precision: ``dtype`` (``--dtype`` / ``backend.weights_dtype``) is the dtype the weights are loaded and held in, on
+the device directly: the model is built on the meta device, allocated once in that dtype and filled tensor by
+tensor from the files (no float32 copy of a half-precision model exists at any point).
 
 Every loaded model and decoder carries a :class:`Source` whose ``revision`` goes into the manifests: the hub commit
 hash, or for a local directory a content hash (sha256 over every file; files over 256 MiB contribute their size,
@@ -98,19 +105,20 @@ def read_json(path: Path, flag: str) -> dict[str, Any]:
     return data
 
 
-def load_model(spec: str, device: torch.device | str = "cpu", *, flag: str = "--model") -> LoadedModel:
-    """Resolve ``spec`` and load it (either layout) in fp32, in eval mode, on ``device``."""
+def load_model(spec: str, device: torch.device | str = "cpu", *, flag: str = "--model",
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Resolve ``spec`` and load it (either layout) in eval mode, its weights in ``dtype`` on ``device``."""
     from scale_rae_core.models.scale_rae import FORMAT, load_export
 
     source = resolve(spec, flag=flag, allow_patterns=MODEL_FILES)
     cfg_json = read_json(source.path / "config.json", flag)
     if cfg_json.get("format") == FORMAT:
-        loaded = load_export(source.path, device=device)
+        loaded = load_export(source.path, device=device, dtype=dtype)
         enc = loaded.encoder_settings()
         return LoadedModel(loaded.model, loaded.tokenizer, loaded.config, enc, source, "srae-export")
     if cfg_json.get("model_type") == "cambrian_qwen" or "mm_vision_tower_aux_list" in cfg_json:
-        model, tokenizer, cfg, enc = load_released(source.path, cfg_json, flag=flag)
-        return LoadedModel(model.to(device).eval(), tokenizer, cfg, enc, source, "released")
+        model, tokenizer, cfg, enc = load_released(source.path, cfg_json, flag=flag, device=device, dtype=dtype)
+        return LoadedModel(model.eval(), tokenizer, cfg, enc, source, "released")
     raise CheckpointError(
         f"{flag} {spec}: config.json is neither an srae export (format '{FORMAT}') nor a released Scale-RAE model "
         "(model_type 'cambrian_qwen'); pass a Scale-RAE model"
@@ -135,8 +143,12 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no model.safetensors or {RELEASED_INDEX}; pass a released Scale-RAE model directory")
 
 
-def load_released(path: Path, hf: dict[str, Any], *, flag: str = "--model") -> tuple[ScaleRAE, Any, ScaleRAEConfig, EncoderSettings]:
-    """Build the model from a released config.json and copy the weights in, shard by shard (strict)."""
+def load_released(
+    path: Path, hf: dict[str, Any], *, flag: str = "--model", device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[ScaleRAE, Any, ScaleRAEConfig, EncoderSettings]:
+    """Build the model from a released config.json and copy the weights in, shard by shard (strict), in ``dtype``
+    on ``device``; stored DiT tables are kept (see the module docstring)."""
     from transformers import AutoTokenizer, Qwen2Config
 
     from scale_rae_core.models.llm import image_token_ids
@@ -153,7 +165,7 @@ def load_released(path: Path, hf: dict[str, Any], *, flag: str = "--model") -> t
         raise CheckpointError(f"{flag}: the tokenizer in {path} lacks <im_start>/<im_end>; this is not a Scale-RAE tokenizer") from None
     fix = "re-download the model"
     model = load_scale_rae(cfg, read_safetensors(weight_files(path), fix=fix), source=str(path), fix=fix,
-                           rename=released_to_srae_key)
+                           rename=released_to_srae_key, device=device, dtype=dtype, keep_stored_tables=True)
     return model, tokenizer, cfg, encoder
 
 
@@ -162,9 +174,12 @@ def load_released(path: Path, hf: dict[str, Any], *, flag: str = "--model") -> t
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_pixel_decoder(spec: str, encoder: EncoderSettings, device: torch.device | str = "cpu") -> tuple[Decoder, Source]:
-    """``--decoder``: our decoder directory (``srae train decoder``) or a released one (``model.pt``), local or hub."""
+def load_pixel_decoder(spec: str, encoder: EncoderSettings, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> tuple[Decoder, Source]:
+    """``--decoder``: our decoder directory (``srae train decoder``) or a released one (``model.pt``), local or hub,
+    its weights cast to ``dtype`` (LayerNorms normalise in float32, the position table stays float32)."""
     from scale_rae_core.models.convert import load_any_decoder
+    from scale_rae_core.models.io import cast_weights
 
     decoder, source = load_any_decoder(spec, flag="--decoder", encoder_kind=encoder.kind, encoder_id=encoder.path)
-    return decoder.to(device).eval(), source
+    return cast_weights(decoder.to(device), dtype).eval(), source

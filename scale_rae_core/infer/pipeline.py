@@ -8,12 +8,17 @@ decoder, encoder, the flow sampler over the head, pixel decoding and the manifes
 A :class:`Session` owns the backend it opened (under torchrun that is the process group) and closes it:
 ``with Session.open(model, profile) as session: ...``.
 
-Precision: weights stay fp32; ``dtype = "bf16"`` (CUDA only) runs every forward under bf16 autocast. The sampler
-integrates in fp32 whatever the dtype (``FlowSampler.step``).
+Precision: ``dtype`` (``--dtype``, else ``backend.weights_dtype``, else ``backend.precision``) is the dtype the model,
+the decoder and the encoder are loaded and held in — fp32, bf16 or fp16, on CPU and CUDA alike; there is no
+autocast. What precision needs stays float32 inside the modules: RMSNorm / LayerNorm normalise in float32, the
+DiT's timestep embedder and fixed tables are float32, its per-token condition is formed in float32, and the
+sampler's state x stays float32 (the noise is float32, every step is computed in float32: ``FlowSampler.step``);
+the head is called on x cast to the weights' dtype and its velocity is promoted back.
 
-Noise: image k's initial noise (and, for the SDE samplers, every step's noise) is drawn on the CPU from
+Noise: by default image k's initial noise (and, for the SDE samplers, every step's noise) is drawn on the CPU from
 ``torch.Generator().manual_seed(seed_k)`` and then moved to the device (``flow.sampler.PerSampleNoise``), so an
 image depends only on its own seed — not on the batch it was sampled in, nor on the device's random generator.
+``--noise reference`` draws it as the released CLI does and ``--noise-file`` reads it (:mod:`.noise`).
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ from scale_rae_core.flow.sampler import SamplerConfig
 from scale_rae_core.infer.loading import LoadedModel, Source, load_model, load_pixel_decoder
 from scale_rae_core.models.decoder import Decoder
 from scale_rae_core.models.dit import grid_to_tokens
+from scale_rae_core.models.io import DTYPES
 from scale_rae_core.models.rae import to_pixels
 from scale_rae_core.version import __version__
 
 if TYPE_CHECKING:
     from PIL import Image
 
+    from scale_rae_core.infer.noise import StartNoise
 
 
 @dataclass(frozen=True)
@@ -87,30 +94,31 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
-    dtype: str  # "fp32" | "bf16"
+    dtype: str  # "fp32" | "bf16" | "fp16": what the weights are held in
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        """No autocast: the weights are held in :attr:`dtype` and run in it, with their float32 parts (norms, the
+        timestep embedder, the fixed tables) kept float32 — autocast would run those in half too."""
         return contextlib.nullcontext()
 
 
 def open_backend(profile: Profile, dtype: str | None) -> tuple[Backend, Runtime]:
-    """The profile's backend (cpu or cuda; the caller closes it) and the runtime: its device and the compute
-    dtype (``--dtype`` or the profile's)."""
+    """The profile's backend (cpu or cuda; the caller closes it) and the runtime: its device and the weights'
+    dtype (``--dtype``, else the profile's ``backend.weights_dtype`` / ``backend.precision``)."""
     from scale_rae_core.backends import get_backend
 
     if profile.backend.kind == "xla":
         raise BackendError(
             f"{profile.source}: backend.kind = 'xla'; inference runs on cpu or cuda, use --profile tiny-cpu or gpu-1"
         )
-    dtype = dtype or profile.backend.precision
-    if dtype not in ("fp32", "bf16"):
-        raise ConfigError(f"--dtype '{dtype}' is unknown; use fp32 or bf16")
+    dtype = dtype or profile.inference_dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype '{dtype}' is unknown; use {', '.join(DTYPES)}")
     backend = get_backend(profile.backend)
-    if dtype == "bf16" and backend.device.type != "cuda":
-        backend.close()
-        raise ConfigError("--dtype bf16 needs a CUDA device (a cuda profile such as gpu-1); use --dtype fp32 on CPU")
     return backend, Runtime(backend.device, dtype)
 
 
@@ -140,7 +148,7 @@ class Session:
         backend, runtime = open_backend(profile, dtype)
         start = time.perf_counter()
         try:
-            loaded = load_model(model, runtime.device)
+            loaded = load_model(model, runtime.device, dtype=runtime.torch_dtype)
         except BaseException:
             backend.close()
             raise
@@ -180,7 +188,7 @@ class Session:
                     "output or a released decoder) or set model.decoder.path in the profile"
                 )
             start = time.perf_counter()
-            self._decoder = load_pixel_decoder(spec, self.loaded.encoder, self.runtime.device)
+            self._decoder = load_pixel_decoder(spec, self.loaded.encoder, self.runtime.device, self.runtime.torch_dtype)
             self.load_seconds += seconds_since(start)
             check_decoder(self._decoder[0], self.loaded.config.lm.num_image_tokens, self.loaded.config.lm.encoder_channels, spec)
         return self._decoder
@@ -188,9 +196,10 @@ class Session:
     def encoder(self) -> Any:  # FrozenEncoder on the model's device
         if self._encoder is None:
             from scale_rae_core.models.build import build_encoder
+            from scale_rae_core.models.io import cast_weights
 
             start = time.perf_counter()
-            encoder = build_encoder(self.loaded.encoder).to(self.runtime.device)
+            encoder = cast_weights(build_encoder(self.loaded.encoder).to(self.runtime.device), self.runtime.torch_dtype)
             self.load_seconds += seconds_since(start)
             lm = self.loaded.config.lm
             if (encoder.num_tokens, encoder.hidden_size) != (lm.num_image_tokens, lm.encoder_channels):
@@ -204,9 +213,11 @@ class Session:
     # ---- shared steps --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def sample(self, conditions: torch.Tensor, seeds: list[int], settings: SamplerSettings) -> torch.Tensor:
-        """Conditions (B, N, Z) -> encoder-space latent tokens (B, N, C) on the CPU, float32."""
-        return sample_latents(self.model, conditions, seeds, settings, self.runtime)
+    def sample(self, conditions: torch.Tensor, seeds: list[int], settings: SamplerSettings,
+               noise: StartNoise | None = None) -> torch.Tensor:
+        """Conditions (B, N, Z) -> encoder-space latent tokens (B, N, C) on the CPU, float32 (``noise``: see
+        :func:`sample_latents`)."""
+        return sample_latents(self.model, conditions, seeds, settings, self.runtime, noise)
 
     def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
         """Encoder-space tokens (B, N, C) -> images (B, 3, H, W) in [0, 1] on the CPU."""
@@ -222,8 +233,7 @@ class Session:
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] -> encoder tokens (B, N, C) on the device, float32."""
-        with self.runtime.autocast():
-            return self.encoder()(pixels.to(self.runtime.device)).float()
+        return self.encoder()(pixels.to(self.runtime.device)).float()
 
     def base_manifest(self, mode: str) -> dict[str, Any]:
         """The fields every manifest starts with."""
@@ -251,32 +261,45 @@ def check_decoder(decoder: Decoder, tokens: int, channels: int, spec: str) -> No
 
 @torch.inference_mode()
 def decode_pixels(decoder: Decoder, tokens: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    """Encoder-space tokens (B, N, C) -> images (B, 3, H, W) in [0, 1] on the CPU, through ``decoder``."""
-    with runtime.autocast():
-        x = decoder(tokens.to(runtime.device, torch.float32)).float()  # (B, 3, H, W), normalised pixels
+    """Encoder-space tokens (B, N, C) -> images (B, 3, H, W) in [0, 1] on the CPU, through ``decoder`` (which casts
+    them to its weights' dtype)."""
+    x = decoder(tokens.to(runtime.device, torch.float32)).float()  # (B, 3, H, W), normalised pixels
     return to_pixels(x, decoder.cfg.pixel_mean, decoder.cfg.pixel_std).clamp(0, 1).cpu()
 
 
+def check_guidable(model: Any, settings: SamplerSettings) -> None:
+    """A head without a null condition (trained with class dropout 0) cannot be guided: one line saying why."""
+    if settings.guidance_config().enabled and model.diff_head.null_condition(1) is None:
+        raise ConfigError(
+            f"--guidance {settings.guidance}: this model's head has no null condition (it was trained with "
+            "class_dropout_prob 0, diffusion_class_dropout_prob = 0 in a released config.json), so classifier-free "
+            "guidance has nothing to guide against; use --guidance 1"
+        )
+
+
 def sample_latents(
-    model: Any, conditions: torch.Tensor, seeds: list[int], settings: SamplerSettings, runtime: Runtime
+    model: Any, conditions: torch.Tensor, seeds: list[int], settings: SamplerSettings, runtime: Runtime,
+    noise: StartNoise | None = None,
 ) -> torch.Tensor:
     """Run the flow head: conditions (B, N, Z) on the device -> de-normalised latent tokens (B, N, C) on the CPU.
 
+    ``noise``: where the start noise comes from (:mod:`scale_rae_core.infer.noise`; default: each image's seed).
     One head forward per sampler step over B rows, or 2B rows [cond; null] where guidance acts (w != 1, t in the
-    interval); the loop never reads a tensor value on the host.
+    interval); the loop never reads a tensor value on the host. The sampler's state stays float32; the head runs
+    in its weights' dtype.
     """
-    from scale_rae_core.flow.sampler import FlowSampler, PerSampleNoise
+    from scale_rae_core.flow.sampler import FlowSampler
+    from scale_rae_core.infer.noise import SeedNoise
 
     if len(seeds) != conditions.shape[0]:
         raise ValueError(f"{len(seeds)} seeds for {conditions.shape[0]} conditions")
+    check_guidable(model, settings)
     dit = model.diff_head.cfg
-    noise = PerSampleNoise(seeds, runtime.device)
-    x1 = noise((len(seeds), dit.in_channels, dit.grid, dit.grid))  # (B, C, g, g), float32
-    null = model.diff_head.null_condition(1)  # (1, N, Z), broadcast over the batch
+    x1, step_noise = (noise or SeedNoise()).start(seeds, (dit.in_channels, dit.grid, dit.grid), runtime.device)
+    null = model.diff_head.null_condition(1)  # (1, N, Z), broadcast over the batch; None for an unguidable head
     sampler = FlowSampler(settings.sampler_config(), shift=model.flow.shift)
-    with runtime.autocast():
-        x = sampler.sample(model.diff_head, x1, conditions, guidance=settings.guidance_config(), null_cond=null,
-                           step_noise=noise)
+    x = sampler.sample(model.diff_head, x1, conditions, guidance=settings.guidance_config(), null_cond=null,
+                       step_noise=step_noise)  # (B, C, g, g), float32
     tokens = model.denormalize_latents(grid_to_tokens(x.float())).float().cpu()  # (B, N, C)
     if not torch.isfinite(tokens).all():
         raise ConfigError(

@@ -136,7 +136,12 @@ def _check_released_mode(hf: dict[str, Any], where: str) -> None:
 
 
 def released_config(hf: dict[str, Any], where: str = "config.json") -> tuple[ScaleRAEConfig, EncoderSettings]:
-    """A released ``cambrian_qwen`` config.json -> our model config and its encoder."""
+    """A released ``cambrian_qwen`` config.json -> our model config and its encoder.
+
+    Read as the reference reads them: ``mm_vision_select_layer`` picks the SigLIP hidden state (the reference's
+    DINO tower ignores it: always the last layer); ``diffusion_class_dropout_prob = 0`` means a head without the
+    learned null vector (the reference creates it only above 0), so such a model cannot be guided.
+    """
     from transformers import Qwen2Config
 
     from scale_rae_core.models.dit import DiTConfig
@@ -153,6 +158,11 @@ def released_config(hf: dict[str, Any], where: str = "config.json") -> tuple[Sca
     if not isinstance(towers, list) or len(towers) != 1:
         raise CheckpointError(f"{where}: mm_vision_tower_aux_list must name exactly one encoder, got {towers!r}")
     encoder = encoder_from_tower(str(towers[0]))
+    select = hf.get("mm_vision_select_layer", -1)
+    if not isinstance(select, int) or isinstance(select, bool):
+        raise CheckpointError(f"{where}: mm_vision_select_layer = {select!r} is not an integer layer index")
+    if encoder.kind in ("siglip", "siglip2"):
+        encoder = encoder.model_copy(update={"select_layer": select})
     tokens = int((hf.get("mm_vision_tower_aux_token_len_list") or hf.get("vision_tower_aux_token_len_list") or [256])[0])
     grid = math.isqrt(tokens)
     if grid * grid != tokens:
@@ -168,6 +178,7 @@ def released_config(hf: dict[str, Any], where: str = "config.json") -> tuple[Sca
     qwen_keys -= {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "rope_parameters"}
     # rope_scaling is left out: the reference forces it to None, which is the default
     llm = Qwen2Config(**{k: v for k, v in hf.items() if k in qwen_keys}).to_dict()
+    dropout = float(hf.get("diffusion_class_dropout_prob", 0.1))
     dit = DiTConfig(
         in_channels=channels,
         grid=grid,
@@ -175,14 +186,36 @@ def released_config(hf: dict[str, Any], where: str = "config.json") -> tuple[Sca
         depth=int(need("diffusion_model_depth")),
         heads=int(need("diffusion_model_heads")),
         cond_dim=z,
-        class_dropout_prob=float(hf.get("diffusion_class_dropout_prob", 0.1)),
+        class_dropout_prob=dropout,
+        null_condition=dropout > 0,
     )
     lm = UnifiedLMConfig(encoder_channels=channels, num_image_tokens=tokens, z_channels=z)
     cfg = ScaleRAEConfig(
         llm=llm, lm=lm, dit=dit, shift_base_dim=int(hf.get("diffusion_base_dim") or 4096),
-        encoder={"kind": encoder.kind, "path": encoder.path, "input_size": None, "hidden_size": channels, "num_tokens": tokens},
+        encoder={"kind": encoder.kind, "path": encoder.path, "input_size": None, "hidden_size": channels, "num_tokens": tokens,
+                 **({"select_layer": encoder.select_layer} if encoder.select_layer != -1 else {})},
     )
     return cfg, encoder
+
+
+def to_released_config(cfg: ScaleRAEConfig, tower: str, select_layer: int = -1) -> dict[str, Any]:
+    """Our model config -> a ``cambrian_qwen`` config.json in the released layout (the inverse of
+    :func:`released_config`), for the encoder ``tower`` (``mm_vision_tower_aux_list[0]``)."""
+    llm = dict(cfg.llm)
+    theta = (llm.pop("rope_parameters", None) or {}).get("rope_theta", llm.get("rope_theta", 10000.0))
+    llm.update(rope_theta=theta, rope_scaling=None)  # the transformers-4.37 layout of the released configs
+    dit, tokens, channels = cfg.dit, cfg.lm.num_image_tokens, cfg.lm.encoder_channels
+    return {
+        **llm, "model_type": "cambrian_qwen", "architectures": ["ScaleRAEQwenForCausalLM"],
+        "mm_vision_tower_aux_list": [tower], "mm_vision_tower_aux_token_len_list": [tokens],
+        "vision_tower_aux_token_len_list": [tokens], "mm_vision_select_layer": select_layer,
+        "mm_hidden_size": channels, "vision_hidden_size": channels, "mm_projector_type": "mlp2x_gelu",
+        "mm_use_im_start_end": True, "vision_loss": "diffusion-loss", "vision_loss_mode": "query",
+        "diffusion_model_channels": channels, "diffusion_model_hidden_size": dit.hidden,
+        "diffusion_model_depth": dit.depth, "diffusion_model_heads": dit.heads,
+        "diffusion_model_z_channels": dit.cond_dim, "diffusion_class_dropout_prob": dit.class_dropout_prob,
+        "diffusion_split_per_token": tokens, "diffusion_base_dim": cfg.shift_base_dim,
+    }
 
 
 # ====================================================================================================

@@ -38,7 +38,8 @@ def build_encoder(settings: EncoderSettings) -> FrozenEncoder:
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar inside srae's own progress display
     try:
-        return FrozenEncoder(EncoderConfig(settings.kind, path, input_size=settings.input_size, name=settings.path))
+        return FrozenEncoder(EncoderConfig(settings.kind, path, input_size=settings.input_size, name=settings.path,
+                                          select_layer=settings.select_layer))
     finally:
         if bar:
             hf_logging.enable_progress_bar()

@@ -10,6 +10,10 @@ The output is what the encoder saw after its mean/std normalisation; `RAE.decode
 with the encoder's mean/std (kept here too, in the config, so a decoder directory is self-contained).
 Released checkpoints (`model.pt` with the reference key names) are read by `convert.py`; our own format is
 `model.safetensors` + `config.json`, written by `save_decoder` and read by `load_decoder`.
+
+Precision: the weights may be held in bf16/fp16 (`models.io.cast_weights`); the position table stays float32
+(`keep_fp32`) and is cast where it is added, every LayerNorm normalises in float32, and the input tokens are cast
+to the weights' dtype on entry.
 """
 
 from __future__ import annotations
@@ -140,6 +144,15 @@ def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 # blocks
 
 
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` (same parameters and names) that normalises in float32 and returns the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_impl: str) -> None:
         super().__init__()
@@ -176,9 +189,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.attn_impl)
-        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.mlp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,6 +206,8 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     """Tokens [B, N, C] -> pixels [B, 3, p*sqrt(N), p*sqrt(N)] in the encoder's normalised pixel space."""
 
+    keep_fp32 = ("pos_embed",)  # stays float32 when the weights are cast to half
+
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -202,7 +217,7 @@ class Decoder(nn.Module):
         # Fixed, but saved with the weights: a released checkpoint's table is loaded as-is.
         self.register_buffer("pos_embed", sincos_pos_embed_2d(D, cfg.grid).unsqueeze(0))  # (1, N+1, D)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
-        self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.norm = LayerNorm(D, eps=cfg.layer_norm_eps)
         self.pred = nn.Linear(D, cfg.patch_size**2 * 3)
 
     def forward_patches(self, latents: torch.Tensor) -> torch.Tensor:
@@ -212,9 +227,10 @@ class Decoder(nn.Module):
             raise ValueError(
                 f"decoder expects latents [B, {self.cfg.num_patches}, {self.cfg.latent_dim}], got {tuple(latents.shape)}"
             )
-        x = self.embed(latents)  # (B, N, D)
+        dtype = self.embed.weight.dtype  # the weights' dtype (float32 unless cast to half)
+        x = self.embed(latents.to(dtype))  # (B, N, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, N+1, D)
-        x = x + self.pos_embed
+        x = x + self.pos_embed.to(dtype)
         for block in self.blocks:
             x = block(x)
         x = self.pred(self.norm(x))  # (B, N+1, p*p*3)

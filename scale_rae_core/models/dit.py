@@ -15,12 +15,19 @@ The Fourier frequencies `t_embedder.W` are not in those checkpoints: they are re
 
 Classifier-free guidance is the sampler's (`flow/guidance.py: guided_velocity`, with `null_condition` as the
 unconditional y); unlike the reference it really applies v_u + w·(v_c − v_u) (the released code never does,
-see the reference notes §8.1).
+see the reference notes §8.1). A head configured without the null vector (`null_condition = False`, what the
+released code builds when `class_dropout_prob` is 0) has no unconditional branch.
+
+Precision: the weights may be held in bf16/fp16 (`models.io.cast_weights`); the fixed tables (`pos_embed`, the
+RoPE tables) and the timestep embedder (Fourier features and its MLP) stay fp32 (`keep_fp32`), RMSNorm normalises
+in fp32, the per-token condition c is formed in fp32 and the input x (the sampler's fp32 state) is cast to the
+weights' dtype on entry; the velocity comes back in the weights' dtype.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +50,7 @@ class DiTConfig:
     cond_dim: int = 2048  # Z: width of the per-token condition y and of the timestep embedding
     mlp_ratio: float = 4.0  # SwiGLU hidden = int(2/3 · int(H · mlp_ratio))
     class_dropout_prob: float = 0.1  # training-time per-sample drop of y to the learned null vector
+    null_condition: bool = True  # the learned null vector exists (released: only when class_dropout_prob > 0)
     qkv_bias: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -62,6 +70,11 @@ class DiTConfig:
             raise ConfigError(f"dit.hidden ({self.hidden}) must be a multiple of 4 for 2-D sin-cos positions")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ConfigError(f"dit.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.class_dropout_prob > 0 and not self.null_condition:
+            raise ConfigError(
+                f"dit.class_dropout_prob = {self.class_dropout_prob} drops conditions to the null vector, but "
+                "null_condition is false; set class_dropout_prob = 0 or null_condition = true"
+            )
 
     @property
     def num_tokens(self) -> int:
@@ -182,6 +195,7 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Gaussian-Fourier features [sin 2πtW, cos 2πtW] (512) -> Linear -> SiLU -> Linear, width Z.
 
+    The features are always computed in float32 (2π·t·W reaches ~20 rad: bf16 would be 0.06 rad off).
     `persistent_w`: keep W in the state dict (RAE's checkpoints carry their own random W; Scale-RAE's do not,
     so there W is regenerated from the fixed seed).
     """
@@ -196,23 +210,32 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        dtype = self.mlp[0].weight.dtype
-        angles = 2 * math.pi * t.to(dtype)[:, None] * self.W.to(dtype)[None, :]  # (B, 256)
-        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))  # (B, Z)
+        angles = 2 * math.pi * t.float()[:, None] * self.W.float()[None, :]  # (B, 256)
+        features = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (B, 512), float32
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # (B, Z)
 
 
 class ConditionEmbedder(nn.Module):
-    """Identity on y (B, N, Z), except that dropped samples get the learned null vector on every token."""
+    """Identity on y (B, N, Z), except that dropped samples get the learned null vector on every token.
 
-    def __init__(self, cond_dim: int, dropout_prob: float) -> None:
+    Without the null vector (`null_condition=False`, dropout 0 as in the released code) it is the identity.
+    """
+
+    def __init__(self, cond_dim: int, dropout_prob: float, null_condition: bool = True) -> None:
         super().__init__()
         self.dropout_prob = dropout_prob
-        self.dropout_embedding = nn.Parameter(torch.zeros(cond_dim))
+        self.dropout_embedding = nn.Parameter(torch.zeros(cond_dim)) if null_condition else None
 
-    def null_condition(self, batch_size: int, num_tokens: int) -> torch.Tensor:
+    def null_condition(self, batch_size: int, num_tokens: int) -> torch.Tensor | None:
+        if self.dropout_embedding is None:
+            return None
         return self.dropout_embedding[None, None, :].expand(batch_size, num_tokens, -1)  # (B, N, Z)
 
     def forward(self, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dropout_embedding is None:
+            if force_drop_ids is not None and bool(force_drop_ids.any()):
+                raise ValueError("force_drop_ids asks for the null condition but this head has none")
+            return y
         if force_drop_ids is not None:
             drop = force_drop_ids.to(device=y.device, dtype=torch.bool)
         elif self.training and self.dropout_prob > 0:
@@ -305,12 +328,14 @@ class FinalLayer(nn.Module):
 class LightningDiT(nn.Module):
     """The flow head: `forward(x, t, y)` predicts the velocity ε − x₀ for x (B, C, g, g)."""
 
+    keep_fp32 = ("pos_embed", "t_embedder", "feat_rope")  # stay float32 when the weights are cast to half
+
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.x_embedder = PatchEmbed(cfg.in_channels, cfg.hidden)
         self.t_embedder = TimestepEmbedder(cfg.cond_dim)
-        self.y_embedder = ConditionEmbedder(cfg.cond_dim, cfg.class_dropout_prob)
+        self.y_embedder = ConditionEmbedder(cfg.cond_dim, cfg.class_dropout_prob, cfg.null_condition)
         # Fixed, never trained; a persistent buffer because the checkpoints carry it.
         self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.hidden, cfg.grid)[None])  # (1, N, H)
         self.feat_rope = Rope2D(cfg.head_dim, cfg.grid, cfg.rope_theta)
@@ -338,18 +363,25 @@ class LightningDiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def fixed_tables(self) -> dict[str, torch.Tensor]:
+        """The stored fixed tables as computed here (float32, CPU), by their state-dict names."""
+        cos, sin = rope_tables_2d(self.cfg.head_dim, self.cfg.grid, self.cfg.rope_theta)
+        return {"pos_embed": sincos_pos_embed_2d(self.cfg.hidden, self.cfg.grid)[None],
+                "feat_rope.freqs_cos": cos, "feat_rope.freqs_sin": sin}
+
     @torch.no_grad()
-    def reset_fixed_buffers(self) -> None:
-        """Recompute the fixed tables in place (after `to_empty()` on a meta-built model, say)."""
+    def reset_fixed_buffers(self, keep: Collection[str] = ()) -> None:
+        """Recompute the fixed tables in place (after `to_empty()` on a meta-built model, say); the names in
+        `keep` (loaded from a checkpoint) are left as they are."""
         device = self.pos_embed.device
         self.t_embedder.W = fourier_frequencies(device)
-        self.pos_embed.copy_(sincos_pos_embed_2d(self.cfg.hidden, self.cfg.grid)[None].to(device))
-        cos, sin = rope_tables_2d(self.cfg.head_dim, self.cfg.grid, self.cfg.rope_theta)
-        self.feat_rope.freqs_cos.copy_(cos.to(device))
-        self.feat_rope.freqs_sin.copy_(sin.to(device))
+        own = self.state_dict(keep_vars=True)
+        for name, table in self.fixed_tables().items():
+            if name not in keep:
+                own[name].copy_(table)
 
-    def null_condition(self, batch_size: int) -> torch.Tensor:
-        """The learned unconditional y, (B, N, Z), for classifier-free guidance."""
+    def null_condition(self, batch_size: int) -> torch.Tensor | None:
+        """The learned unconditional y, (B, N, Z), for classifier-free guidance; None for a head without one."""
         return self.y_embedder.null_condition(batch_size, self.cfg.num_tokens)
 
     def forward(
@@ -372,10 +404,11 @@ class LightningDiT(nn.Module):
             )
         if tuple(y.shape) != (B, cfg.num_tokens, cfg.cond_dim):
             raise ValueError(f"y must be ({B}, {cfg.num_tokens}, {cfg.cond_dim}), got {tuple(y.shape)}")
-        s = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, N, H)
+        dtype = self.x_embedder.proj.weight.dtype  # the weights' (compute) dtype
+        s = self.x_embedder(x.to(dtype)) + self.pos_embed.to(dtype)  # (B, N, H)
         t_emb = self.t_embedder(t)  # (B, Z)
         y = self.y_embedder(y, force_drop_ids)  # (B, N, Z)
-        c = F.silu(t_emb[:, None, :] + y)  # (B, N, Z)
+        c = F.silu(t_emb.float()[:, None, :] + y.float()).to(dtype)  # (B, N, Z), formed in float32
         for block in self.dit_blocks:
             s = block(s, c, self.feat_rope)
         out = self.final_layer(s, c)  # (B, N, C)

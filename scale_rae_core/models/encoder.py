@@ -11,8 +11,12 @@ tensor is taken and how it is normalised, because that choice *is* the latent sp
 | `webssl-dino` | `Dinov2Model`                | drop CLS                                  | DINOv2's own affine LN |
 | `mae`         | `ViTMAEModel`, mask_ratio 0  | drop CLS, original token order            | final LN, no affine   |
 
-`siglip`/`siglip2` follow Scale-RAE (hidden_states[-1] + parameter-free LN, eps 1e-6); the others follow
-RAE. Pixels are resized (bicubic, no antialias, square) to the encoder's input size only when they differ
+`siglip`/`siglip2` follow Scale-RAE (hidden_states[select_layer], -1 by default, + parameter-free LN, eps 1e-6,
+computed in float32); the others follow RAE. A `select_layer` other than -1 (the reference's
+`mm_vision_select_layer`, e.g. -2 for the output of the second-to-last block) keeps only the blocks that state
+needs: the tower then ends there and the same parameter-free LN follows, as in the reference's SigLIP tower (its
+`interpolate` normalises whatever `feature_select` picked). Only SigLIP towers take one: the reference's DINO
+tower reads `last_hidden_state` whatever the setting says. Pixels are resized (bicubic, no antialias, square) to the encoder's input size only when they differ
 from it, then normalised with the encoder's own mean/std (`preprocessor_config.json`, else family
 defaults). The backbone is frozen and stays in eval mode whatever `.train()` is called with.
 """
@@ -70,6 +74,8 @@ class EncoderConfig:
     revision: hub revision (ignored for local directories).
     name: what the user called it (``model.encoder.path``, e.g. "tiny-random" for a generated cache folder);
         recorded in decoder configs instead of a machine-local path. Default: ``path_or_repo``.
+    select_layer: SigLIP only, the hidden state taken (Python index into the L + 1 states: embeddings, then each
+        block's output): -1 the last block (default), -2 the one before, ...
     """
 
     kind: str
@@ -77,6 +83,7 @@ class EncoderConfig:
     input_size: int | None = None
     revision: str | None = None
     name: str = ""
+    select_layer: int = -1
 
     @property
     def label(self) -> str:
@@ -138,17 +145,38 @@ def _load_backbone(cfg: EncoderConfig, family: _Family, folder: Path) -> nn.Modu
         ) from None
 
 
+def _keep_blocks(backbone: nn.Module, cfg: EncoderConfig) -> None:
+    """Drop the SigLIP blocks after ``cfg.select_layer``: the tower's output is then that hidden state."""
+    layers = backbone.encoder.layers
+    n = len(layers)
+    keep = cfg.select_layer if cfg.select_layer >= 0 else n + 1 + cfg.select_layer
+    if not 0 <= keep <= n:
+        raise ConfigError(
+            f"encoder {cfg.label!r}: select_layer {cfg.select_layer} is outside the {n + 1} hidden states of its "
+            f"{n} blocks; use -1 (the last block) to {-(n + 1)} or 0 to {n}"
+        )
+    backbone.encoder.layers = layers[:keep]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the encoder
 
 
 class FrozenEncoder(nn.Module):
-    """A frozen vision encoder mapping pixels [B, 3, H, W] in [0, 1] to tokens [B, N, C]."""
+    """A frozen vision encoder mapping pixels [B, 3, H, W] in [0, 1] to tokens [B, N, C] (float32 for SigLIP, whose
+    last LN is computed in float32; the backbone's dtype otherwise)."""
+
+    keep_fp32 = ("mean", "std")  # the pixel normalisation stays float32 when the weights are cast to half
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         if cfg.kind not in FAMILIES:
             raise ConfigError(f"encoder kind {cfg.kind!r} is unknown; use one of {sorted(FAMILIES)}")
+        if cfg.select_layer != -1 and cfg.kind not in ("siglip", "siglip2"):
+            raise ConfigError(
+                f"model.encoder.select_layer = {cfg.select_layer} but kind {cfg.kind!r} always reads its last layer "
+                "(as the reference's DINO tower does); set select_layer = -1"
+            )
         self.cfg = cfg
         family = FAMILIES[cfg.kind]
         folder = resolve_transformers(cfg.path_or_repo, flag="encoder", revision=cfg.revision).path
@@ -158,6 +186,7 @@ class FrozenEncoder(nn.Module):
         # The last norm: replaced by an affine-free LN (or removed for SigLIP, whose LN we apply ourselves).
         if cfg.kind in ("siglip", "siglip2"):
             self.backbone.post_layernorm = nn.Identity()
+            _keep_blocks(self.backbone, cfg)
         elif family.final_norm is not None:
             setattr(
                 self.backbone,
@@ -239,7 +268,7 @@ class FrozenEncoder(nn.Module):
             out = self.backbone(pixel_values=x)  # DINOv2 always interpolates its position table
         tokens = out.last_hidden_state[:, self.num_prefix_tokens :]  # (B, N, C)
         if self.cfg.kind in ("siglip", "siglip2"):
-            tokens = F.layer_norm(tokens, (self.hidden_size,), eps=SIGLIP_LN_EPS)
+            tokens = F.layer_norm(tokens.float(), (self.hidden_size,), eps=SIGLIP_LN_EPS)
         assert tokens.shape[1] == self.num_tokens, (tokens.shape, self.num_tokens)
         return tokens
 

@@ -13,8 +13,13 @@ It writes everything into ``.DEST.tmp-<pid>`` beside ``DEST``, fsyncs it, then r
 behind. A folder that holds other things (no ``config.json``) is never replaced.
 
 Every weight file srae reads goes through :func:`load_state`: each tensor is copied into the module's own, and
-one one-line error lists the unknown keys (in the file's names), the missing keys and the wrong shapes together
-(the unified model's whole loading sequence on top of it is ``models.scale_rae.load_scale_rae``).
+one one-line error lists the unknown keys (in the file's names), the missing keys and the wrong shapes together.
+``models.scale_rae.load_scale_rae`` is the unified model's whole sequence: build on the meta device (no memory, no init) ->
+cast to the weights' dtype (:func:`cast_weights`, still on meta) -> ``to_empty`` on the target device (the only
+allocation: the model in its final dtype) -> strict load, one file tensor at a time, each cast into place -> tie
+the embeddings -> the DiT's fixed tables (computed; a released file's stored ones kept) -> rebuild the LLM's
+rotary embedding (its ``inv_freq`` is a non-persistent buffer that ``to_empty`` left uninitialised). No float32
+copy of a half-precision model is ever made; peak memory is the model plus the largest tensor of the file.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +44,8 @@ if TYPE_CHECKING:
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 SHOWN_KEYS = 8  # keys listed per kind in a mismatch error
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names
 
 ExtraFile = str | bytes | Path | Mapping[str, torch.Tensor]
 
@@ -259,3 +267,45 @@ def load_state(
     if unknown or missing or wrong:
         raise CheckpointError(key_mismatch(source, what, fix, unknown=unknown, missing=missing, wrong=wrong.values()))
     return filled
+
+
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``model``'s floating-point parameters and buffers to ``dtype`` in place (free on the meta device),
+    except what a module lists in its ``keep_fp32`` (names of its own tensors or sub-modules), which stays float32.
+    """
+    model.to(dtype)
+    if dtype == torch.float32:
+        return model
+    for module in model.modules():
+        for name in getattr(module, "keep_fp32", ()):
+            item = getattr(module, name)
+            if isinstance(item, nn.Module):
+                item.float()
+            elif name in module._parameters:
+                module._parameters[name] = nn.Parameter(item.float(), requires_grad=item.requires_grad)
+            else:
+                module._buffers[name] = item.float()
+    return model
+
+
+def largest_difference(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> tuple[float, float]:
+    """(largest |a − b|, that relative to the largest |b|), in float32, ``rows`` rows at a time (an embedding matrix
+    is compared without a float32 copy of it)."""
+    largest = scale = 0.0
+    with torch.no_grad():
+        for x, y in zip(a.detach().reshape(a.shape[0] if a.dim() else 1, -1).split(rows),
+                        b.detach().reshape(b.shape[0] if b.dim() else 1, -1).split(rows), strict=True):
+            x, y = x.float(), y.to(x.device).float()
+            if x.numel():
+                largest = max(largest, float((x - y).abs().max()))
+                scale = max(scale, float(y.abs().max()))
+    return largest, largest / scale if scale else largest
+
+
+def warn_if_differs(source: str, what: str, stored: torch.Tensor, other: str, expected: torch.Tensor,
+                     outcome: str) -> None:
+    """One warning naming ``what``, the largest difference from ``other`` and the ``outcome``, if they differ."""
+    largest, relative = largest_difference(stored, expected)
+    if largest > 0:
+        warnings.warn(f"{source}: {what} differs from {other} by up to {largest:.3g} ({relative:.3g} relative to its "
+                      f"largest value); {outcome}", stacklevel=3)

@@ -51,7 +51,15 @@ from scale_rae_core.config import DiTSettings, EncoderSettings, LLMSettings
 from scale_rae_core.errors import CheckpointError
 from scale_rae_core.flow.transport import FlowMatching
 from scale_rae_core.models.dit import DiTConfig, LightningDiT, tokens_to_grid
-from scale_rae_core.models.io import WEIGHTS_FILE, ExtraFile, export_model, load_state, read_safetensors
+from scale_rae_core.models.io import (
+    WEIGHTS_FILE,
+    ExtraFile,
+    cast_weights,
+    export_model,
+    load_state,
+    read_safetensors,
+    warn_if_differs,
+)
 from scale_rae_core.models.llm import UnifiedLM, UnifiedLMConfig
 from scale_rae_core.models.stats import LatentStats, load_stats
 
@@ -83,12 +91,15 @@ class ScaleRAEConfig:
     encoder: dict[str, Any] = field(default_factory=dict)  # kind, path, input_size (+ hidden_size, num_tokens)
 
     def to_json(self) -> dict[str, Any]:
+        dit = asdict(self.dit)
+        if dit["null_condition"]:  # the default: left out, so files keep the layout written before the key existed
+            del dit["null_condition"]
         return {
             "format": FORMAT,
             "version": INLINE_VERSION,
             "llm": self.llm,
             "lm": asdict(self.lm),
-            "dit": asdict(self.dit),
+            "dit": dit,
             "shift_base_dim": self.shift_base_dim,
             "encoder": self.encoder,
         }
@@ -257,7 +268,8 @@ def scale_rae_config(
         dit=dit_cfg,
         shift_base_dim=dit.shift_base_dim,
         encoder={"kind": encoder.kind, "path": encoder.path, "input_size": encoder.input_size,
-                 "hidden_size": encoder_hidden, "num_tokens": encoder_grid**2},
+                 "hidden_size": encoder_hidden, "num_tokens": encoder_grid**2,
+                 **({"select_layer": encoder.select_layer} if encoder.select_layer != -1 else {})},
     )
 
 
@@ -337,22 +349,40 @@ def load_scale_rae(
     fix: str,
     stats: LatentStats | None = None,
     rename: Callable[[str], str | None] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    keep_stored_tables: bool = False,
 ) -> ScaleRAE:
-    """The unified model of ``cfg`` with ``tensors`` (our names, or ``rename``-d), in fp32 on CPU, train mode.
+    """The unified model of ``cfg`` with ``tensors`` (our names, or ``rename``-d), train mode, its weights in
+    ``dtype`` (:func:`cast_weights`: the DiT's tables and timestep embedder stay float32) on ``device``.
 
-    The whole sequence: build on the meta device (no memory, no init) -> ``to_empty`` -> strict load
-    (``models.io.load_state``) -> tie the embeddings -> recompute the DiT's fixed tables -> rebuild the LLM's
-    rotary embedding (its ``inv_freq`` is a non-persistent buffer that ``to_empty`` left uninitialised).
+    The DiT's fixed tables (``pos_embed``, RoPE) are computed here, except with ``keep_stored_tables`` (the released
+    layout, whose code uses the stored values): then tables the file stores are kept, with a warning naming the
+    largest difference from the computed ones when they differ (a checkpoint that stored them in bf16, say). srae's
+    own files store the tables it computed (fp16-rounded in a bundle written with ``half``): recomputing restores
+    the exact ones. A tied config (``tie_word_embeddings``) ties ``lm_head`` to the input embeddings even when the
+    file also stores an ``lm_head.weight`` (as transformers does), with a warning when that stored head differs.
     """
     with torch.device("meta"):
         model = ScaleRAE(cfg, stats=stats)
-    model.to_empty(device="cpu")
-    optional = set(RECOMPUTED) | ({LM_HEAD} if cfg.llm.get("tie_word_embeddings") else set())
-    load_state(model, tensors, source=source, fix=fix, what="its config.json", rename=rename, optional=optional)
+    cast_weights(model, dtype)
+    model.to_empty(device=device)
+    tied = bool(cfg.llm.get("tie_word_embeddings"))
+    optional = set(RECOMPUTED) | ({LM_HEAD} if tied else set())
+    filled = load_state(model, tensors, source=source, fix=fix, what="its config.json", rename=rename, optional=optional)
     llm = model.lm.llm
+    if tied and LM_HEAD in filled:
+        warn_if_differs(source, "the stored lm_head.weight", llm.lm_head.weight, "the input embeddings",
+                         llm.model.embed_tokens.weight, "unused: the config ties the two (tie_word_embeddings)")
     llm.tie_weights()  # to_empty gave the tied head its own (empty) tensor; tied configs share it again
-    model.diff_head.reset_fixed_buffers()  # non-persistent tables (Fourier W, RoPE) and the recomputed ones
-    llm.model.rotary_emb = type(llm.model.rotary_emb)(llm.config)  # its inv_freq buffer is non-persistent
+    stored = {n.removeprefix("diff_head.") for n in filled & set(RECOMPUTED)} if keep_stored_tables else set()
+    own = model.diff_head.state_dict()
+    for name, table in model.diff_head.fixed_tables().items():
+        if name in stored:
+            warn_if_differs(source, f"the stored DiT table {name}", own[name], "the computed one", table,
+                             "the stored values are used, as the released code does")
+    model.diff_head.reset_fixed_buffers(keep=stored)  # Fourier W, and the tables not kept from the file
+    llm.model.rotary_emb = type(llm.model.rotary_emb)(llm.config).to(device)  # inv_freq is non-persistent
     return model
 
 
@@ -368,7 +398,8 @@ class LoadedExport:
         from scale_rae_core.config import EncoderSettings
 
         enc = self.config.encoder
-        return EncoderSettings(kind=enc["kind"], path=enc["path"], input_size=enc.get("input_size"))
+        return EncoderSettings(kind=enc["kind"], path=enc["path"], input_size=enc.get("input_size"),
+                               select_layer=int(enc.get("select_layer", -1)))
 
 
 def is_export(path: str | Path) -> bool:
@@ -432,8 +463,9 @@ def read_export_tensors(path: str | Path, *, fix: str) -> Iterator[tuple[str, to
             yield LLM_PREFIX + key, value
 
 
-def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedExport:
-    """Load an export directory (either version) written by training or :func:`save_export`, fp32, eval mode."""
+def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedExport:
+    """Load an export directory (either version) written by training or :func:`save_export`, eval mode, its weights
+    in ``dtype`` on ``device`` (:func:`load_scale_rae`)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -446,5 +478,6 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedE
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: the tokenizer files are missing or broken ({type(exc).__name__}); re-export the model") from None
     fix = "re-export the model"
-    model = load_scale_rae(cfg, read_export_tensors(path, fix=fix), source=str(path), fix=fix, stats=stats)
-    return LoadedExport(model.to(device).eval(), tokenizer, cfg, path)
+    model = load_scale_rae(cfg, read_export_tensors(path, fix=fix), source=str(path), fix=fix, stats=stats,
+                           device=device, dtype=dtype)
+    return LoadedExport(model.eval(), tokenizer, cfg, path)

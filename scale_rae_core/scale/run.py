@@ -19,6 +19,10 @@ Layout: ``{out}/{model basename, '.'→'-'}/{rounds}_verify_scale_{verify_on}/{i
 naming; ``srae verify`` reads it). The run root is locked for the whole command (:mod:`scale_rae_core.runlock`,
 by the main process under torchrun), so a second ``srae scale`` or a ``srae verify`` of it is refused meanwhile.
 
+A prompt whose request or verification questions do not fit the model (``SequenceTooLongError``) fails alone:
+its metadata gets ``"srae_failed": reason`` and the run goes on (``srae verify`` writes it as a failed prompt).
+``--scorer none`` runs no scorer at all: self-verification still scores every sample.
+
 Resume: metadata is written after every sample, so a re-run skips a prompt whose samples are all scored and
 continues a partial one at the first unscored sample, keeping the numbering and every earlier score. It
 continues only with what the earlier samples were made with (:func:`fingerprint`: the model's and decoder's
@@ -43,8 +47,10 @@ from scale_rae_core.data.images import read_image
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.events import Reporter
 from scale_rae_core.files import finite_json, output_folder
+from scale_rae_core.infer.layouts import FAILED, read_prompt_lines
 from scale_rae_core.infer.outputs import atomic_write, check_seeds, write_png
 from scale_rae_core.infer.pipeline import SamplerSettings, Session
+from scale_rae_core.models.llm import SequenceTooLongError
 from scale_rae_core.prompts import CAPTION_QUESTION, GENERATION_REQUEST, VERIFY_QUESTION
 from scale_rae_core.runlock import hold_on_main
 from scale_rae_core.scale import verify as V
@@ -79,39 +85,35 @@ class ScaleSettings:
 
 
 # ----------------------------------------------------------------------------------------------- prompts
-def read_prompt_file(path: Path) -> list[dict[str, Any]]:
-    """Prompt lines ``{"index", "prompt", ...}`` from a reference JSONL ({"index"?, "prompt"}), a GenEval
-    metadata JSONL ({"prompt", "tag", "include", ...}) or plain text (one prompt per line). Without an
-    "index" a line's index is its position among the non-empty lines."""
-    from scale_rae_core.infer.generate import read_text
+NO_SCORER = "none"
 
-    if not path.is_file():
-        raise DataError(f"--prompts {path}: not found; pass a JSONL with \"prompt\" or a text file (one per line)")
-    lines = [(n, s) for n, s in enumerate(read_text(path, "--prompts").splitlines(), 1) if s.strip()]
-    if not lines:
-        raise DataError(f"--prompts {path}: empty")
-    is_jsonl = lines[0][1].lstrip().startswith("{")
-    out: list[dict[str, Any]] = []
-    for position, (number, text) in enumerate(lines):
-        if is_jsonl:
-            try:
-                item = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"--prompts {path}:{number}: not JSON ({e.msg})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
-                raise DataError(f"--prompts {path}:{number}: needs a non-empty \"prompt\" string")
-            index = item.get("index", position)
-            if not isinstance(index, int) or index < 0:
-                raise DataError(f"--prompts {path}:{number}: \"index\" must be a non-negative integer")
-            out.append({**item, "index": index})
-        else:
-            out.append({"index": position, "prompt": text.strip()})
-    seen: set[int] = set()
-    for item in out:
-        if item["index"] in seen:
-            raise DataError(f"--prompts {path}: index {item['index']} appears twice")
-        seen.add(item["index"])
-    return out
+
+def read_prompt_file(path: Path) -> list[dict[str, Any]]:
+    """``--prompts``: a reference JSONL ({"index"?, "prompt"}), a GenEval metadata JSONL ({"prompt", "tag",
+    "include", ...}), DPG-Bench's prompts folder ({item_id}.txt) or plain text (one prompt per line); see
+    :func:`scale_rae_core.infer.layouts.read_prompt_lines`."""
+    return read_prompt_lines(path, "--prompts")
+
+
+def scorer_names(requested: list[str] | None) -> list[str]:
+    """``--scorer`` values -> the scorers to build: ``image_reward`` when none is given, no scorer at all for
+    ``none`` (self-verification still runs: selecting by the model's own answers needs no external judge)."""
+    names = list(requested or ["image_reward"])
+    if NO_SCORER in names:
+        if len(names) > 1:
+            raise ConfigError(f"--scorer none means no scorer at all; drop it or the others ({', '.join(n for n in names if n != NO_SCORER)})")
+        return []
+    return names
+
+
+def failed_prompts(root: Path, prompts: list[dict[str, Any]]) -> dict[str, str]:
+    """{prompt folder: reason} for the prompts of ``prompts`` whose generation failed (``srae_failed``)."""
+    failed = {}
+    for line in prompts:
+        meta = _read_metadata(root / f"{line['index']:05d}")
+        if meta.get(FAILED):
+            failed[f"{line['index']:05d}"] = str(meta[FAILED])
+    return failed
 
 
 def run_root(out: Path, model: str, settings: ScaleSettings) -> Path:
@@ -259,7 +261,14 @@ def _scale_prompts(session: Session, mine: list[dict[str, Any]], root: Path, set
             if done >= settings.total:
                 continue
             meta = _fresh_metadata(line, meta, done, now, settings, names, changes)
-            _scale_prompt(session, folder, line, meta, done, settings, sampler, scorers, yes_no, advance)
+            _write_metadata(folder, meta)  # the prompt's line is on disk before its first sample
+            try:
+                _scale_prompt(session, folder, line, meta, done, settings, sampler, scorers, yes_no, advance)
+            except SequenceTooLongError as exc:  # this prompt cannot be asked or verified: it fails alone
+                meta[FAILED] = str(exc)
+                _write_metadata(folder, meta)
+                reporter.event("scale.prompt_failed", index=line["index"], reason=str(exc))
+                advance(settings.total - meta["n_samples_generated"])
 
 
 def _read_metadata(folder: Path) -> dict[str, Any]:
@@ -297,13 +306,13 @@ def _scale_prompt(session: Session, folder: Path, line: dict[str, Any], meta: di
                   settings: ScaleSettings, sampler: SamplerSettings, scorers: list[Scorer],
                   yes_no: tuple[frozenset[int], frozenset[int]], advance: Any) -> None:
     """Samples ``done`` .. ``total - 1`` of one prompt: sample, write, verify, score, rewrite the metadata."""
-    from scale_rae_core.infer.generate import decode_to_image_start
+    from scale_rae_core.infer.generate import decode_to_image_start, request_ids
 
     request = GENERATION_REQUEST.format(prompt=line["prompt"])
     texts, conditions = decode_to_image_start(session, [request], settings.max_new_tokens)
     text = texts[0]
     meta["input_prompt"] = text.request
-    request_ids = _request_ids(session, request)
+    asked = request_ids(session, request)
     for k0 in range(done, settings.total, settings.batch_size):
         ks = list(range(k0, min(k0 + settings.batch_size, settings.total)))
         seeds = [settings.seed + k for k in ks]
@@ -316,7 +325,7 @@ def _scale_prompt(session: Session, folder: Path, line: dict[str, Any], meta: di
                 features = tokens[j]
             else:
                 features = session.encode_image(session.encoder_pixels([image]))[0].cpu()
-            record = self_verify(session, line["prompt"], features, request_ids, text.generated_ids,
+            record = self_verify(session, line["prompt"], features, asked, text.generated_ids,
                                  yes_no, settings.verify_max_new_tokens)
             record["gen_output_text"] = text.text
             for scorer in scorers:
@@ -326,11 +335,3 @@ def _scale_prompt(session: Session, folder: Path, line: dict[str, Any], meta: di
             meta["n_samples_generated"] = k + 1
             _write_metadata(folder, meta)
             advance(1)
-
-
-def _request_ids(session: Session, request: str) -> list[int]:
-    from scale_rae_core.models.llm import build_sample
-
-    lm = session.model.lm
-    return build_sample([{"from": "human", "value": request}], session.tokenizer, lm.cfg.num_image_tokens,
-                        int(lm.llm.config.max_position_embeddings), add_generation_prompt=True).input_ids

@@ -1,4 +1,4 @@
-"""Best-of-N selection over a scaling run, written out as a GenEval-readable tree, with a report.
+"""Best-of-N selection over a scaling run, written out as a per-prompt tree (GenEval's layout) or DPG-Bench grids, with a report.
 
 Input: a scaling run in the reference layout (``srae scale`` writes the same)::
 
@@ -8,7 +8,15 @@ Input: a scaling run in the reference layout (``srae scale`` writes the same)::
     DIR/{index:05d}/samples/{k:05d}.png
 
 Output: ``OUT/{index:05d}/metadata.jsonl`` + ``samples/{j:05d}.png`` with the K selected samples
-renumbered 0..K-1 best first (GenEval reads this), and ``OUT/report.json``.
+renumbered 0..K-1 best first, every per-sample field (``text_responses``, ``scores``, ``seeds``) renumbered with
+them, and ``OUT/report.json``. ``--layout geneval`` writes the same tree after checking that every prompt carries
+GenEval's ``tag`` and ``include`` (GenEval's evaluation needs both); ``--layout dpg`` writes instead one 2×2 grid
+``OUT/{item_id}.png`` of the 4 selected samples per prompt (``--keep 4``), see :mod:`scale_rae_core.infer.layouts`.
+
+A prompt with nothing to select — its folder unreadable (generation never finished), its generation failed
+(``srae_failed`` in its metadata) or no sample with what the metric needs — is written as a failed prompt folder
+(metadata with ``srae_failed``: the reason, and an empty ``samples/``; under ``dpg``: no grid) and counted under
+``failed`` in the report, never dropped silently.
 
 Metrics (per prompt, samples sorted ascending by the key, ties broken by sample index; the reference's
 keys, with ``loss`` fixed to use the real ``prompt_loss``):
@@ -42,10 +50,12 @@ from typing import Any
 
 from scale_rae_core.errors import DataError
 from scale_rae_core.files import apply_umask, finite_json
+from scale_rae_core.infer import layouts as L
 from scale_rae_core.runlock import locked
 
 SAMPLE_RE = re.compile(r"^(\d{5,})\.png$")
-PER_SAMPLE_FIELDS = ("text_responses", "all_ir_scores", "top_ir_scores", "top_ir_indices", "scores")
+PER_SAMPLE_FIELDS = ("text_responses", "all_ir_scores", "top_ir_scores", "top_ir_indices", "scores", "seeds",
+                     "n_samples_generated")
 IMAGE_REWARD = "image_reward"
 
 
@@ -262,15 +272,19 @@ def compare_metrics(runs: list[PromptRun], keep: int) -> dict[str, dict[str, Any
 
 
 def write_selection(
-    directory: Path, metric: str, keep: int, out: Path | None = None, overwrite: bool = False
+    directory: Path, metric: str, keep: int, out: Path | None = None, overwrite: bool = False,
+    layout: str | None = None,
 ) -> dict[str, Any]:
-    """Select ``keep`` samples per prompt by ``metric``, write the GenEval tree + report.json; return the report."""
+    """Select ``keep`` samples per prompt by ``metric``, write the tree (or ``layout``) + report.json; return the report."""
     directory = Path(directory)
     runs, skipped = read_run(directory)
     if not runs:
         raise DataError(f"{directory}: no prompt folder could be read (first: {skipped[0]['reason']})")
     if metric not in known_metrics(runs):
         raise DataError(f"--metric {metric}: unknown; choose one of {', '.join(known_metrics(runs))}")
+    if layout == "dpg":
+        L.check_dpg_count(keep, "--keep")
+    L.check_layout([(str(run.folder / "metadata.jsonl"), run.metadata) for run in runs], layout)
     out = Path(out) if out is not None else directory.with_name(f"{directory.name}_{metric}_verified")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a folder; pass a folder path")
@@ -280,14 +294,14 @@ def write_selection(
         if not (out / "report.json").is_file():
             raise DataError(f"{out}: not an srae verify output (no report.json); refusing to overwrite it")
     with locked(directory, flag="DIRECTORY (a running `srae scale` writes it)"):
-        return _write_tree(directory, runs, skipped, metric, keep, out)
+        return _write_tree(directory, runs, skipped, metric, keep, out, layout)
 
 
 PARTIAL_MARK = ".srae-verify-partial"  # inside the temporary tree, so a stale one can be told from a user folder
 
 
 def _write_tree(directory: Path, runs: list[Any], skipped: list[dict[str, Any]], metric: str, keep: int,
-                out: Path) -> dict[str, Any]:
+                out: Path, layout: str | None) -> dict[str, Any]:
     """Write the selected tree under a fresh temporary folder beside ``out`` and rename it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed verify: ours by the mark only
@@ -296,7 +310,7 @@ def _write_tree(directory: Path, runs: list[Any], skipped: list[dict[str, Any]],
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     (partial / PARTIAL_MARK).write_text("")
     try:
-        report = _fill_tree(partial, directory, runs, skipped, metric, keep, out)
+        report = _fill_tree(partial, directory, runs, skipped, metric, keep, out, layout)
         (partial / PARTIAL_MARK).unlink()
         apply_umask(partial)  # mkdtemp made it private
         if out.exists():
@@ -309,50 +323,100 @@ def _write_tree(directory: Path, runs: list[Any], skipped: list[dict[str, Any]],
 
 
 def _fill_tree(partial: Path, directory: Path, runs: list[Any], skipped: list[dict[str, Any]], metric: str,
-               keep: int, out: Path) -> dict[str, Any]:
-
+               keep: int, out: Path, layout: str | None) -> dict[str, Any]:
     short: dict[str, int] = {}
     unscored: dict[str, int] = {}
+    failed: dict[str, str] = {}
+    items: dict[str, dict[str, Any]] = {}  # dpg: what each grid holds
+    for item in skipped:  # unreadable: nothing is known but the folder and why
+        failed[item["folder"]] = item["reason"]
+        if layout != "dpg":
+            L.write_failed(partial / item["folder"], {}, item["reason"])
     for run in runs:
         chosen = select(run, metric, keep)  # raises a DataError naming the folder if it lacks a score
-        values = metric_values(run, metric)
-        if len(chosen) < keep:
-            short[f"{run.index:05d}"] = len(chosen)
+        name = f"{run.index:05d}"
+        if run.samples and len(chosen) < keep:
+            short[name] = len(chosen)
         missing = len(run.samples) - len(candidates(run, metric))
         if missing:
-            unscored[f"{run.index:05d}"] = missing
-        target = partial / f"{run.index:05d}"
-        (target / "samples").mkdir(parents=True)
-        by_index = {s.index: s for s in run.samples}
-        for j, k in enumerate(chosen):
-            shutil.copyfile(by_index[k].path, target / "samples" / f"{j:05d}.png")
-        meta = {key: v for key, v in run.metadata.items() if key not in PER_SAMPLE_FIELDS}
-        meta["selection"] = {
-            "metric": metric, "keep": keep, "source": str(run.folder),
-            "source_indices": chosen, "values": [values[k] for k in chosen],
-        }
-        responses = {str(j): by_index[k].verify for j, k in enumerate(chosen) if by_index[k].verify is not None}
-        if responses:
-            meta["text_responses"] = responses
-        names = sorted({n for k in chosen for n in by_index[k].scores})
-        if names:
-            meta["scores"] = {n: [by_index[k].scores.get(n) for k in chosen] for n in names}
-        (target / "metadata.jsonl").write_text(finite_json(meta, str(target / "metadata.jsonl")) + "\n")
+            unscored[name] = missing
+        reason = _failure(run, chosen, metric, keep, layout)
+        meta = {key: v for key, v in run.metadata.items() if key not in PER_SAMPLE_FIELDS and key != L.FAILED}
+        if reason is not None:
+            failed[name if layout != "dpg" else str(L.dpg_id(run.metadata))] = reason
+            if layout != "dpg":
+                L.write_failed(partial / name, meta, reason)
+            continue
+        selection = _selection(run, metric, keep, chosen)
+        if layout == "dpg":
+            tiles = [L.read_rgb(run_sample(run, k).path) for k in chosen]
+            L.save_image(L.dpg_grid(tiles), partial / f"{L.dpg_id(run.metadata)}.png")
+            items[str(L.dpg_id(run.metadata))] = {"prompt": run.metadata.get("prompt"), **selection}
+        else:
+            _write_selected(partial / name, run, chosen, meta, selection)
 
     counts = [len(run.samples) for run in runs]
     report = {
         "source": str(directory),
         "out": str(out),
+        "layout": layout,
         "metric": metric,
         "keep": keep,
-        "prompts": len(runs),
+        "prompts": len(runs) + len(skipped),
         "samples_per_prompt": {"min": min(counts), "max": max(counts)},
         "short": short,
         "unscored": unscored,
-        "skipped": skipped,
+        "failed": failed,
         "metrics": compare_metrics(runs, keep),
     }
+    if layout == "dpg":
+        report["items"] = items
     (partial / "report.json").write_text(finite_json(report, str(out / "report.json"), indent=2) + "\n")
     return report
 
 
+def run_sample(run: PromptRun, k: int) -> Sample:
+    return next(s for s in run.samples if s.index == k)
+
+
+def _failure(run: PromptRun, chosen: list[int], metric: str, keep: int, layout: str | None) -> str | None:
+    """Why a prompt gets no samples in the output, or None."""
+    if run.metadata.get(L.FAILED):
+        return str(run.metadata[L.FAILED])
+    if not run.samples:
+        return f"{run.folder}: no samples"
+    if not chosen:
+        return f"{run.folder}: no sample has the scores metric {metric} needs"
+    if layout == "dpg" and len(chosen) < L.DPG_TILES:
+        return f"{run.folder}: {len(chosen)} samples; a DPG-Bench grid needs {L.DPG_TILES}"
+    return None
+
+
+def _selection(run: PromptRun, metric: str, keep: int, chosen: list[int]) -> dict[str, Any]:
+    """Where the kept samples came from: source indices, metric values and (srae runs) seeds, best first."""
+    values = metric_values(run, metric)
+    selection = {"metric": metric, "keep": keep, "source": str(run.folder), "source_samples": len(run.samples),
+                 "source_indices": chosen, "values": [values[k] for k in chosen]}
+    seeds = run.metadata.get("seeds")
+    if isinstance(seeds, list) and all(k < len(seeds) for k in chosen):
+        selection["seeds"] = [seeds[k] for k in chosen]  # seeds[k] is sample k's seed
+    return selection
+
+
+def _write_selected(target: Path, run: PromptRun, chosen: list[int], meta: dict[str, Any],
+                    selection: dict[str, Any]) -> None:
+    """One prompt folder of the tree: the chosen samples renumbered 0..K-1, with their per-sample fields."""
+    (target / "samples").mkdir(parents=True)
+    by_index = {s.index: s for s in run.samples}
+    for j, k in enumerate(chosen):
+        shutil.copyfile(by_index[k].path, target / "samples" / f"{j:05d}.png")
+    meta = {**meta, "n_samples_generated": len(chosen), "selection": selection}
+    if "seeds" in selection:
+        meta["seeds"] = selection["seeds"]
+    responses = {str(j): by_index[k].verify for j, k in enumerate(chosen) if by_index[k].verify is not None}
+    if responses:
+        meta["text_responses"] = responses
+    names = sorted({n for k in chosen for n in by_index[k].scores})
+    if names:
+        meta["scores"] = {n: [by_index[k].scores.get(n) for k in chosen] for n in names}
+    (target / "metadata.jsonl").write_text(finite_json(meta, str(target / "metadata.jsonl")) + "\n")

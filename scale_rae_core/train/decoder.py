@@ -45,7 +45,7 @@ from torch import nn
 
 from scale_rae_core.backends.base import Backend
 from scale_rae_core.config import BatchPlan, DecoderTrainSettings, Profile
-from scale_rae_core.errors import CheckpointError, ConfigError
+from scale_rae_core.errors import ConfigError
 from scale_rae_core.events import Reporter
 from scale_rae_core.models.decoder import Decoder, save_decoder
 from scale_rae_core.models.rae import RAE
@@ -307,18 +307,6 @@ class DecoderTrainer(TrainTask):
         if self.disc is not None:
             metrics["disc_lr"] = lrs[1]
         return metrics
-
-    def data_position(self) -> dict[str, Any]:
-        return self.stream.state_dict()
-
-    def restore(self, info: dict[str, Any]) -> dict[str, Any]:
-        if info["data_position"] is None:
-            raise CheckpointError(
-                f"{info['path']}: saved by {info['world_size']} processes, this run has {self.backend.num_processes}; "
-                "resume with the same process count"
-            )
-        self.stream.load_state_dict(info["data_position"])
-        return {}
 
     def start_fields(self) -> dict[str, Any]:
         p = self.phases

@@ -19,7 +19,6 @@ which training checkpoints save and restore. `unique=True` skips repeated images
 from __future__ import annotations
 
 import hashlib
-import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from scale_rae_core.data.images import IMAGE_EXTENSIONS, BadImage, read_image, to_square_tensor
+from scale_rae_core.data.order import EpochOrder
 from scale_rae_core.data.shards import MANIFEST_NAME
 from scale_rae_core.errors import DataError
 
@@ -98,59 +98,35 @@ class FolderImages(ImageStream):
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not files:
             raise DataError(f"{root}: no images found ({', '.join(sorted(IMAGE_EXTENSIONS))}); pass a packed folder or an image folder")
-        if len(files) < world_size:
-            raise DataError(f"{root}: {len(files)} images cannot be split across {world_size} processes; add images")
         self.root, self.files = root, files
         self.image_size, self.train, self.unique = image_size, train, unique
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.images_per_epoch = len(files) // world_size
-        self.epoch, self.consumed = 0, 0
-
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.files)))
-        if self.train:
-            random.Random(f"srae-folder-{self.seed}-{epoch}").shuffle(order)
-        per = self.images_per_epoch
-        return order[self.rank * per : (self.rank + 1) * per]
+        self.order = EpochOrder(len(files), kind="folder", tag="srae-folder", where=str(root), shuffle=train,
+                                rank=rank, world_size=world_size, seed=seed)
+        self.images_per_epoch = self.order.per_epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Position]]:
-        if self.consumed >= self.images_per_epoch:
-            self.epoch, self.consumed = self.epoch + 1, 0
-        epoch, order = self.epoch, self._order(self.epoch)
         seen: set[bytes] = set()
-        for j in range(self.consumed, len(order)):
-            path = self.files[order[j]]
+        for i, position in self.order.items():
+            path = self.files[i]
             try:
                 im = read_image(path)
             except BadImage as err:
                 raise DataError(f"{path}: {err}; remove or replace the file") from err
-            self.consumed = j + 1
             if self.unique:
                 digest = hashlib.sha1(im.tobytes()).digest()
                 if digest in seen:
                     continue
                 seen.add(digest)
-            yield to_square_tensor(im, self.image_size, train=self.train), (epoch, j)
+            yield to_square_tensor(im, self.image_size, train=self.train), position
 
     def mark_consumed(self, positions: list[Position]) -> None:
-        for epoch, j in positions:
-            if epoch > self.epoch:
-                self.epoch, self.consumed = epoch, 0
-            if epoch == self.epoch:
-                self.consumed = max(self.consumed, j + 1)
+        self.order.mark_consumed(positions)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "folder", "epoch": self.epoch, "consumed": self.consumed, "count": len(self.files),
-                "world_size": self.world_size, "seed": self.seed}
+        return self.order.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        same = (state.get("kind"), state.get("count"), state.get("world_size"), state.get("seed"))
-        if same != ("folder", len(self.files), self.world_size, self.seed):
-            raise DataError(
-                f"{self.root}: the checkpoint's data position was saved for another image folder, process count "
-                "or seed; resume with the same --data, process count and run.seed"
-            )
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.order.load_state_dict(state)
 
 
 def open_images(path: str | Path, *, image_size: int, train: bool, rank: int = 0, world_size: int = 1,

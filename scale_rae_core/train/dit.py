@@ -42,7 +42,7 @@ from torch import nn
 
 from scale_rae_core.backends.base import Backend
 from scale_rae_core.config import BatchPlan, DiTTrainSettings, Profile
-from scale_rae_core.errors import CheckpointError, ConfigError, DataError
+from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.events import Reporter
 from scale_rae_core.models.adapters import CLASS_DIT_FORMAT, CLASS_DIT_STATS, CLASS_DIT_VERSION
 from scale_rae_core.train.checkpoint import CheckpointManager
@@ -268,18 +268,6 @@ class DiTTrainer(TrainTask):
         loss = float(be.all_reduce_mean(total / accum))
         epochs = (done + 1) / self.phases.steps_per_epoch  # in optimiser steps, as the schedule counts them
         return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "epoch": round(epochs, 4)}
-
-    def data_position(self) -> dict[str, Any]:
-        return self.stream.state_dict()
-
-    def restore(self, info: dict[str, Any]) -> dict[str, Any]:
-        if info["data_position"] is None:
-            raise CheckpointError(
-                f"{info['path']}: saved by {info['world_size']} processes, this run has {self.backend.num_processes}; "
-                "resume with the same process count"
-            )
-        self.stream.load_state_dict(info["data_position"])
-        return {}
 
     def start_fields(self) -> dict[str, Any]:
         p = self.phases

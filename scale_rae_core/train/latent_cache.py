@@ -28,7 +28,6 @@ image size and with labels inside the model's classes.
 from __future__ import annotations
 
 import json
-import random
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,7 +38,8 @@ import torch
 
 from scale_rae_core.backends.base import Backend
 from scale_rae_core.config import EncoderSettings, Profile
-from scale_rae_core.errors import CheckpointError, ConfigError, DataError
+from scale_rae_core.data.order import EpochOrder
+from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.events import Reporter
 from scale_rae_core.files import atomic_write
 
@@ -324,20 +324,12 @@ class LatentCache:
             )
         self.hflip = hflip and train
         self.items = [(c, row) for c, chunk in enumerate(m["chunks"]) for row in range(chunk["count"])]
-        if len(self.items) < world_size:
-            raise DataError(f"--data {self.folder}: {len(self.items)} cached images cannot be split across {world_size} processes")
         self.classes, self.num_classes = m.get("classes"), m["num_classes"]
-        self.train, self.rank, self.world_size, self.seed = train, rank, world_size, seed
-        self.images_per_epoch = len(self.items) // world_size
-        self.epoch, self.consumed = 0, 0
+        self.train = train
+        self.order = EpochOrder(len(self.items), kind="latent-cache", tag="srae-latent-cache",
+                                where=f"--data {self.folder}", shuffle=train, rank=rank, world_size=world_size, seed=seed)
+        self.images_per_epoch = self.order.per_epoch
         self._open: OrderedDict[int, Any] = OrderedDict()
-
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.items)))
-        if self.train:
-            random.Random(f"srae-latent-cache-{self.seed}-{epoch}").shuffle(order)
-        per = self.images_per_epoch
-        return order[self.rank * per : (self.rank + 1) * per]
 
     def _chunk(self, c: int) -> Any:
         from safetensors import SafetensorError, safe_open
@@ -354,34 +346,22 @@ class LatentCache:
         return self._open[c]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, tuple[int, int]]]:
-        if self.consumed >= self.images_per_epoch:
-            self.epoch, self.consumed = self.epoch + 1, 0
-        epoch, order = self.epoch, self._order(self.epoch)
-        for j in range(self.consumed, len(order)):
-            c, row = self.items[order[j]]
+        for i, position in self.order.items():
+            c, row = self.items[i]
             f = self._chunk(c)
             name = "latents_flipped" if self.hflip and bool(torch.rand(()) < 0.5) else "latents"
             tokens = f.get_slice(name)[row : row + 1][0].float()  # (N, C)
             label = int(f.get_slice("labels")[row : row + 1][0])
-            self.consumed = j + 1
-            yield tokens, label, (epoch, j)
+            yield tokens, label, position
+
+    def skip(self, count: int) -> None:
+        self.order.skip(count)
 
     def mark_consumed(self, positions: list[tuple[int, int]]) -> None:
-        for epoch, j in positions:
-            if epoch > self.epoch:
-                self.epoch, self.consumed = epoch, 0
-            if epoch == self.epoch:
-                self.consumed = max(self.consumed, j + 1)
+        self.order.mark_consumed(positions)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "latent-cache", "epoch": self.epoch, "consumed": self.consumed, "count": len(self.items),
-                "world_size": self.world_size, "seed": self.seed}
+        return self.order.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        same = (state.get("kind"), state.get("count"), state.get("world_size"), state.get("seed"))
-        if same != ("latent-cache", len(self.items), self.world_size, self.seed):
-            raise CheckpointError(
-                f"{self.folder}: the checkpoint's data position was saved for other data, process count or seed; "
-                "resume with the same --data, process count and run.seed"
-            )
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.order.load_state_dict(state)

@@ -37,7 +37,8 @@ A trainer is a :class:`TrainTask`. It builds its networks, optimiser, scheduler 
   :meth:`CheckpointManager.due` says so (every ``checkpoint.every_steps`` and at the last step). ``stop_at``
   simulates a preemption: the run saves at that step, then stops; the schedule still spans ``total_steps``.
 * **files.** ``RUN/metrics.jsonl`` has one writer (rank 0; a resumed run first drops the records after its
-  checkpoint's step); ``RUN/profile.json`` (the resolved profile) is written once per invocation,
+  checkpoint's step), and ``output.tracker`` mirrors each record to TensorBoard or W&B
+  (:mod:`scale_rae_core.train.tracking`, rank 0 too); ``RUN/profile.json`` (the resolved profile) is written once per invocation,
   atomically, by rank 0; events and progress go through :class:`~scale_rae_core.events.Reporter` on the one
   process the backend names main (``backend.is_main``); the others report nothing.
 * **export** at the end, when the run reached ``total_steps`` and ``checkpoint.export`` is set.
@@ -81,6 +82,7 @@ from scale_rae_core.events import Reporter
 from scale_rae_core.files import atomic_write, finite_json, output_folder
 from scale_rae_core.runlock import hold_on_main
 from scale_rae_core.train.checkpoint import CheckpointManager
+from scale_rae_core.train.tracking import Tracker, check_tracker, open_tracker
 
 METRICS_FILE = "metrics.jsonl"
 PROFILE_FILE = "profile.json"
@@ -106,6 +108,8 @@ class TrainTask(ABC):
     """A trainer, as the loop sees it. Subclasses set ``plan`` and ``total_steps`` in their constructor."""
 
     plan: BatchPlan  # the profile section's batch plan (the loop reports it and times throughput with it)
+    backend: Backend
+    stream: Any  # the resumable data stream (state_dict / load_state_dict) the default data position uses
     total_steps: int  # optimiser steps of the whole run (the schedule's length)
     progress_keys: tuple[str, ...] = ("loss",)  # metrics shown next to the progress bar
     throughput_key = "samples_per_s"  # the loop's logged throughput (global batch × steps / seconds since the last log)
@@ -119,14 +123,22 @@ class TrainTask(ABC):
         """Run one optimiser step (``done`` steps are complete before it), gradient accumulation and the
         backend's ``mark_step`` included; return its metrics as JSON numbers (the same on every process)."""
 
-    @abstractmethod
     def data_position(self) -> Any:
-        """This process's data position after the last step (any JSON value), saved with each checkpoint."""
+        """This process's data position after the last step (any JSON value), saved with each checkpoint. By
+        default the state of ``self.stream``, the task's one resumable data stream."""
+        return self.stream.state_dict()
 
-    @abstractmethod
     def restore(self, info: dict[str, Any]) -> dict[str, Any]:
         """Put the data position back from :meth:`CheckpointManager.load`'s ``info`` (weights, optimiser,
-        scheduler and RNG are restored already); return extra fields for the resume event."""
+        scheduler and RNG are restored already); return extra fields for the resume event. By default
+        ``self.stream`` continues where it stopped, which needs the saving run's process count."""
+        if info["data_position"] is None:
+            raise CheckpointError(
+                f"{info['path']}: saved by {info['world_size']} processes, this run has {self.backend.num_processes}; "
+                "resume with the same process count"
+            )
+        self.stream.load_state_dict(info["data_position"])
+        return {}
 
     @abstractmethod
     def export(self) -> Path:
@@ -163,10 +175,11 @@ class TrainResult:
 
 
 class MetricsLog:
-    """RUN/metrics.jsonl, appended by rank 0; on resume, records after the resumed step are dropped first."""
+    """RUN/metrics.jsonl, appended by rank 0; on resume, records after the resumed step are dropped first.
+    Each record also goes to the ``tracker`` (``output.tracker``: TensorBoard or W&B), if any."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, resume_step: int, tracker: Tracker | None = None) -> None:
+        self.path, self.enabled, self.tracker = path, enabled, tracker
         if enabled and path.is_file():
             keep = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -177,6 +190,13 @@ class MetricsLog:
             line = finite_json(record, str(self.path))
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(line + "\n")
+            if self.tracker is not None:
+                self.tracker.log(record)
+
+    def close(self) -> None:
+        """Close the tracker (a later record opens it again)."""
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 class TrainLoop:
@@ -198,6 +218,7 @@ class TrainLoop:
                  trajectory: Sequence[str] | None = None, accept_changes: bool = False) -> None:
         self.name, self.profile, self.backend = name, profile, backend
         self.run_dir = Path(run_dir).expanduser()
+        check_tracker(profile.output.tracker, profile.source)  # on every process, before anything is written
         self.reporter = reporter if (reporter is not None and backend.is_main) else Reporter()
         self.inputs = {k: str(Path(v).expanduser().resolve()) if isinstance(v, Path) else v
                        for k, v in (inputs or {}).items()}
@@ -270,6 +291,8 @@ class TrainLoop:
         try:
             return self._run(task, stop_at)
         finally:
+            if self._metrics is not None:
+                self._metrics.close()
             self.close()
 
     def _run(self, task: TrainTask, stop_at: int | None) -> TrainResult:
@@ -352,7 +375,9 @@ class TrainLoop:
         if self.backend.is_main:
             text = json.dumps(self.profile.to_toml_dict(), indent=1)
             atomic_write(self.run_dir / PROFILE_FILE, lambda tmp: Path(tmp).write_text(text))
-        self._metrics = MetricsLog(self.run_dir / METRICS_FILE, self.backend.is_main, self.step)
+        tracker = (open_tracker(self.profile.output.tracker, self.run_dir, self.profile.to_toml_dict(), self.name, self.step)
+                   if self.backend.is_main else None)
+        self._metrics = MetricsLog(self.run_dir / METRICS_FILE, self.backend.is_main, self.step, tracker)
         self.reporter.event(f"{self.name}.start", step=self.step, steps=task.total_steps, run_dir=str(self.run_dir),
                             **task.plan.as_dict(), **task.start_fields())
         if self.step == 0:

@@ -175,3 +175,37 @@ def test_two_processes_under_torchrun_shard_with_fsdp2(tmp_path):
     assert set(seen["grads"]) == set(grads)
     for name, grad in grads.items():
         torch.testing.assert_close(torch.tensor(seen["grads"][name]), torch.tensor(grad), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_host_group_starts_from_master_addr_without_an_accelerator(tmp_path):
+    """The XLA backend's host-side group (gloo, TCPStore at MASTER_ADDR served by the process on that address)."""
+    import socket
+
+    from scale_rae_core.backends.base import _is_local_address
+
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    worker = str(ROOT / "tests" / "backends" / "host_group_worker.py")
+    procs = [subprocess.Popen([sys.executable, worker, str(r), "2", str(tmp_path / f"{r}.json")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (1, 0)]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out
+    seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert seen == [{"rank": 0, "world": 2, "sum": 1.0}, {"rank": 1, "world": 2, "sum": 1.0}]
+    # which process serves the store: the one that owns the address (loopback: rank 0)
+    assert _is_local_address("127.0.0.1") and not _is_local_address("192.0.2.1")  # TEST-NET-1 is nobody's
+
+
+def test_host_group_needs_master_addr_and_a_port_number(monkeypatch):
+    from scale_rae_core.backends.base import start_host_group
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(BackendError, match=r"^v5p: 2 host processes need MASTER_ADDR \(the internal IP of worker 0\)"):
+        start_host_group(0, 2, what="v5p")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "http")
+    with pytest.raises(BackendError, match=r"^v5p: MASTER_PORT='http' is not a port number"):
+        start_host_group(0, 2, what="v5p")

@@ -62,14 +62,14 @@ def test_batches_and_resume_continue_the_same_order(world):
     b = LabelledFolder(root, image_size=16, train=True, seed=3)
     b.load_state_dict(a.state_dict())
     assert [label for _, label, _ in b] == expected[5:]
-    with pytest.raises(DataError, match="saved for other class folders"):
+    with pytest.raises(DataError, match="saved for other data, process count or seed"):
         LabelledFolder(root, image_size=16, train=True, seed=4).load_state_dict(a.state_dict())
 
 
 def test_ranks_split_the_folder_without_overlap(world):
     root = world / "w" / "classes"
     parts = [LabelledFolder(root, image_size=16, train=True, rank=r, world_size=2, seed=1) for r in range(2)]
-    seen = [parts[r].items[i] for r in range(2) for i in parts[r]._order(0)]
+    seen = [parts[r].items[i] for r in range(2) for i in parts[r].order.order(0)]
     assert len(seen) == 22 and len(set(seen)) == 22  # drop-last: 11 each
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scale_rae_core.errors import ConfigError
-from scale_rae_core.flow.grids import space_timesteps
+from scale_rae_core.flow.grids import reference_schedule, space_timesteps
 from scale_rae_core.flow.guidance import Guidance, guided_velocity
 from scale_rae_core.flow.sampler import SAMPLERS, FlowSampler, SamplerConfig, initial_noise
 from scale_rae_core.flow.transport import dimension_shift, shift_time
@@ -41,6 +41,35 @@ def test_space_timesteps_matches_the_reference_respacing() -> None:
     used = space_timesteps(1000, 50)
     assert len(used) == 50
     assert used[:3] == [0, 20, 41] and used[-3:] == [958, 979, 999]
+
+
+def _released_respacing(count: int, train_steps: int = 1000) -> list[int]:
+    """The released rule, re-derived: running sums of the fractional stride, each rounded (Python round)."""
+    from itertools import accumulate
+
+    stride = (train_steps - 1) / (count - 1)
+    positions = accumulate([stride] * (count - 1), initial=0.0)
+    return sorted({round(p) for p in positions})
+
+
+def test_space_timesteps_is_the_released_respacing_for_every_count() -> None:
+    rounded_products = []  # counts where round(i · stride) would give another grid
+    for count in range(2, 1001):
+        expected = _released_respacing(count)
+        assert space_timesteps(1000, count) == expected, count
+        assert len(expected) == count and expected[0] == 0 and expected[-1] == 999
+        stride = 999 / (count - 1)
+        if expected != [round(i * stride) for i in range(count)]:
+            rounded_products.append(count)
+    assert len(rounded_products) == 278 and rounded_products[:7] == [21, 23, 31, 35, 39, 43, 45]
+    assert 50 not in rounded_products
+    # the sampler's intervals follow it: at 21 steps its times sit on the accumulated indices
+    used = _released_respacing(21)
+    t, t_next = reference_schedule(21, SHIFT)
+    tau = [shift_time(torch.tensor((k + 1) / 1000, dtype=torch.float64), SHIFT).item() for k in used]
+    assert t.tolist() == [tau[i] for i in range(19, 0, -1)] + [tau[-2]]
+    assert t_next.tolist() == [tau[i - 1] for i in range(19, 0, -1)] + [tau[-1]]
+    assert used != [round(i * 999 / 20) for i in range(21)]
 
 
 def test_reference_grid_values_and_49_calls() -> None:

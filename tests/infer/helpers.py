@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from scale_rae_core.config import DiTSettings, EncoderSettings, LLMSettings
-from scale_rae_core.models.adapters import srae_to_released_key
+from scale_rae_core.models.adapters import srae_to_released_key, to_released_config
 from scale_rae_core.models.scale_rae import ScaleRAE, build_llm, save_export, scale_rae_config
 
 ENCODER = EncoderSettings(kind="siglip", path="tiny-random", input_size=64)
@@ -43,17 +43,23 @@ def write_decoder(out: Path) -> Path:
 
 
 def write_released(model: ScaleRAE, tok, out: Path, tower: str, shards: int = 2, extra: dict | None = None,
-                   drop: tuple[str, ...] = ()) -> Path:
-    """The model in the nyu-visionx/Scale-RAE-* layout: cambrian_qwen config.json, sharded safetensors + index."""
+                   drop: tuple[str, ...] = (), dtype: torch.dtype | None = None, config: dict | None = None,
+                   tied_head: bool = False) -> Path:
+    """The model in the nyu-visionx/Scale-RAE-* layout: cambrian_qwen config.json, sharded safetensors + index.
+
+    ``dtype``: store every floating tensor in it; ``config``: keys to set in config.json; ``tied_head``: keep
+    ``lm_head.weight`` in the files of a tied model too."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     state = {srae_to_released_key(k): v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.llm.get("tie_word_embeddings"):
+    if model.cfg.llm.get("tie_word_embeddings") and not tied_head:
         state.pop("lm_head.weight", None)
     for key in drop:
         state.pop(key)
     state.update(extra or {})
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     keys = sorted(state)
     per = -(-len(keys) // shards)
     weight_map = {}
@@ -63,18 +69,7 @@ def write_released(model: ScaleRAE, tok, out: Path, tower: str, shards: int = 2,
         save_file(part, str(out / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, name))
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    dit = model.cfg.dit
-    cfg = dict(model.cfg.llm)
-    theta = (cfg.pop("rope_parameters", None) or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
-    cfg.update(rope_theta=theta, rope_scaling=None)  # the transformers-4.37 layout of the released configs
-    cfg.update(
-        model_type="cambrian_qwen", architectures=["ScaleRAEQwenForCausalLM"],
-        mm_vision_tower_aux_list=[tower], mm_vision_tower_aux_token_len_list=[N], vision_tower_aux_token_len_list=[N],
-        mm_hidden_size=C, vision_hidden_size=C, mm_projector_type="mlp2x_gelu", mm_use_im_start_end=True,
-        vision_loss="diffusion-loss", vision_loss_mode="query", diffusion_model_channels=C,
-        diffusion_model_hidden_size=dit.hidden, diffusion_model_depth=dit.depth, diffusion_model_heads=dit.heads,
-        diffusion_model_z_channels=dit.cond_dim, diffusion_class_dropout_prob=0.1, diffusion_split_per_token=N,
-    )
+    cfg = to_released_config(model.cfg, tower) | (config or {})
     (out / "config.json").write_text(json.dumps(cfg))
     tok.save_pretrained(str(out))
     return out

@@ -229,8 +229,8 @@ def test_latent_and_option_errors_are_one_line(session, tmp_path):
     torch.save(torch.zeros(N + 3, C), bad)
     with pytest.raises(DataError, match="is not"):
         load_latent(bad, N, C)
-    with pytest.raises(ConfigError, match="bf16 needs a CUDA"):
-        Session.open(str(tmp_path), load_profile("tiny-cpu"), dtype="bf16")
+    with pytest.raises(ConfigError, match="--dtype 'int8' is unknown; use fp32, bf16, fp16"):
+        Session.open(str(tmp_path), load_profile("tiny-cpu"), dtype="int8")
     with pytest.raises(ConfigError, match="--skip-decoder"):
         generate_images(session, PROMPTS, tmp_path, FAST, decode=False, save_latents=False)
     with pytest.raises(ConfigError, match="guidance-interval"):

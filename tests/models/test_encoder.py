@@ -111,6 +111,29 @@ def test_siglip_is_last_block_output_plus_parameter_free_ln(ckpts):
     torch.testing.assert_close(enc(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layer", [-2, -3, 1, 0])
+def test_siglip_select_layer_is_that_hidden_state_plus_parameter_free_ln(ckpts, layer):
+    """The reference's SigLIP tower: hidden_states[mm_vision_select_layer] (L + 1 states: embeddings, then each
+    block), then the same parameter-free LN; post_layernorm is never applied."""
+    enc = FrozenEncoder(EncoderConfig("siglip2", str(ckpts["siglip2"]), select_layer=layer))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(layer + 5))
+    raw = SiglipVisionModel.from_pretrained(ckpts["siglip2"]).eval()
+    with torch.no_grad():
+        states = raw(_normalised(x, [0.5] * 3, [0.5] * 3), output_hidden_states=True).hidden_states
+    assert len(states) == 3  # 2 blocks
+    tokens = enc(x)
+    torch.testing.assert_close(tokens, F.layer_norm(states[layer], (32,), eps=1e-6), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(tokens, F.layer_norm(states[-1], (32,), eps=1e-6), atol=1e-3)
+    assert len(enc.backbone.encoder.layers) == (layer if layer >= 0 else 3 + layer)  # the blocks after it are gone
+
+
+def test_select_layer_errors_are_one_line(ckpts):
+    with pytest.raises(ConfigError, match=r"select_layer -4 is outside the 3 hidden states of its 2 blocks; use -1"):
+        FrozenEncoder(EncoderConfig("siglip2", str(ckpts["siglip2"]), select_layer=-4))
+    with pytest.raises(ConfigError, match=r"select_layer = -2 but kind 'webssl-dino' always reads its last layer"):
+        FrozenEncoder(EncoderConfig("webssl-dino", str(ckpts["webssl-dino"]), select_layer=-2))
+
+
 def test_dinov2_reg_drops_cls_and_configured_registers(ckpts):
     enc = FrozenEncoder(EncoderConfig("dinov2-reg", str(ckpts["dinov2-reg"])))
     assert enc.num_prefix_tokens == 1 + NUM_REGISTERS

@@ -165,3 +165,50 @@ def test_accepted_changes_continue_and_are_recorded(session, tmp_path):
     from scale_rae_core.files import current_umask
 
     assert (root / "00000" / "samples" / "00000.png").stat().st_mode & 0o777 == 0o666 & ~current_umask()  # not 0600
+
+
+def test_scorer_none_keeps_self_verification_and_builds_no_scorer(files, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from scale_rae_cli.main import app
+    from scale_rae_core.scale import scorers as S
+
+    built = []
+    monkeypatch.setattr(S, "build_scorer", lambda name, **kw: built.append(name))  # none may be built
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a green circle\n")
+    common = ["--prompts", str(prompts), "--n", "2", "--out", str(tmp_path / "runs"), "--model", str(files["export"]),
+              "--decoder", str(files["decoder"]), "--steps", "2", "--max-new-tokens", "1", "--verify-max-new-tokens", "2",
+              "--profile", "tiny-cpu", "-q"]
+    res = CliRunner().invoke(app, ["scale", *common, "--scorer", "none"])
+    assert res.exit_code == 0, res.output
+    assert built == [] and "(1 prompts × 2 samples, 0 failed)" in res.output
+    root = tmp_path / "runs" / "export" / "1_verify_scale_latent"
+    meta = json.loads((root / "00000" / "metadata.jsonl").read_text())
+    assert meta["scores"] == {} and "all_ir_scores" not in meta and set(meta["text_responses"]) == {"0", "1"}
+    assert all(set(r) == FIELDS for r in meta["text_responses"].values())
+    report = write_selection(root, "answer_conf", 1, tmp_path / "sel")  # selection by the model's own answers
+    assert report["failed"] == {} and "combined" not in report["metrics"]  # no ImageReward: no combined ranking
+    res = CliRunner().invoke(app, ["scale", *common, "--scorer", "none", "--scorer", "shapes"])
+    assert res.exit_code == 1 and "--scorer none means no scorer at all; drop it or the others (shapes)" in res.output
+
+
+def test_a_prompt_that_cannot_be_asked_fails_alone_and_verify_keeps_its_folder(session, tmp_path):
+    from scale_rae_core.scale.run import failed_prompts
+
+    long = "a " + "very " * 2100 + "long prompt"
+    prompts = [{"index": 0, "prompt": long}, {"index": 1, "prompt": "a red circle"}]
+    settings = ScaleSettings(n=1, rounds=1, batch_size=1, max_new_tokens=1, verify_max_new_tokens=2)
+    root = run_scaling(session, prompts, tmp_path, "m", settings, SamplerSettings(steps=2), [build_scorer("shapes")],
+                       rank=0, world_size=1)
+    meta = json.loads((root / "00000" / "metadata.jsonl").read_text())
+    assert meta["prompt"] == long and "longer than the 2048 tokens the model reads" in meta["srae_failed"]
+    assert list((root / "00000" / "samples").iterdir()) == [] and meta["n_samples_generated"] == 0
+    assert json.loads((root / "00001" / "metadata.jsonl").read_text())["n_samples_generated"] == 1  # the next one ran
+    assert list(failed_prompts(root, prompts)) == ["00000"]
+    report = write_selection(root, "loss", 1, tmp_path / "sel")
+    assert list(report["failed"]) == ["00000"] and (tmp_path / "sel" / "00000" / "samples").is_dir()
+    # a re-run tries the failed prompt again (and fails it again), the finished one is skipped
+    run_scaling(session, prompts, tmp_path, "m", settings, SamplerSettings(steps=2), [build_scorer("shapes")],
+                rank=0, world_size=1)
+    assert "srae_failed" in json.loads((root / "00000" / "metadata.jsonl").read_text())

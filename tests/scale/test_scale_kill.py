@@ -17,8 +17,8 @@ from scale_rae_core.infer.loading import BUNDLED_MODEL
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-# Runs `srae ARGS...` and SIGKILLs itself when it is about to record sample AT (counted over all prompts): that
-# sample's PNG is on disk, its scores are not.
+# Runs `srae ARGS...` and SIGKILLs itself at its AT-th metadata write (one when a prompt starts, one per sample):
+# at the 7th, prompt 1's sample 1 has its PNG on disk but not its scores.
 KILLER = """
 import os, signal, sys
 import scale_rae_core.scale.run as R
@@ -50,7 +50,7 @@ def test_scale_killed_mid_prompt_then_rerun_gives_the_same_outputs(tmp_path):
     assert len([k for k in reference if k.endswith(".png")]) == 6
 
     proc = subprocess.run(
-        [sys.executable, "-c", KILLER, "5", *map(str, [*args, "--out", tmp_path / "out"])], cwd=REPO,
+        [sys.executable, "-c", KILLER, "7", *map(str, [*args, "--out", tmp_path / "out"])], cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
         capture_output=True, text=True, timeout=300,
     )

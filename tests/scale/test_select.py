@@ -170,3 +170,79 @@ def test_verify_waits_for_nobody_while_scale_writes_the_run(run_dir, tmp_path):
     with RunLock(run_dir), pytest.raises(FolderInUseError, match="is in use by"):
         write_selection(run_dir, "loss", 1, tmp_path / "selected")
     assert not (tmp_path / "selected").exists()
+
+
+# ------------------------------------------------------------------------------------------ per-sample fields, failures, layouts
+
+
+def test_seeds_and_every_per_sample_field_follow_the_renumbered_samples(tmp_path):
+    root = tmp_path / "run"
+    folder = make_prompt(root, 0, P0, IR0, SHAPES0)
+    meta = json.loads((folder / "metadata.jsonl").read_text())
+    meta["seeds"] = [42, 43, 44, 45, 46, 47]  # srae scale: sample k was made from seed 42 + k
+    (folder / "metadata.jsonl").write_text(json.dumps(meta))
+    write_selection(root, "combined", 4, tmp_path / "o")
+    kept = json.loads((tmp_path / "o" / "00000" / "metadata.jsonl").read_text())
+    assert kept["selection"]["source_indices"] == [3, 0, 1, 2]
+    assert kept["seeds"] == [45, 42, 43, 44] == kept["selection"]["seeds"]  # 00000.png is the seed-45 sample
+    assert kept["scores"]["image_reward"] == [0.5, 0.1, 0.9, -0.3] and kept["scores"]["shapes"] == [1, 1, 0, 0]
+    assert [kept["text_responses"][str(j)]["prompt_loss"] for j in range(4)] == [3.0, 2.0, 0.5, 1.0]
+    assert kept["n_samples_generated"] == 4 and kept["selection"]["source_samples"] == 6
+
+
+def test_failed_prompts_are_written_as_empty_folders_with_their_reason_and_counted(run_dir, tmp_path):
+    from tests.infer.test_layouts import geneval_discover
+
+    (run_dir / "00002" / "samples").mkdir(parents=True)  # generation never wrote its metadata
+    failed = make_prompt(run_dir, 3, {}, [], None)  # srae scale: the prompt could not be asked
+    meta = json.loads((failed / "metadata.jsonl").read_text())
+    (failed / "metadata.jsonl").write_text(json.dumps({**meta, "srae_failed": "prompt 'x'…: longer than the 2048 tokens"}))
+    unverified = make_prompt(run_dir, 4, {}, [0.1, 0.2], None)  # samples, but no self-verification scores
+    meta = json.loads((unverified / "metadata.jsonl").read_text())
+    (unverified / "metadata.jsonl").write_text(json.dumps({**meta, "text_responses": {}}))
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, ["verify", str(run_dir), "--metric", "answer_conf", "--keep", "2", "--out", str(out),
+                                      "--layout", "geneval"])
+    assert result.exit_code == 0, result.output
+    assert "5 prompts, 3 failed" in result.output and "failed 00003 (no samples in the output)" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["failed"]) == ["00002", "00003", "00004"] and report["prompts"] == 5
+    assert "metadata.jsonl: missing" in report["failed"]["00002"]
+    assert report["failed"]["00003"] == "prompt 'x'…: longer than the 2048 tokens"
+    assert "no sample has the scores metric answer_conf needs" in report["failed"]["00004"]
+    for name in ("00002", "00003", "00004"):
+        assert list((out / name / "samples").iterdir()) == []
+        assert json.loads((out / name / "metadata.jsonl").read_text())["srae_failed"] == report["failed"][name]
+    assert json.loads((out / "00003" / "metadata.jsonl").read_text())["tag"] == "single_object"  # the line is kept
+    # GenEval's own discovery reads every folder (none lacks its metadata) and finds the selected images only
+    assert sorted(Path(p).relative_to(out).as_posix() for p, _ in geneval_discover(out)) == [
+        "00000/samples/00000.png", "00000/samples/00001.png", "00001/samples/00000.png", "00001/samples/00001.png"]
+
+
+def test_verify_geneval_layout_refuses_prompts_without_genevals_fields(tmp_path):
+    root = tmp_path / "run"
+    make_prompt(root, 0, P0, IR0, None, line={"prompt": "a red circle"})  # srae scale of a plain text prompt file
+    with pytest.raises(DataError) as err:
+        write_selection(root, "answer_conf", 1, tmp_path / "o", layout="geneval")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{root / '00000' / 'metadata.jsonl'}: lacks GenEval's 'tag' and 'include';")
+    assert not (tmp_path / "o").exists()
+    assert write_selection(root, "answer_conf", 1, tmp_path / "o")["failed"] == {}  # the plain tree needs no GenEval fields
+
+
+def test_verify_dpg_layout_writes_the_best_four_as_a_grid_named_by_the_item_id(tmp_path):
+    root = tmp_path / "run"
+    make_prompt(root, 0, P0, IR0, SHAPES0, line={"item_id": "countbench3", "prompt": "three cats"})
+    few = {name: values[:2] for name, values in P0.items()}
+    make_prompt(root, 1, few, [0.3, 0.4], None, line={"item_id": "whoops1", "prompt": "a cat"})
+    with pytest.raises(Exception, match="--keep 2: --layout dpg makes a 2x2 grid of 4 samples per prompt; pass --keep 4"):
+        write_selection(root, "combined", 2, tmp_path / "o", layout="dpg")
+    report = write_selection(root, "combined", 4, tmp_path / "o", layout="dpg")
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["countbench3.png", "report.json"]
+    assert report["failed"] == {"whoops1": f"{root / '00001'}: 2 samples; a DPG-Bench grid needs 4"}
+    assert report["items"]["countbench3"]["source_indices"] == [3, 0, 1, 2]
+    grid = Image.open(tmp_path / "o" / "countbench3.png").convert("RGB")
+    assert grid.size == (16, 16)
+    for j, k in enumerate([3, 0, 1, 2]):  # tile j (row by row) is the j-th best sample
+        tile = grid.crop(((j % 2) * 8, (j // 2) * 8, (j % 2) * 8 + 8, (j // 2) * 8 + 8))
+        assert tile.tobytes() == Image.open(root / "00000" / "samples" / f"{k:05d}.png").convert("RGB").tobytes()

@@ -111,3 +111,81 @@ def test_device_rng_state_round_trips_the_full_64_bit_seed(backend):
     xm.set_rng_state(1)
     backend.set_device_rng_state(state)
     assert int(xm.get_rng_state()) == 2**64 - 5
+
+
+def test_shard_batch_makes_the_host_batch_its_part_of_one_global_array(backend):
+    """Single host: the global batch is the host's, its rows split over the 4 chips in order (minibatch input)."""
+    import torch_xla
+
+    rows = torch.arange(24.0).view(8, 3)
+    batch = backend.shard_batch(rows)
+    assert tuple(batch.shape) == (8, 3) and torch.equal(batch.cpu(), rows)
+    assert torch_xla._XLAC._get_xla_sharding_spec(batch) == "{devices=[4,1]0,1,2,3}"
+    import torch_xla.distributed.spmd as xs
+
+    shards = [s.data for s in sorted(xs.wrap_if_sharded(batch).local_shards, key=lambda s: s.indices[0].start)]
+    assert [s.tolist() for s in shards] == [rows[2 * i:2 * i + 2].tolist() for i in range(4)]
+    assert backend.shard_batch(torch.tensor(3.0)).cpu().item() == 3.0  # a scalar is just moved
+    from scale_rae_core.errors import BackendError
+
+    with pytest.raises(BackendError, match="a host batch of 6 rows does not split over this host's 4 chips"):
+        backend.shard_batch(torch.zeros(6, 2))
+
+
+def test_a_tensor_parallel_mesh_takes_the_host_batch_over_every_chip():
+    from scale_rae_core.backends.xla import XlaBackend
+
+    be = XlaBackend(BackendSettings(kind="xla", devices_per_node=4, mesh=MeshSettings(fsdp=2, tp=2)))
+    rows = torch.arange(16.0).view(8, 2)
+    batch = be.shard_batch(rows)
+    assert torch.equal(batch.cpu(), rows) and float((batch * 2).sum().cpu()) == float(rows.sum() * 2)
+
+
+def test_one_host_needs_no_process_group(backend):
+    import torch.distributed as dist
+
+    assert not backend.distributed and not dist.is_initialized()
+    backend.barrier()  # nothing to wait for
+    assert backend.all_reduce_mean(torch.tensor([2.0, 4.0])).tolist() == [2.0, 4.0]
+
+
+CPU_SINGLE_PROCESS = (
+    "torch_xla 2.9's CPU PJRT runtime is single-process: two processes started with PJRT_DEVICE=CPU and the "
+    "multi-process environment (PJRT_LOCAL_PROCESS_RANK/COUNT, RANK, WORLD_SIZE, MASTER_ADDR, XLA_COORDINATOR_PORT) "
+    "each report xr.process_count() == 1, so a two-host SPMD job cannot be formed on CPU; the multi-host path "
+    "(minibatch input, host group, barrier) runs only on a TPU slice"
+)
+
+
+def test_two_host_processes_on_cpu_pjrt(tmp_path):
+    """Two SPMD host processes on CPU PJRT, if the runtime forms the job; skipped with the reason otherwise."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    worker = Path(__file__).with_name("multihost_worker.py")
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "2", "RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "PJRT_LOCAL_PROCESS_RANK": str(rank),
+               "PJRT_LOCAL_PROCESS_COUNT": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(ports[0]),
+               "XLA_COORDINATOR_PORT": str(ports[1])}
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(tmp_path / f"{rank}.json")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    if all(s["process_count"] == 1 for s in seen):
+        pytest.skip(CPU_SINGLE_PROCESS)
+    assert sorted(s["process_index"] for s in seen) == [0, 1]
+    for s in seen:  # each host gave 4 rows of 3; the global batch holds both hosts' rows once
+        assert s["global_shape"] == [8, 3] and s["global_sum"] == 3 * sum(range(8)) and s["barrier"]
