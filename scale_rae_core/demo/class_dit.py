@@ -77,11 +77,13 @@ def run_class_dit(ctx: Ctx, resume: bool) -> dict[str, Any]:
         "latent_cache": o.class_latent_cache, "samples": n, "per_class": o.class_samples,
         "sampler": o.class_sampler, "sampler_steps": o.class_steps, "guidance": o.class_guidance,
         "class_accuracy": round(acc, 4), "class_accuracy_per_class": judged["per_class"],
+        "colour_accuracy": round(judged["colour_accuracy"], 4), "shape_accuracy": round(judged["shape_accuracy"], 4),
         "fid": round(fid["fid"], 3), "fid_network": fid["network"], "fid_reference_images": fid["num_reference"],
         "probe_top1": round(probe["top1"], 4), "probe_heldout_images": probe["num_heldout"],
         "model": str(folder / "train" / "model"), "grid": str(grid),
         "summary": f"DiT^DH {ctx.profile.dit_training.preset}, {steps} steps; {n} samples "
-                   f"({o.class_samples} per class): class accuracy {100 * acc:.1f}% by the shapes reader, "
+                   f"({o.class_samples} per class): class accuracy {100 * acc:.1f}% by the shapes reader (colour "
+                   f"{100 * judged['colour_accuracy']:.0f}%, shape {100 * judged['shape_accuracy']:.0f}%), "
                    f"FID {fid['fid']:.2f} vs {fid['num_reference']} held-out renders [{fid['network']}]; encoder "
                    f"linear probe {100 * probe['top1']:.1f}% ({probe['num_heldout']} held-out images)",
     }
@@ -131,7 +133,10 @@ def judge_samples(samples: Path, classes: list[str], out: Path) -> dict[str, Any
     acc = class_accuracy([read_image(image_path(samples, i)) for i in range(plan.n)], labels)
     rows = [{"index": i, "png": image_path(samples, i).name, "class": label, "read": seen, "ok": seen == label}
             for i, (label, seen) in enumerate(zip(labels, acc["read"], strict=True))]
-    result = {"classes": classes, "accuracy": acc["accuracy"], "per_class": acc["per_class"], "samples": rows}
+    colour = sum(r["read"].split("_")[0] == r["class"].split("_")[0] for r in rows if r["read"]) / len(rows)
+    shape = sum(r["read"].split("_")[-1] == r["class"].split("_")[-1] for r in rows if r["read"]) / len(rows)
+    result = {"classes": classes, "accuracy": acc["accuracy"], "colour_accuracy": colour, "shape_accuracy": shape,
+              "per_class": acc["per_class"], "samples": rows}
     text = json.dumps(result, indent=1) + "\n"
     atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     return result

@@ -41,6 +41,9 @@ def test_the_record_has_accuracy_fid_with_its_network_and_the_probe(first_run):
         assert r["read"] == read_class(Image.open(out / "dit" / "samples" / r["png"])) and r["ok"] == (r["read"] == r["class"])
     assert info["class_accuracy"] == round(sum(r["ok"] for r in rows) / 96, 4) == round(results["accuracy"], 4)
     assert set(info["class_accuracy_per_class"]) == set(SHAPE_CLASSES)
+    for part, index in (("colour", 0), ("shape", -1)):  # the class split into its two attributes
+        right = sum(bool(r["read"]) and r["read"].split("_")[index] == r["class"].split("_")[index] for r in rows)
+        assert info[f"{part}_accuracy"] == round(right / 96, 4) >= info["class_accuracy"]
 
     fid = json.loads((out / "dit" / "fid.json").read_text())
     assert info["fid"] == round(fid["fid"], 3) and info["fid"] > 0 and np.isfinite(info["fid"])
