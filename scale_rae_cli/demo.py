@@ -45,8 +45,9 @@ def demo(
     bench_k: Annotated[int, _knob("--bench-k", "Benchmark samples per prompt.")] = 8,
     bench_images: Annotated[int, _knob("--bench-images", "Benchmark held-out images.")] = 24,
 ) -> None:
-    """Run the pipeline on the shapes world: synth → pack → inspect → verify → decoder → stat → stage1
-    [→ stage2 with --retrain] → model → generate → understand → scale → eval → report (report.html)."""
+    """Run the pipeline on the shapes world: synth → pack → inspect → verify → decoder → stat → dit (a class-conditional
+    DiT^DH on the 12 colour × shape classes) → stage1 [→ stage2 with --retrain] → model → generate → understand → scale
+    → eval → report (report.html)."""
     import shlex
 
     from scale_rae_core.demo.context import DemoOptions

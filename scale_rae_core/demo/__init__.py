@@ -1,7 +1,10 @@
 """The embedded default, end to end: the shapes world through every stage srae has, on the tiny profile (`srae demo`).
 
-    synth → pack → inspect → verify → decoder → stat → stage1 [→ stage2] → model → generate → understand → scale
-          → eval → report
+    synth → pack → inspect → verify → decoder → stat → dit → stage1 [→ stage2] → model → generate → understand
+          → scale → eval → report
+
+``dit`` is RAE's stage 2 on the same latents (``class_dit``): a class-conditional DiT^DH on the world's 12 colour x
+shape classes, its samples judged by the shapes reader.
 
 Two recipes train the model: the quick one (the profile as it is: ~11 minutes on 2 cores) and the recipe of the
 model that ships with the package, ``run.BUNDLED_RECIPE`` (stage 1 trained longer, then a stage-2 finetune on the

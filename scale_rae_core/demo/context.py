@@ -11,6 +11,7 @@ from typing import Any
 from scale_rae_core.config import Profile
 from scale_rae_core.errors import ConfigError
 from scale_rae_core.events import Reporter
+from scale_rae_core.flow.sampler import SAMPLERS
 from scale_rae_core.infer.pipeline import SamplerSettings, Session
 
 
@@ -31,14 +32,25 @@ class DemoOptions:
     sampler_steps: int = 25  # flow sampler steps per image (Euler)
     guidance: float = 3.0  # CFG weight for every sample the demo draws (3: colour+shape 66% → 84% on the shipped model)
     finetune: bool = False  # run stage 2 on the stage-1 model (the bundled recipe); the model is its export
+    # The class-conditional stage (the class DiT's training recipe is the profile's [dit_training]):
+    class_samples: int = 8  # samples drawn per class (12 colour x shape classes)
+    class_sampler: str = "euler"  # flow sampler of those samples (a SAMPLERS name, as srae sample --sampler)
+    class_steps: int = 25  # its steps
+    class_guidance: float = 4.0  # its CFG weight (1 = off; after 800 steps 4 reads 42% right, 1.5 reads 25%)
+    class_latent_cache: bool = True  # encode the class folders once (srae latent cache), then train on the cache
 
     def __post_init__(self) -> None:
         for name in ("n_images", "gen_prompts", "gen_per_prompt", "understand_images", "scale_prompts", "scale_n",
-                     "scale_rounds", "bench_k", "bench_images", "sampler_steps"):
+                     "scale_rounds", "bench_k", "bench_images", "sampler_steps", "class_samples", "class_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"demo option {name} = {getattr(self, name)} must be at least 1")
         if self.guidance < 1.0:
             raise ConfigError(f"--guidance {self.guidance}: use 1 (off) or more")
+        if self.class_guidance < 1.0:
+            raise ConfigError(f"demo option class_guidance = {self.class_guidance}: use 1 (off) or more")
+        if self.class_sampler not in SAMPLERS:
+            raise ConfigError(f"demo option class_sampler = {self.class_sampler!r} is unknown; choose one of "
+                              f"{', '.join(SAMPLERS)}")
         if self.n_images < 10:
             raise ConfigError(f"--n {self.n_images}: the demo needs at least 10 images (one in ten is held out)")
 
@@ -82,6 +94,11 @@ class Ctx:
         return self.out / "model"
 
     @property
+    def dit_dir(self) -> Path:
+        """The class-conditional stage's folder (``demo.class_dit``)."""
+        return self.out / "dit"
+
+    @property
     def seed(self) -> int:
         return self.profile.run.seed
 
@@ -95,6 +112,13 @@ class Ctx:
         heldout = self.world / "heldout" / "conversations.jsonl"
         if not prof.data.eval and heldout.is_file():  # held-out curves, incl. whether the head follows the prompt
             prof.data.eval = str(heldout)
+        return prof
+
+    def dit_profile(self) -> Profile:
+        """The profile of the class DiT: its latent space is the demo's (the encoder, its decoder and statistics)."""
+        prof = self.profile.model_copy(deep=True)
+        prof.dit_training.stats = str(self.stats)
+        prof.dit_training.decoder = str(self.decoder_dir)
         return prof
 
     def session(self) -> Session:

@@ -25,7 +25,7 @@ def install_bundled(model: str | Path, bench_file: str | Path, quality: list[dic
     if missed:
         q = missed[0]
         raise SraeError(f"--install: {q['label']} = {q['value']:.4g} misses its bar ({q['minimum']:.4g}); "
-                        f"the bundled model stays as it is (train longer, e.g. --retrain)")
+                        f"the bundled model stays as it is ({q.get('fix', 'train longer, e.g. --retrain')})")
     if not (model / "config.json").is_file() or not bench_file.is_file():
         raise SraeError(f"--install: no finished model ({model}) and benchmark ({bench_file}); run the demo to the end first")
     about = json.loads((model / ABOUT_FILE).read_text()) if (model / ABOUT_FILE).is_file() else {}

@@ -1,4 +1,4 @@
-"""A demo run's files on disk: stage records (written atomically), JSON lines, and removal."""
+"""A demo run's files on disk: stage records (written atomically), JSON lines, checkpoints, and removal."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a trainer's run folder holds a complete checkpoint to continue from."""
+    return any((run_dir / "checkpoints").glob("step-*/meta.json"))
 
 
 def remove(path: Path) -> None:

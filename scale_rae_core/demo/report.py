@@ -25,6 +25,7 @@ def build_report(out: Path, stage_order: Sequence[str]) -> Report:
         if name != "report":
             report.summary.append((name, str(done[name].get("summary", ""))))
     _add_generated(report, out)
+    _add_class_dit(report, out / "dit", done.get("dit"))
     _add_benchmark(report, out / "eval_shapes.json")
     _add_answers(report, out / "understand" / "answers.json")
     _add_curves(report, out)
@@ -43,6 +44,29 @@ def _add_generated(report: Report, out: Path) -> None:
     if rows:
         report.grids.append(("Generated images (frame: green = the pixel scorer finds every attribute of the prompt)",
                              [ImageRow(p, cells) for p, cells in rows.items()]))
+
+
+def _add_class_dit(report: Report, folder: Path, info: dict[str, Any] | None) -> None:
+    """The class-conditional stage: its numbers, and its samples as one labelled row per class."""
+    results = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else None
+    if not results or not info:
+        return
+    report.tables.append(Table("Class-conditional DiT^DH (RAE stage 2)", ["measure", "value"], [
+        ["class accuracy of the samples (shapes reader)", f"{100 * info['class_accuracy']:.1f}% of {info['samples']}"],
+        [f"FID vs {info['fid_reference_images']} held-out renders [{info['fid_network']}]", f"{info['fid']:.2f}"],
+        ["encoder linear probe, top-1 on its held-out split", f"{100 * info['probe_top1']:.1f}% "
+                                                              f"({info['probe_heldout_images']} images)"],
+        ["recipe", f"{info['preset']}, {info['steps']} steps; {info['sampler']} {info['sampler_steps']} steps, "
+                   f"guidance {info['guidance']:g}"],
+    ]))
+    rows = []
+    for c in results["classes"]:
+        mine = [r for r in results["samples"] if r["class"] == c]
+        cells = [ImageCell(folder / "samples" / r["png"], f"#{r['index']}: {r['read'] or 'no shape'}", r["ok"])
+                 for r in mine]
+        rows.append(ImageRow(f"{c} ({sum(r['ok'] for r in mine)}/{len(mine)} read as {c})", cells))
+    report.grids.append(("Class-conditional samples, one row per class (frame: green = the shapes reader sees the "
+                         "class)", rows))
 
 
 def _add_benchmark(report: Report, path: Path) -> None:
@@ -70,6 +94,9 @@ def _add_curves(report: Report, out: Path) -> None:
     dec = _steps(read_jsonl(out / "decoder" / "events.jsonl"), "train_decoder.step")
     if dec:
         report.curves.append(Curve("decoder training", {k: [(r["step"], r[k]) for r in dec if k in r] for k in ("loss", "l1")}))
+    dit = [r for r in read_jsonl(out / "dit" / "train" / "metrics.jsonl") if "loss" in r]
+    if dit:
+        report.curves.append(Curve("class-conditional DiT^DH training", {"flow loss": [(r["step"], r["loss"]) for r in dit]}))
     s1 = {r["step"]: r for r in read_jsonl(out / "stage1" / "metrics.jsonl") if "loss" in r}
     if s1:
         rows = [s1[k] for k in sorted(s1)]

@@ -67,9 +67,7 @@ def run_demo(
     if strict and missed:
         q = missed[0]
         raise SraeError(f"quality bar missed: {q['label']} = {q['value']:.4g} {'<=' if q['strict'] else '<'} "
-                        f"{q['minimum']:.4g}; train longer "
-                        f"(e.g. --set stage1.steps=..., or --retrain: the bundled model's recipe) "
-                        f"(details in {out / 'demo.json'})")
+                        f"{q['minimum']:.4g}; {q['fix']} (details in {out / 'demo.json'})")
     return result
 
 

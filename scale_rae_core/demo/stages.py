@@ -15,9 +15,10 @@ from scale_rae_core.config import Profile
 from scale_rae_core.data.images import read_image
 from scale_rae_core.data.pack import pack
 from scale_rae_core.data.shards import inspect, verify
+from scale_rae_core.demo.class_dit import GRID, OPTIONS, RESULTS, run_class_dit
 from scale_rae_core.demo.context import Ctx, Stage
 from scale_rae_core.demo.page import write_report
-from scale_rae_core.demo.records import read_jsonl, remove
+from scale_rae_core.demo.records import has_checkpoint, read_jsonl, remove
 from scale_rae_core.demo.report import build_report
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.eval.recon import dataset_latent_stats, evaluate_reconstruction
@@ -83,13 +84,9 @@ def _verify(ctx: Ctx, resume: bool) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    return any((run_dir / "checkpoints").glob("step-*/meta.json"))
-
-
 def _decoder(ctx: Ctx, resume: bool) -> dict[str, Any]:
     run_dir = ctx.out / "decoder"
-    resume = resume and _has_checkpoint(run_dir)
+    resume = resume and has_checkpoint(run_dir)
     if not resume:
         remove(run_dir)  # interrupted before its first complete checkpoint
     with ctx.child_reporter(run_dir) as rep:
@@ -269,6 +266,10 @@ STAGES: tuple[Stage, ...] = (
           lambda c: {"seed": c.seed, **_sections(c.profile, "decoder_training", "model.encoder", "model.decoder")},
           lambda c: c.out / "decoder"),
     Stage("stat", ("synth",), _stat, lambda c: [c.stats], lambda c: _sections(c.profile, "model.encoder"), lambda c: c.stats),
+    Stage("dit", ("synth", "decoder", "stat"), run_class_dit, lambda c: [c.dit_dir / RESULTS, c.dit_dir / GRID],
+          lambda c: {"seed": c.seed, **_sections(c.profile, "dit_training", "model.encoder"),
+                     **{k: getattr(c.options, k) for k in OPTIONS}},
+          lambda c: c.dit_dir),
     Stage("stage1", ("pack", "stat"), _unified("stage1"), lambda c: [c.export("stage1") / "config.json"],
           lambda c: {"seed": c.seed, **_sections(c.profile, "stage1", "model.encoder", "model.llm", "model.dit", "data")},
           lambda c: c.out / "stage1"),

@@ -12,7 +12,8 @@ pool3 (2048-d), `mixed_6/conv`'s first 7 channels (2023-d) and the 1008 softmax 
 * Precision / recall (Kynkäänniemi et al., ADM's `ManifoldEstimator`, k = 3): each set's manifold is the union of
   balls around its points with radius = the squared distance to the point's 3rd nearest neighbour (itself
   excluded). Precision = share of samples inside the reference manifold, recall = share of reference images inside
-  the sample manifold. Distances are computed in batches in float32 (ADM tries float16 first).
+  the sample manifold. Distances are computed in batches in float32 (ADM tries float16 first). A set of at most
+  k images has no such manifold: both are then omitted (``omitted`` says why), FID is still given.
 
 Differences from ADM: Inception runs in torch (pytorch-fid's resize and port; numbers are close to, not identical
 with, TensorFlow's); the reference statistics are recomputed from the reference's `arr_0` with the same network
@@ -127,9 +128,14 @@ def precision_recall(
 
 def adm_scores(ref: Activations, samples: Activations, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Every statistic the activations allow; `omitted` says why one is missing."""
-    precision, recall = precision_recall(ref.pool, samples.pool, device=device)
     out: dict[str, Any] = {"fid": fid(samples.pool, ref.pool), "sfid": None, "inception_score": None,
-                           "precision": precision, "recall": recall, "omitted": {}}
+                           "precision": None, "recall": None, "omitted": {}}
+    fewest = min(len(ref.pool), len(samples.pool))
+    if fewest > PR_NEIGHBOURS:
+        out["precision"], out["recall"] = precision_recall(ref.pool, samples.pool, device=device)
+    else:  # a k-NN manifold needs k neighbours; FID itself is defined (and strongly biased) for any set of two
+        out["omitted"]["precision"] = out["omitted"]["recall"] = (
+            f"needs more than {PR_NEIGHBOURS} images per set, got {fewest}")
     why = "needs the Inception network (pt_inception-2015-12-05 weights); the fallback network has no such output"
     if samples.spatial is not None and ref.spatial is not None:
         out["sfid"] = fid(samples.spatial, ref.spatial)

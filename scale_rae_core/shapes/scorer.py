@@ -16,6 +16,8 @@ meant for generated images: blurry, noisy, JPEG-damaged or slightly off-colour. 
    ``SIZE_THRESHOLD`` of the image side.
 
 ``parse_prompt`` pulls the attribute words out of a caption or prompt, and ``match`` compares the two.
+``read_class`` and ``class_accuracy`` judge images of the class-conditional task (``SHAPE_CLASSES``: colour x
+shape, e.g. ``red_circle``) the same way.
 :class:`ShapesScorer` is ``match`` as a test-time-scaling scorer (``scale.scorers``); srae registers it as the
 ``shapes`` entry point of the ``srae.scorers`` group, so ``srae scale --scorer shapes`` finds it by name.
 """
@@ -32,7 +34,7 @@ from PIL import Image
 
 from scale_rae_core.data.images import as_rgb
 from scale_rae_core.errors import DataError
-from scale_rae_core.shapes.synth import COLOURS, SHAPES, SIZE_THRESHOLD
+from scale_rae_core.shapes.synth import COLOURS, SHAPE_CLASSES, SHAPES, SIZE_THRESHOLD
 
 if TYPE_CHECKING:  # torch is only needed by callers that pass tensors
     import torch
@@ -174,6 +176,34 @@ def read_image(img: Image.Image | np.ndarray | torch.Tensor) -> ShapeReading:
         foreground=area / (height * width),
         confidence=float(confidence),
     )
+
+
+def read_class(img: Image.Image | np.ndarray | torch.Tensor) -> str | None:
+    """The colour x shape class ``img`` shows, as a ``SHAPE_CLASSES`` name (``red_circle``); None when no shape."""
+    reading = read_image(img)
+    return None if reading.colour is None else f"{reading.colour}_{reading.shape}"
+
+
+def class_accuracy(images: Sequence[Image.Image | np.ndarray | torch.Tensor], labels: Sequence[str]) -> dict[str, Any]:
+    """How many ``images`` show their class ``labels[i]`` (``SHAPE_CLASSES`` names), by ``read_class``.
+
+    Returns ``accuracy`` (the share over all images), ``per_class`` (the share among the images of each class
+    that has any) and ``read`` (the class read from each image, None where no shape was seen, which counts as
+    wrong).
+    """
+    if len(images) != len(labels) or not labels:
+        raise DataError(f"class_accuracy got {len(images)} images and {len(labels)} labels; pass one label per image, "
+                        "at least one")
+    unknown = sorted(set(labels) - set(SHAPE_CLASSES))
+    if unknown:
+        raise DataError(f"class label {unknown[0]!r} is not a shapes class; use one of {', '.join(SHAPE_CLASSES)}")
+    read = [read_class(img) for img in images]
+    right: dict[str, list[bool]] = {}
+    for label, seen in zip(labels, read, strict=True):
+        right.setdefault(label, []).append(seen == label)
+    per_class = {c: sum(right[c]) / len(right[c]) for c in SHAPE_CLASSES if c in right}
+    return {"accuracy": sum(r == y for r, y in zip(read, labels, strict=True)) / len(labels), "per_class": per_class,
+            "read": read}
 
 
 _WORDS = {

@@ -1,8 +1,19 @@
-"""Only `slow` tests may run the demo: `-m "not slow"` stays quick."""
+"""The demo run the slow tests share; only `slow` tests may run the demo, so `-m "not slow"` stays quick."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+from tests.demo.runs import demo
+
+
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory) -> tuple[Path, str]:
+    """One quick demo run and its output, for reading only (``runs.own_copy`` before running the demo again)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    return out, demo(out)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

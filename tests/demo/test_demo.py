@@ -2,69 +2,26 @@
 interruption, --redo / changed settings, --retrain (the bundled model's recipe) and --install, quality bars, and
 the report.
 
-One quick run (``first_run``) is shared read-only; a test that runs the demo again works on its own copy of it
-(``_own_copy``), so the tests pass in any order or subset. Only the fast tests (no demo run) are not ``slow``.
+One quick run (the session's ``first_run``, ``tests/demo/runs.py``) is shared read-only; a test that runs the demo
+again works on its own copy of it (``own_copy``), so the tests pass in any order or subset. Only the fast tests
+(no demo run) are not ``slow``.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from scale_rae_cli.main import app
 from scale_rae_core.demo.bars import QUALITY_BARS, check_bars
 from scale_rae_core.demo.context import DemoOptions
 from scale_rae_core.demo.install import install_bundled
 from scale_rae_core.demo.run import BUNDLED_RECIPE
-from scale_rae_core.demo.stages import STAGE_NAMES
 from scale_rae_core.errors import ConfigError
 from scale_rae_core.infer.loading import bundled_model
+from tests.demo.runs import QUICK, STAGE2, TINY, demo, event_names, own_copy, statuses
 from tests.demo.test_page import check_html
-
-TINY = [
-    "--n", "30", "--quiet",
-    "--set", "decoder_training.steps=2", "--set", "decoder_training.micro_batch_size=8",
-    "--set", "decoder_training.global_batch_size=8",
-    "--set", "stage1.steps=2", "--set", "stage1.global_batch_size=4", "--set", "stage1.micro_batch_size=2",
-    "--set", "checkpoint.every_steps=2", "--set", "output.log_every=1",
-    "--sampler-steps", "2", "--gen-prompts", "2", "--understand-images", "1", "--scale-n", "1", "--scale-rounds", "2",
-    "--bench-prompts", "2", "--bench-k", "2", "--bench-images", "2",
-]
-
-
-QUICK = [name for name in STAGE_NAMES if name != "stage2"]  # the quick recipe does not finetune
-STAGE2 = ["--set", "stage2.steps=2", "--set", "stage2.global_batch_size=4", "--set", "stage2.micro_batch_size=2"]
-
-
-def _demo(out: Path, *extra: str, code: int = 0) -> str:
-    result = CliRunner().invoke(app, ["demo", "--out", str(out), *TINY, *extra])
-    assert result.exit_code == code, result.output
-    return result.output
-
-
-def _status(out: Path) -> dict[str, str]:
-    return json.loads((out / "demo.json").read_text())["status"]
-
-
-def _events(out: Path) -> list[str]:
-    return [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory) -> tuple[Path, str]:
-    """One quick demo run and its output, for reading only (``_own_copy`` before running the demo again)."""
-    out = tmp_path_factory.mktemp("demo") / "run"
-    return out, _demo(out)
-
-
-def _own_copy(first_run: tuple[Path, str], tmp_path: Path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(first_run[0], out)
-    return out
 
 
 @pytest.mark.slow
@@ -84,7 +41,7 @@ def test_every_stage_runs_and_reports(first_run):
     for name in QUICK:
         record = json.loads((out / "stages" / f"{name}.json").read_text())
         assert record["status"] == "done" and "summary" in record["info"]
-    events = _events(out)
+    events = event_names(out)
     assert events[0] == "demo.synth.start" and events[-1] == "demo.report.done"
     assert all(f"demo.{n}.done" in events for n in QUICK) and not (out / "stages" / "stage2.json").exists()
     # the outputs each stage promises
@@ -112,11 +69,14 @@ def test_report_holds_every_image_curve_and_the_benchmark(first_run):
     bench = json.loads((out / "eval_shapes.json").read_text())
     answers = json.loads((out / "understand" / "answers.json").read_text())
     n_bench = sum(len(p["samples"]) for p in bench["generation"]["prompts"])
-    assert len(checker.images) == text.count("data:image/png;base64,") == len(generated) + n_bench + len(answers)
+    n_class = len(json.loads((out / "dit" / "results.json").read_text())["samples"])
+    assert n_class == 96
+    assert len(checker.images) == text.count("data:image/png;base64,") == len(generated) + n_bench + len(answers) + n_class
     alts = [img["alt"] for img in checker.images]
     for row in generated:
         assert f"{row['prompt']}: seed {row['seed']}" in alts
-    assert text.count("<svg") == 3 and "decoder training" in text and "stage 1 training" in text
+    assert text.count("<svg") == 4 and "decoder training" in text and "stage 1 training" in text
+    assert "class-conditional DiT^DH training" in text
     assert "another sample" in text and "eval_flow_mismatched" in text  # does the head follow the prompt
     assert 'class="series"' in text and "Shapes benchmark" in text and "first sample" in text
     assert "Quality bars" in text and answers[0]["qa"][0]["question"] in text
@@ -124,24 +84,24 @@ def test_report_holds_every_image_curve_and_the_benchmark(first_run):
 
 @pytest.mark.slow
 def test_rerun_reuses_then_changes_rerun_only_what_depends_on_them(first_run, tmp_path):
-    out = _own_copy(first_run, tmp_path)
+    out = own_copy(first_run, tmp_path)
     before = (out / "eval_shapes.json").read_text()
     packed = json.loads((out / "demo.json").read_text())["pack"]
-    text = _demo(out)
+    text = demo(out)
     assert "(reused)" in text
-    assert _status(out) == {n: ("ran" if n in ("inspect", "report") else "reused") for n in QUICK}
+    assert statuses(out) == {n: ("ran" if n in ("inspect", "report") else "reused") for n in QUICK}
     assert (out / "eval_shapes.json").read_text() == before
     assert json.loads((out / "demo.json").read_text())["pack"] == packed
-    assert "demo.stage1.reused" in _events(out)
+    assert "demo.stage1.reused" in event_names(out)
 
-    _demo(out, "--set", "stage1.steps=3")  # a changed stage-1 setting: stage 1 and what needs it
-    status = _status(out)
+    demo(out, "--set", "stage1.steps=3")  # a changed stage-1 setting: stage 1 and what needs it
+    status = statuses(out)
     assert {n for n, s in status.items() if s == "ran"} == {"inspect", "stage1", "model", "generate", "understand", "scale",
                                                              "eval", "report"}
     assert json.loads((out / "demo.json").read_text())["stage1"]["steps"] == 3
 
-    _demo(out, "--set", "stage1.steps=3", "--redo", "decoder", "--redo", "stat")  # train again, same settings
-    status = _status(out)
+    demo(out, "--set", "stage1.steps=3", "--redo", "decoder", "--redo", "stat")  # train again, same settings
+    status = statuses(out)
     assert all(status[n] == "reused" for n in ("synth", "pack", "verify"))
     assert all(status[n] == "ran" for n in ("decoder", "stat", "stage1", "generate", "eval", "report"))
 
@@ -150,7 +110,7 @@ def test_rerun_reuses_then_changes_rerun_only_what_depends_on_them(first_run, tm
 def test_interrupted_stage_continues(first_run, tmp_path, monkeypatch):
     import scale_rae_core.demo.stages as stages
 
-    out = _own_copy(first_run, tmp_path)
+    out = own_copy(first_run, tmp_path)
     real = stages.generate_images
 
     def interrupted(*args, **kwargs):
@@ -158,12 +118,12 @@ def test_interrupted_stage_continues(first_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(stages, "generate_images", interrupted)
     # stage1 must run again (changed steps); generate is interrupted after it
-    text = _demo(out, "--set", "stage1.steps=4", code=130)
+    text = demo(out, "--set", "stage1.steps=4", code=130)
     assert "interrupted" in text
     assert json.loads((out / "stages" / "generate.json").read_text())["status"] == "running"
     monkeypatch.setattr(stages, "generate_images", real)
-    _demo(out, "--set", "stage1.steps=4")
-    status = _status(out)
+    demo(out, "--set", "stage1.steps=4")
+    status = statuses(out)
     assert status["stage1"] == "reused" and status["generate"] == "continued"
     assert status["understand"] == "ran"  # done for the old model: stale, though stage 1 ran in the earlier call
 
@@ -172,7 +132,7 @@ def test_interrupted_stage_continues(first_run, tmp_path, monkeypatch):
 def test_retrain_runs_the_bundled_recipe_and_install_needs_the_bars(first_run, tmp_path, monkeypatch):
     from safetensors import safe_open
 
-    out = _own_copy(first_run, tmp_path)
+    out = own_copy(first_run, tmp_path)
     bundled = tmp_path / "assets" / "shapes-demo"  # a stand-in for the package's bundled model
     shutil.copytree(bundled_model(), bundled)
     monkeypatch.setattr("scale_rae_core.infer.loading.BUNDLED_MODEL", bundled)
@@ -182,8 +142,8 @@ def test_retrain_runs_the_bundled_recipe_and_install_needs_the_bars(first_run, t
     # stage-1 model of the first run is reused. Two decoder steps miss the PSNR bar: --install refuses and the
     # bundled model is unchanged.
     steps = json.loads((out / "stages" / "stage1.json").read_text())["info"]["steps"]
-    text = _demo(out, "--retrain", "--install", "--set", f"stage1.steps={steps}", *STAGE2, code=1)
-    status = _status(out)
+    text = demo(out, "--retrain", "--install", "--set", f"stage1.steps={steps}", *STAGE2, code=1)
+    status = statuses(out)
     assert status["stage1"] == "reused" and status["stage2"] == "ran" and status["model"] == "ran"
     record = json.loads((out / "stages" / "stage2.json").read_text())
     assert record["inputs"]["stage2"]["flow_weight"] == 12.0 and record["info"]["steps"] == 2
@@ -214,14 +174,14 @@ def test_retrain_runs_the_bundled_recipe_and_install_needs_the_bars(first_run, t
 def test_user_errors_are_one_line(tmp_path):
     for args, message in ((["--redo", "nope"], "--redo nope: unknown stage"),
                           (["--n", "5"], "--n 5: the demo needs at least 10 images")):
-        text = _demo(tmp_path / "x", *args, code=1)
+        text = demo(tmp_path / "x", *args, code=1)
         assert text.startswith("error: ") and message in text and text.count("\n") == 1
 
 
 @pytest.mark.slow
 def test_strict_fails_on_a_missed_bar(first_run, tmp_path):
-    out = _own_copy(first_run, tmp_path)
-    text = _demo(out, "--strict", code=1)
+    out = own_copy(first_run, tmp_path)
+    text = demo(out, "--strict", code=1)
     assert "error: quality bar missed: decoder held-out PSNR (dB) = " in text  # two decoder steps: far below 25 dB
 
 
@@ -235,6 +195,20 @@ def test_bars_and_options():
         DemoOptions(sampler_steps=0)
     with pytest.raises(ConfigError, match="--guidance 0.5: use 1"):
         DemoOptions(guidance=0.5)
+    for bad, message in (({"class_guidance": 0.5}, "class_guidance = 0.5: use 1"),
+                         ({"class_sampler": "nope"}, "class_sampler = 'nope' is unknown; choose one of euler"),
+                         ({"class_samples": 0}, "class_samples = 0 must be at least 1"),
+                         ({"class_steps": 0}, "class_steps = 0 must be at least 1")):
+        with pytest.raises(ConfigError, match=message):
+            DemoOptions(**bad)
+
+
+def test_the_class_accuracy_bar_judges_the_dit_stage():
+    bar = next(b for b in QUALITY_BARS if b.stage == "dit")
+    assert (bar.key, bar.minimum, bar.strict) == ("class_accuracy", 0.9, False)
+    below, at = check_bars({"dit": {"class_accuracy": 0.8958}}), check_bars({"dit": {"class_accuracy": 0.9}})
+    assert [q["ok"] for q in below] == [False] and [q["ok"] for q in at] == [True]
+    assert "dit_training.steps" in below[0]["fix"]
 
 
 def test_the_bars_line_compares_with_the_bundled_model(monkeypatch, tmp_path):

@@ -93,6 +93,9 @@ def test_sfid_and_is_come_from_their_own_features():
     fallback = adm_scores(Activations(pool=ref.pool), Activations(pool=ref.pool + 1.0))
     assert fallback["sfid"] is None and fallback["inception_score"] is None
     assert set(fallback["omitted"]) == {"sfid", "inception_score"} and "Inception" in fallback["omitted"]["sfid"]
+    few = adm_scores(Activations(pool=ref.pool[:3]), Activations(pool=ref.pool + 1.0))  # 3 reference images
+    assert few["precision"] is None and few["recall"] is None and few["fid"] > 0
+    assert few["omitted"]["precision"] == few["omitted"]["recall"] == "needs more than 3 images per set, got 3"
 
 
 def test_inception_outputs_follow_adms_graph():

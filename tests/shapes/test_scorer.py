@@ -12,8 +12,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from scale_rae_core.errors import DataError
-from scale_rae_core.shapes.scorer import NO_SHAPE, match, parse_prompt, read_image
-from scale_rae_core.shapes.synth import BACKGROUNDS, ShapeSpec, random_spec, render, synthesize
+from scale_rae_core.shapes.scorer import NO_SHAPE, class_accuracy, match, parse_prompt, read_class, read_image
+from scale_rae_core.shapes.synth import BACKGROUNDS, SHAPE_CLASSES, ShapeSpec, random_spec, render, synthesize
 
 ATTRIBUTES = ("colour", "shape", "position", "size")
 
@@ -153,3 +153,33 @@ def test_match_scores_each_named_attribute():
 def test_match_needs_a_colour_and_a_shape():
     with pytest.raises(DataError, match="names no colour or no shape"):
         match("something on the left", Image.new("RGB", (32, 32), "white"))
+
+
+def test_class_accuracy_of_renders_with_known_labels():
+    specs = _specs(48, seed=5)  # random colour, shape, position, size and background
+    images = [render(spec, 64) for spec in specs]
+    labels = [spec.label for spec in specs]
+    assert [read_class(im) for im in images] == labels and all(label in SHAPE_CLASSES for label in labels)
+    right = class_accuracy(images, labels)
+    assert right["accuracy"] == 1.0 and right["read"] == labels
+    assert set(right["per_class"]) == set(labels) and set(right["per_class"].values()) == {1.0}
+
+    # 12 labels swapped for another colour of the same shape, and one blank image (no shape: always wrong)
+    other = {"red": "green", "green": "blue", "blue": "yellow", "yellow": "red"}
+    wrong = [f"{other[s.colour]}_{s.shape}" if i % 4 == 0 else s.label for i, s in enumerate(specs)]
+    blank = Image.new("RGB", (64, 64), (255, 255, 255))
+    got = class_accuracy([*images, blank], [*wrong, "red_square"])
+    assert got["accuracy"] == (48 - 12) / 49 and got["read"][-1] is None
+    for c, share in got["per_class"].items():
+        truly = [i for i, y in enumerate([*wrong, "red_square"]) if y == c]
+        assert share == sum(i < 48 and labels[i] == c for i in truly) / len(truly)
+
+
+def test_class_accuracy_refuses_bad_labels():
+    image = render(ShapeSpec("red", "circle", "left", "large"), 64)
+    with pytest.raises(DataError, match="class label 'purple_circle' is not a shapes class; use one of blue_circle"):
+        class_accuracy([image], ["purple_circle"])
+    with pytest.raises(DataError, match="got 1 images and 2 labels; pass one label per image"):
+        class_accuracy([image], ["red_circle", "red_circle"])
+    with pytest.raises(DataError, match="got 0 images and 0 labels"):
+        class_accuracy([], [])
