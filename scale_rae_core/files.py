@@ -139,6 +139,20 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def check_format(record: Any, fmt: str, version: int, where: str, what: str, fix: str,
+                 error: type[SraeError] = CheckpointError) -> dict[str, Any]:
+    """``record`` (parsed JSON) must be an object with ``"format": fmt`` and a ``"version"`` this srae reads (at most
+    ``version``; absent counts as 0) -> it. Else one line naming ``where``: ``what`` it is not and ``fix``, or that
+    its version is newer than this srae's."""
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        got = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise error(f"{where} is not {what} (format {got!r}, expected {fmt!r}); {fix}")
+    found = record.get("version", 0)
+    if not isinstance(found, int) or found > version:
+        raise error(f"{where} has format version {found!r}, newer than this srae reads ({version}); upgrade srae")
+    return record
+
+
 def read_weights_only(path: Path, *, fix: str = "", error: type[SraeError] = CheckpointError) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU; ``error`` (one line, naming the file) when it cannot."""
     tail = f"; {fix}" if fix else ""

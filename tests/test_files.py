@@ -99,3 +99,49 @@ def test_output_folders_and_text_inputs_fail_in_one_line(tmp_path):
     (tmp_path / "p.txt").write_bytes(b"ok\n\xff\n")
     with pytest.raises(DataError, match=r"^--prompts .*p\.txt: not UTF-8 text \(byte 0xff at offset 3\); save it as UTF-8$"):
         read_text(tmp_path / "p.txt", "--prompts")
+
+
+# ------------------------------------------------------------------ versioned srae records: one check for all
+
+
+def test_check_format_returns_a_record_it_reads_and_names_what_is_wrong_otherwise():
+    from scale_rae_core.files import check_format
+
+    record = {"format": "srae-x", "version": 2}
+    assert check_format(record, "srae-x", 2, "F.json", "an x", "fix it") is record
+    assert check_format({"format": "srae-x"}, "srae-x", 1, "F.json", "an x", "fix it") == {"format": "srae-x"}
+    for bad, said in (({"format": "other"}, "F.json is not an x (format 'other', expected 'srae-x'); fix it"),
+                      ([1, 2], "F.json is not an x (format 'list', expected 'srae-x'); fix it"),
+                      ({"format": "srae-x", "version": 3}, "F.json has format version 3, newer than this srae reads (2); upgrade srae"),
+                      ({"format": "srae-x", "version": "2"}, "F.json has format version '2', newer than this srae reads (2); upgrade srae")):
+        with pytest.raises(DataError) as err:
+            check_format(bad, "srae-x", 2, "F.json", "an x", "fix it", DataError)
+        assert str(err.value) == said
+
+
+def _newer(path: Path, fmt: str, **extra) -> None:
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / extra.pop("name", "config.json")).write_text(json.dumps({"format": fmt, "version": 99, **extra}))
+
+
+def test_every_versioned_reader_refuses_a_newer_version_in_one_line(tmp_path):
+    from scale_rae_core.models.adapters.class_dit import CLASS_DIT_FORMAT, load_class_dit
+    from scale_rae_core.models.scale_rae import FORMAT, ScaleRAEConfig
+    from scale_rae_core.train.checkpoint import FORMAT as CKPT_FORMAT
+    from scale_rae_core.train.checkpoint import MARKER, CheckpointManager
+    from scale_rae_core.train.latent_cache import CACHE_FORMAT, MANIFEST, read_manifest
+
+    _newer(tmp_path / "dit", CLASS_DIT_FORMAT)
+    _newer(tmp_path / "cache", CACHE_FORMAT, name=MANIFEST)
+    _newer(tmp_path / "checkpoints" / "step-00000002", CKPT_FORMAT, name=MARKER, step=2)
+    cases = ((CheckpointError, lambda: load_class_dit(tmp_path / "dit")),
+             (DataError, lambda: read_manifest(tmp_path / "cache")),
+             (CheckpointError, lambda: CheckpointManager.read_meta(tmp_path / "checkpoints" / "step-00000002")),
+             (CheckpointError, lambda: ScaleRAEConfig.from_json({"format": FORMAT, "version": 99})))
+    for error, read in cases:
+        with pytest.raises(error) as err:
+            read()
+        assert "has format version 99, newer than this srae reads" in str(err.value)
+        assert str(err.value).endswith("upgrade srae") and "\n" not in str(err.value)

@@ -49,6 +49,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config, 
 
 from scale_rae_core.config import DiTSettings, EncoderSettings, LLMSettings
 from scale_rae_core.errors import CheckpointError
+from scale_rae_core.files import check_format
 from scale_rae_core.flow.transport import FlowMatching
 from scale_rae_core.models.dit import DiTConfig, LightningDiT, tokens_to_grid
 from scale_rae_core.models.io import (
@@ -106,10 +107,7 @@ class ScaleRAEConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], where: str = "config.json") -> ScaleRAEConfig:
-        if data.get("format") != FORMAT:
-            raise CheckpointError(f"{where} is not a Scale-RAE model config (format {data.get('format')!r}); pass an srae export directory")
-        if int(data.get("version", 0)) > FORMAT_VERSION:
-            raise CheckpointError(f"{where} has version {data['version']}, newer than this srae ({FORMAT_VERSION}); upgrade srae")
+        check_format(data, FORMAT, FORMAT_VERSION, where, "a Scale-RAE model config", "pass an srae export directory")
         try:
             return cls(
                 llm=dict(data["llm"]),

@@ -68,7 +68,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from scale_rae_core.backends.base import Backend
 from scale_rae_core.errors import CheckpointError
-from scale_rae_core.files import apply_umask, fsync_path
+from scale_rae_core.files import apply_umask, check_format, fsync_path
 from scale_rae_core.models.io import export_model
 from scale_rae_core.train.rng import load_rng_state, save_rng_state
 
@@ -489,18 +489,10 @@ class CheckpointManager:
                 f"checkpoint {step_dir} is incomplete (no {MARKER}: its save was interrupted); resume from an earlier step directory"
             )
         meta = _read_json(step_dir / MARKER, "checkpoint marker")
-        if (
-            not isinstance(meta, dict)
-            or meta.get("format") != FORMAT
-            or not isinstance(meta.get("step"), int)
-        ):
-            raise CheckpointError(
-                f"{step_dir / MARKER} is not an srae checkpoint marker; pass a directory written by srae training"
-            )
-        if meta.get("version", 0) > FORMAT_VERSION:
-            raise CheckpointError(
-                f"checkpoint {step_dir} has format version {meta['version']}, newer than this srae ({FORMAT_VERSION}); upgrade srae"
-            )
+        fix = "pass a directory written by srae training"
+        check_format(meta, FORMAT, FORMAT_VERSION, str(step_dir / MARKER), "an srae checkpoint marker", fix)
+        if not isinstance(meta.get("step"), int):
+            raise CheckpointError(f"{step_dir / MARKER} is not an srae checkpoint marker (no step); {fix}")
         return meta
 
     def load(

@@ -41,7 +41,7 @@ from scale_rae_core.config import EncoderSettings, Profile
 from scale_rae_core.data.order import EpochOrder
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.events import Reporter
-from scale_rae_core.files import atomic_write
+from scale_rae_core.files import atomic_write, check_format
 
 CACHE_FORMAT = "srae-latent-cache"
 CACHE_VERSION = 1
@@ -279,10 +279,8 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"--data {folder}: no readable {MANIFEST} ({type(exc).__name__}); finish it with srae latent cache") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
-        raise DataError(f"--data {folder}: {MANIFEST} is not an srae latent cache; write one with srae latent cache")
-    if manifest.get("version", 0) > CACHE_VERSION:
-        raise DataError(f"--data {folder}: cache version {manifest['version']} is newer than this srae; upgrade srae")
+    check_format(manifest, CACHE_FORMAT, CACHE_VERSION, f"--data {folder}: {MANIFEST}", "an srae latent cache",
+                 "write one with srae latent cache", DataError)
     return folder, manifest
 
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from scale_rae_cli.main import app
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--set", "dit_training.global_batch_size=8", "--set", "dit_training.micro_batch_size=4",
+TINY = ["--set", "dit_training.preset=tiny-ddt", "--set", "dit_training.global_batch_size=8", "--set", "dit_training.micro_batch_size=4",
         "--set", "checkpoint.every_steps=2"]
 
 

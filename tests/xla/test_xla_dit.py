@@ -18,7 +18,7 @@ XLA = [
     "backend.kind=xla", "backend.devices_per_node=4",
     "stage1.micro_batch_size=1", "stage1.global_batch_size=4", "stage2.micro_batch_size=1",
     "stage2.global_batch_size=4", "decoder_training.micro_batch_size=8",
-    "dit_training.micro_batch_size=1", "dit_training.global_batch_size=8", "dit_training.steps=4",
+    "dit_training.preset=tiny-ddt", "dit_training.micro_batch_size=1", "dit_training.global_batch_size=8", "dit_training.steps=4",
     "checkpoint.every_steps=2", "output.log_every=1",
 ]
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from scale_rae_core.errors import CheckpointError
-from scale_rae_core.files import read_weights_only
+from scale_rae_core.files import check_format, read_weights_only
 
 if TYPE_CHECKING:
     from scale_rae_core.models.class_dit import ClassDiffusionModel, ClassDiTConfig
@@ -175,10 +175,7 @@ def load_class_dit(folder: str | Path, device: torch.device | str = "cpu") -> tu
         info = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{folder}: no readable config.json ({type(exc).__name__}); {fix}") from None
-    if not isinstance(info, dict) or info.get("format") != CLASS_DIT_FORMAT:
-        raise CheckpointError(f"{folder}: config.json is not an srae class-DiT model ({CLASS_DIT_FORMAT}); {fix}")
-    if info.get("version", 0) > CLASS_DIT_VERSION:
-        raise CheckpointError(f"{folder}: class-DiT format version {info['version']} is newer than this srae; upgrade srae")
+    check_format(info, CLASS_DIT_FORMAT, CLASS_DIT_VERSION, f"{folder}/config.json", "an srae class-DiT model", fix)
     cfg = ClassDiTConfig(**info["class_dit"])
     with torch.device("meta"):
         model = build_class_dit(cfg)
