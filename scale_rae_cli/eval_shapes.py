@@ -60,7 +60,7 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from scale_rae_core.shapes.bench import table_rows
+    from scale_rae_core.shapes.bench import percent, table_rows
 
     g = result["generation"]
     table = Table(title=f"shapes benchmark: {g['n_prompts']} prompts x {g['k']} samples, "
@@ -69,5 +69,10 @@ def print_table(result: dict[str, Any]) -> None:
         table.add_column(name, justify="left" if not name else "right")
     for row in table_rows(result):
         table.add_row(*row)
-    Console().print(table)
-    typer.echo(f"scale + verify gain (full match, best of {g['k']} by {g['selector']} - single sample): {100 * g['gain']:+.1f} points")
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: wide enough for "84.0% [76.1, 90.3]" in one line per cell
+        console = Console(width=max(console.width, 140))
+    console.print(table)
+    typer.echo(f"scale + verify gain (full match, best of {g['k']} by {g['selector']} - single sample): "
+               f"{percent(g['gain'], g.get('gain_ci95'), points=True)}")
+    typer.echo("[95% intervals: prompt-level bootstrap for the mean over k and the gain, Wilson for the rest]")

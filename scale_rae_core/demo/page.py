@@ -2,7 +2,8 @@
 
 The page is built from plain data (``Report``), so any run that can fill it gets the same page: ``srae demo``
 fills it from its run folder. Sections, each shown only when it has content: a summary table, image grids
-(one row per prompt), images with their question/answer pairs, line plots and tables.
+(one row per prompt), images with their question/answer pairs, line plots, tables and captioned pictures made
+in memory (``Picture``: PNG bytes, such as the benchmark's confusion heat maps).
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ class AnsweredImage:
 
 
 @dataclass
+class Picture:
+    """A PNG made in memory (not a file), shown with its caption."""
+
+    png: bytes
+    caption: str
+
+
+@dataclass
 class Table:
     title: str
     header: list[str]
@@ -70,12 +79,16 @@ class Report:
     answers: list[AnsweredImage] = field(default_factory=list)
     curves: list[Curve] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
+    pictures: list[tuple[str, list[Picture]]] = field(default_factory=list)  # (section title, pictures)
 
 
 def data_uri(path: Path) -> str:
     """The file as a ``data:`` URI."""
-    mime = MIME.get(Path(path).suffix.lower(), "application/octet-stream")
-    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode('ascii')}"
+    return _uri(Path(path).read_bytes(), MIME.get(Path(path).suffix.lower(), "application/octet-stream"))
+
+
+def _uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -153,6 +166,7 @@ th{background:#f5f5f5}td.num{text-align:right}
 .row{display:flex;gap:10px;align-items:flex-start;margin:8px 0;flex-wrap:wrap}
 .row .label{width:220px;font-size:13px}
 figure{margin:0;text-align:center;font-size:11px}figure img{width:96px;height:96px;image-rendering:pixelated;border:3px solid #ccc}
+figure.picture img{width:auto;height:auto;border:none;image-rendering:auto}
 img.ok{border-color:#2ca02c}img.bad{border-color:#d62728}
 .qa{display:flex;gap:14px;margin:10px 0}.qa img{width:128px;height:128px;image-rendering:pixelated}
 .good{color:#2ca02c}.wrong{color:#d62728}
@@ -182,6 +196,10 @@ def render_html(report: Report) -> str:
         parts.append("<h2>Summary</h2>" + _table(["stage", "result"], [[k, v] for k, v in report.summary]))
     for table in report.tables:
         parts.append(f"<h2>{html.escape(table.title)}</h2>" + _table(table.header, table.rows))
+    for title, pictures in report.pictures:
+        figures = "".join(f'<figure class="picture"><img src="{_uri(p.png, "image/png")}" alt="{html.escape(p.caption)}">'
+                          f"<figcaption>{html.escape(p.caption)}</figcaption></figure>" for p in pictures)
+        parts.append(f'<h2>{html.escape(title)}</h2><div class="row">{figures}</div>')
     for title, rows in report.grids:
         parts.append(f"<h2>{html.escape(title)}</h2>")
         for row in rows:

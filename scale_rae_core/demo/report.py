@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from scale_rae_core.demo.bars import check_bars
-from scale_rae_core.demo.page import QA, AnsweredImage, Curve, ImageCell, ImageRow, Report, Table
+from scale_rae_core.demo.heatmap import heatmap_png
+from scale_rae_core.demo.page import QA, AnsweredImage, Curve, ImageCell, ImageRow, Picture, Report, Table
 from scale_rae_core.demo.records import read_jsonl, read_record
 from scale_rae_core.shapes.bench import table_rows
 
@@ -78,8 +79,26 @@ def _add_benchmark(report: Report, path: Path) -> None:
                                              s["full"]) for s in p["samples"] if Path(s["png"]).is_file()])
             for p in g["prompts"]]
     report.grids.append((f"Benchmark samples ({g['k']} per prompt; ★ = the model's own pick by {g['selector']})", rows))
-    report.tables.append(Table("Shapes benchmark", ["", "colour", "shape", "position", "colour+shape", "full / accuracy"],
+    report.tables.append(Table("Shapes benchmark (95% intervals in brackets)",
+                               ["", "colour", "shape", "position", "colour+shape", "full / accuracy"],
                                [list(r) for r in table_rows(bench)]))
+    _add_confusion(report, g)
+
+
+def _add_confusion(report: Report, generation: dict[str, Any]) -> None:
+    """Per attribute, what the reader saw in the benchmark's samples for what was asked, as heat maps (the counts
+    of the eval record; a record written before it had them shows none)."""
+    confusion = generation.get("confusion")
+    if not confusion:
+        return
+    n = sum(sum(row.values()) for row in next(iter(confusion.values())).values())
+    report.pictures.append((
+        f"Shapes benchmark: what the reader saw for what was asked ({n} samples)",
+        [Picture(heatmap_png(f"{attribute}: asked (rows) vs seen (columns)", counts),
+                 f"{attribute}: each cell counts the samples; its shade is the share of its row; "
+                 "'none' = no shape seen")
+         for attribute, counts in confusion.items() if counts],
+    ))
 
 
 def _add_answers(report: Report, path: Path) -> None:

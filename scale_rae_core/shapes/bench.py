@@ -17,6 +17,12 @@ Three numbers, all judged without any learned judge:
    its normalised text (lower case, outer punctuation stripped, spelling variants such as "centre"
    mapped) equals the expected word.
 
+Each figure has a 95% interval next to it, ``<figure>_ci95: [lo, hi]`` (``eval.intervals``): the mean over ``k``
+pools the correlated samples of each prompt, so its interval is a prompt-level (cluster) bootstrap, and so is
+the gain's (the paired per-prompt difference best-of-k minus the mean over ``k``); figures with one trial per
+prompt or per question (first sample, best-of-k, oracle, understanding) get the Wilson score interval.
+``generation.confusion`` counts, per attribute, which value the reader saw in every sample for each value asked.
+
 Samples are written under ``work/`` in the scaling loop's layout (``srae verify`` reads it); a re-run with
 the same settings resumes there, other settings start it over.
 """
@@ -34,13 +40,14 @@ from typing import Any
 
 from scale_rae_core.data.images import read_image
 from scale_rae_core.errors import ConfigError
+from scale_rae_core.eval.intervals import cluster_bootstrap, wilson
 from scale_rae_core.events import Reporter
 from scale_rae_core.infer.pipeline import SamplerSettings, Session
 from scale_rae_core.infer.understand import _request, answer
 from scale_rae_core.prompts import SHAPES_QUESTIONS, SHAPES_WHERE
 from scale_rae_core.scale.run import ScaleSettings, run_root, run_scaling
 from scale_rae_core.scale.select import SELF_VERIFICATION_METRICS, read_run, select
-from scale_rae_core.shapes.scorer import ShapesScorer, match
+from scale_rae_core.shapes.scorer import ShapesScorer, match, parse_prompt
 from scale_rae_core.shapes.synth import (
     COLOURS,
     POSITIONS,
@@ -53,6 +60,8 @@ from scale_rae_core.shapes.synth import (
 )
 
 ATTRIBUTES = ("colour", "shape", "position")
+RATES = (*ATTRIBUTES, "colour_shape", "full")
+NOTHING_SEEN = "none"  # the confusion's column for samples in which the reader saw no shape
 SELECTOR = "answer_conf"  # the default: the model's yes/no answer to "Does this image align with the prompt?"
 SETTINGS_FILE = "bench.json"
 
@@ -98,7 +107,32 @@ def _rate(rows: list[dict[str, bool]], key: str) -> float:
 
 
 def _rates(rows: list[dict[str, bool]]) -> dict[str, float]:
-    return {key: _rate(rows, key) for key in (*ATTRIBUTES, "colour_shape", "full")}
+    return {key: _rate(rows, key) for key in RATES}
+
+
+def _wilson_cis(rows: list[dict[str, bool]]) -> dict[str, list[float]]:
+    """The Wilson interval of each rate over ``rows``, one independent trial each (one per prompt)."""
+    return {key: list(wilson(sum(bool(r[key]) for r in rows), len(rows))) for key in RATES}
+
+
+def _cluster_cis(per_prompt: list[list[dict[str, bool]]]) -> dict[str, list[float]]:
+    """The prompt-level bootstrap interval of each rate pooled over every prompt's samples."""
+    return {key: list(cluster_bootstrap([[float(bool(s[key])) for s in samples] for samples in per_prompt]))
+            for key in RATES}
+
+
+def confusion(rows: list[tuple[dict[str, str | None], dict[str, str | None]]]) -> dict[str, dict[str, dict[str, int]]]:
+    """Per attribute, how often the reader saw each value when each value was asked: ``{"colour": {asked: {seen:
+    n}}, ...}`` from ``(asked, seen)`` attribute dicts, one pair per sample. Rows are the values asked (in the
+    world's order), columns every value of the world then ``"none"`` (no shape seen); zeros included."""
+    world = {"colour": list(COLOURS), "shape": list(SHAPES), "position": list(POSITIONS)}
+    counts = {a: {v: dict.fromkeys([*world[a], NOTHING_SEEN], 0) for v in world[a]
+                  if any(asked[a] == v for asked, _ in rows)} for a in ATTRIBUTES}
+    for asked, seen in rows:
+        for a in ATTRIBUTES:
+            if asked[a] is not None:
+                counts[a][asked[a]][seen[a] or NOTHING_SEEN] += 1
+    return counts
 
 
 def _judge(prompt: str, png: Path) -> dict[str, Any]:
@@ -126,31 +160,46 @@ def evaluate_generation(
     runs, skipped = read_run(run_root(work, "bench", settings))
     if skipped:
         raise ConfigError(f"{work}: unreadable prompt folders after generation ({skipped[0]['reason']}); delete it and re-run")
-    first, everything, chosen, per_prompt = [], [], [], []
-    oracle = 0
+    per_prompt = []
     for run in runs:
         prompt = run.metadata["prompt"]
         judged = {s.index: _judge(prompt, s.path) for s in run.samples}
-        best = select(run, selector, 1)[0]
-        first.append(judged[0])
-        everything += judged.values()
-        chosen.append(judged[best])
-        oracle += any(j["full"] for j in judged.values())
         per_prompt.append({
             "prompt": prompt, "folder": str(run.folder),
             "samples": [{"index": i, "png": str(run.folder / "samples" / f"{i:05d}.png"), **j} for i, j in sorted(judged.items())],
-            "selected": best,
+            "selected": select(run, selector, 1)[0],
             "answers": [(run.metadata.get("text_responses") or {}).get(str(i), {}).get("answer") for i in sorted(judged)],
         })
-    first_rates, best_rates, mean_rates = _rates(first), _rates(chosen), _rates(everything)
     return {
         "n_prompts": len(runs), "k": k, "seed": seed, "selector": selector, "verify_on": verify_on, **sampler.describe(),
-        "first": first_rates,
-        "mean_over_k": mean_rates,
-        "best_of_k": best_rates,
-        "oracle_best_of_k": oracle / len(runs) if runs else 0.0,
-        "gain": best_rates["full"] - mean_rates["full"],
-        "prompts": per_prompt,
+        **generation_figures(per_prompt), "prompts": per_prompt,
+    }
+
+
+def generation_figures(per_prompt: list[dict[str, Any]]) -> dict[str, Any]:
+    """The generation figures, their 95% intervals and the confusion from the judged samples of each prompt
+    (``{"prompt", "samples": [{"index", <RATES>: bool, "read": {attribute: value or None}}], "selected"}``)."""
+    first, everything, chosen, by_prompt, differences, seen = [], [], [], [], [], []
+    for row in per_prompt:
+        samples = {s["index"]: s for s in row["samples"]}
+        best = samples[row["selected"]]
+        first.append(samples[0])
+        everything += samples.values()
+        chosen.append(best)
+        by_prompt.append(list(samples.values()))
+        differences.append([float(best["full"]) - _rate(list(samples.values()), "full")])  # paired, per prompt
+        asked = parse_prompt(row["prompt"])
+        seen += [(asked, s["read"]) for s in samples.values()]
+    oracle = sum(any(s["full"] for s in samples) for samples in by_prompt)
+    first_rates, best_rates, mean_rates = _rates(first), _rates(chosen), _rates(everything)
+    return {
+        "first": first_rates, "first_ci95": _wilson_cis(first),
+        "mean_over_k": mean_rates, "mean_over_k_ci95": _cluster_cis(by_prompt),
+        "best_of_k": best_rates, "best_of_k_ci95": _wilson_cis(chosen),
+        "oracle_best_of_k": oracle / len(by_prompt) if by_prompt else 0.0,
+        "oracle_best_of_k_ci95": list(wilson(oracle, len(by_prompt))),
+        "gain": best_rates["full"] - mean_rates["full"], "gain_ci95": list(cluster_bootstrap(differences)),
+        "confusion": confusion(seen),
     }
 
 
@@ -183,7 +232,9 @@ def evaluate_understanding(session: Session, specs: list[ShapeSpec], *, image_si
     return {
         "n_images": len(specs), "n_questions": len(answers),
         "accuracy": sum(answers) / len(answers) if answers else 0.0,
+        "accuracy_ci95": list(wilson(sum(answers), len(answers))),
         "by_attribute": {a: sum(v) / len(v) for a, v in by_attribute.items()},
+        "by_attribute_ci95": {a: list(wilson(sum(v), len(v))) for a, v in by_attribute.items()},
         "images": rows,
     }
 
@@ -247,20 +298,30 @@ def about_fields(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
-    """(row, colour, shape, position, colour+shape, full) percentages, shared by the CLI table and report.html."""
-    g = result["generation"]
-
-    def pct(x: float | None) -> str:
-        return "-" if x is None else f"{100 * x:.1f}%"
-
+    """(row, colour, shape, position, colour+shape, full) percentages, each with its 95% interval where the result
+    has one ("84.0% [76.1, 90.3]"; results written before the intervals show the figure alone); shared by the CLI
+    table and report.html."""
+    g, u = result["generation"], result["understanding"]
     rows = []
     for label, key in (("first sample", "first"), (f"mean over k={g['k']}", "mean_over_k"),
                        (f"best of {g['k']} by {g['selector']}", "best_of_k")):
-        r = g[key]
-        rows.append((label, pct(r["colour"]), pct(r["shape"]), pct(r["position"]), pct(r["colour_shape"]), pct(r["full"])))
-    rows.append((f"oracle best of {g['k']}", "-", "-", "-", "-", pct(g["oracle_best_of_k"])))
-    u = result["understanding"]["by_attribute"]
-    rows.append((f"understanding ({result['understanding']['n_questions']} questions, "
-                 f"size {pct(u.get('size'))})", pct(u.get("colour")), pct(u.get("shape")), pct(u.get("position")), "-",
-                 pct(result["understanding"]["accuracy"])))
+        r, ci = g[key], g.get(f"{key}_ci95", {})
+        rows.append((label, *(percent(r[a], ci.get(a)) for a in ("colour", "shape", "position", "colour_shape", "full"))))
+    rows.append((f"oracle best of {g['k']}", "-", "-", "-", "-", percent(g["oracle_best_of_k"], g.get("oracle_best_of_k_ci95"))))
+    by, ci = u["by_attribute"], u.get("by_attribute_ci95", {})
+    rows.append((f"understanding ({u['n_questions']} questions, size {percent(by.get('size'), ci.get('size'))})",
+                 *(percent(by.get(a), ci.get(a)) for a in ("colour", "shape", "position")), "-",
+                 percent(u["accuracy"], u.get("accuracy_ci95"))))
     return rows
+
+
+def percent(x: float | None, ci95: list[float] | None = None, *, points: bool = False) -> str:
+    """``x`` as a percentage ("84.0%"), or as signed points ("+4.5 points") with ``points``, followed by its
+    interval when given ("84.0% [76.1, 90.3]"); "-" for no figure."""
+    if x is None:
+        return "-"
+    text = f"{100 * x:+.1f} points" if points else f"{100 * x:.1f}%"
+    if ci95 is None:
+        return text
+    lo, hi = (f"{100 * v:+.1f}" if points else f"{100 * v:.1f}" for v in ci95)
+    return f"{text} [{lo}, {hi}]"

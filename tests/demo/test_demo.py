@@ -71,8 +71,11 @@ def test_report_holds_every_image_curve_and_the_benchmark(first_run):
     n_bench = sum(len(p["samples"]) for p in bench["generation"]["prompts"])
     n_class = len(json.loads((out / "dit" / "results.json").read_text())["samples"])
     assert n_class == 96
-    assert len(checker.images) == text.count("data:image/png;base64,") == len(generated) + n_bench + len(answers) + n_class
+    n_confusion = len(bench["generation"]["confusion"])  # one heat map per attribute
+    assert len(checker.images) == text.count("data:image/png;base64,") == (len(generated) + n_bench + len(answers)
+                                                                          + n_class + n_confusion)
     alts = [img["alt"] for img in checker.images]
+    assert sum(alt.startswith(("colour: each cell", "shape: each cell", "position: each cell")) for alt in alts) == 3
     for row in generated:
         assert f"{row['prompt']}: seed {row['seed']}" in alts
     assert text.count("<svg") == 4 and "decoder training" in text and "stage 1 training" in text
