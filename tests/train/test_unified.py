@@ -187,8 +187,10 @@ def test_two_process_resume_is_exact_and_reshards_to_one(shapes, tmp_path):
     rest = _launch(2, job("part", "p2.json", 2, resume=True), tmp_path)
     assert len(full["losses"]) == 6 and part["losses"] + rest["losses"] == full["losses"]
     # 2 → 1: the 2-process checkpoint at step 4 resumes in one process (model, optimiser, schedule restored;
-    # the data split differs, so the epoch is re-read). The held-out metrics follow the 2-process run.
-    _launch(2, job("mix", "m1.json", 2, stop_at=4), tmp_path)
+    # the data split differs, so the epoch is re-read). The held-out metrics follow the 2-process run. The full
+    # run's folder without its step-6 checkpoint is a 2-process run killed after step 4 (a launch fewer).
+    shutil.copytree(tmp_path / "full", tmp_path / "mix")
+    shutil.rmtree(tmp_path / "mix" / "checkpoints" / "step-00000006")
     one = _launch(1, job("mix", "m2.json", 1, resume=True), tmp_path)
     assert len(one["losses"]) == 2
     two_eval = [r["eval_answer_ce"] for r in full["records"][4:]]
