@@ -66,6 +66,7 @@ def train_srae(work: Path, batch: int, warmup: int, steps: int) -> float:
     run = work / f"run-{batch}"
     shutil.rmtree(run, ignore_errors=True)
     profile = load_profile("tiny-cpu", [
+        "dit_training.preset=tiny-ddt",  # the baseline's model (tiny-cpu's own preset is the demo's small-ddt)
         f"dit_training.global_batch_size={batch}", f"dit_training.micro_batch_size={batch}",
         f"dit_training.steps={warmup + steps}", f"dit_training.stats={work / 'cache' / 'latent_stats.safetensors'}",
         "checkpoint.every_steps=1000000", "checkpoint.export=false", "output.log_every=1", "output.progress=false"])
