@@ -40,10 +40,9 @@ from scale_rae_core.eval.fid import evaluate_fid
 from scale_rae_core.eval.probe import linear_probe
 from scale_rae_core.eval.samples import (
     NPZ_FILE,
-    PLAN_FILE,
-    SamplePlan,
     SampleRequest,
     image_path,
+    read_plan,
     sample_class_model,
 )
 from scale_rae_core.files import atomic_write
@@ -127,8 +126,7 @@ def judge_samples(samples: Path, classes: list[str], out: Path) -> dict[str, Any
     """Read every sample of the plan in ``samples`` with the shapes reader; the verdicts are also written to ``out``.
 
     ``classes`` names the model's labels (label i is ``classes[i]``)."""
-    plan = json.loads((samples / PLAN_FILE).read_text())["plan"]
-    plan = SamplePlan(**{**plan, "classes": tuple(plan["classes"])})
+    plan = read_plan(samples)
     labels = [classes[y] for y in plan.labels()]
     acc = class_accuracy([read_image(image_path(samples, i)) for i in range(plan.n)], labels)
     rows = [{"index": i, "png": image_path(samples, i).name, "class": label, "read": seen, "ok": seen == label}

@@ -127,6 +127,12 @@ def prepare_folder(out_dir: Path, plan: SamplePlan, settings: dict[str, Any]) ->
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def read_plan(out_dir: Path) -> SamplePlan:
+    """The plan a samples folder was drawn with (its plan.json, as :func:`prepare_folder` wrote it)."""
+    plan = json.loads((Path(out_dir) / PLAN_FILE).read_text())["plan"]
+    return SamplePlan(**{**plan, "classes": tuple(plan["classes"])})
+
+
 def _write_png(path: Path, image: np.ndarray) -> None:
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 

@@ -12,7 +12,14 @@ from PIL import Image
 
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.eval.adm_npz import open_npz_images
-from scale_rae_core.eval.samples import SamplePlan, generate_samples, pack_samples, shard
+from scale_rae_core.eval.samples import (
+    SamplePlan,
+    generate_samples,
+    pack_samples,
+    prepare_folder,
+    read_plan,
+    shard,
+)
 from scale_rae_core.flow.guidance import Guidance
 from scale_rae_core.flow.sampler import SamplerConfig
 from scale_rae_core.models.class_dit import CLASS_DIT_PRESETS, build_class_dit
@@ -129,3 +136,10 @@ def test_labels_restrict_the_plan_to_those_classes():
     assert str(err.value) == "--labels 12 is outside the model's 12 classes (0..11); pass labels in that range"
     with pytest.raises(ConfigError, match="multiple of the 2 labels given, got 13; use --n 12"):
         SamplePlan(n=13, num_classes=12, classes=(3, 7))
+
+
+def test_read_plan_gives_back_the_plan_a_folder_was_prepared_with(tmp_path):
+    plan = SamplePlan(n=6, num_classes=12, label_sampling="random", seed=3, classes=(2, 7))
+    prepare_folder(tmp_path / "s", plan, {"sampler": "euler"})
+    assert read_plan(tmp_path / "s") == plan
+    assert list(read_plan(tmp_path / "s").labels()) == list(plan.labels())
