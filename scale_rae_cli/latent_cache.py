@@ -1,4 +1,5 @@
-"""`srae latent cache`: encode a labelled dataset once with the DiT's frozen encoder, for `srae train dit`."""
+"""`srae latent cache`: encode a dataset once with a frozen encoder, for `srae train dit` (labelled, the DiT's
+encoder) or `srae train decoder` (`--for decoder`: [model.encoder], with the pixels)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import typer
 
 from scale_rae_cli.options import (
     CacheDtypeOpt,
+    CacheForOpt,
     CacheOutOpt,
     ChunkOpt,
     EncodeBatchOpt,
@@ -18,14 +20,16 @@ from scale_rae_cli.options import (
 
 EPILOG = (
     "Example: srae latent cache --profile tiny-cpu --data shapes/classes --out runs/latents   "
-    "(then: srae train dit --data runs/latents ...; rerun the same command to resume; torchrun shards it)"
+    "(then: srae train dit --data runs/latents ...; rerun the same command to resume; torchrun shards it; "
+    "--for decoder caches latents and pixels for srae train decoder)"
 )
 
 def cache(data: LabelledDataOpt, out: CacheOutOpt, profile: ProfileOpt = None, set_: SetOpt = None,
           chunk_size: ChunkOpt = 1000, batch_size: EncodeBatchOpt = 64, dtype: CacheDtypeOpt = "float32",
-          quiet: QuietOpt = False) -> None:
+          for_: CacheForOpt = "dit", quiet: QuietOpt = False) -> None:
     """Encode every image once (centre crop to dit_training.image_size, plus its horizontal flip when
-    dit_training.hflip) into safetensors chunks with labels and exact latent statistics; resumable."""
+    dit_training.hflip) into safetensors chunks with labels and exact latent statistics; resumable. --for decoder:
+    [model.encoder] at decoder_training.image_size, each distinct image once, with its pixels."""
     from scale_rae_core.backends import backend_for
     from scale_rae_core.events import Reporter
     from scale_rae_core.train.latent_cache import cache_latents, read_manifest
@@ -36,10 +40,14 @@ def cache(data: LabelledDataOpt, out: CacheOutOpt, profile: ProfileOpt = None, s
         main = backend.is_main
         with Reporter(None, show_progress=main and prof.output.progress and not quiet) as rep:
             cache_latents(prof, data, out, backend, chunk_size=chunk_size, batch_size=batch_size, dtype=dtype,
-                          reporter=rep)
+                          for_=for_, reporter=rep)
     if main:
         _, m = read_manifest(out)
         n, c = m["latent_shape"]
-        typer.echo(f"cached {m['total']} images ({n} × {c} latents, {m['dtype']}, flips {'on' if m['hflip'] else 'off'}) "
+        extra = "with pixels" if m.get("pixels") else f"flips {'on' if m['hflip'] else 'off'}"
+        typer.echo(f"cached {m['total']} images ({n} × {c} latents, {m['dtype']}, {extra}) "
                    f"of encoder {m['encoder']['path']} in {out}")
-        typer.echo(f"next: srae train dit --data {out} --set dit_training.stats={out / 'latent_stats.safetensors'} ...")
+        if m.get("for") == "decoder":
+            typer.echo(f"next: srae train decoder --data {out} ...")
+        else:
+            typer.echo(f"next: srae train dit --data {out} --set dit_training.stats={out / 'latent_stats.safetensors'} ...")

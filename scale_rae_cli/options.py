@@ -192,7 +192,11 @@ FidNetOpt = Annotated[
 # ----------------------------------------------------------------------------------------------------
 
 LabelledDataOpt = Annotated[Path, typer.Option(
-    "--data", "-d", help="Labelled images: class folders root/<class>/<image>, or srae data pack --format classes.")]
+    "--data", "-d", help="Labelled images: class folders root/<class>/<image>, or srae data pack --format classes "
+                         "(with --for decoder: any packed dataset or image folder srae train decoder reads).")]
+CacheForOpt = Annotated[str, typer.Option(
+    "--for", help="dit: [dit_training]'s encoder, labels and flips, for srae train dit | decoder: [model.encoder]'s "
+                  "latents with the pixels, for srae train decoder.")]
 DiTDataOpt = Annotated[Path, typer.Option(
     "--data", "-d", help="Labelled images (class folders root/<class>/<image>, or srae data pack --format classes) "
                          "or a latent cache (srae latent cache).")]

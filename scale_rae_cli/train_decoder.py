@@ -18,13 +18,15 @@ from scale_rae_cli.options import (
 )
 
 EPILOG = (
-    "Example: srae train decoder --profile tiny-cpu --data packed --out runs/decoder   "
+    "Example: srae train decoder --profile tiny-cpu --data packed --out runs/decoder   (faster: srae latent cache --for "
+    "decoder --data packed --out runs/dec-latents, then --data runs/dec-latents)   "
     "(continue it: add --resume; two processes: torchrun --nproc-per-node 2 -m scale_rae_cli.main train decoder ...)"
 )
 
 
 def decoder(
-    data: Annotated[Path, typer.Option("--data", "-d", help="Packed dataset (srae data pack) or an image folder (class folders are fine).")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Packed dataset (srae data pack), an image folder (class folders are fine), or a latent cache "
+                                                        "(srae latent cache --for decoder: no encoder forward per step).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints/, events.jsonl, and the exported EMA decoder in decoder/.")],
     profile: ProfileOpt = None,
     set_: SetOpt = None,

@@ -31,6 +31,8 @@ class DemoOptions:
     bench_images: int = 24  # benchmark held-out images (4 questions each)
     sampler_steps: int = 25  # flow sampler steps per image (Euler)
     guidance: float = 3.0  # CFG weight for every sample the demo draws (3: colour+shape 66% → 84% on the shipped model)
+    decoder_latent_cache: bool = True  # encode the images once (srae latent cache --for decoder); the decoder then
+    # trains without the encoder's forward (2.1x the images per second on 2 cores; BENCHMARKS.md)
     finetune: bool = False  # run stage 2 on the stage-1 model (the bundled recipe); the model is its export
     # The class-conditional stage (the class DiT's training recipe is the profile's [dit_training]):
     class_samples: int = 8  # samples drawn per class (12 colour x shape classes)

@@ -34,6 +34,7 @@ from scale_rae_core.shapes.bench import bench_prompts, normalise_answer, run_ben
 from scale_rae_core.shapes.scorer import ShapesScorer, match
 from scale_rae_core.shapes.synth import synthesize
 from scale_rae_core.train.decoder import train_decoder
+from scale_rae_core.train.latent_cache import MANIFEST, cache_latents
 from scale_rae_core.train.unified import train_unified
 
 # ----------------------------------------------------------------------------------------------------
@@ -85,12 +86,20 @@ def _verify(ctx: Ctx, resume: bool) -> dict[str, Any]:
 
 
 def _decoder(ctx: Ctx, resume: bool) -> dict[str, Any]:
-    run_dir = ctx.out / "decoder"
+    run_dir, data = ctx.out / "decoder", ctx.world / "classes"
     resume = resume and has_checkpoint(run_dir)
     if not resume:
         remove(run_dir)  # interrupted before its first complete checkpoint
+    if ctx.options.decoder_latent_cache:
+        cache = ctx.out / "decoder_latents"
+        if not resume:
+            remove(cache)  # made for this run's settings; a few seconds
+        if not (cache / MANIFEST).is_file():  # written last: until then a rerun continues the chunks
+            with backend_for(ctx.profile.backend) as backend:
+                cache_latents(ctx.profile, data, cache, backend, for_="decoder", reporter=ctx.reporter)
+        data = cache
     with ctx.child_reporter(run_dir) as rep:
-        result = train_decoder(ctx.profile, ctx.world / "classes", run_dir, resume=resume, reporter=rep)
+        result = train_decoder(ctx.profile, data, run_dir, resume=resume, reporter=rep)
     if result.export_dir is None:
         raise ConfigError(f"{ctx.profile.source}: checkpoint.export = false leaves the demo without a decoder; set it to true")
     with backend_for(ctx.profile.backend) as backend:
@@ -263,7 +272,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("inspect", ("pack",), _inspect, lambda c: [], always=True),
     Stage("verify", ("pack",), _verify, lambda c: []),
     Stage("decoder", ("synth",), _decoder, lambda c: [c.decoder_dir / "config.json"],
-          lambda c: {"seed": c.seed, **_sections(c.profile, "decoder_training", "model.encoder", "model.decoder")},
+          lambda c: {"seed": c.seed, "latent_cache": c.options.decoder_latent_cache,
+                     **_sections(c.profile, "decoder_training", "model.encoder", "model.decoder")},
           lambda c: c.out / "decoder"),
     Stage("stat", ("synth",), _stat, lambda c: [c.stats], lambda c: _sections(c.profile, "model.encoder"), lambda c: c.stats),
     Stage("dit", ("synth", "decoder", "stat"), run_class_dit, lambda c: [c.dit_dir / RESULTS, c.dit_dir / GRID],

@@ -25,6 +25,12 @@ replicated (data parallel) and their gradients averaged with one flattened all-r
 discriminator's gradients are therefore synchronised (rae.md §12.4: the reference trained one discriminator
 per rank). Weights stay identical on all ranks, which keeps the EMA, the adaptive weight and the export plain.
 
+Cached latents: `--data` may be a latent cache made for the decoder (`srae latent cache --for decoder`). Each
+micro-batch is then (pixels, latents) and `recon = decode(perturb(latents))` replaces `RAE(x)`: the same maths
+without the frozen encoder's forward (in eval mode it gives the same latents every epoch), so a step costs the
+decoder alone. The cache holds centre crops, so there are no random crops (at the shapes world's 64 px there are
+none anyway).
+
 State: the decoder, its EMA and the discriminator heads live in one container module, and one AdamW holds
 two parameter groups (decoder, discriminator) so a single checkpoint (DCP, atomic, retention) holds
 everything; a step of one group leaves the other untouched because its gradients are None. The loop
@@ -159,7 +165,7 @@ class DecoderTrainer(TrainTask):
         if cfg.min_lr > cfg.lr:
             raise ConfigError(f"{profile.source}: decoder_training.min_lr = {cfg.min_lr} exceeds lr = {cfg.lr}; lower min_lr")
         self.plan = profile.batch_plan("decoder_training")
-        self.stream: ImageStream = data if isinstance(data, ImageStream) else _open(profile, data, backend)
+        self.stream: ImageStream = data if isinstance(data, ImageStream) else open_decoder_data(profile, data, backend)
         self.phases = Phases.of(cfg, self.plan, self.stream.images_per_epoch)
         self.total_steps = self.phases.steps
 
@@ -187,14 +193,18 @@ class DecoderTrainer(TrainTask):
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
 
     def _batches(self):
-        """Endless micro-batches [per_process_micro_batch, 3, S, S] on the device, with their data positions."""
+        """Endless micro-batches on the device, with their data positions: pixels [per_process_micro_batch, 3, S, S],
+        or (pixels, latents) from a latent cache."""
         per_process = self.plan.per_process_micro_batch
         empty_passes = 0  # a pass resumed mid-epoch may hold only the epoch's dropped tail: allow one such pass
         while True:
             got = False
             for x, pos in batches(self.stream, per_process, drop_last=True):
                 got = True
-                yield self.backend.shard_batch(x), pos
+                if isinstance(x, tuple):
+                    yield tuple(self.backend.shard_batch(part) for part in x), pos
+                else:
+                    yield self.backend.shard_batch(x), pos
             empty_passes = 0 if got else empty_passes + 1
             if empty_passes == 2:
                 raise ConfigError(
@@ -217,16 +227,23 @@ class DecoderTrainer(TrainTask):
             offset += n
 
     # ------------------------------------------------------------------------------------------ steps
-    def _generator_step(self, micro: list[torch.Tensor], use_gan: bool) -> dict[str, float]:
+    def _reconstruct(self, item: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixels, reconstruction in fp32) of one micro-batch: through the encoder, or from cached latents."""
+        with self.backend.autocast():
+            if isinstance(item, tuple):
+                x, z = item
+                return x, self.rae.decode(self.rae.perturb(z)).float()
+            return item, self.rae(item).float()
+
+    def _generator_step(self, micro: list[Any], use_gan: bool) -> dict[str, float]:
         cfg, rae, be = self.cfg, self.rae, self.backend
         rae.train()
         dec_params = list(rae.decoder.parameters())
         sums = {"loss": 0.0, "l1": 0.0, "lpips": 0.0, "gan": 0.0, "d_weight": 0.0}
         if self.disc is not None:
             self.disc.requires_grad_(False)  # the generator term must not train the discriminator
-        for x in micro:
-            with be.autocast():
-                recon = rae(x).float()  # (B, 3, S, S), train mode: noisy latents
+        for item in micro:
+            x, recon = self._reconstruct(item)  # (B, 3, S, S), train mode: noisy latents
             l1 = (recon - x).abs().mean()
             rec = cfg.l1_weight * l1
             lp = torch.zeros((), device=x.device)
@@ -258,7 +275,7 @@ class DecoderTrainer(TrainTask):
         self.ema.update(rae.decoder, cfg.ema_decay)
         return sums
 
-    def _disc_step(self, micro: list[torch.Tensor]) -> dict[str, float]:
+    def _disc_step(self, micro: list[Any]) -> dict[str, float]:
         from scale_rae_core.train.gan import DiffAug, disc_accuracy, hinge_d_loss, quantize_8bit
 
         rae, be, disc = self.rae, self.backend, self.disc
@@ -266,9 +283,10 @@ class DecoderTrainer(TrainTask):
         rae.eval()  # clean latents for the fakes, as RAE
         out = {"disc_loss": 0.0, "disc_acc": 0.0}
         aug = DiffAug()
-        for x in micro:
-            with torch.no_grad(), be.autocast():
-                fake = quantize_8bit(2 * rae(x).float() - 1)
+        for item in micro:
+            with torch.no_grad():
+                x, recon = self._reconstruct(item)
+            fake = quantize_8bit(2 * recon - 1)
             fake_aug, real_aug = aug(fake), aug(2 * x - 1)
             with be.autocast():
                 logits = disc(torch.cat([real_aug, fake_aug]))  # per-sample norms: one pass == two passes
@@ -322,7 +340,14 @@ class DecoderTrainer(TrainTask):
         return out
 
 
-def _open(profile: Profile, data: str | Path, backend: Backend) -> ImageStream:
+def open_decoder_data(profile: Profile, data: str | Path, backend: Backend) -> ImageStream:
+    """The images at `data`, or the (pixels, latents) of a decoder latent cache there (checked against the profile)."""
+    from scale_rae_core.train.latent_cache import encoder_record, is_cache, open_cached_images
+
+    if is_cache(data):
+        return open_cached_images(data, encoder=encoder_record(profile.model.encoder),
+                                  image_size=profile.decoder_training.image_size, rank=backend.rank,
+                                  world_size=backend.num_processes, seed=profile.run.seed)
     return open_images(
         data, image_size=profile.decoder_training.image_size, train=True, rank=backend.rank,
         world_size=backend.num_processes, seed=profile.run.seed, shuffle_buffer=profile.data.shuffle_buffer,
@@ -350,7 +375,7 @@ def train_decoder(profile: Profile, data: str | Path, run_dir: str | Path, *, re
 
     profile.check_runtime()
     with backend_for(profile.backend) as backend:
-        stream = _open(profile, data, backend)
+        stream = open_decoder_data(profile, data, backend)
         with TrainLoop("train_decoder", profile, run_dir, backend, resume=resume, reporter=reporter,
                        inputs={"data": Path(data)}, trajectory=TRAJECTORY, accept_changes=accept_changes) as loop:
             backend.seed_everything(profile.run.seed, per_rank=False)  # same initial weights on every rank

@@ -14,6 +14,10 @@ shorter side is `image_size`, then cropped to a square: at random when `train`, 
 reconstruction-eval convention; no squashing, so eval sees shapes undistorted as in training). (RAE resizes to 1.5x before its random crop; at the shapes world's 64 px the
 crop would cut shapes off, so the resize target is the crop size here.) Crops draw from torch's global RNG,
 which training checkpoints save and restore. `unique=True` skips repeated images (by pixel hash, per rank).
+
+A latent cache made for the decoder (`srae latent cache --for decoder`) is read by `latent_cache.CachedImages`, an
+`ImageStream` of `((pixels, latents), position)`: the trainer then decodes the cached latents instead of running
+the encoder.
 """
 
 from __future__ import annotations
@@ -146,19 +150,26 @@ def open_images(path: str | Path, *, image_size: int, train: bool, rank: int = 0
 
 
 def batches(stream: ImageStream, batch_size: int, *, limit: int | None = None,
-            drop_last: bool = False) -> Iterator[tuple[torch.Tensor, list[Position]]]:
-    """One pass over `stream` in batches `[B, 3, S, S]` (at most `limit` images); positions per batch."""
-    pixels: list[torch.Tensor] = []
+            drop_last: bool = False) -> Iterator[tuple[Any, list[Position]]]:
+    """One pass over `stream` in batches `[B, 3, S, S]` (at most `limit` images); positions per batch. Items that
+    are tuples of tensors (`CachedImages`) give a tuple of stacked tensors."""
+    items: list[Any] = []
     positions: list[Position] = []
     seen = 0
     for x, pos in stream:
         if limit is not None and seen >= limit:
             break
-        pixels.append(x)
+        items.append(x)
         positions.append(pos)
         seen += 1
-        if len(pixels) == batch_size:
-            yield torch.stack(pixels), positions
-            pixels, positions = [], []
-    if pixels and not drop_last:
-        yield torch.stack(pixels), positions
+        if len(items) == batch_size:
+            yield _stack(items), positions
+            items, positions = [], []
+    if items and not drop_last:
+        yield _stack(items), positions
+
+
+def _stack(items: list[Any]) -> Any:
+    if isinstance(items[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*items, strict=True))
+    return torch.stack(items)

@@ -1,4 +1,5 @@
-"""The latent space a class DiT learns, and an optional cache of it on disk (`srae latent cache`).
+"""The latent space a class DiT learns, and an optional cache of it on disk (`srae latent cache`) for the DiT or
+for the pixel decoder.
 
 **Latent source.** `latent_source(profile)`: the frozen encoder, its pixel decoder and its latent statistics —
 `[dit_training.encoder]`, `dit_training.decoder`, `dit_training.stats` where the profile sets them, else the
@@ -16,6 +17,14 @@ encoder (eval mode, fp32, the images centre-cropped to `dit_training.image_size`
                                      from the chunks: usable as dit_training.stats (it records the encoder)
     CACHE/latent_cache.json          written last: format, encoder, image size, latent shape, dtype, flips,
                                      classes, every chunk with its count (the dataset order)
+
+**For the decoder** (`for_="decoder"`, `srae latent cache --for decoder`): the images of any dataset `srae train
+decoder` reads (packed shards or an image folder, by `train.decoder_data.open_images`, centre crop to
+`decoder_training.image_size`, each distinct image once per process) are encoded by `[model.encoder]`, and each
+chunk also keeps the pixels (`pixels`, uint8 (n, 3, S, S)) as the decoder's targets, with no labels and no flips
+(the decoder trainer does not flip). `srae train decoder --data CACHE` then trains without running the encoder:
+the encoder is frozen and in eval mode, so its latents are the same every epoch (80 of the tiny decoder step's
+114 MFLOP per image were that forward).
 
 Each process (torchrun) takes a contiguous range of the dataset in file order and writes its chunks of
 `chunk_size` images atomically, in order; a rerun skips the chunks already written (resume). With `hflip`, the
@@ -42,13 +51,20 @@ from scale_rae_core.data.order import EpochOrder
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.events import Reporter
 from scale_rae_core.files import atomic_write, check_format
+from scale_rae_core.train.decoder_data import ImageStream, Position, batches, open_images
 
 CACHE_FORMAT = "srae-latent-cache"
 CACHE_VERSION = 1
 MANIFEST = "latent_cache.json"
 PLAN = "cache_plan.json"
 STATS = "latent_stats.safetensors"
+PURPOSES = ("dit", "decoder")  # what a cache is for: `srae train dit` (labels, flips) or `srae train decoder` (pixels)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WRONG_PURPOSE = {  # a reader given a cache made for the other trainer
+    "dit": "is a latent cache for srae train decoder (no labels); cache the class data with srae latent cache --for dit",
+    "decoder": "is a latent cache without pixels (one for srae train dit); make one for the decoder with srae latent "
+               "cache --for decoder",
+}
 OPEN_CHUNKS = 64  # chunk files a reader keeps open
 
 
@@ -67,7 +83,7 @@ class LatentSource:
 
     def encoder_record(self) -> dict[str, Any]:
         """How caches, stats checks and model folders identify the encoder."""
-        return {"kind": self.encoder.kind, "path": self.encoder.path, "input_size": self.encoder.input_size}
+        return encoder_record(self.encoder)
 
 
 def latent_source(profile: Profile) -> LatentSource:
@@ -153,59 +169,101 @@ def _done_chunks(out: Path, rank: int) -> list[int]:
     counts = []
     while (path := out / _chunk_name(rank, len(counts))).is_file():
         with safe_open(str(path), framework="pt") as f:
-            counts.append(int(f.get_slice("labels").get_shape()[0]))
+            counts.append(int(f.get_slice("latents").get_shape()[0]))
     return counts
 
 
 @torch.no_grad()
 def cache_latents(profile: Profile, data: str | Path, out: str | Path, backend: Backend, *, chunk_size: int = 1000,
-                  batch_size: int = 64, dtype: str = "float32", reporter: Reporter | None = None) -> Path:
-    """*Collective.* Encode the labelled dataset at `data` into the cache folder `out` (`batch_size` images per
-    encoder forward, `chunk_size` per file); returns the manifest path."""
-    from scale_rae_core.data.labelled import labelled_batches, open_labelled
+                  batch_size: int = 64, dtype: str = "float32", for_: str = "dit", reporter: Reporter | None = None
+                  ) -> Path:
+    """*Collective.* Encode the dataset at `data` into the cache folder `out` (`batch_size` images per encoder
+    forward, `chunk_size` per file) for `for_` (one of `PURPOSES`, see the module docstring); returns the
+    manifest path."""
     from scale_rae_core.models.build import build_encoder
 
     reporter = reporter or Reporter()
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype} is unknown; choose one of {', '.join(DTYPES)}")
+    if for_ not in PURPOSES:
+        raise ConfigError(f"--for {for_} is unknown; choose one of {', '.join(PURPOSES)}")
     if chunk_size < 1 or batch_size < 1:
         raise ConfigError(f"--chunk-size and --batch-size must be >= 1, got {chunk_size} and {batch_size}")
-    dt, source = profile.dit_training, latent_source(profile)
+    decoder = for_ == "decoder"
+    settings = profile.model.encoder if decoder else latent_source(profile).encoder
+    image_size = profile.decoder_training.image_size if decoder else profile.dit_training.image_size
+    hflip = False if decoder else profile.dit_training.hflip
     out = Path(out).expanduser()
-    plan = {"data": str(Path(data).expanduser().resolve()), "encoder": source.encoder_record(),
-            "image_size": dt.image_size, "hflip": dt.hflip, "dtype": dtype, "chunk_size": chunk_size,
+    plan = {"data": str(Path(data).expanduser().resolve()), "encoder": encoder_record(settings),
+            "image_size": image_size, "hflip": hflip, "dtype": dtype, "chunk_size": chunk_size,
             "world_size": backend.num_processes}
+    if decoder:  # (a DiT cache's plan keeps its old keys, so caches begun before this key existed still resume)
+        plan["for"] = for_
     if (out / MANIFEST).is_file() and not (out / PLAN).is_file():
         raise ConfigError(f"--out {out} holds a finished cache of unknown settings; use a new --out")
     _check_plan(out, plan)
+    stream, chunks = _cache_input(profile, data, image_size, backend, chunk_size, decoder)
     backend.barrier()
     if backend.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / PLAN, plan)
     backend.barrier()
 
-    stream = open_labelled(data, image_size=dt.image_size, train=False, num_classes=dt.num_classes,
-                           rank=backend.rank, world_size=backend.num_processes, drop_last=False)
-    encoder = build_encoder(source.encoder).to(backend.device).eval()
+    encoder = build_encoder(settings).to(backend.device).eval()
     done = _done_chunks(out, backend.rank)
-    stream.skip(sum(done))
     index, to_dtype = len(done), DTYPES[dtype]
     with reporter.task("latent cache", stream.images_per_epoch) as advance:
         advance(sum(done))
-        for pixels, labels, _ in labelled_batches(stream, chunk_size):
-            tensors = {"latents": _encode(encoder, pixels, batch_size, backend.device, to_dtype), "labels": labels}
-            if dt.hflip:
+        for pixels, labels in chunks(done):
+            tensors = {"latents": _encode(encoder, pixels, batch_size, backend.device, to_dtype)}
+            if decoder:
+                tensors["pixels"] = (pixels * 255).round().to(torch.uint8)  # exact: the reader's pixels are k / 255
+            else:
+                tensors["labels"] = labels
+            if hflip:
                 tensors["latents_flipped"] = _encode(encoder, pixels.flip(-1), batch_size, backend.device, to_dtype)
             tensors.update(_chunk_stats([v for k, v in tensors.items() if k.startswith("latents")]))
             path = out / _chunk_name(backend.rank, index)
             atomic_write(path, lambda tmp, t=tensors: _save(t, tmp))
             index += 1
-            advance(len(labels))
+            advance(len(pixels))
     backend.barrier()
     if backend.is_main:
-        _write_manifest(out, plan, stream, encoder)
+        _write_manifest(out, plan, stream, encoder, for_)
     backend.barrier()
     return out / MANIFEST
+
+
+def encoder_record(settings: EncoderSettings) -> dict[str, Any]:
+    """How caches, stats checks and model folders identify an encoder."""
+    return {"kind": settings.kind, "path": settings.path, "input_size": settings.input_size}
+
+
+def _cache_input(profile: Profile, data: str | Path, image_size: int, backend: Backend, chunk_size: int,
+                 decoder: bool) -> tuple[Any, Any]:
+    """This process's stream of the dataset (opened, so checked, before anything is written) and a function of the
+    chunks already written (their counts) that iterates the remaining chunks of (pixels (n, 3, S, S), labels (n,)
+    or None)."""
+    rank, world = backend.rank, backend.num_processes
+    if decoder:
+        images = open_images(data, image_size=image_size, train=False, rank=rank, world_size=world,
+                             seed=profile.run.seed, unique=True)
+
+        def image_chunks(done: list[int]):
+            # Unique images have no position to seek to: the written chunks are read again (not encoded) and passed.
+            for i, (x, _) in enumerate(batches(images, chunk_size)):
+                if i >= len(done):
+                    yield x, None
+        return images, image_chunks
+    from scale_rae_core.data.labelled import labelled_batches, open_labelled
+
+    labelled = open_labelled(data, image_size=image_size, train=False, num_classes=profile.dit_training.num_classes,
+                             rank=rank, world_size=world, drop_last=False)
+
+    def labelled_chunks(done: list[int]):
+        labelled.skip(sum(done))
+        return ((x, y) for x, y, _ in labelled_batches(labelled, chunk_size))
+    return labelled, labelled_chunks
 
 
 def _encode(encoder: Any, pixels: torch.Tensor, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -231,7 +289,7 @@ def _save(tensors: dict[str, torch.Tensor], path: str) -> None:
     save_file(tensors, path, metadata={"format": CACHE_FORMAT})
 
 
-def _write_manifest(out: Path, plan: dict[str, Any], stream: Any, encoder: Any) -> None:
+def _write_manifest(out: Path, plan: dict[str, Any], stream: Any, encoder: Any, for_: str) -> None:
     """Every rank's chunks in rank order (the dataset's file order), with the latent shape and the classes."""
     from safetensors import safe_open
 
@@ -243,7 +301,8 @@ def _write_manifest(out: Path, plan: dict[str, Any], stream: Any, encoder: Any) 
             name = _chunk_name(rank, i)
             part = RunningStats()
             with safe_open(str(out / name), framework="pt") as f:
-                max_label = max(max_label, int(f.get_tensor("labels").max()))
+                if "labels" in f.keys():
+                    max_label = max(max_label, int(f.get_tensor("labels").max()))
                 part.count, part.mean, part.m2 = (int(f.get_tensor("stat_count")[0]), f.get_tensor("stat_mean"),
                                                   f.get_tensor("stat_m2"))
             stats.merge(part)
@@ -255,7 +314,9 @@ def _write_manifest(out: Path, plan: dict[str, Any], stream: Any, encoder: Any) 
         "format": CACHE_FORMAT, "version": CACHE_VERSION, "encoder": plan["encoder"],
         "image_size": plan["image_size"], "latent_shape": [encoder.num_tokens, encoder.hidden_size],
         "grid": encoder.grid[0], "dtype": plan["dtype"], "hflip": plan["hflip"],
-        "classes": getattr(stream, "classes", None), "num_classes": stream.num_classes, "max_label": max_label,
+        "for": for_, "pixels": for_ == "decoder",
+        "classes": getattr(stream, "classes", None), "num_classes": getattr(stream, "num_classes", 0),
+        "max_label": max_label,
         "total": sum(c["count"] for c in chunks), "chunks": chunks, "data": plan["data"],
     }
     _write_json(out / MANIFEST, manifest)
@@ -311,10 +372,14 @@ class LatentCache:
     flipped latents are taken with probability 1/2, drawn from torch's global generator (checkpointed).
     """
 
+    purpose = "dit"  # the manifest's "for" this reader reads
+
     def __init__(self, path: str | Path, *, train: bool, hflip: bool, rank: int = 0, world_size: int = 1,
                  seed: int = 0) -> None:
         self.folder, self.manifest = read_manifest(path)
         m = self.manifest
+        if m.get("for", "dit") != self.purpose:
+            raise ConfigError(f"--data {self.folder} " + WRONG_PURPOSE[self.purpose])
         if hflip and train and not m["hflip"]:
             raise ConfigError(
                 f"--data {self.folder} holds no flipped latents but dit_training.hflip = true; set hflip = false or "
@@ -363,3 +428,39 @@ class LatentCache:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.order.load_state_dict(state)
+
+
+class CachedImages(LatentCache, ImageStream):
+    """A latent cache for the decoder as a resumable stream of `((pixels (3, S, S) in [0, 1], latents (N, C)),
+    position)`, shuffled per epoch and split across ranks as `LatentCache` (no flips: the decoder trainer has none).
+    """
+
+    purpose = "decoder"
+
+    def __init__(self, path: str | Path, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        super().__init__(path, train=True, hflip=False, rank=rank, world_size=world_size, seed=seed)
+
+    def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], Position]]:
+        for i, position in self.order.items():
+            c, row = self.items[i]
+            f = self._chunk(c)
+            pixels = f.get_slice("pixels")[row : row + 1][0].float() / 255.0  # as `to_tensor`: k / 255
+            yield (pixels, f.get_slice("latents")[row : row + 1][0].float()), position
+
+
+def open_cached_images(path: str | Path, *, encoder: dict[str, Any], image_size: int, rank: int = 0,
+                       world_size: int = 1, seed: int = 0) -> CachedImages:
+    """`CachedImages` of the cache at `path`, refused in one line when another encoder or image size made it."""
+    stream = CachedImages(path, rank=rank, world_size=world_size, seed=seed)
+    m = stream.manifest
+    if m["image_size"] != image_size:
+        raise ConfigError(
+            f"--data {stream.folder} caches {m['image_size']} px images but decoder_training.image_size = "
+            f"{image_size}; set it to {m['image_size']} or cache the data again"
+        )
+    if m["encoder"] != encoder:
+        raise ConfigError(
+            f"--data {stream.folder} caches the latents of encoder {m['encoder']}, but model.encoder is {encoder}; "
+            "cache the data again with this profile (srae latent cache --for decoder)"
+        )
+    return stream

@@ -173,3 +173,111 @@ def test_resume_right_after_an_epoch_boundary_continues(tmp_path):
     train_decoder(p, tmp_path / "p", tmp_path / "cut", stop_at=2)
     rest = train_decoder(p, tmp_path / "p", tmp_path / "cut", resume=True)
     assert [h["loss"] for h in rest.records] == [h["loss"] for h in full.records[2:]]
+
+
+# ------------------------------------------------------------------------------------------ a latent cache for the decoder
+
+
+def cache_for_decoder(profile, data, out, **kw):
+    from scale_rae_core.backends import backend_for
+    from scale_rae_core.train.latent_cache import cache_latents
+
+    with backend_for(profile.backend) as backend:
+        return cache_latents(profile, data, out, backend, for_="decoder", **kw)
+
+
+def test_the_decoder_cache_holds_the_readers_pixels_and_the_encoders_latents(tmp_path, images):
+    from safetensors.torch import load_file
+
+    from scale_rae_core.models.build import build_encoder
+    from scale_rae_core.train.decoder_data import batches, open_images
+    from scale_rae_core.train.latent_cache import read_manifest
+
+    profile = tiny_profile(tmp_path)
+    cache_for_decoder(profile, images, tmp_path / "c", chunk_size=5, batch_size=3)
+    folder, m = read_manifest(tmp_path / "c")
+    assert (m["for"], m["pixels"], m["hflip"], m["total"], m["image_size"]) == ("decoder", True, False, 16, SIDE)
+    assert [c["count"] for c in m["chunks"]] == [5, 5, 5, 1]
+    chunks = [load_file(str(folder / c["file"])) for c in m["chunks"]]
+    assert all("labels" not in c and "latents_flipped" not in c for c in chunks)
+    pixels = torch.cat([c["pixels"] for c in chunks])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (16, 3, SIDE, SIDE)
+    (want, _), = batches(open_images(images, image_size=SIDE, train=False), 16)  # the decoder trainer's reader
+    assert torch.equal(pixels.float() / 255.0, want)  # exact, not approximately
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat([c["latents"] for c in chunks]), build_encoder(profile.model.encoder)(want),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_training_on_the_decoder_cache_follows_training_on_the_images(tmp_path, images):
+    """One batch = all 16 images, no noise and no GAN (those draw random numbers the image reader's crops also
+    draw): the same losses and weights as through the encoder, up to float summation order."""
+    profile = tiny_profile(tmp_path, steps=3, global_batch_size=16, micro_batch_size=16, noise_tau=0.0)
+    cache_for_decoder(profile, images, tmp_path / "c")
+    direct = train_decoder(profile, images, tmp_path / "direct")
+    cached = train_decoder(profile, tmp_path / "c", tmp_path / "cached")
+    for a, b in zip(direct.records, cached.records, strict=True):
+        assert a["l1"] == pytest.approx(b["l1"], rel=1e-5)
+    ours, ref = load_decoder(cached.export_dir), load_decoder(direct.export_dir)
+    for (k, v), (_, w) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
+        torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_training_on_the_decoder_cache_resumes_exactly(tmp_path, images):
+    profile = tiny_profile(tmp_path, lpips_weight=0.5, gan_weight=0.75)
+    cache_for_decoder(profile, images, tmp_path / "c")
+    full = run(profile, tmp_path / "c", tmp_path / "full")
+    assert full.records[-1]["disc_loss"] > 0 and full.records[-1]["d_weight"] > 0
+    first = run(profile, tmp_path / "c", tmp_path / "split", stop_at=3)
+    second = run(profile, tmp_path / "c", tmp_path / "split", resume=True)
+    assert full.records == first.records + second.records  # bit for bit
+
+
+def test_an_interrupted_decoder_cache_resumes_without_encoding_again(tmp_path, images, monkeypatch):
+    from scale_rae_core.train import latent_cache
+
+    profile = tiny_profile(tmp_path)
+    cache_for_decoder(profile, images, tmp_path / "c", chunk_size=5)
+    (tmp_path / "c" / "latent_cache.json").unlink()
+    last = tmp_path / "c" / "latents-r00000-00003.safetensors"
+    kept = last.read_bytes()
+    last.unlink()
+    encoded = []
+    real = latent_cache._encode
+    monkeypatch.setattr(latent_cache, "_encode", lambda enc, px, *a: encoded.append(len(px)) or real(enc, px, *a))
+    cache_for_decoder(profile, images, tmp_path / "c", chunk_size=5)
+    assert encoded == [1]  # only the missing chunk's one image
+    assert last.read_bytes() == kept
+
+
+@pytest.mark.parametrize("case", ["dit cache", "image size", "encoder", "decoder cache for dit"])
+def test_a_cache_made_for_something_else_is_refused_in_one_line(tmp_path, images, case):
+    from scale_rae_core.backends import backend_for
+    from scale_rae_core.train.dit import train_dit
+    from scale_rae_core.train.latent_cache import cache_latents
+
+    profile = tiny_profile(tmp_path)
+    if case == "dit cache":
+        dit = load_profile("tiny-cpu", ["dit_training.image_size=32", "model.encoder.input_size=32",
+                                         "dit_training.num_classes=2"])
+        with backend_for(dit.backend) as backend:
+            cache_latents(dit, images, tmp_path / "c", backend)
+        want, call = "is a latent cache without pixels", lambda: train_decoder(profile, tmp_path / "c", tmp_path / "r")
+    else:
+        cache_for_decoder(profile, images, tmp_path / "c")
+        if case == "image size":
+            other = load_profile("tiny-cpu", [f"decoder_training.image_size={64}"])
+            want, call = "caches 32 px images but decoder_training.image_size = 64", \
+                lambda: train_decoder(other, tmp_path / "c", tmp_path / "r")
+        elif case == "encoder":
+            other = load_profile("tiny-cpu", ["model.encoder.kind='siglip2'", "decoder_training.image_size=32",
+                                              "model.encoder.input_size=32", "model.decoder.image_size=32"])
+            want, call = "caches the latents of encoder", lambda: train_decoder(other, tmp_path / "c", tmp_path / "r")
+        else:
+            dit = load_profile("tiny-cpu", ["dit_training.image_size=32", "model.encoder.input_size=32",
+                                             "dit_training.num_classes=2"])
+            want, call = "is a latent cache for srae train decoder", lambda: train_dit(dit, tmp_path / "c", tmp_path / "r")
+    with pytest.raises(ConfigError) as err:
+        call()
+    assert "\n" not in str(err.value) and want in str(err.value), str(err.value)
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("*.safetensors"))
