@@ -51,9 +51,11 @@ from scale_rae_core.train.latent_cache import (
     LatentCache,
     LatentSource,
     check_cache,
+    check_purpose,
     check_stats,
     is_cache,
     latent_source,
+    read_manifest,
 )
 from scale_rae_core.train.loop import TRAJECTORY, TrainLoop, TrainResult, TrainState, TrainTask
 from scale_rae_core.train.schedule import WarmupConstantLinear
@@ -312,6 +314,8 @@ def train_dit(profile: Profile, data: str | Path, run_dir: str | Path, *, resume
     if not Path(data).expanduser().exists():  # before the run folder is made
         raise DataError(f"--data {data}: no such file or folder; pass class folders (root/<class>/<image>), a packed "
                         "class dataset (srae data pack --format classes) or a latent cache (srae latent cache)")
+    if is_cache(data):
+        check_purpose(read_manifest(data)[1], Path(data), "dit")  # before the run folder is made, too
     with backend_for(profile.backend) as backend, TrainLoop(
         "train_dit", profile, run_dir, backend, resume=resume, reporter=reporter, inputs={"data": Path(data)},
         trajectory=(*TRAJECTORY, "dit_training"), accept_changes=accept_changes,

@@ -345,6 +345,12 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
     return folder, manifest
 
 
+def check_purpose(manifest: dict[str, Any], where: Path, purpose: str) -> None:
+    """One-line error for a cache made for the other trainer (`PURPOSES`)."""
+    if manifest.get("for", "dit") != purpose:
+        raise ConfigError(f"--data {where} " + WRONG_PURPOSE[purpose])
+
+
 def check_cache(manifest: dict[str, Any], where: Path, source: LatentSource, image_size: int, num_classes: int) -> None:
     """One-line errors for a cache of another encoder or image size, or with labels outside the model's classes."""
     if manifest["encoder"] != source.encoder_record():
@@ -378,8 +384,7 @@ class LatentCache:
                  seed: int = 0) -> None:
         self.folder, self.manifest = read_manifest(path)
         m = self.manifest
-        if m.get("for", "dit") != self.purpose:
-            raise ConfigError(f"--data {self.folder} " + WRONG_PURPOSE[self.purpose])
+        check_purpose(m, self.folder, self.purpose)
         if hflip and train and not m["hflip"]:
             raise ConfigError(
                 f"--data {self.folder} holds no flipped latents but dit_training.hflip = true; set hflip = false or "

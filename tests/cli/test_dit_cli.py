@@ -78,6 +78,25 @@ def test_latent_cache_then_training_from_it(world, tmp_path):
           "latent", "cache", "--data", str(world / "s" / "classes"), "--out", str(tmp_path / "d"), "--dtype", "float64")
 
 
+def test_latent_cache_for_the_decoder_then_decoder_training_from_it(world, tmp_path):
+    code, out = run("latent", "cache", "--for", "decoder", "--data", str(world / "s" / "classes"), "--out",
+                    str(tmp_path / "c"), "-q")
+    assert code == 0, out
+    assert "(64 × 192 latents, float32, with pixels) of encoder tiny-random" in out
+    assert f"next: srae train decoder --data {tmp_path / 'c'}" in out
+    small = ["--set", "decoder_training.global_batch_size=8", "--set", "decoder_training.micro_batch_size=8",
+             "--set", "checkpoint.every_steps=2"]
+    code, out = run("train", "decoder", "--data", str(tmp_path / "c"), "--out", str(tmp_path / "r"), "--steps", "2",
+                    "-q", *small)
+    assert code == 0, out
+    assert (tmp_path / "r" / "decoder" / "config.json").is_file()
+    fails("--for vae is unknown; choose one of dit, decoder",
+          "latent", "cache", "--for", "vae", "--data", str(world / "s" / "classes"), "--out", str(tmp_path / "d"))
+    fails("is a latent cache for srae train decoder (no labels); cache the class data with srae latent cache --for dit",
+          "train", "dit", "--data", str(tmp_path / "c"), "--out", str(tmp_path / "e"), "--steps", "2", "-q", *TINY)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+
+
 def _images(npz: Path) -> np.ndarray:
     from scale_rae_core.eval.adm_npz import open_npz_images
 
