@@ -41,11 +41,12 @@ def test_a_tiny_run_prints_every_row_and_writes_probabilities(tmp_path):
                            "--images", "2", "--steps", "2", "--threads", "1", "--json", str(out)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    for row in ("real renders, true claim", "real renders, other shape claim", "samples on the latent, own prompt: right",
-                "samples on the image, own prompt: wrong", "wrong samples (latent): the drawn claim"):
+    for row in ("real renders, colour question", "real renders, true claim", "real renders, other shape claim", "samples on the latent, own prompt: right",
+                "samples on the image, own prompt: wrong", "wrong samples (latent): the drawn claim",
+                "samples on the image, P(asked colour) x P(asked shape): right", "# colour+shape: first sample"):
         assert row in done.stdout, done.stdout
     record = json.loads(out.read_text())
-    values = [*record["real"]["true"], *record["real"]["other shape"], *record["real"]["other colour"]]
-    values += [s[k] for s in record["samples"] for k in ("latent", "image", "latent_drawn") if k in s]
+    values = [v for vs in record["real"].values() for v in vs]
+    values += [s[k] for s in record["samples"] for k in ("latent", "image", "latent_drawn", "qa", "qa_image") if k in s]
     assert len(record["samples"]) == 2 and len(record["real"]["true"]) == 2
     assert values and all(0.0 <= v <= 1.0 for v in values)
