@@ -157,6 +157,10 @@ def read_image(img: Image.Image | np.ndarray | torch.Tensor) -> ShapeReading:
     ys, xs = np.arange(y0, y1, dtype=np.float64), np.arange(x0, x1, dtype=np.float64)
     cy = float((alpha.sum(axis=1) * (ys + 0.5)).sum() / area)
     cx = float((alpha.sum(axis=0) * (xs + 0.5)).sum() / area)
+    if not (y0 <= cy <= y1 and x0 <= cx <= x1):  # negative coverage (darker than the background towards the fill's
+        positive = np.clip(alpha, 0.0, None)    # opposite) outweighed most of the area: its centroid is outside
+        cy = float((positive.sum(axis=1) * (ys + 0.5)).sum() / positive.sum())  # the window; count coverage only
+        cx = float((positive.sum(axis=0) * (xs + 0.5)).sum() / positive.sum())
 
     sigma = max(1.0, side_px / 64)
     smooth = _blur(alpha, sigma)
@@ -171,7 +175,7 @@ def read_image(img: Image.Image | np.ndarray | torch.Tensor) -> ShapeReading:
     return ShapeReading(
         colour=list(COLOURS)[colour_index],
         shape=best,
-        position=("left", "center", "right")[min(2, int(3 * cx / width))],
+        position=("left", "center", "right")[min(2, max(0, int(3 * cx / width)))],
         size="large" if box_side > SIZE_THRESHOLD else "small",
         foreground=area / (height * width),
         confidence=float(confidence),

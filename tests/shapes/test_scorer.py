@@ -183,3 +183,14 @@ def test_class_accuracy_refuses_bad_labels():
         class_accuracy([image], ["red_circle", "red_circle"])
     with pytest.raises(DataError, match="got 0 images and 0 labels"):
         class_accuracy([], [])
+
+
+def test_a_shape_beside_a_faint_opposite_tint_reads_without_leaving_the_image():
+    """Generated images can hold pixels tinted away from the shape's colour next to it: coverage there is negative,
+    and once it outweighed most of the area the centroid fell outside the image and the position lookup raised
+    IndexError (found on a weakly trained class DiT's samples). The centroid now counts coverage only then."""
+    a = np.full((64, 64, 3), 0.5)
+    a[29:35, 10:16] = [1.0, 0.0, 0.0]  # a small red square on the left
+    a[22:41, 17:24] = [0.35, 0.65, 0.65]  # a faint cyan tint right of it, inside the reading window
+    reading = read_image((a * 255).round().astype(np.uint8))
+    assert (reading.colour, reading.shape, reading.position) == ("red", "square", "left")
