@@ -43,15 +43,22 @@ def test_stage1_on_xla_resumes_exactly_and_exports_plain_names(tmp_path):
     assert all("_orig_module" not in name for name in loaded.model.state_dict())
 
 
-def test_decoder_training_on_xla_resumes_exactly_and_exports(tmp_path):
+@pytest.mark.parametrize("source", ["packed", "latent cache"])
+def test_decoder_training_on_xla_resumes_exactly_and_exports(tmp_path, source):
+    from scale_rae_core.backends import backend_for
     from scale_rae_core.models.decoder import load_decoder
     from scale_rae_core.train.decoder import train_decoder
+    from scale_rae_core.train.latent_cache import cache_latents
 
     synthesize(tmp_path / "shapes", 16, image_size=64, seed=0)
     data = tmp_path / "packed"
     pack(tmp_path / "shapes" / "classes", data)
     profile = load_profile("tiny-cpu", XLA + ["decoder_training.global_batch_size=8", "decoder_training.micro_batch_size=2",
                                               "decoder_training.steps=4", "decoder_training.warmup_epochs=0"])
+    if source == "latent cache":  # (latents, pixels) pairs: both sharded over the 4 chips by shard_batch
+        with backend_for(load_profile("tiny-cpu").backend) as cpu:
+            cache_latents(profile, data, tmp_path / "cache", cpu, for_="decoder")
+        data = tmp_path / "cache"
     full = train_decoder(profile, data, tmp_path / "full")
     train_decoder(profile, data, tmp_path / "cut", stop_at=2)
     rest = train_decoder(profile, data, tmp_path / "cut", resume=True)
