@@ -51,7 +51,7 @@ from scale_rae_core.data.order import EpochOrder
 from scale_rae_core.errors import ConfigError, DataError
 from scale_rae_core.events import Reporter
 from scale_rae_core.files import atomic_write, check_format
-from scale_rae_core.train.decoder_data import ImageStream, Position, batches, open_images
+from scale_rae_core.train.decoder_data import FolderImages, ImageStream, Position, batches, open_images
 
 CACHE_FORMAT = "srae-latent-cache"
 CACHE_VERSION = 1
@@ -212,7 +212,9 @@ def cache_latents(profile: Profile, data: str | Path, out: str | Path, backend: 
     encoder = build_encoder(settings).to(backend.device).eval()
     done = _done_chunks(out, backend.rank)
     index, to_dtype = len(done), DTYPES[dtype]
-    with reporter.task("latent cache", stream.images_per_epoch) as advance:
+    # A packed conversations dataset repeats each image once per sample: its distinct images are not known ahead.
+    total = None if decoder and not isinstance(stream, FolderImages) else stream.images_per_epoch
+    with reporter.task("latent cache", total) as advance:
         advance(sum(done))
         for pixels, labels in chunks(done):
             tensors = {"latents": _encode(encoder, pixels, batch_size, backend.device, to_dtype)}

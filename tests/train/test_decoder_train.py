@@ -281,3 +281,16 @@ def test_a_cache_made_for_something_else_is_refused_in_one_line(tmp_path, images
         call()
     assert "\n" not in str(err.value) and want in str(err.value), str(err.value)
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("*.safetensors"))
+
+
+def test_a_decoder_cache_of_a_conversations_pack_holds_each_image_once(tmp_path):
+    """A conversations pack repeats each image once per sample (13 here); the cache keeps the distinct ones."""
+    from scale_rae_core.data.pack import pack
+    from scale_rae_core.shapes.synth import synthesize
+    from scale_rae_core.train.latent_cache import read_manifest
+
+    synthesize(tmp_path / "shapes", 10, image_size=SIDE, seed=0)
+    pack(tmp_path / "shapes" / "conversations.jsonl", tmp_path / "packed")
+    cache_for_decoder(tiny_profile(tmp_path), tmp_path / "packed", tmp_path / "c")
+    distinct = len(list((tmp_path / "shapes" / "classes").rglob("*.png")))
+    assert read_manifest(tmp_path / "c")[1]["total"] == distinct == 9
