@@ -57,17 +57,17 @@ class RAE(nn.Module):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> latents [B, N, C] (normalised by the stats when given)."""
-        z = self.perturb(self.encoder(pixels))  # (B, N, C), no grad: the encoder is frozen
-        if self.stats is not None:
-            z = self.stats.normalize(z)
-        return z
+        return self.from_encoder(self.encoder(pixels))  # (B, N, C), no grad: the encoder is frozen
 
-    def perturb(self, z: torch.Tensor) -> torch.Tensor:
-        """Encoder latents as training sees them: + sigma * eps, sigma ~ noise_tau * U(0, 1) per sample (training
-        only, noise_tau > 0); unchanged otherwise. Decoder training on cached latents calls it directly."""
+    def from_encoder(self, z: torch.Tensor) -> torch.Tensor:
+        """What `encode` does after the encoder's forward: + sigma * eps, sigma ~ noise_tau * U(0, 1) per sample
+        (training only, noise_tau > 0), then the stats' normalisation when given. Decoder training on cached
+        encoder latents calls it, so that path is `encode`'s by construction."""
         if self.training and self.noise_tau > 0:
             sigma = self.noise_tau * torch.rand(z.shape[0], 1, 1, device=z.device, dtype=z.dtype)
             z = z + sigma * torch.randn_like(z)
+        if self.stats is not None:
+            z = self.stats.normalize(z)
         return z
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

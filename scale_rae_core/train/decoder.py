@@ -26,7 +26,7 @@ discriminator's gradients are therefore synchronised (rae.md §12.4: the referen
 per rank). Weights stay identical on all ranks, which keeps the EMA, the adaptive weight and the export plain.
 
 Cached latents: `--data` may be a latent cache made for the decoder (`srae latent cache --for decoder`). Each
-micro-batch is then (pixels, latents) and `recon = decode(perturb(latents))` replaces `RAE(x)`: the same maths
+micro-batch is then (pixels, latents) and `recon = decode(from_encoder(latents))` replaces `RAE(x)`: the same maths
 without the frozen encoder's forward (in eval mode it gives the same latents every epoch), so a step costs the
 decoder alone. The cache holds centre crops, so there are no random crops (at the shapes world's 64 px there are
 none anyway).
@@ -57,6 +57,7 @@ from scale_rae_core.models.decoder import Decoder, save_decoder
 from scale_rae_core.models.rae import RAE
 from scale_rae_core.train.decoder_data import ImageStream, batches, open_images
 from scale_rae_core.train.ema import EMA
+from scale_rae_core.train.latent_cache import encoder_record, is_cache, open_cached_images
 from scale_rae_core.train.loop import TrainLoop, TrainResult, TrainState, TrainTask
 from scale_rae_core.train.schedule import WarmupCosine
 
@@ -232,7 +233,7 @@ class DecoderTrainer(TrainTask):
         with self.backend.autocast():
             if isinstance(item, tuple):
                 x, z = item
-                return x, self.rae.decode(self.rae.perturb(z)).float()
+                return x, self.rae.decode(self.rae.from_encoder(z)).float()
             return item, self.rae(item).float()
 
     def _generator_step(self, micro: list[Any], use_gan: bool) -> dict[str, float]:
@@ -342,8 +343,6 @@ class DecoderTrainer(TrainTask):
 
 def open_decoder_data(profile: Profile, data: str | Path, backend: Backend) -> ImageStream:
     """The images at `data`, or the (pixels, latents) of a decoder latent cache there (checked against the profile)."""
-    from scale_rae_core.train.latent_cache import encoder_record, is_cache, open_cached_images
-
     if is_cache(data):
         return open_cached_images(data, encoder=encoder_record(profile.model.encoder),
                                   image_size=profile.decoder_training.image_size, rank=backend.rank,

@@ -353,18 +353,26 @@ def check_purpose(manifest: dict[str, Any], where: Path, purpose: str) -> None:
         raise ConfigError(f"--data {where} " + WRONG_PURPOSE[purpose])
 
 
-def check_cache(manifest: dict[str, Any], where: Path, source: LatentSource, image_size: int, num_classes: int) -> None:
-    """One-line errors for a cache of another encoder or image size, or with labels outside the model's classes."""
-    if manifest["encoder"] != source.encoder_record():
-        raise ConfigError(
-            f"--data {where} caches the latents of encoder {manifest['encoder']}, but {source.where} names "
-            f"{source.encoder_record()}; cache the data again with this profile or train with the cache's encoder"
-        )
+def check_origin(manifest: dict[str, Any], where: Path, encoder: dict[str, Any], encoder_section: str, image_size: int,
+                 section: str) -> None:
+    """One-line errors for a cache made at another image size than `{section}.image_size` (checked first: the more
+    specific of the two when the encoder's input size changed with it) or by another encoder (`encoder_section`
+    names the expected one)."""
     if manifest["image_size"] != image_size:
         raise ConfigError(
-            f"--data {where} caches {manifest['image_size']} px images but dit_training.image_size = {image_size}; "
-            f"set dit_training.image_size = {manifest['image_size']} or cache the data again"
+            f"--data {where} caches {manifest['image_size']} px images but {section}.image_size = {image_size}; "
+            f"set {section}.image_size = {manifest['image_size']} or cache the data again"
         )
+    if manifest["encoder"] != encoder:
+        raise ConfigError(
+            f"--data {where} caches the latents of encoder {manifest['encoder']}, but {encoder_section} names "
+            f"{encoder}; cache the data again with this profile or train with the cache's encoder"
+        )
+
+
+def check_cache(manifest: dict[str, Any], where: Path, source: LatentSource, image_size: int, num_classes: int) -> None:
+    """One-line errors for a cache of another encoder or image size, or with labels outside the model's classes."""
+    check_origin(manifest, where, source.encoder_record(), source.where, image_size, "dit_training")
     if manifest["max_label"] >= num_classes:
         raise ConfigError(
             f"--data {where} holds label {manifest['max_label']}, outside the model's {num_classes} classes "
@@ -459,15 +467,5 @@ def open_cached_images(path: str | Path, *, encoder: dict[str, Any], image_size:
                        world_size: int = 1, seed: int = 0) -> CachedImages:
     """`CachedImages` of the cache at `path`, refused in one line when another encoder or image size made it."""
     stream = CachedImages(path, rank=rank, world_size=world_size, seed=seed)
-    m = stream.manifest
-    if m["image_size"] != image_size:
-        raise ConfigError(
-            f"--data {stream.folder} caches {m['image_size']} px images but decoder_training.image_size = "
-            f"{image_size}; set it to {m['image_size']} or cache the data again"
-        )
-    if m["encoder"] != encoder:
-        raise ConfigError(
-            f"--data {stream.folder} caches the latents of encoder {m['encoder']}, but model.encoder is {encoder}; "
-            "cache the data again with this profile (srae latent cache --for decoder)"
-        )
+    check_origin(stream.manifest, stream.folder, encoder, "model", image_size, "decoder_training")
     return stream
