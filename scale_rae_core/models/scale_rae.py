@@ -393,11 +393,13 @@ class LoadedExport:
 
     def encoder_settings(self) -> Any:
         """The export's encoder as a profile section (``build_encoder(loaded.encoder_settings())``)."""
-        from scale_rae_core.config import EncoderSettings
+        return encoder_settings_of(self.config.encoder)
 
-        enc = self.config.encoder
-        return EncoderSettings(kind=enc["kind"], path=enc["path"], input_size=enc.get("input_size"),
-                               select_layer=int(enc.get("select_layer", -1)))
+
+def encoder_settings_of(enc: dict[str, Any]) -> EncoderSettings:
+    """A Scale-RAE config's ``encoder`` record as a profile section: every key that picks the latent space."""
+    return EncoderSettings(kind=enc["kind"], path=enc["path"], input_size=enc.get("input_size"),
+                           select_layer=int(enc.get("select_layer", -1)))
 
 
 def is_export(path: str | Path) -> bool:

@@ -237,8 +237,12 @@ def cache_latents(profile: Profile, data: str | Path, out: str | Path, backend: 
 
 
 def encoder_record(settings: EncoderSettings) -> dict[str, Any]:
-    """How caches, stats checks and model folders identify an encoder."""
-    return {"kind": settings.kind, "path": settings.path, "input_size": settings.input_size}
+    """How caches, stats checks and model folders identify an encoder (``select_layer`` when it is not the last
+    layer: records written before it was kept still match their encoder)."""
+    record: dict[str, Any] = {"kind": settings.kind, "path": settings.path, "input_size": settings.input_size}
+    if settings.select_layer != -1:
+        record["select_layer"] = settings.select_layer
+    return record
 
 
 def _cache_input(profile: Profile, data: str | Path, image_size: int, backend: Backend, chunk_size: int,

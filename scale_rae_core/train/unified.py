@@ -346,8 +346,8 @@ class UnifiedTrainer(TrainTask):
                  *, reporter: Reporter, fresh: bool, reader: SampleSource | None = None) -> None:
         from transformers import AutoTokenizer
 
-        from scale_rae_core.config import EncoderSettings
         from scale_rae_core.models.build import build_encoder
+        from scale_rae_core.models.scale_rae import encoder_settings_of
 
         self.profile, self.stage, self.data, self.run_dir = profile, stage, data, run_dir
         self.settings: StageSettings = getattr(profile, stage)
@@ -356,8 +356,7 @@ class UnifiedTrainer(TrainTask):
         self.total_steps = self.settings.steps
         model = _build_model(src)
         self.tokenizer = AutoTokenizer.from_pretrained(str(src.model_dir / TOKENIZER_DIR))
-        enc = src.config.encoder
-        self.encoder = build_encoder(EncoderSettings(kind=enc["kind"], path=enc["path"], input_size=enc.get("input_size")))
+        self.encoder = build_encoder(encoder_settings_of(src.config.encoder))  # select_layer included
         self.model = self._prepare(model, reporter, fresh)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, self.settings)

@@ -36,8 +36,8 @@ def fails(message: str, *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """Shapes class folders, a tiny random decoder for the tiny encoder, and a 4-step DiT run that records it."""
-    from scale_rae_core.config import EncoderSettings
+    """Shapes class folders, a tiny random decoder for tiny-cpu's encoder, and a 4-step DiT run that records it."""
+    from scale_rae_core.config import load_profile
     from scale_rae_core.models.build import build_encoder
     from scale_rae_core.models.decoder import Decoder, save_decoder
     from scale_rae_core.models.rae import decoder_config_for
@@ -46,7 +46,7 @@ def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world")
     synthesize(root / "s", 36, image_size=64, seed=0)
     torch.manual_seed(0)
-    encoder = build_encoder(EncoderSettings(kind="siglip", path="tiny-random", input_size=64))
+    encoder = build_encoder(load_profile("tiny-cpu").model.encoder)
     save_decoder(Decoder(decoder_config_for(encoder, "tiny", patch_size=8)), root / "dec")
     code, out = run("train", "dit", "--data", str(root / "s" / "classes"), "--out", str(root / "run"), "--steps", "4",
                     "-q", *TINY, "--set", f"dit_training.decoder={root / 'dec'}")
@@ -67,7 +67,7 @@ def test_latent_cache_then_training_from_it(world, tmp_path):
     code, out = run("latent", "cache", "--data", str(world / "s" / "classes"), "--out", str(tmp_path / "c"),
                     "--chunk-size", "10", "--dtype", "float16", "-q")
     assert code == 0, out
-    assert "(64 × 192 latents, float16, flips on) of encoder tiny-random" in out
+    assert "(64 × 40 latents, float16, flips on) of encoder efficientnet-lite0" in out
     manifest = json.loads((tmp_path / "c" / "latent_cache.json").read_text())
     assert manifest["dtype"] == "float16" and len(manifest["chunks"]) >= 3
     stats = tmp_path / "c" / "latent_stats.safetensors"
@@ -82,7 +82,7 @@ def test_latent_cache_for_the_decoder_then_decoder_training_from_it(world, tmp_p
     code, out = run("latent", "cache", "--for", "decoder", "--data", str(world / "s" / "classes"), "--out",
                     str(tmp_path / "c"), "-q")
     assert code == 0, out
-    assert "(64 × 192 latents, float32, with pixels) of encoder tiny-random" in out
+    assert "(64 × 40 latents, float32, with pixels) of encoder efficientnet-lite0" in out
     assert f"next: srae train decoder --data {tmp_path / 'c'}" in out
     small = ["--set", "decoder_training.global_batch_size=8", "--set", "decoder_training.micro_batch_size=8",
              "--set", "checkpoint.every_steps=2"]
@@ -139,7 +139,7 @@ def _released(path: Path, **changes: int) -> Path:
 
     from scale_rae_core.models.class_dit import CLASS_DIT_PRESETS, build_class_dit
 
-    cfg = replace(CLASS_DIT_PRESETS["tiny"], in_channels=192, **{"grid": 8, "num_classes": 12, **changes})
+    cfg = replace(CLASS_DIT_PRESETS["tiny"], in_channels=40, **{"grid": 8, "num_classes": 12, **changes})
     torch.save({"ema": build_class_dit(cfg).state_dict(), "step": 3}, path)
     return path
 
@@ -148,7 +148,7 @@ def test_a_released_rae_checkpoint_samples_with_its_preset_and_statistics(world,
     from scale_rae_core.models.stats import LatentStats
 
     model = _released(tmp_path / "stage2_model.pt")
-    torch.save({"var": torch.ones(192, 8, 8)}, tmp_path / "stat.pt")
+    torch.save({"var": torch.ones(40, 8, 8)}, tmp_path / "stat.pt")
     args = ["--model", str(model), "--preset", "tiny", "--decoder", str(world / "dec")]
     fails("is a released RAE checkpoint: pass --stats", "sample", *args, "--n", "12", "--out", str(tmp_path / "x"))
     code, out = run("sample", *args, "--stats", str(tmp_path / "stat.pt"), "--n", "12", "--out", str(tmp_path / "r"),
@@ -174,7 +174,7 @@ def test_bad_sample_options_are_one_line(world, tmp_path, args, message):
     if "--n" in args:
         base = base[:3] + base[5:]
     if "--stats" in args:
-        torch.save({"var": torch.ones(192, 8, 8)}, tmp_path / "stat.pt")
+        torch.save({"var": torch.ones(40, 8, 8)}, tmp_path / "stat.pt")
         args = ["--stats", str(tmp_path / "stat.pt")]
     fails(message, *base, *args)
 
@@ -182,7 +182,7 @@ def test_bad_sample_options_are_one_line(world, tmp_path, args, message):
 def test_a_guidance_model_of_other_latents_or_classes_and_bad_models_are_one_line(world, tmp_path):
     base = ["sample", "--model", str(world / "run"), "--n", "24", "--out", str(tmp_path / "o"), "--guidance", "1.4"]
     grid4 = _released(tmp_path / "g4.pt", grid=4)
-    fails("the guidance model works on latents 192x4x4, the model on 192x8x8; use a guidance model trained on the same "
+    fails("the guidance model works on latents 40x4x4, the model on 40x8x8; use a guidance model trained on the same "
           "latents", *base, "--guide-model", str(grid4), "--guide-preset", "tiny")
     classes10 = _released(tmp_path / "k10.pt", num_classes=10)
     fails("the guidance model has 10 classes, the model 12", *base, "--guide-model", str(classes10),
@@ -204,10 +204,10 @@ def test_a_decoder_of_other_latents_or_none_recorded_is_one_line(world, tmp_path
 
     encoder = build_encoder(EncoderSettings(kind="siglip", path="tiny-random", input_size=32))
     save_decoder(Decoder(decoder_config_for(encoder, "tiny", patch_size=8)), tmp_path / "dec16")
-    fails(f"--decoder {tmp_path / 'dec16'} reads 16 × 192 latents but the model makes 64 × 192",
+    fails(f"--decoder {tmp_path / 'dec16'} reads 16 × 192 latents but the model makes 64 × 40",
           "sample", "--model", str(world / "run"), "--n", "12", "--out", str(tmp_path / "o"), "--decoder", str(tmp_path / "dec16"))
     model = _released(tmp_path / "m.pt")
-    torch.save({"var": torch.ones(192, 8, 8)}, tmp_path / "stat.pt")
+    torch.save({"var": torch.ones(40, 8, 8)}, tmp_path / "stat.pt")
     fails("records no pixel decoder: pass --decoder", "sample", "--model", str(model), "--preset", "tiny", "--stats",
           str(tmp_path / "stat.pt"), "--n", "12", "--out", str(tmp_path / "o2"))
 

@@ -81,5 +81,5 @@ def test_probe_on_a_class_folder(tmp_path):
         for i in range(5):
             Image.new("RGB", (32, 32), tuple(min(255, c + 7 * i) for c in rgb)).save(root / name / f"{i}.png")
     out = _run(["eval", "probe", "--data", str(root), "--out", str(tmp_path / "probe.json"), "--heldout", "0.4"])
-    assert "tiny-random: top-1 1.0000 on 4 held-out images (2 classes, trained on 6" in out
+    assert "efficientnet-lite0: top-1 1.0000 on 4 held-out images (2 classes, trained on 6" in out
     assert json.loads((tmp_path / "probe.json").read_text())["classes"] == ["blue", "red"]

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from scale_rae_cli.main import app
+from scale_rae_core.config import load_profile
 from scale_rae_core.data.pack import pack
 from scale_rae_core.models import build
 from scale_rae_core.models.decoder import load_decoder
@@ -50,13 +51,14 @@ def test_stat_equals_a_direct_computation(world, tmp_path):
     text = _run(["stat", "--data", str(world["packed"]), "--out", str(out), "--quiet", *SMALL])
     assert "latent stats of 18 images" in text  # 18 training images, each once (repeats in the pack skipped)
     stats = load_stats(out)
-    enc = build.build_encoder(build.EncoderSettings(kind="siglip", path="tiny-random", input_size=32))
+    enc = build.build_encoder(load_profile("tiny-cpu", ["model.encoder.input_size=32"]).model.encoder)
     images = torch.cat([x for x, _ in batches(open_images(world["shapes"] / "captioned", image_size=32, train=False), 64)])
     with torch.no_grad():
         z = enc(images).double()  # (18, 16, C)
     assert stats.count == 18
-    torch.testing.assert_close(stats.mean.double(), z.mean(0), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.var.double(), z.var(0, unbiased=False), rtol=1e-4, atol=1e-5)
+    # `srae stat` encodes in batches of its own: conv rounding differs with the batch (see test_dit's cache test)
+    torch.testing.assert_close(stats.mean.double(), z.mean(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stats.var.double(), z.var(0, unbiased=False), rtol=1e-4, atol=1e-4)
     _run(["stat", "--data", str(world["packed"]), "--out", str(tmp_path / "s.pt"), *SMALL], code=1)
 
 

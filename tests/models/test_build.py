@@ -72,7 +72,7 @@ def test_build_decoder_from_preset_and_from_our_export(cache, tmp_path):
 
 
 def test_build_rae_with_stats(cache, tmp_path):
-    enc = build.build_encoder(EncoderSettings(kind="siglip", path="tiny-random", input_size=32))
+    enc = build.build_encoder(load_profile("tiny-cpu", ["model.encoder.input_size=32"]).model.encoder)
     stats = LatentStats(mean=torch.zeros(16, enc.hidden_size), var=torch.full((16, enc.hidden_size), 4.0), count=3)
     stats.save(tmp_path / "s.safetensors")
     prof = load_profile("tiny-cpu", ["model.encoder.input_size=32", "model.decoder.image_size=32",

@@ -22,7 +22,7 @@ SIDE = 32
 
 
 def tiny_profile(tmp: Path, **training) -> Profile:
-    """tiny-cpu at 32 px (4 x 4 tokens of the tiny-random encoder), micro-batch 4, cache under tmp."""
+    """tiny-cpu at 32 px (4 x 4 tokens of its EfficientNet encoder), micro-batch 4, cache under tmp."""
     os.environ["SRAE_CACHE"] = str(tmp.parent / "srae-cache")
     dt = {"steps": 6, "global_batch_size": 4, "micro_batch_size": 4, "image_size": SIDE, "warmup_epochs": 0.5,
           "disc_update_start_epoch": 0.25, "gan_start_epoch": 0.5, "noise_tau": 0.8, "lr": 1e-3, **training}

@@ -59,7 +59,8 @@ def test_full_run_writes_metrics_checkpoints_and_a_loadable_export(full_run):
     loaded = load_export(r.export_dir)
     assert {"model.safetensors", "config.json", "llm"} <= {p.name for p in r.export_dir.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (r.export_dir / "llm").iterdir()}
-    assert loaded.config.encoder["path"] == "tiny-random" and loaded.config.dit.in_channels == 192
+    assert loaded.config.encoder["path"] == "efficientnet-lite0" and loaded.config.dit.in_channels == 40
+    assert loaded.encoder_settings().select_layer == 5  # the encoder a resumed or finetuned run rebuilds
 
 
 def test_resume_is_exact(shapes, full_run, tmp_path, monkeypatch):
