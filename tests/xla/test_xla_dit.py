@@ -57,4 +57,4 @@ def test_dit_on_xla_resumes_exactly_shards_the_ema_and_exports_plain_names(data,
 
     model, info = load_class_dit(full.export_dir)  # strict: fails on any `_orig_module.` name
     assert all("_orig_module" not in name for name in model.state_dict())
-    assert info["class_dit"]["grid"] == 8 and info["class_dit"]["in_channels"] == 192
+    assert info["class_dit"]["grid"] == 8 and info["class_dit"]["in_channels"] == 40  # tiny-cpu: EfficientNet, 8 × 8 × 40
