@@ -314,9 +314,10 @@ CLASS_DIT_PRESETS: dict[str, ClassDiTConfig] = {
                            head_heads=0, num_classes=12),
     "tiny-ddt": ClassDiTConfig(in_channels=32, grid=8, hidden=64, depth=2, heads=4, head_hidden=96, head_depth=1,
                                head_heads=4, num_classes=12),
-    # The shapes world's class DiT (the tiny-cpu profile; 3.0 M parameters): as wide as the tiny encoder's 192 channels
-    # (RAE's finding: a DiT narrower than its tokens cannot fit them; "tiny-ddt", 64/96 wide, sampled noise), and as
-    # shallow as the demo's 3-minute training allows (on 2 cores, 256 wide trained slower per class learnt).
+    # The shapes world's class DiT (the tiny-cpu profile; 3.0 M parameters on its 192-channel random encoder, for which
+    # it was sized: RAE's finding, a DiT narrower than its tokens cannot fit them; "tiny-ddt", 64/96 wide, sampled
+    # noise), and as shallow as the demo's 3-minute training allows (on 2 cores, 256 wide trained slower per class
+    # learnt). tiny-cpu's EfficientNet tokens have 40 channels; in_channels is set from the latents when built.
     "small-ddt": ClassDiTConfig(in_channels=192, grid=8, hidden=192, depth=3, heads=4, head_hidden=192, head_depth=1,
                                 head_heads=4, num_classes=12),
 }

@@ -428,9 +428,10 @@ def count_reference_params(model: LightningDiT) -> int:
 DIT_PRESETS: dict[str, DiTConfig] = {
     # For CPU tests and the tiny profile: 256 tokens of 32 channels, width 64.
     "tiny": DiTConfig(in_channels=32, grid=16, hidden=64, depth=2, heads=4, cond_dim=64),
-    # The tiny-cpu profile's head. Width 256 ≥ the tiny encoder's 192 channels: a head narrower than its
-    # tokens cannot fit them (RAE's finding; with the 64-wide "tiny" the flow loss stalled at ≈ 0.8 and the
-    # samples did not depend on the prompt). in_channels and grid are set from the encoder when built.
+    # The tiny-cpu profile's head. Width 256 ≥ the channels of its tokens (40 for EfficientNet-Lite0, 192 for the
+    # random tiny SigLIP it was sized on): a head narrower than its tokens cannot fit them (RAE's finding; with the
+    # 64-wide "tiny" the flow loss stalled at ≈ 0.8 and the samples did not depend on the prompt). in_channels and
+    # grid are set from the encoder when built.
     "small": DiTConfig(in_channels=192, grid=8, hidden=256, depth=2, heads=4, cond_dim=256),
     # Scale-RAE-Qwen1.5B_DiT2.4B (SigLIP-2, C=1152): 2.436e9 parameters counted as the reference does.
     "2.4B": DiTConfig(in_channels=1152, grid=16, hidden=2048, depth=32, heads=32, cond_dim=2048),

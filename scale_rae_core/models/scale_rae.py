@@ -391,7 +391,7 @@ class LoadedExport:
     config: ScaleRAEConfig
     path: Path
 
-    def encoder_settings(self) -> Any:
+    def encoder_settings(self) -> EncoderSettings:
         """The export's encoder as a profile section (``build_encoder(loaded.encoder_settings())``)."""
         return encoder_settings_of(self.config.encoder)
 
