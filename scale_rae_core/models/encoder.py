@@ -196,6 +196,14 @@ class EfficientNetTrunk(nn.Module):
     def channels(self) -> int:
         return int(self.blocks[-1]._bn2.num_features) if len(self.blocks) else int(self.bn0.num_features)
 
+    @property
+    def stride(self) -> int:
+        """Input pixels per feature-map position: the stem's stride times each kept block's depthwise stride."""
+        stride = int(self.conv_stem.stride[0])
+        for block in self.blocks:
+            stride *= int(block._depthwise_conv.stride[0])
+        return stride
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn0(self.conv_stem(x)))
         for block in self.blocks:
@@ -300,16 +308,7 @@ class FrozenEncoder(nn.Module):
         else:
             crop = _side(proc.get("crop_size")) if proc.get("do_center_crop", "crop_size" in proc) else None
             size = crop or _side(proc.get("size")) or int(mcfg.image_size)
-        self.patch_size = int(mcfg.patch_size)
-        if size % self.patch_size:
-            raise ConfigError(
-                f"encoder input_size {size} is not a multiple of the patch size {self.patch_size}; "
-                f"set input_size to a multiple of {self.patch_size}"
-            )
-        self.input_size = size
-        self.grid = (size // self.patch_size, size // self.patch_size)
-        self.num_tokens = self.grid[0] * self.grid[1]
-        self.hidden_size = int(mcfg.hidden_size)
+        self._set_grid(size, int(mcfg.patch_size), int(mcfg.hidden_size), "the patch size")
         # Tokens before the patch tokens: CLS (+ registers); SigLIP has none.
         if cfg.kind in ("siglip", "siglip2"):
             self.num_prefix_tokens = 0
@@ -329,19 +328,22 @@ class FrozenEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(TF_LITE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(TF_LITE_STD).view(1, 3, 1, 1), persistent=False)
         size = cfg.input_size or 224  # the ImageNet training resolution
-        with torch.no_grad():  # 224 = 7 x 32 is a multiple of every stride: the map's side gives the stride
-            self.patch_size = 224 // int(self.backbone(torch.zeros(1, 3, 224, 224)).shape[-1])
-        if size % self.patch_size:
-            raise ConfigError(
-                f"encoder input_size {size} is not a multiple of the stride {self.patch_size} at select_layer "
-                f"{cfg.select_layer}; set input_size to a multiple of {self.patch_size}"
-            )
-        self.input_size = size
-        self.grid = (size // self.patch_size, size // self.patch_size)
-        self.num_tokens = self.grid[0] * self.grid[1]
-        self.hidden_size = self.backbone.channels
+        self._set_grid(size, self.backbone.stride, self.backbone.channels, "the stride", f" at select_layer {cfg.select_layer}")
         self.num_prefix_tokens = 0
         self._interpolate = False
+
+    def _set_grid(self, size: int, patch: int, channels: int, unit: str, where: str = "") -> None:
+        """Input side, pixels per token side, token grid, token count and width; ``size`` must be a multiple of
+        ``patch`` (``unit`` and ``where`` name the patch in the one-line error)."""
+        if size % patch:
+            raise ConfigError(
+                f"encoder input_size {size} is not a multiple of {unit} {patch}{where}; "
+                f"set input_size to a multiple of {patch}"
+            )
+        self.input_size, self.patch_size = size, patch
+        self.grid = (size // patch, size // patch)
+        self.num_tokens = self.grid[0] * self.grid[1]
+        self.hidden_size = channels
 
     @property
     def kind(self) -> str:
