@@ -50,6 +50,7 @@ def demo(
     → eval → report (report.html)."""
     import shlex
 
+    from scale_rae_core.demo.bars import INSTALL_BARS, QUALITY_BARS
     from scale_rae_core.demo.context import DemoOptions
     from scale_rae_core.demo.run import BUNDLED_RECIPE, run_demo
     from scale_rae_core.events import Reporter
@@ -69,7 +70,8 @@ def demo(
 
     with Reporter(out / prof.output.events_file, show_progress=prof.output.progress and not quiet) as rep:
         result = run_demo(out, prof, rep, options=options, fresh=fresh, redo=list(redo or []), strict=strict,
-                          command=shlex.join(made_by), on_stage=echo)
+                          command=shlex.join(made_by), on_stage=echo,
+                          bars=INSTALL_BARS if retrain or install else QUALITY_BARS)
     _print_quality(result.quality, retrain)
     typer.echo(f"done: {out} (report {out / 'report.html'}, summary {out / 'demo.json'})")
     if install:

@@ -29,14 +29,15 @@ def shapes(
     decoder: DecoderOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Result JSON; samples go to the folder of the same name.")] = Path("shapes_bench.json"),
     n_prompts: Annotated[int | None, int_option("--n-prompts", help="Use the first N of the 36 fixed prompts (default: all).")] = None,
-    k: Annotated[int, int_option("--k", help="Samples per prompt (best-of-k is chosen by the model's own yes/no answer).")] = 4,
+    k: Annotated[int, int_option("--k", help="Samples per prompt (best-of-k is chosen by the model's own reading, --select).")] = 4,
     n_images: Annotated[int, int_option("--n-images", help="Held-out images for understanding (4 questions each).")] = 24,
     seed: Annotated[int | None, int_option("--seed", help="Seed of the first sample per prompt and of the held-out images. Default: run.seed.")] = None,
     steps: StepsOpt = 50,
     guidance: GuidanceOpt = 1.0,
-    verify_on: VerifyOnOpt = "latent",
+    verify_on: VerifyOnOpt = "image",
     select: Annotated[str, typer.Option("--select", help="Best-of-k by this self-verification metric (see `srae verify`): "
-                                        "answer_conf (the yes/no answer), loss (the prompt's caption loss), ...")] = "answer_conf",
+                                        "loss (the prompt's caption loss given the sample), answer_conf (the yes/no "
+                                        "answer, the reference's), ...")] = "loss",
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -73,6 +74,8 @@ def print_table(result: dict[str, Any]) -> None:
     if not console.is_terminal:  # a log or a pipe: wide enough for "84.0% [76.1, 90.3]" in one line per cell
         console = Console(width=max(console.width, 140))
     console.print(table)
-    typer.echo(f"scale + verify gain (full match, best of {g['k']} by {g['selector']} - single sample): "
-               f"{percent(g['gain'], g.get('gain_ci95'), points=True)}")
+    typer.echo(f"scale + verify gain (full match, best of {g['k']} by {g['selector']} on the {g.get('verify_on', 'latent')} "
+               f"- single sample): {percent(g['gain'], g.get('gain_ci95'), points=True)}"
+               + (f"; colour+shape {percent(g['gain_colour_shape'], g.get('gain_colour_shape_ci95'), points=True)}"
+                  if "gain_colour_shape" in g else ""))
     typer.echo("[95% intervals: prompt-level bootstrap for the mean over k and the gain, Wilson for the rest]")

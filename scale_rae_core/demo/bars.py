@@ -22,16 +22,30 @@ class Bar:
         return value > self.minimum if self.strict else value >= self.minimum
 
 
-# The bars for the embedded default (BENCHMARKS.md records where the tiny recipe stands against them).
-QUALITY_BARS: tuple[Bar, ...] = (
-    Bar("decoder held-out PSNR (dB)", "decoder", "psnr", 25.0, fix="train the decoder longer (--set decoder_training.steps=...)"),
-    Bar("class-conditional DiT: class accuracy of its samples (shapes reader)", "dit", "class_accuracy", 0.9,
-        fix="train the class DiT longer (--set dit_training.steps=...)"),
-    # the rate over all k samples per prompt (36 × k draws; the first sample alone is 36 draws and swings ±7 points)
-    Bar("generation: colour + shape prompt match, mean over the k samples", "eval", "gen_colour_shape_mean", 0.8),
-    Bar("understanding: exact-match accuracy", "eval", "understanding", 0.9),
-    Bar("best-of-k by self-verification minus a single sample (full match)", "eval", "gain", 0.0, strict=True),
-)
+# The bars of the embedded default: what the demo's own model must reach in the demo's budget (BENCHMARKS.md records
+# where the tiny recipe stands against them). Generation figures are rates over all k samples per prompt (36 × k
+# draws; the first sample alone is 36 draws and swings ±7 points); the gain is best-of-k by the model's own reading
+# (the demo's selector) minus a single sample, in points of colour+shape.
+_DECODER = Bar("decoder held-out PSNR (dB)", "decoder", "psnr", 25.0, fix="train the decoder longer (--set decoder_training.steps=...)")
+_DIT = Bar("class-conditional DiT: class accuracy of its samples (shapes reader)", "dit", "class_accuracy", 0.9,
+           fix="train the class DiT longer (--set dit_training.steps=...)")
+_POSITION = Bar("generation: position prompt match, mean over the k samples", "eval", "gen_position_mean", 0.97)
+
+
+def _generation(minimum: float) -> Bar:
+    return Bar("generation: colour + shape prompt match, mean over the k samples", "eval", "gen_colour_shape_mean", minimum)
+
+
+def _understanding(minimum: float) -> Bar:
+    return Bar("understanding: exact-match accuracy", "eval", "understanding", minimum)
+
+
+_GAIN = Bar("best-of-k by self-verification minus a single sample (colour + shape)", "eval", "gain_colour_shape", 0.05)
+
+QUALITY_BARS: tuple[Bar, ...] = (_DECODER, _DIT, _generation(0.9), _POSITION, _understanding(0.97), _GAIN)
+# What `srae demo --retrain --install` must reach before its model replaces the bundled one (the default --model of
+# every command): stricter than the demo's, and only about the model that is installed (not the class DiT).
+INSTALL_BARS: tuple[Bar, ...] = (_DECODER, _generation(0.95), _POSITION, _understanding(0.99), _GAIN)
 
 
 def check_bars(stages: dict[str, dict[str, Any]], bars: tuple[Bar, ...] = QUALITY_BARS) -> list[dict[str, Any]]:

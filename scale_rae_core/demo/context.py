@@ -13,6 +13,8 @@ from scale_rae_core.errors import ConfigError
 from scale_rae_core.events import Reporter
 from scale_rae_core.flow.sampler import SAMPLERS
 from scale_rae_core.infer.pipeline import SamplerSettings, Session
+from scale_rae_core.scale.run import VERIFY_ON
+from scale_rae_core.scale.select import SELF_VERIFICATION_METRICS
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,9 @@ class DemoOptions:
     bench_k: int = 8  # benchmark samples per prompt (best-of-8 by self-verification vs single samples)
     bench_images: int = 24  # benchmark held-out images (4 questions each)
     sampler_steps: int = 25  # flow sampler steps per image (Euler)
+    selector: str = "loss"  # how scale and eval pick best-of-k: the prompt's caption loss given the sample ...
+    verify_on: str = "image"  # ... read from the decoded picture re-encoded (the yes/no answer on the latent, the
+    # reference's, ranks by noise on the tiny models: BENCHMARKS.md, "Why self-verification's gain is fragile")
     guidance: float = 3.0  # CFG weight for every sample the demo draws (3: colour+shape 66% → 84% on the shipped model)
     decoder_latent_cache: bool = True  # encode the images once (srae latent cache --for decoder); the decoder then
     # trains without the encoder's forward (2.1x the images per second on 2 cores; BENCHMARKS.md)
@@ -51,6 +56,11 @@ class DemoOptions:
             raise ConfigError(f"--guidance {self.guidance}: use 1 (off) or more")
         if self.class_guidance < 1.0:
             raise ConfigError(f"demo option class_guidance = {self.class_guidance}: use 1 (off) or more")
+        if self.verify_on not in VERIFY_ON:
+            raise ConfigError(f"demo option verify_on = {self.verify_on!r} is unknown; use {' or '.join(VERIFY_ON)}")
+        if self.selector not in SELF_VERIFICATION_METRICS:
+            raise ConfigError(f"demo option selector = {self.selector!r} is unknown; choose one of "
+                              f"{', '.join(SELF_VERIFICATION_METRICS)}")
         if self.class_sampler not in SAMPLERS:
             raise ConfigError(f"demo option class_sampler = {self.class_sampler!r} is unknown; choose one of "
                               f"{', '.join(SAMPLERS)}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from scale_rae_core.config import Profile
-from scale_rae_core.demo.bars import check_bars
+from scale_rae_core.demo.bars import QUALITY_BARS, Bar, check_bars
 from scale_rae_core.demo.context import Ctx, DemoOptions, Stage
 from scale_rae_core.demo.records import read_record, remove, write_record
 from scale_rae_core.demo.stages import STAGE_NAMES, STAGES
@@ -35,11 +35,12 @@ class DemoResult:
 def run_demo(
     out: Path, profile: Profile, reporter: Reporter, *, options: DemoOptions | None = None, fresh: bool = False,
     redo: tuple[str, ...] | list[str] = (), strict: bool = False, command: str = "srae demo",
-    on_stage: Callable[[str, str, dict[str, Any]], None] | None = None,
+    on_stage: Callable[[str, str, dict[str, Any]], None] | None = None, bars: tuple[Bar, ...] = QUALITY_BARS,
 ) -> DemoResult:
     """Run (or continue) the demo in ``out``; ``on_stage(name, status, info)`` is called after each stage.
 
-    ``command``: the command line that makes this run's model, recorded in ``OUT/model/ABOUT.json``."""
+    ``command``: the command line that makes this run's model, recorded in ``OUT/model/ABOUT.json``. ``bars``: the
+    quality bars the run is judged by (``bars.INSTALL_BARS`` for a model meant to become the bundled one)."""
     options = options or DemoOptions()
     unknown = [name for name in redo if name not in STAGE_NAMES]
     if unknown:
@@ -60,7 +61,7 @@ def run_demo(
         result.status[stage.name] = status
         if on_stage is not None:
             on_stage(stage.name, status, info)
-    result.quality = check_bars(result.stages)
+    result.quality = check_bars(result.stages, bars)
     summary = {**result.stages, "status": result.status, "quality": result.quality}
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     missed = [q for q in result.quality if not q["ok"]]

@@ -225,11 +225,11 @@ def _scale(ctx: Ctx, resume: bool) -> dict[str, Any]:
     o = ctx.options
     lines = [{"index": i, "prompt": p} for i, p in enumerate(bench_prompts(min(o.scale_prompts, len(bench_prompts()))))]
     settings = ScaleSettings(n=o.scale_n, rounds=o.scale_rounds, seed=ctx.seed, batch_size=o.scale_n,
-                             max_new_tokens=8, verify_max_new_tokens=4)
+                             max_new_tokens=8, verify_max_new_tokens=4, verify_on=o.verify_on)
     root = run_scaling(ctx.session(), lines, ctx.out / "scale", "stage1", settings, ctx.sampler(),
                        [ShapesScorer()], ctx.reporter, rank=0, world_size=1)
-    report = write_selection(root, "answer_conf", 1, ctx.out / "scale" / "selected", overwrite=True)
-    shapes = report["metrics"]["answer_conf"]["scores"]["shapes"]
+    report = write_selection(root, o.selector, 1, ctx.out / "scale" / "selected", overwrite=True)
+    shapes = report["metrics"][o.selector]["scores"]["shapes"]
     return {"root": str(root), "prompts": len(lines), "samples_per_prompt": settings.total,
             "shapes_selected": shapes["selected"], "shapes_all": shapes["all"],
             "summary": f"{len(lines)} prompts × {settings.total} samples; shapes score of the self-verified pick "
@@ -239,13 +239,14 @@ def _scale(ctx: Ctx, resume: bool) -> dict[str, Any]:
 def _eval(ctx: Ctx, resume: bool) -> dict[str, Any]:
     o = ctx.options
     result = run_benchmark(ctx.session(), ctx.out / "eval_shapes.json", n_prompts=o.bench_prompts, k=o.bench_k,
-                           n_images=o.bench_images, seed=ctx.seed, steps=o.sampler_steps, guidance=o.guidance, reporter=ctx.reporter)
+                           n_images=o.bench_images, seed=ctx.seed, steps=o.sampler_steps, guidance=o.guidance,
+                           verify_on=o.verify_on, selector=o.selector, reporter=ctx.reporter)
     s = summary(result)
     g = result["generation"]
-    return {**s, "gain": round(g["gain"], 4), "out": str(ctx.out / "eval_shapes.json"),
-            "summary": f"generation full match {100 * s['gen_full_first']:.1f}% (best of {g['k']} "
-                       f"{100 * s['gen_full_best_of_k']:.1f}%, oracle {100 * s['gen_full_oracle']:.1f}%), "
-                       f"understanding {100 * s['understanding']:.1f}%"}
+    return {**s, "out": str(ctx.out / "eval_shapes.json"),
+            "summary": f"generation colour+shape {100 * s['gen_colour_shape_mean']:.1f}% per sample (best of {g['k']} "
+                       f"by {g['selector']} {100 * g['best_of_k']['colour_shape']:.1f}%; full match oracle "
+                       f"{100 * s['gen_full_oracle']:.1f}%), understanding {100 * s['understanding']:.1f}%"}
 
 
 def _report(ctx: Ctx, resume: bool) -> dict[str, Any]:
@@ -295,10 +296,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("understand", ("model", "synth"), _understand, lambda c: [c.out / "understand" / "answers.json"],
           lambda c: {"understand_images": c.options.understand_images}, lambda c: c.out / "understand"),
     Stage("scale", ("model",), _scale, lambda c: [c.out / "scale" / "selected" / "report.json"],
-          lambda c: {k: getattr(c.options, k) for k in ("scale_prompts", "scale_n", "scale_rounds", "sampler_steps", "guidance")},
+          lambda c: {k: getattr(c.options, k) for k in ("scale_prompts", "scale_n", "scale_rounds", "sampler_steps", "guidance",
+                                                        "selector", "verify_on")},
           lambda c: c.out / "scale"),
     Stage("eval", ("model",), _eval, lambda c: [c.out / "eval_shapes.json"],
-          lambda c: {k: getattr(c.options, k) for k in ("bench_prompts", "bench_k", "bench_images", "sampler_steps", "guidance")},
+          lambda c: {k: getattr(c.options, k) for k in ("bench_prompts", "bench_k", "bench_images", "sampler_steps", "guidance",
+                                                        "selector", "verify_on")},
           lambda c: c.out / "eval_shapes"),
     Stage("report", (), _report, lambda c: [c.out / "report.html"], always=True),
 )

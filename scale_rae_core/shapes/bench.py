@@ -8,10 +8,13 @@ Three numbers, all judged without any learned judge:
    every PNG is read by the pixel scorer (``shapes.scorer.match``): colour, shape, position and ``full``
    (all three right). Reported: the rate of the *first* sample (one sample per prompt, what
    ``srae generate`` gives) and the mean over all ``k`` samples (the same expectation, less noisy);
-2. **scale + verify gain**: the rate of the sample the model itself ranks best by ``answer_conf`` (its
-   yes/no answer to "Does this image align with the prompt?", ``scale.select``), against a single sample's
-   rate (the mean over all ``k``, the expectation of picking one at random); plus the oracle best-of-k (some
-   sample is fully right), the ceiling of any selector;
+2. **scale + verify gain**: the rate of the sample the model itself ranks best, against a single sample's
+   rate (the mean over all ``k``, the expectation of picking one at random), in full match (``gain``) and in
+   colour+shape (``gain_colour_shape``); plus the oracle best-of-k (some sample is fully right), the ceiling of
+   any selector. The default ranking is ``loss`` on the decoded image (``verify_on="image"``): the model's
+   caption loss of the prompt given the picture it drew, re-encoded. The reference's yes/no answer on the
+   latent (``--select answer_conf --verify-on latent``) ranks by noise on the tiny models (BENCHMARKS.md, "Why
+   self-verification's gain is fragile");
 3. **understanding**: ``n_images`` freshly rendered images (their own random stream, so never in a
    training split), each asked the world's four questions (``shapes.synth.questions``); an answer counts when
    its normalised text (lower case, outer punctuation stripped, spelling variants such as "centre"
@@ -62,7 +65,8 @@ from scale_rae_core.shapes.synth import (
 ATTRIBUTES = ("colour", "shape", "position")
 RATES = (*ATTRIBUTES, "colour_shape", "full")
 NOTHING_SEEN = "none"  # the confusion's column for samples in which the reader saw no shape
-SELECTOR = "answer_conf"  # the default: the model's yes/no answer to "Does this image align with the prompt?"
+SELECTOR = "loss"  # the default ranking: the prompt's caption loss given the sample (the model's own reading)
+VERIFY_ON = "image"  # ... of the decoded picture re-encoded, not of the head's latent (which echoes the prompt)
 SETTINGS_FILE = "bench.json"
 
 
@@ -146,7 +150,7 @@ def _judge(prompt: str, png: Path) -> dict[str, Any]:
 
 def evaluate_generation(
     session: Session, prompts: list[str], work: Path, *, k: int, seed: int, sampler: SamplerSettings,
-    max_new_tokens: int = 8, verify_max_new_tokens: int = 4, verify_on: str = "latent", selector: str = SELECTOR,
+    max_new_tokens: int = 8, verify_max_new_tokens: int = 4, verify_on: str = VERIFY_ON, selector: str = SELECTOR,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Generation match rates (first, mean over k, best-of-k by self-verification, oracle) over ``prompts``."""
@@ -179,7 +183,8 @@ def evaluate_generation(
 def generation_figures(per_prompt: list[dict[str, Any]]) -> dict[str, Any]:
     """The generation figures, their 95% intervals and the confusion from the judged samples of each prompt
     (``{"prompt", "samples": [{"index", <RATES>: bool, "read": {attribute: value or None}}], "selected"}``)."""
-    first, everything, chosen, by_prompt, differences, seen = [], [], [], [], [], []
+    first, everything, chosen, by_prompt, seen = [], [], [], [], []
+    differences: dict[str, list[list[float]]] = {"full": [], "colour_shape": []}
     for row in per_prompt:
         samples = {s["index"]: s for s in row["samples"]}
         best = samples[row["selected"]]
@@ -187,7 +192,8 @@ def generation_figures(per_prompt: list[dict[str, Any]]) -> dict[str, Any]:
         everything += samples.values()
         chosen.append(best)
         by_prompt.append(list(samples.values()))
-        differences.append([float(best["full"]) - _rate(list(samples.values()), "full")])  # paired, per prompt
+        for key, paired in differences.items():  # paired, per prompt
+            paired.append([float(best[key]) - _rate(list(samples.values()), key)])
         asked = parse_prompt(row["prompt"])
         seen += [(asked, s["read"]) for s in samples.values()]
     oracle = sum(any(s["full"] for s in samples) for samples in by_prompt)
@@ -198,7 +204,9 @@ def generation_figures(per_prompt: list[dict[str, Any]]) -> dict[str, Any]:
         "best_of_k": best_rates, "best_of_k_ci95": _wilson_cis(chosen),
         "oracle_best_of_k": oracle / len(by_prompt) if by_prompt else 0.0,
         "oracle_best_of_k_ci95": list(wilson(oracle, len(by_prompt))),
-        "gain": best_rates["full"] - mean_rates["full"], "gain_ci95": list(cluster_bootstrap(differences)),
+        "gain": best_rates["full"] - mean_rates["full"], "gain_ci95": list(cluster_bootstrap(differences["full"])),
+        "gain_colour_shape": best_rates["colour_shape"] - mean_rates["colour_shape"],
+        "gain_colour_shape_ci95": list(cluster_bootstrap(differences["colour_shape"])),
         "confusion": confusion(seen),
     }
 
@@ -241,7 +249,7 @@ def evaluate_understanding(session: Session, specs: list[ShapeSpec], *, image_si
 
 def run_benchmark(
     session: Session, out: Path, *, n_prompts: int | None = None, k: int = 4, n_images: int = 24, seed: int = 0,
-    steps: int = 50, guidance: float = 1.0, verify_on: str = "latent", selector: str = SELECTOR,
+    steps: int = 50, guidance: float = 1.0, verify_on: str = VERIFY_ON, selector: str = SELECTOR,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Run the whole benchmark; write ``out`` (JSON) and the samples under ``out``'s stem folder; return the result."""
@@ -286,6 +294,8 @@ def summary(result: dict[str, Any]) -> dict[str, float]:
         "gen_colour_shape_first": round(g["first"]["colour_shape"], 4),
         "gen_colour_shape_mean": round(g["mean_over_k"]["colour_shape"], 4),
         "gen_position_mean": round(g["mean_over_k"]["position"], 4),
+        "gain": round(g["gain"], 4),
+        **({"gain_colour_shape": round(g["gain_colour_shape"], 4)} if "gain_colour_shape" in g else {}),
         "understanding": round(u["accuracy"], 4),
     }
 

@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from scale_rae_core.demo.bars import QUALITY_BARS, check_bars
+from scale_rae_core.demo.bars import INSTALL_BARS, QUALITY_BARS, check_bars
 from scale_rae_core.demo.context import DemoOptions
 from scale_rae_core.demo.install import install_bundled
 from scale_rae_core.demo.run import BUNDLED_RECIPE
@@ -152,6 +152,9 @@ def test_retrain_runs_the_bundled_recipe_and_install_needs_the_bars(first_run, t
     assert record["inputs"]["stage2"]["flow_weight"] == 12.0 and record["info"]["steps"] == 2
     assert "stage2.flow_weight=12" in BUNDLED_RECIPE
     assert "error: --install: decoder held-out PSNR (dB) = " in text and "misses its bar (25)" in text
+    # a model meant to replace the bundled one is judged by the stricter install bars, without the class DiT's
+    judged = {q["key"]: q["minimum"] for q in json.loads((out / "demo.json").read_text())["quality"]}
+    assert judged == {b.key: b.minimum for b in INSTALL_BARS} and "class_accuracy" not in judged
     assert (bundled / "ABOUT.json").read_text() == before
     model = out / "model"  # made of the stage-2 export, fp16
     with safe_open(str(model / "model.safetensors"), "pt") as f:
@@ -189,11 +192,24 @@ def test_strict_fails_on_a_missed_bar(first_run, tmp_path):
 
 
 def test_bars_and_options():
-    stages = {"decoder": {"psnr": 25.0}, "eval": {"gen_colour_shape_mean": 0.5, "gain": 0.0}}
+    stages = {"decoder": {"psnr": 25.0}, "eval": {"gen_colour_shape_mean": 0.5, "gen_position_mean": 0.97,
+                                                  "gain_colour_shape": 0.049, "understanding": 0.97}}
     got = {q["key"]: q["ok"] for q in check_bars(stages)}
-    # at the bar passes, below fails, and the strict gain bar needs more than 0; understanding did not run
-    assert got == {"psnr": True, "gen_colour_shape_mean": False, "gain": False}
-    assert check_bars({"eval": {"gain": 0.03}})[0]["ok"]
+    # at the bar passes, below fails; the class DiT did not run, so it has no row
+    assert got == {"psnr": True, "gen_colour_shape_mean": False, "gen_position_mean": True, "gain_colour_shape": False,
+                   "understanding": True}
+    assert check_bars({"eval": {"gain_colour_shape": 0.05}})[0]["ok"]
+    # the numbers: the demo's own model, and the stricter ones before --install replaces the bundled model
+    minimum = {b.key: b.minimum for b in QUALITY_BARS}
+    assert minimum == {"psnr": 25.0, "class_accuracy": 0.9, "gen_colour_shape_mean": 0.9, "gen_position_mean": 0.97,
+                       "understanding": 0.97, "gain_colour_shape": 0.05}
+    install = {b.key: b.minimum for b in INSTALL_BARS}
+    assert install == {"psnr": 25.0, "gen_colour_shape_mean": 0.95, "gen_position_mean": 0.97, "understanding": 0.99,
+                       "gain_colour_shape": 0.05}
+    for bad, message in (({"selector": "nope"}, "selector = 'nope' is unknown; choose one of"),
+                         ({"verify_on": "pixels"}, "verify_on = 'pixels' is unknown; use latent or image")):
+        with pytest.raises(ConfigError, match=message):
+            DemoOptions(**bad)
     with pytest.raises(ConfigError, match="sampler_steps"):
         DemoOptions(sampler_steps=0)
     with pytest.raises(ConfigError, match="--guidance 0.5: use 1"):

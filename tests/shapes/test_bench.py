@@ -133,13 +133,14 @@ def test_selection_uses_the_models_yes_answer(files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_mod, "self_verify", fake)
     session = Session.open(str(files["export"]), load_profile("tiny-cpu"), decoder=str(files["decoder"]))
-    result = run_benchmark(session, tmp_path / "b.json", n_prompts=2, k=2, n_images=1, steps=2)
+    result = run_benchmark(session, tmp_path / "b.json", n_prompts=2, k=2, n_images=1, steps=2, selector="answer_conf")
     assert [p["selected"] for p in result["generation"]["prompts"]] == [1, 1]
     assert [p["answers"] for p in result["generation"]["prompts"]] == [["no", "yes"], ["no", "yes"]]
     # another self-verification metric re-selects from the same samples: lowest caption loss of the prompt
     calls["n"] = 0
-    by_loss = run_benchmark(session, tmp_path / "b.json", n_prompts=2, k=2, n_images=1, steps=2, selector="loss")
+    by_loss = run_benchmark(session, tmp_path / "b.json", n_prompts=2, k=2, n_images=1, steps=2)  # the default
     assert by_loss["generation"]["selector"] == "loss" and calls["n"] == 0  # nothing regenerated
+    assert by_loss["generation"]["verify_on"] == "image"  # read from the decoded picture, re-encoded
     for row in by_loss["generation"]["prompts"]:
         meta = json.loads((Path(row["folder"]) / "metadata.jsonl").read_text())
         losses = [meta["text_responses"][str(k)]["prompt_loss"] for k in (0, 1)]
@@ -209,6 +210,13 @@ def test_generation_figures_intervals_and_confusion_from_known_readings():
     assert g["oracle_best_of_k_ci95"] == list(wilson(4, 4))
     assert g["mean_over_k_ci95"]["full"] == list(cluster_bootstrap(full))
     assert g["gain_ci95"] == list(cluster_bootstrap([[1 - 1 / 3], [0 - 2 / 3], [1 - 1.0], [1 - 1 / 3]]))
+    # the same in colour + shape, the gain: per prompt, the pick's colour+shape minus the prompt's rate
+    rows = known_rows()
+    paired = [[float(r["samples"][r["selected"]]["colour_shape"]) - sum(x["colour_shape"] for x in r["samples"]) / len(r["samples"])]
+              for r in rows]
+    assert g["gain_colour_shape"] == pytest.approx(sum(d for (d,) in paired) / len(paired))
+    assert g["gain_colour_shape"] == pytest.approx(g["best_of_k"]["colour_shape"] - g["mean_over_k"]["colour_shape"])
+    assert g["gain_colour_shape_ci95"] == list(cluster_bootstrap(paired))
     for lo_hi, value in ((g["mean_over_k_ci95"]["full"], 7 / 12), (g["gain_ci95"], 1 / 6)):
         assert lo_hi[0] <= value <= lo_hi[1]
     none = {"none": 0}
@@ -242,4 +250,7 @@ def test_table_prints_each_figure_with_its_interval(capsys):
     out = capsys.readouterr().out
     assert "75.0% [30.1, 95.4]" in out  # one line per cell, also when the output is not a terminal
     glo, ghi = result["generation"]["gain_ci95"]
-    assert f"best of 3 by answer_conf - single sample): +16.7 points [{100 * glo:+.1f}, {100 * ghi:+.1f}]" in out
+    assert f"best of 3 by answer_conf on the latent - single sample): +16.7 points [{100 * glo:+.1f}, {100 * ghi:+.1f}]" in out
+    clo, chi = result["generation"]["gain_colour_shape_ci95"]
+    gain = result["generation"]["gain_colour_shape"]
+    assert f"; colour+shape {100 * gain:+.1f} points [{100 * clo:+.1f}, {100 * chi:+.1f}]" in out
