@@ -44,6 +44,8 @@ def demo(
     bench_prompts: Annotated[int | None, _knob("--bench-prompts", "Benchmark prompts (default all 36).")] = None,
     bench_k: Annotated[int, _knob("--bench-k", "Benchmark samples per prompt.")] = 8,
     bench_images: Annotated[int, _knob("--bench-images", "Benchmark held-out images.")] = 24,
+    class_samples: Annotated[int, _knob("--class-samples", "Class stage: samples drawn per class.")] = 8,
+    class_steps: Annotated[int, _knob("--class-steps", "Class stage: sampler steps per sample.")] = 25,
 ) -> None:
     """Run the pipeline on the shapes world: synth → pack → inspect → verify → decoder → stat → dit (a class-conditional
     DiT^DH on the 12 colour × shape classes) → stage1 [→ stage2 with --retrain] → model → generate → understand → scale
@@ -59,7 +61,7 @@ def demo(
     options = DemoOptions(n_images=n, gen_prompts=gen_prompts, understand_images=understand_images, scale_n=scale_n,
                           scale_rounds=scale_rounds, bench_prompts=bench_prompts, bench_k=bench_k,
                           bench_images=bench_images, sampler_steps=sampler_steps,
-                          guidance=guidance, finetune=retrain)
+                          guidance=guidance, finetune=retrain, class_samples=class_samples, class_steps=class_steps)
     # what the model depends on, as a command that makes it again
     made_by = ["srae", "demo", "--n", str(n), *(["--profile", profile] if profile else []), *(["--retrain"] if retrain else []),
                *(arg for item in set_ or [] for arg in ("--set", item))]

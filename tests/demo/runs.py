@@ -22,8 +22,9 @@ TINY = [
     "--set", "stage1.steps=2", "--set", "stage1.global_batch_size=4", "--set", "stage1.micro_batch_size=2",
     "--set", "checkpoint.every_steps=2", "--set", "output.log_every=1", "--set", "dit_training.steps=2",
     "--sampler-steps", "2", "--gen-prompts", "2", "--understand-images", "1", "--scale-n", "1", "--scale-rounds", "2",
-    "--bench-prompts", "2", "--bench-k", "2", "--bench-images", "2",
+    "--bench-prompts", "2", "--bench-k", "2", "--bench-images", "2", "--class-samples", "2", "--class-steps", "2",
 ]
+PER_CLASS = 2  # class-stage samples per class in the tiny demo
 QUICK = [name for name in STAGE_NAMES if name != "stage2"]  # the quick recipe does not finetune
 STAGE2 = ["--set", "stage2.steps=2", "--set", "stage2.global_batch_size=4", "--set", "stage2.micro_batch_size=2"]
 

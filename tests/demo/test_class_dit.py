@@ -19,7 +19,7 @@ from scale_rae_core.eval.features import get_feature_net
 from scale_rae_core.events import Reporter
 from scale_rae_core.shapes.scorer import read_class
 from scale_rae_core.shapes.synth import SHAPE_CLASSES
-from tests.demo.runs import demo, own_copy, statuses
+from tests.demo.runs import PER_CLASS, demo, own_copy, statuses
 from tests.demo.test_page import check_html
 
 
@@ -32,23 +32,25 @@ def test_the_record_has_accuracy_fid_with_its_network_and_the_probe(first_run):
     out, text = first_run
     record = _record(out)
     info = record["info"]
-    assert record["status"] == "done" and info["steps"] == 2 and info["samples"] == 96 and info["per_class"] == 8
+    n = 12 * PER_CLASS
+    assert record["status"] == "done" and info["steps"] == 2 and info["samples"] == n and info["per_class"] == PER_CLASS
+    assert info["sampler_steps"] == 2 and info["sampler"] == "heun"
     results = json.loads((out / "dit" / "results.json").read_text())
     rows = results["samples"]
-    assert results["classes"] == list(SHAPE_CLASSES) and len(rows) == 96
-    assert all(sum(r["class"] == c for r in rows) == 8 for c in SHAPE_CLASSES)  # equal labels: 8 per class
+    assert results["classes"] == list(SHAPE_CLASSES) and len(rows) == n
+    assert all(sum(r["class"] == c for r in rows) == PER_CLASS for c in SHAPE_CLASSES)  # equal labels
     for r in rows[:12]:  # the verdicts are the reader's, on the PNGs
         assert r["read"] == read_class(Image.open(out / "dit" / "samples" / r["png"])) and r["ok"] == (r["read"] == r["class"])
-    assert info["class_accuracy"] == round(sum(r["ok"] for r in rows) / 96, 4) == round(results["accuracy"], 4)
+    assert info["class_accuracy"] == round(sum(r["ok"] for r in rows) / n, 4) == round(results["accuracy"], 4)
     assert set(info["class_accuracy_per_class"]) == set(SHAPE_CLASSES)
     for part, index in (("colour", 0), ("shape", -1)):  # the class split into its two attributes
         right = sum(bool(r["read"]) and r["read"].split("_")[index] == r["class"].split("_")[index] for r in rows)
-        assert info[f"{part}_accuracy"] == round(right / 96, 4) >= info["class_accuracy"]
+        assert info[f"{part}_accuracy"] == round(right / n, 4) >= info["class_accuracy"]
 
     fid = json.loads((out / "dit" / "fid.json").read_text())
     assert info["fid"] == round(fid["fid"], 3) and info["fid"] > 0 and np.isfinite(info["fid"])
     assert info["fid_network"] == fid["network"] == get_feature_net(None).label  # the test extra: EfficientNet-Lite0
-    assert info["fid_reference_images"] == fid["num_reference"] == 3 and fid["num_samples"] == 96  # the held-out renders
+    assert info["fid_reference_images"] == fid["num_reference"] == 3 and fid["num_samples"] == n  # the held-out renders
     probe = json.loads((out / "dit" / "probe.json").read_text())
     assert info["probe_top1"] == round(probe["top1"], 4) and 0.0 <= info["probe_top1"] <= 1.0
     assert info["probe_heldout_images"] == probe["num_heldout"] >= 1 and probe["num_classes"] == 12
@@ -56,11 +58,11 @@ def test_the_record_has_accuracy_fid_with_its_network_and_the_probe(first_run):
 
 
 @pytest.mark.slow
-def test_the_grid_has_a_row_of_8_per_class_in_the_png_and_the_report(first_run):
+def test_the_grid_has_a_row_per_class_in_the_png_and_the_report(first_run):
     out, _ = first_run
     rows = json.loads((out / "dit" / "results.json").read_text())["samples"]
     grid = np.asarray(Image.open(out / "dit" / "grid.png").convert("RGB"))
-    assert grid.shape == (12 * 64, 8 * 64, 3)  # 12 rows x 8 tiles of 64 px
+    assert grid.shape == (12 * 64, PER_CLASS * 64, 3)  # 12 rows x PER_CLASS tiles of 64 px
     for i, c in enumerate(SHAPE_CLASSES):
         mine = [r for r in rows if r["class"] == c]
         for j, r in enumerate(mine):
@@ -70,9 +72,9 @@ def test_the_grid_has_a_row_of_8_per_class_in_the_png_and_the_report(first_run):
     alts = [img["alt"] for img in check_html(text).images]
     for c in SHAPE_CLASSES:
         ok = sum(r["ok"] for r in rows if r["class"] == c)
-        label = f"{c} ({ok}/8 read as {c})"
+        label = f"{c} ({ok}/{PER_CLASS} read as {c})"
         assert f'<div class="label">{label}</div>' in text  # each row is labelled with its class
-        assert sum(alt.startswith(f"{label}: #") for alt in alts) == 8
+        assert sum(alt.startswith(f"{label}: #") for alt in alts) == PER_CLASS
     assert "Class-conditional DiT^DH (RAE stage 2)" in text and "encoder linear probe" in text
 
 

@@ -20,7 +20,7 @@ from scale_rae_core.demo.install import install_bundled
 from scale_rae_core.demo.run import BUNDLED_RECIPE
 from scale_rae_core.errors import ConfigError
 from scale_rae_core.infer.loading import bundled_model
-from tests.demo.runs import QUICK, STAGE2, TINY, demo, event_names, own_copy, statuses
+from tests.demo.runs import PER_CLASS, QUICK, STAGE2, TINY, demo, event_names, own_copy, statuses
 from tests.demo.test_page import check_html
 
 
@@ -70,7 +70,7 @@ def test_report_holds_every_image_curve_and_the_benchmark(first_run):
     answers = json.loads((out / "understand" / "answers.json").read_text())
     n_bench = sum(len(p["samples"]) for p in bench["generation"]["prompts"])
     n_class = len(json.loads((out / "dit" / "results.json").read_text())["samples"])
-    assert n_class == 96
+    assert n_class == 12 * PER_CLASS
     n_confusion = len(bench["generation"]["confusion"])  # one heat map per attribute
     assert len(checker.images) == text.count("data:image/png;base64,") == (len(generated) + n_bench + len(answers)
                                                                           + n_class + n_confusion)
