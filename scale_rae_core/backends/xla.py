@@ -202,17 +202,35 @@ class XlaBackend(Backend):
     def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return self.train_state(model)["model"]
 
+    def _placed_like(self, tensor: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (a host copy) on the chips, sharded like ``target``. Loading copies into the live tensors, and
+        on XLA a copy takes its source's sharding: a replicated source would leave every FSDP-sharded parameter, and
+        the optimizer moments made from it, whole on every chip after a resume (and recompile every step graph)."""
+        out = tensor.to(self._device)
+        sharding = torch_xla._XLAC._get_xla_op_sharding(target) if target.device.type == "xla" else None
+        if sharding is not None:
+            torch_xla._XLAC._xla_mark_sharding(out, sharding)
+        return out
+
     def load_train_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        wrapped = {_plain(k): k for k in model.state_dict()}
-        msd = {wrapped[k]: v.to(self._device) for k, v in state["model"].items()}
+        live = model.state_dict()
+        wrapped = {_plain(k): k for k in live}
+        msd = {wrapped[k]: self._placed_like(v, live[wrapped[k]]) for k, v in state["model"].items()}
         if optimizer is None:
             model.load_state_dict(msd)
         else:
-            names = {_plain(n): n for n, _ in model.named_parameters()}
+            params = dict(model.named_parameters())
+            names = {_plain(n): n for n in params}
+
+            def placed(t: object, param: torch.Tensor) -> object:  # moments like their parameter; the step stays
+                if not torch.is_tensor(t) or not t.dim():
+                    return t
+                return self._placed_like(t, param) if t.shape == param.shape else t.to(self._device)
+
             osd = {
-                "state": {names[k]: {n: (t.to(self._device) if torch.is_tensor(t) and t.dim() else t) for n, t in v.items()}
+                "state": {names[k]: {n: placed(t, params[names[k]]) for n, t in v.items()}
                           for k, v in state["optim"]["state"].items()},
                 "param_groups": [{**g, "params": [names[p] for p in g["params"]]} for g in state["optim"]["param_groups"]],
             }

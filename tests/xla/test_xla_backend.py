@@ -85,6 +85,52 @@ def test_loss_parity_with_cpu_and_no_recompilation(backend):
     assert compiles[-1] == compiles[2], f"recompiled after warm-up: {compiles}"
 
 
+def test_a_loaded_train_state_keeps_its_sharding_and_steps_without_compiling(backend):
+    """Resuming into a freshly sharded model: every parameter and AdamW moment keeps the FSDP sharding of the run
+    that saved it (before the fix a load left them replicated: the whole state on every chip), the next step's loss
+    is the saving run's, and that step reuses its compiled graph."""
+    import torch_xla
+
+    spec = torch_xla._XLAC._get_xla_sharding_spec
+    fm = FlowMatching(shift=2.0)
+    x0, cond, t, noise = _batch()
+
+    def step(model, opt) -> float:
+        xb = [backend.shard_batch(v) for v in (x0, cond, t, noise)]
+        loss = fm.loss(model, xb[0], xb[1], t=xb[2], noise=xb[3]).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        backend.mark_step()
+        return loss.item()
+
+    def layout(model, opt) -> dict[str, tuple[str, ...]]:
+        return {n: (spec(p), *(spec(opt.state[p][m]) for m in ("exp_avg", "exp_avg_sq")))
+                for n, p in model.named_parameters() if p.requires_grad}
+
+    def sharded_dit():  # without the null condition, which no step trains here (no condition dropout)
+        model = backend.shard_model(_tiny_dit(), (DiTBlock,))
+        for name, p in model.named_parameters():
+            p.requires_grad_("dropout_embedding" not in name)
+        return model
+
+    model = sharded_dit()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        step(model, opt)
+    saved, sharded = backend.train_state(model, opt), layout(model, opt)
+    assert sum("devices=[4" in s[0] for s in sharded.values()) >= len(sharded) // 2  # FSDP: the matrices are split
+    expected = step(model, opt)
+
+    again = sharded_dit()
+    again_opt = torch.optim.AdamW(again.parameters(), lr=1e-3)
+    backend.load_train_state(again, again_opt, saved)
+    assert layout(again, again_opt) == sharded
+    compiled = backend.compile_count()
+    assert step(again, again_opt) == pytest.approx(expected, rel=1e-6)
+    assert backend.compile_count() == compiled, "the step after a resume compiled a new graph"
+
+
 def test_gradient_checkpointing_gives_the_same_loss():
     from scale_rae_core.backends.xla import XlaBackend
 
