@@ -49,6 +49,8 @@ from scale_rae_core.backends.base import Backend, start_host_group
 from scale_rae_core.config import BackendSettings
 from scale_rae_core.errors import BackendError
 
+GATHER_BUCKET_BYTES = 1 << 30  # the most state gathered whole on every chip at once while saving
+
 
 def _plain(name: str) -> str:
     """``_orig_module.blocks.0._orig_module.attn.qkv.weight`` → ``blocks.0.attn.qkv.weight``."""
@@ -189,15 +191,52 @@ class XlaBackend(Backend):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         self.mark_step()
-        msd = {_plain(k): v.detach().cpu() for k, v in model.state_dict().items()}
+        live = {_plain(k): v.detach() for k, v in model.state_dict().items()}
+        moments: dict[tuple[str, str], torch.Tensor] = {}
+        if optimizer is not None:
+            _, osd = get_state_dict(model, optimizer)
+            moments = {(_plain(k), n): t.detach() for k, v in osd["state"].items() for n, t in v.items() if torch.is_tensor(t)}
+        host = self._to_host([*live.values(), *moments.values()])
+        msd = dict(zip(live, host[: len(live)], strict=True))
         if optimizer is None:
             return {"model": msd}
-        _, osd = get_state_dict(model, optimizer)
+        on_host = dict(zip(moments, host[len(live):], strict=True))
         optim = {
-            "state": {_plain(k): {n: (t.detach().cpu() if torch.is_tensor(t) else t) for n, t in v.items()} for k, v in osd["state"].items()},
+            "state": {_plain(k): {n: on_host.get((_plain(k), n), t) for n, t in v.items()} for k, v in osd["state"].items()},
             "param_groups": [{**g, "params": [_plain(p) for p in g["params"]]} for g in osd["param_groups"]],
         }
         return {"model": msd, "optim": optim}
+
+    def _to_host(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Host copies of ``tensors`` (device data after a sync). A sharded tensor's own ``.cpu()`` compiles a gather
+        for that tensor alone, at every save (658 of the 664 compilations of a 4-step stage-1 run with two
+        checkpoints on CPU PJRT). Here the sharded ones are gathered in buckets of up to ``GATHER_BUCKET_BYTES``,
+        each bucket one graph with replicated outputs: compiled once, reused by every later save, and no more
+        than a bucket held whole on each chip at a time."""
+        out: list[torch.Tensor | None] = [None] * len(tensors)
+        buckets: list[list[int]] = [[]]
+        size = 0
+        for i, t in enumerate(tensors):
+            spec = torch_xla._XLAC._get_xla_sharding_spec(t) if t.device.type == "xla" else ""
+            if spec in ("", "{replicated}") or t.dtype == torch.bool:
+                out[i] = t.cpu()
+                continue
+            nbytes = t.numel() * t.element_size()
+            if buckets[-1] and size + nbytes > GATHER_BUCKET_BYTES:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(i)
+            size += nbytes
+        for bucket in (b for b in buckets if b):
+            whole = []
+            for i in bucket:
+                copy = tensors[i] + 0  # a new value in the graph, annotated to come out replicated
+                torch_xla._XLAC._xla_annotate_custom_sharding(copy, self.mesh.get_op_sharding((None,) * copy.dim()))
+                whole.append(copy)
+            torch_xla.sync()
+            for i, copy in zip(bucket, whole, strict=True):
+                out[i] = copy.cpu()
+        return out  # type: ignore[return-value]
 
     def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return self.train_state(model)["model"]

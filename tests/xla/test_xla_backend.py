@@ -85,10 +85,11 @@ def test_loss_parity_with_cpu_and_no_recompilation(backend):
     assert compiles[-1] == compiles[2], f"recompiled after warm-up: {compiles}"
 
 
-def test_a_loaded_train_state_keeps_its_sharding_and_steps_without_compiling(backend):
-    """Resuming into a freshly sharded model: every parameter and AdamW moment keeps the FSDP sharding of the run
-    that saved it (before the fix a load left them replicated: the whole state on every chip), the next step's loss
-    is the saving run's, and that step reuses its compiled graph."""
+def test_the_train_state_saves_in_one_graph_and_loads_with_its_sharding(backend, monkeypatch):
+    """Saving gathers the sharded state to the host in one graph per bucket (the chips' exact values; a second
+    save compiles nothing). Loading it into a freshly sharded model keeps every parameter's and AdamW moment's FSDP
+    sharding (before the fix a load left them replicated: the whole state on every chip), the next step's loss is
+    the saving run's, and that step reuses its compiled graph."""
     import torch_xla
 
     spec = torch_xla._XLAC._get_xla_sharding_spec
@@ -120,6 +121,18 @@ def test_a_loaded_train_state_keeps_its_sharding_and_steps_without_compiling(bac
         step(model, opt)
     saved, sharded = backend.train_state(model, opt), layout(model, opt)
     assert sum("devices=[4" in s[0] for s in sharded.values()) >= len(sharded) // 2  # FSDP: the matrices are split
+    # the host copies are the chips' values (a sharded tensor's own .cpu() is the reference); a second save
+    # compiles nothing (its gathers reuse one graph); a bucket limit below a tensor's size gathers one at a time
+    assert all(torch.equal(saved["model"][k.replace("_orig_module.", "")], v.detach().cpu())
+               for k, v in model.state_dict().items())
+    compiled = backend.compile_count()
+    second = backend.train_state(model, opt)
+    assert backend.compile_count() == compiled, "a second save compiled new graphs"
+    monkeypatch.setattr("scale_rae_core.backends.xla.GATHER_BUCKET_BYTES", 1)
+    for host in (second, backend.train_state(model, opt)):
+        assert all(torch.equal(host["model"][k], v) for k, v in saved["model"].items())
+        assert all(torch.equal(host["optim"]["state"][k][m], saved["optim"]["state"][k][m])
+                   for k in saved["optim"]["state"] for m in ("exp_avg", "exp_avg_sq", "step"))
     expected = step(model, opt)
 
     again = sharded_dit()

@@ -31,7 +31,10 @@ def test_stage1_on_xla_resumes_exactly_and_exports_plain_names(tmp_path):
     synthesize(tmp_path / "shapes", 12, image_size=64, seed=0)
     data = tmp_path / "packed"
     pack(tmp_path / "shapes" / "conversations.jsonl", data)
-    profile = load_profile("tiny-cpu", XLA)
+    # the one-host layout of the test below (micro-batch 1 per chip, 2 accumulated micro-steps): its step graphs
+    # are then compiled once for both tests
+    profile = load_profile("tiny-cpu", XLA + ["stage1.global_batch_size=8"])
+    assert profile.batch_plan("stage1").accum_steps == 2
 
     full = train_unified(profile, "stage1", data, tmp_path / "full")
     train_unified(profile, "stage1", data, tmp_path / "cut", stop_at=2)
@@ -53,7 +56,7 @@ def test_decoder_training_on_xla_resumes_exactly_and_exports(tmp_path, source):
     synthesize(tmp_path / "shapes", 16, image_size=64, seed=0)
     data = tmp_path / "packed"
     pack(tmp_path / "shapes" / "classes", data)
-    profile = load_profile("tiny-cpu", XLA + ["decoder_training.global_batch_size=8", "decoder_training.micro_batch_size=2",
+    profile = load_profile("tiny-cpu", XLA + ["decoder_training.global_batch_size=8", "decoder_training.micro_batch_size=1",
                                               "decoder_training.steps=4", "decoder_training.warmup_epochs=0"])
     if source == "latent cache":  # (latents, pixels) pairs: both sharded over the 4 chips by shard_batch
         with backend_for(load_profile("tiny-cpu").backend) as cpu:

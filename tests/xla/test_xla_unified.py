@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
@@ -70,13 +71,11 @@ def test_language_and_head_parity_with_cpu(xla, built):
     torch.testing.assert_close(cond_x.cpu(), cond_cpu, rtol=1e-4, atol=1e-4)
 
 
-def test_training_steps_do_not_recompile_after_warm_up(xla, built):
-    model, tok = built
-    dev = xla.shard_model(copy.deepcopy(model), (Qwen2DecoderLayer, DiTBlock))
-    opt = build_optimizer(dev, StageSettings(lr=1e-3, head_lr=1e-3))
-    batch = _on(xla, _batch(tok))
-    compiles, losses = [], []
-    for _ in range(5):
+def _steps(xla, dev, opt, batch, n: int) -> tuple[list[float], list[int]]:
+    """``n`` training steps -> (losses, compile count after each). Every test trains through here, so the step
+    graphs are the same and compile once for the lane."""
+    losses, compiles = [], []
+    for _ in range(n):
         loss = dev(batch, all_slots=True)
         loss.total.backward()
         opt.step()
@@ -84,6 +83,14 @@ def test_training_steps_do_not_recompile_after_warm_up(xla, built):
         xla.mark_step()
         losses.append(loss.total.item())
         compiles.append(xla.compile_count())
+    return losses, compiles
+
+
+def test_training_steps_do_not_recompile_after_warm_up(xla, built):
+    model, tok = built
+    dev = xla.shard_model(copy.deepcopy(model), (Qwen2DecoderLayer, DiTBlock))
+    opt = build_optimizer(dev, StageSettings(lr=1e-3, head_lr=1e-3))
+    losses, compiles = _steps(xla, dev, opt, _on(xla, _batch(tok)), 5)
     assert compiles[-1] == compiles[2], f"recompiled after warm-up: {compiles}"
     assert losses[-1] < losses[0]
 
@@ -94,11 +101,7 @@ def test_checkpoints_cross_between_xla_and_cpu_engines_and_resume(xla, built, tm
     dev = xla.shard_model(copy.deepcopy(model), (Qwen2DecoderLayer, DiTBlock))
     opt = build_optimizer(dev, stage)
     batch = _on(xla, _batch(tok))
-    for _ in range(2):
-        dev(batch, all_slots=True).total.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        xla.mark_step()
+    _steps(xla, dev, opt, batch, 2)
     saved = CheckpointManager(tmp_path / "xla-run", keep=2, backend=xla).save(2, dev, opt)
     expected = {k: v.cpu() for k, v in xla.train_state(dev)["model"].items()}
 
@@ -124,8 +127,5 @@ def test_checkpoints_cross_between_xla_and_cpu_engines_and_resume(xla, built, tm
     got = xla.train_state(dev2)["model"]
     for name, value in cpu_model.state_dict().items():
         torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-6, msg=name)
-    loss = dev2(batch, all_slots=True)
-    loss.total.backward()
-    opt2.step()
-    xla.mark_step()
-    assert torch.isfinite(loss.total.cpu())
+    (loss,), _ = _steps(xla, dev2, opt2, batch, 1)
+    assert np.isfinite(loss)
