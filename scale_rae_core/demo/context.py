@@ -15,6 +15,7 @@ from scale_rae_core.flow.sampler import SAMPLERS
 from scale_rae_core.infer.pipeline import SamplerSettings, Session
 from scale_rae_core.scale.run import VERIFY_ON
 from scale_rae_core.scale.select import SELF_VERIFICATION_METRICS
+from scale_rae_core.shapes import bench
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class DemoOptions:
     bench_k: int = 8  # benchmark samples per prompt (best-of-8 by self-verification vs single samples)
     bench_images: int = 24  # benchmark held-out images (4 questions each)
     sampler_steps: int = 25  # flow sampler steps per image (Euler)
-    selector: str = "loss"  # how scale and eval pick best-of-k: the prompt's caption loss given the sample ...
-    verify_on: str = "image"  # ... read from the decoded picture re-encoded (the yes/no answer on the latent, the
+    selector: str = bench.SELECTOR  # how scale and eval pick best-of-k: the prompt's caption loss given the sample ...
+    verify_on: str = bench.VERIFY_ON  # ... read from the decoded picture re-encoded (the yes/no answer on the latent, the
     # reference's, ranks by noise on the tiny models: BENCHMARKS.md, "Why self-verification's gain is fragile")
     guidance: float = 3.0  # CFG weight for every sample the demo draws (3: colour+shape 66% → 84% on the shipped model)
     decoder_latent_cache: bool = True  # encode the images once (srae latent cache --for decoder); the decoder then

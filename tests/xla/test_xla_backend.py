@@ -43,6 +43,17 @@ def _batch(n: int = 8):
     return x0, cond, t, noise
 
 
+def _xla_step(backend, model, opt, batch) -> float:
+    """One flow-matching training step of ``model`` on the host ``batch`` (x0, cond, t, noise), on the chips."""
+    x0, cond, t, noise = (backend.shard_batch(v) for v in batch)
+    loss = FlowMatching(shift=2.0).loss(model, x0, cond, t=t, noise=noise).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    backend.mark_step()
+    return loss.item()
+
+
 def test_mesh_comes_from_the_profile(backend):
     assert backend.num_devices == 4 and backend.mesh.mesh_shape == (4, 1)
     assert backend.mesh.axis_names == ("fsdp", "tp")
@@ -72,13 +83,7 @@ def test_loss_parity_with_cpu_and_no_recompilation(backend):
         cpu_opt.zero_grad()
         cpu_losses.append(loss.item())
 
-        xb = [backend.shard_batch(v) for v in (x0, cond, t, noise)]
-        loss = fm.loss(xla_model, xb[0], xb[1], t=xb[2], noise=xb[3]).mean()
-        loss.backward()
-        xla_opt.step()
-        xla_opt.zero_grad()
-        backend.mark_step()
-        xla_losses.append(loss.item())
+        xla_losses.append(_xla_step(backend, xla_model, xla_opt, (x0, cond, t, noise)))
         compiles.append(backend.compile_count())
 
     assert xla_losses == pytest.approx(cpu_losses, rel=1e-4, abs=1e-5)
@@ -93,17 +98,10 @@ def test_the_train_state_saves_in_one_graph_and_loads_with_its_sharding(backend,
     import torch_xla
 
     spec = torch_xla._XLAC._get_xla_sharding_spec
-    fm = FlowMatching(shift=2.0)
-    x0, cond, t, noise = _batch()
+    batch = _batch()
 
     def step(model, opt) -> float:
-        xb = [backend.shard_batch(v) for v in (x0, cond, t, noise)]
-        loss = fm.loss(model, xb[0], xb[1], t=xb[2], noise=xb[3]).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        backend.mark_step()
-        return loss.item()
+        return _xla_step(backend, model, opt, batch)
 
     def layout(model, opt) -> dict[str, tuple[str, ...]]:
         return {n: (spec(p), *(spec(opt.state[p][m]) for m in ("exp_avg", "exp_avg_sq")))
