@@ -12,7 +12,7 @@ from scale_rae_cli.options import ProfileOpt, QuietOpt, SetOpt, float_option, in
 EPILOG = (
     "Example: srae demo --out runs/demo   (re-running reuses finished stages; --fresh starts over; --redo STAGE trains "
     "again; shorter: --set decoder_training.steps=300 --set stage1.steps=60). Rebuild the bundled model: "
-    "srae demo --retrain --install (about 65 min on 2 cores)"
+    "srae demo --retrain --install (about 40 min on 2 cores)"
 )
 
 
@@ -26,7 +26,7 @@ def demo(
     n: Annotated[int, int_option("--n", help="Images in the synthetic world (one in ten held out).")] = 1200,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete the run folder first instead of continuing it.")] = False,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train with the recipe of the model bundled with srae: "
-                                          "stage 1 for 6,000 steps, then stage 2 for 2,000 (about 65 min on 2 cores); "
+                                          "stage 1 for 3,000 steps, then stage 2 for 1,000 (about 40 min on 2 cores); "
                                           "--set still overrides.")] = False,
     install: Annotated[bool, typer.Option("--install", help="At the end, make the run's model the bundled default "
                                           "--model (refused while a quality bar is missed).")] = False,

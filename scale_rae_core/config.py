@@ -149,6 +149,7 @@ class StageSettings(_Section):
     grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 = off
     flow_weight: float = Field(2.0, ge=0)  # total loss = CE + flow_weight × flow loss
     flow_repeats: int = Field(1, ge=1)  # flow samples (time, noise) per answer image; the LLM runs once
+    words_weight: float = Field(0.0, ge=0)  # + words_weight × prompt-words loss at the latent queries (0 = reference)
 
 
 class DecoderTrainSettings(_Section):

@@ -397,18 +397,19 @@ class UnifiedTrainer(TrainTask):
         """Forward + backward of ``accum_steps`` micro-batches; the step's sums (total, ce, flow averaged over
         micro-steps; answer images, tokens, images summed) on the device."""
         settings, be, accum = self.settings, self.backend, self.plan.accum_steps
-        sums = torch.zeros(6, dtype=torch.float32, device=be.device)
+        sums = torch.zeros(7, dtype=torch.float32, device=be.device)
         for _ in range(accum):
             batch = encode_and_collate(self.batcher.next_batch(self.plan.per_process_micro_batch), self.encoder,
                                        settings.seq_len, self.tokenizer.pad_token_id, be.device, put=be.shard_batch)
             with be.autocast():
                 loss = self.model(batch, flow_weight=settings.flow_weight, all_slots=self.profile.backend.kind == "xla",
-                                  flow_repeats=settings.flow_repeats)
+                                  flow_repeats=settings.flow_repeats, words_weight=settings.words_weight)
             (loss.total / accum).backward()
             parts = (loss.total, loss.ce, loss.flow, loss.answer_images, batch["attention_mask"].sum(),
-                     batch["image_valid"].sum())
+                     batch["image_valid"].sum(), torch.as_tensor(loss.words, device=be.device))
             sums += torch.stack([t.detach().float() for t in parts])
         sums[:3] /= accum
+        sums[6] /= accum
         return sums
 
     def train_step(self, done: int) -> dict[str, Any]:
@@ -429,6 +430,7 @@ class UnifiedTrainer(TrainTask):
         w = self.backend.num_processes
         return {
             "loss": float(mean[0]), "ce": float(mean[1]), "flow": float(mean[2]),
+            **({"words": float(mean[6])} if self.settings.words_weight > 0 else {}),
             "lr": lrs[0], "head_lr": lrs[1], "grad_norm": float(grad_norm),
             "answer_images": int(round(float(mean[3]) * w)),
             "tokens_per_s": float(mean[4]) * w / seconds, "images_per_s": float(mean[5]) * w / seconds,

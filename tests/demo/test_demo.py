@@ -141,7 +141,7 @@ def test_retrain_runs_the_bundled_recipe_and_install_needs_the_bars(first_run, t
     monkeypatch.setattr("scale_rae_core.infer.loading.BUNDLED_MODEL", bundled)
     before = (bundled / "ABOUT.json").read_text()
 
-    # --retrain adds stage 2 (the recipe's flow weight 12); --set stage1.steps wins over the recipe's 6000, so the
+    # --retrain adds stage 2 (the recipe's flow weight 12); --set stage1.steps wins over the recipe's 3000, so the
     # stage-1 model of the first run is reused. Two decoder steps miss the PSNR bar: --install refuses and the
     # bundled model is unchanged.
     steps = json.loads((out / "stages" / "stage1.json").read_text())["info"]["steps"]

@@ -15,6 +15,7 @@ from scale_rae_core.models.scale_rae import (
     build_llm,
     head_parameter_names,
     is_export,
+    prompt_words_loss,
     load_export,
     save_export,
     scale_rae_config,
@@ -75,6 +76,36 @@ def test_flow_repeats_average_independent_draws_per_answer_image(built):
     assert loss.answer_images.item() == 2  # repeats do not count as images
     none = model(make_batch(tok, [UND]), flow_repeats=4)  # no answer image: still exactly 0
     assert none.flow.item() == 0.0
+
+
+def test_prompt_words_loss_is_the_kl_from_the_prompts_word_counts_at_every_query(built):
+    model, tok = built
+    model.eval()
+    batch = make_batch(tok, [GEN, UND, GEN])
+    with torch.no_grad():
+        _, _, hidden = model.lm(batch)
+        per_slot = prompt_words_loss(model.lm, batch, hidden)  # (B·M,) = (3,)
+    # By hand, one sample at a time: the text ids (not padding, not image placeholders) before the slot.
+    for b in (0, 2):
+        ids = batch["input_ids"][b]
+        start = int(batch["image_positions"][b, 0, 0])
+        words = [int(i) for i, m in zip(ids[:start], batch["attention_mask"][b, :start]) if m and i >= 0]
+        assert words and tok.decode(words).count("red circle") == 1  # the prompt is in it
+        target = torch.bincount(torch.tensor(words), minlength=model.lm.llm.lm_head.out_features).float()
+        target /= target.sum()
+        logp = torch.log_softmax(model.lm.llm.lm_head(hidden[b, start : start + N]).float(), -1)  # (N, V)
+        kl = [(target[target > 0] * (target[target > 0].log() - lp[target > 0])).sum() for lp in logp]
+        torch.testing.assert_close(per_slot[b], torch.stack(kl).mean())
+    # The loss term: total = CE + flow_weight × flow + words_weight × words over the answer images (rows 0, 2).
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    with torch.no_grad():
+        on = model(batch, flow_weight=2.0, generator=g(), words_weight=0.5)
+        off = model(batch, flow_weight=2.0, generator=g())
+    torch.testing.assert_close(on.words, per_slot[[0, 2]].mean())
+    torch.testing.assert_close(on.total, off.total + 0.5 * on.words)
+    assert off.words == 0.0 and (on.ce, on.flow) == (off.ce, off.flow)
+    with torch.no_grad():  # no answer image: the term is 0, not a mean over nothing
+        assert model(make_batch(tok, [UND]), words_weight=1.0).words.item() == 0.0
 
 
 def test_match_query_scale_keeps_directions_at_the_embeddings_rms(tmp_path):

@@ -52,8 +52,10 @@ def test_full_run_writes_metrics_checkpoints_and_a_loadable_export(full_run):
     for key in ("loss", "ce", "flow", "lr", "head_lr", "grad_norm", "tokens_per_s", "images_per_s"):
         assert all(key in rec for rec in records)
     assert records[0]["lr"] < records[1]["lr"]  # warmup
-    weight = tiny_profile().stage1.flow_weight  # total = CE + flow_weight × flow, whatever the profile sets
-    assert all(abs(rec["loss"] - rec["ce"] - weight * rec["flow"]) < 1e-4 for rec in records)
+    stage = tiny_profile().stage1  # total = CE + flow_weight × flow + words_weight × words, whatever the profile sets
+    assert stage.words_weight > 0 and all("words" in rec for rec in records)
+    assert all(abs(rec["loss"] - rec["ce"] - stage.flow_weight * rec["flow"] - stage.words_weight * rec["words"]) < 1e-4
+               for rec in records)
     # retention: keep = 2
     assert sorted(p.name for p in (r.run_dir / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
     loaded = load_export(r.export_dir)

@@ -17,7 +17,7 @@ from scale_rae_core.backends.cpu_cuda import CpuCudaBackend
 from scale_rae_core.config import BackendSettings, DiTSettings, EncoderSettings, LLMSettings, StageSettings
 from scale_rae_core.models.dit import DiTBlock
 from scale_rae_core.models.llm import build_sample, collate
-from scale_rae_core.models.scale_rae import ScaleRAE, build_llm, scale_rae_config
+from scale_rae_core.models.scale_rae import ScaleRAE, build_llm, prompt_words_loss, scale_rae_config
 from scale_rae_core.train.checkpoint import CheckpointManager
 from scale_rae_core.train.unified import build_optimizer
 
@@ -63,12 +63,17 @@ def test_language_and_head_parity_with_cpu(xla, built):
     model, tok = built
     batch = _batch(tok)
     cpu = copy.deepcopy(model).eval()
-    ce_cpu, cond_cpu, _ = cpu.lm(batch)
+    ce_cpu, cond_cpu, hidden_cpu = cpu.lm(batch)
+    words_cpu = prompt_words_loss(cpu.lm, batch, hidden_cpu)
     dev = xla.shard_model(copy.deepcopy(model).eval(), (Qwen2DecoderLayer, DiTBlock))
-    ce_x, cond_x, _ = dev.lm(_on(xla, batch))
+    on = _on(xla, batch)
+    ce_x, cond_x, hidden_x = dev.lm(on)
+    words_x = prompt_words_loss(dev.lm, on, hidden_x)  # the stage-1 recipe's extra term, static shapes
     xla.mark_step()
     torch.testing.assert_close(ce_x.cpu(), ce_cpu, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cond_x.cpu(), cond_cpu, rtol=1e-4, atol=1e-4)
+    assert words_cpu.min() > 0
+    torch.testing.assert_close(words_x.cpu(), words_cpu, rtol=1e-4, atol=1e-5)
 
 
 def _steps(xla, dev, opt, batch, n: int) -> tuple[list[float], list[int]]:
