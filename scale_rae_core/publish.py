@@ -183,12 +183,12 @@ def _recipe(profile: dict[str, Any], run: Path | None, about: dict[str, Any]) ->
         ]
         for name in [stage] if stage else ["stage1", "stage2"]:
             s = profile.get(name, {})
-            keys = ("steps", "global_batch_size", "lr", "head_lr", "flow_weight", "seq_len", "warmup_ratio")
-            lines.append(f"- `{name}`: " + ", ".join(f"{k} {s[k]}" for k in keys if k in s))
+            keys = ("steps", "global_batch_size", "lr", "head_lr", "flow_weight", "words_weight", "seq_len", "warmup_ratio")
+            lines.append(f"- `{name}`: " + ", ".join(f"{k} {s[k]}" for k in keys if k in s and (k != "words_weight" or s[k])))
     metrics = run / "metrics.jsonl" if run is not None else None
     if metrics is not None and metrics.is_file():
         last = next((_loads(x) for x in reversed(metrics.read_text(encoding="utf-8").splitlines()) if _loads(x)), {})
-        shown = {k: v for k, v in last.items() if k in ("step", "loss", "ce", "flow") and isinstance(v, (int, float))}
+        shown = {k: v for k, v in last.items() if k in ("step", "loss", "ce", "flow", "words") and isinstance(v, (int, float))}
         if shown:
             lines.append("- Last logged: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     made_by = about.get("made_by")

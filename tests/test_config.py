@@ -142,6 +142,7 @@ def test_profile_by_path_and_missing_path(tmp_path):
         ("[backend]\nkind = 'cpu'\ndist_backend = 'nccl'\n", r"nccl needs backend.kind = 'cuda'"),
         ("[backend]\nkind = 'xla'\nprocs_per_node = 4\n", r"backend.procs_per_node: xla runs one SPMD process per TPU host"),
         ("[stage1\nlr = 1\n", r"not valid TOML"),
+        ("[stage1]\nwords_weight = -1\n", r"key 'stage1.words_weight': input should be greater than or equal to 0"),
     ],
 )
 def test_bad_profiles_fail_in_one_line_naming_file_and_key(tmp_path, toml, message):

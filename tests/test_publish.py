@@ -28,7 +28,8 @@ def run(tmp_path_factory):
     (run / "profile.json").write_text(json.dumps(load_profile("tiny-cpu").to_toml_dict()))
     (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in (
         {"event": "stage2.start", "step": 0}, {"event": "stage2.done", "step": 200})))
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 200, "loss": 1.25, "ce": 0.5, "flow": 0.375, "lr": 1e-4}) + "\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 200, "loss": 1.25, "ce": 0.5, "flow": 0.375, "words": 0.25,
+                                                   "lr": 1e-4}) + "\n")
     return run
 
 
@@ -71,7 +72,8 @@ def test_the_dry_run_lists_the_files_and_prints_the_card_offline(run, monkeypatc
     assert card.startswith("---\nlibrary_name: srae\n") and "# scale-rae-tiny" in card
     assert "- LLM: Qwen2, 1 layers x 16, vocabulary 517" in card and "8 channels; normalised" in card
     assert "- `stage2`: steps 200, global_batch_size 32, lr 0.0005" in card and "stage1" not in card.split("## Use it")[0]
-    assert "- Last logged: step 200, loss 1.25, ce 0.5, flow 0.375" in card
+    assert "flow_weight 2.0, words_weight 8.0, seq_len 128" in card  # the tiny-cpu recipe's extra term is named
+    assert "- Last logged: step 200, loss 1.25, ce 0.5, flow 0.375, words 0.25" in card
     assert 'AutoModelForCausalLM.from_pretrained("me/scale-rae-tiny", subfolder="llm")' in card
     assert "srae generate \"Generate an image of a red circle on the left.\" --model me/scale-rae-tiny" in card
 

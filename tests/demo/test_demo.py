@@ -222,6 +222,23 @@ def test_bars_and_options():
             DemoOptions(**bad)
 
 
+def test_the_gain_bar_asks_at_most_half_of_what_the_single_samples_miss():
+    def gain_row(rate: float, gain: float) -> dict:
+        return next(q for q in check_bars({"eval": {"gen_colour_shape_mean": rate, "gain_colour_shape": gain}})
+                    if q["key"] == "gain_colour_shape")
+
+    # Far from the ceiling the bar is the 5 points: 90% per sample leaves 10, half of that is 5.
+    assert gain_row(0.80, 0.049)["minimum"] == 0.05 and not gain_row(0.80, 0.049)["ok"]
+    assert gain_row(0.90, 0.05)["minimum"] == pytest.approx(0.05) and gain_row(0.90, 0.05)["ok"]
+    # The rebuilt bundled model: 98.6% per sample, best of 8 at 100% (+1.4 points, all there was to gain).
+    row = gain_row(0.9861, 0.0139)
+    assert row["minimum"] == pytest.approx(0.00695) and row["ok"]
+    assert not gain_row(0.9861, 0.0)["ok"]  # a selection that gains nothing still misses
+    assert gain_row(1.0, 0.0)["ok"]  # nothing left to gain: nothing asked
+    # Without the rate (an eval that did not report it) the bar stays at 5 points.
+    assert check_bars({"eval": {"gain_colour_shape": 0.01}})[0]["minimum"] == 0.05
+
+
 def test_the_class_accuracy_bar_judges_the_dit_stage():
     bar = next(b for b in QUALITY_BARS if b.stage == "dit")
     assert (bar.key, bar.minimum, bar.strict) == ("class_accuracy", 0.9, False)

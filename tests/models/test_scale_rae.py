@@ -15,8 +15,8 @@ from scale_rae_core.models.scale_rae import (
     build_llm,
     head_parameter_names,
     is_export,
-    prompt_words_loss,
     load_export,
+    prompt_words_loss,
     save_export,
     scale_rae_config,
 )
@@ -89,7 +89,7 @@ def test_prompt_words_loss_is_the_kl_from_the_prompts_word_counts_at_every_query
     for b in (0, 2):
         ids = batch["input_ids"][b]
         start = int(batch["image_positions"][b, 0, 0])
-        words = [int(i) for i, m in zip(ids[:start], batch["attention_mask"][b, :start]) if m and i >= 0]
+        words = [int(i) for i, m in zip(ids[:start], batch["attention_mask"][b, :start], strict=True) if m and i >= 0]
         assert words and tok.decode(words).count("red circle") == 1  # the prompt is in it
         target = torch.bincount(torch.tensor(words), minlength=model.lm.llm.lm_head.out_features).float()
         target /= target.sum()
