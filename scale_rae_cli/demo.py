@@ -105,6 +105,6 @@ def bundled_line() -> str:
         bench = None
     if not bench:
         return " no bundled model to compare with"
-    return (f" the bundled model, trained longer: colour+shape {100 * bench['gen_colour_shape_mean']:.1f}%, "
+    return (f" the bundled model (srae demo --retrain): colour+shape {100 * bench['gen_colour_shape_mean']:.1f}%, "
             f"understanding {100 * bench['understanding']:.1f}%, best of k {100 * bench['gen_full_best_of_k']:.1f}% "
             f"vs {100 * bench['gen_full_mean']:.1f}% per sample, see {path / 'ABOUT.json'}")

@@ -192,6 +192,7 @@ def _recipe(profile: dict[str, Any], run: Path | None, about: dict[str, Any]) ->
         if shown:
             lines.append("- Last logged: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     made_by = about.get("made_by")
+    made_by = [made_by] if isinstance(made_by, str) else made_by  # one command (srae demo --install) or several
     if isinstance(made_by, list) and made_by:
         lines += [*([""] if lines else []), "How it was made (ABOUT.json):", "", "```bash", *map(str, made_by), "```"]
     return lines

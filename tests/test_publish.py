@@ -83,7 +83,9 @@ def test_the_bundled_models_card_carries_its_benchmark(monkeypatch):
 
     _no_network(monkeypatch)
     card = push(bundled_model(), "me/shapes", dry_run=True).card
-    assert "| understanding | 0.9688 |" in card and "How it was made (ABOUT.json):" in card
+    about = json.loads((bundled_model() / "ABOUT.json").read_text())
+    assert f"| understanding | {about['shapes_benchmark']['understanding']:.4g} |" in card
+    assert f"How it was made (ABOUT.json):\n\n```bash\n{about['made_by']}\n```" in card  # one command: srae demo
     assert "a pixel decoder in `decoder/` (2 layers x 64, 64 px)" in card
 
 

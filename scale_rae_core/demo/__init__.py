@@ -6,9 +6,9 @@
 ``dit`` is RAE's stage 2 on the same latents (``class_dit``): a class-conditional DiT^DH on the world's 12 colour x
 shape classes, its samples judged by the shapes reader.
 
-Two recipes train the model: the quick one (the profile as it is: ~11 minutes on 2 cores) and the recipe of the
-model that ships with the package, ``run.BUNDLED_RECIPE`` (stage 1 trained longer, then a stage-2 finetune on the
-same data: ~65 minutes). ``srae demo --retrain`` runs the second; ``install.install_bundled`` then puts the result
+Two recipes train the model: the quick one (the profile as it is: ~14 minutes on 2 cores) and the recipe of the
+model that ships with the package, ``run.BUNDLED_RECIPE`` (stage 1 three times as long, then a stage-2 finetune on the
+same data: ~37 minutes). ``srae demo --retrain`` runs the second; ``install.install_bundled`` then puts the result
 in the package as the default ``--model`` (``--install``), with its provenance and benchmark in ``ABOUT.json``.
 
 Every stage (``stages.STAGES``) writes into one run folder (``OUT/<stage output>``) and keeps a record in
