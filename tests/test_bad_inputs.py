@@ -78,9 +78,10 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (tmp / "long.txt").write_text(" ".join(["red circle"] * 3000) + "\n")
     w["long"] = tmp / "long.txt"
     w["bad_config"] = _copy_model(tmp / "bad-config")
-    config = json.loads((w["bad_config"] / "config.json").read_text())
-    config["llm"]["hidden_size"] = 64
-    (w["bad_config"] / "config.json").write_text(json.dumps(config))
+    llm_config = w["bad_config"] / "llm" / "config.json"  # the export layout: the LLM's own folder
+    config = json.loads(llm_config.read_text())
+    config["hidden_size"] = 64
+    llm_config.write_text(json.dumps(config))
     w["truncated"] = _copy_model(tmp / "truncated")
     with open(w["truncated"] / "model.safetensors", "r+b") as f:
         f.truncate(100_000)
