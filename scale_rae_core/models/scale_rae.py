@@ -125,7 +125,7 @@ class UnifiedLoss(NamedTuple):
     ce: torch.Tensor  # mean over supervised next-token targets
     flow: torch.Tensor  # mean per-image flow loss over answer images (0 without any)
     answer_images: torch.Tensor  # how many answer images the flow term averaged over
-    words: torch.Tensor | float = 0.0  # mean prompt-words loss at the answer images' queries (0 when off)
+    words: torch.Tensor  # mean prompt-words loss at the answer images' queries (0 when off)
 
 
 class ScaleRAE(nn.Module):
@@ -195,22 +195,24 @@ class ScaleRAE(nn.Module):
         n_answer = weight.sum()
         flow = (per_image * weight).sum() / n_answer.clamp(min=1.0)
         total = ce + flow_weight * flow
-        if words_weight > 0:
-            per_slot = prompt_words_loss(self.lm, batch, hidden)[rows]  # (R,)
-            words = (per_slot * weight).sum() / n_answer.clamp(min=1.0)
-            return UnifiedLoss(total + words_weight * words, ce, flow, n_answer, words)
-        return UnifiedLoss(total, ce, flow, n_answer)
+        if words_weight == 0:
+            return UnifiedLoss(total, ce, flow, n_answer, torch.zeros_like(flow))
+        words = (prompt_words_loss(self.lm, batch, hidden, rows) * weight).sum() / n_answer.clamp(min=1.0)
+        return UnifiedLoss(total + words_weight * words, ce, flow, n_answer, words)
 
 
-def prompt_words_loss(lm: UnifiedLM, batch: Mapping[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
-    """Per image slot (B·M,): how well each of its N latent queries names the words written before it.
+def prompt_words_loss(
+    lm: UnifiedLM, batch: Mapping[str, torch.Tensor], hidden: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per image slot (B·M,), or per slot in ``rows`` (R,): how well each of its N latent queries names the words
+    written before it.
 
     The LM head reads every query's final hidden state; the loss is KL(words ‖ softmax(logits)) averaged over
     the N queries, where ``words`` is the frequency of each text token (not image, not padding) of the sample
     before the slot's first position. A random LLM otherwise learns to carry the prompt into the queries from
     the flow gradient alone, which is weak where an attribute is a small share of the latent variance (colour
     on an ImageNet CNN's tokens: 1.3%); this is a direct, low-variance signal for the same routing. Shapes are
-    static (every slot is scored; the caller keeps the answer images). Costs B·M·N·vocab logits.
+    static for a fixed ``rows`` (XLA passes every slot and masks). Costs R·N·vocab logits.
     """
     ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["image_positions"]
     B, L = ids.shape
@@ -223,7 +225,9 @@ def prompt_words_loss(lm: UnifiedLM, batch: Mapping[str, torch.Tensor], hidden: 
     target = (counts / counts.sum(-1, keepdim=True).clamp(min=1.0)).flatten(0, 1)  # (B·M, V)
     index = positions.reshape(B, M * N, 1).expand(-1, -1, hidden.shape[-1])
     queries = hidden.gather(1, index).reshape(B * M, N, -1)
-    logp = torch.log_softmax(lm.llm.lm_head(queries).float(), dim=-1)  # (B·M, N, V)
+    if rows is not None:
+        target, queries = target[rows], queries[rows]
+    logp = torch.log_softmax(lm.llm.lm_head(queries).float(), dim=-1)  # (R, N, V)
     entropy = torch.special.xlogy(target, target).sum(-1)  # Σ p log p (≤ 0)
     return entropy - (logp * target[:, None, :]).sum(-1).mean(-1)
 

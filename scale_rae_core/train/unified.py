@@ -406,7 +406,7 @@ class UnifiedTrainer(TrainTask):
                                   flow_repeats=settings.flow_repeats, words_weight=settings.words_weight)
             (loss.total / accum).backward()
             parts = (loss.total, loss.ce, loss.flow, loss.answer_images, batch["attention_mask"].sum(),
-                     batch["image_valid"].sum(), torch.as_tensor(loss.words, device=be.device))
+                     batch["image_valid"].sum(), loss.words)
             sums += torch.stack([t.detach().float() for t in parts])
         sums[:3] /= accum
         sums[6] /= accum
