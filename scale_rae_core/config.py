@@ -216,6 +216,9 @@ class CheckpointSettings(_Section):
 
 class OutputSettings(_Section):
     log_every: int = Field(10, ge=1)  # steps between metric records
+    # steps between held-out evaluations (the task's evaluate(), e.g. stage 1/2's data.eval metrics), each added
+    # to that step's metrics record; 0 = at every record. The run's last step is always evaluated.
+    eval_every: int = Field(0, ge=0)
     progress: bool = True  # rich progress bars (--quiet turns them off)
     events_file: str = "events.jsonl"  # machine-readable log inside the run dir
     # Training metrics (every metrics.jsonl record) also go to: none | tensorboard (RUN/tensorboard/, extra

@@ -32,8 +32,9 @@ A trainer is a :class:`TrainTask`. It builds its networks, optimiser, scheduler 
   the step (:class:`TrainingDiverged`); nothing is logged, saved or exported after it, so the newest checkpoint
   is the last good one. Weights are checked finite (on every process) before each save and before the export.
 * **the step counter and cadence.** A metrics record every ``output.log_every`` steps and at the last step
-  of the call (the step's metrics, the task's held-out metrics, and the throughput ``<throughput_key>``:
-  ``plan.samples_per_step`` × steps / seconds since the previous record); a checkpoint whenever
+  of the call (the step's metrics and the throughput ``<throughput_key>``: ``plan.samples_per_step`` × steps /
+  seconds since the previous record), with the task's held-out metrics every ``output.eval_every`` steps (0: in
+  every record; a step due for evaluation also writes a record) and at the last step; a checkpoint whenever
   :meth:`CheckpointManager.due` says so (every ``checkpoint.every_steps`` and at the last step). ``stop_at``
   simulates a preemption: the run saves at that step, then stops; the schedule still spans ``total_steps``.
 * **files.** ``RUN/metrics.jsonl`` has one writer (rank 0; a resumed run first drops the records after its
@@ -310,8 +311,10 @@ class TrainLoop:
                 self.step += 1
                 result.records.append(record)
                 window.add()
-                if self.step % self.profile.output.log_every == 0 or self.step == end:
-                    record.update(task.evaluate())
+                evaluate = self._due(self.profile.output.eval_every or self.profile.output.log_every, end)
+                if evaluate or self._due(self.profile.output.log_every, end):
+                    if evaluate:
+                        record.update(task.evaluate())
                     logged = {**record, task.throughput_key: window.rate()}
                     metrics.write(logged)
                     self.reporter.event(f"{self.name}.step", **logged)
@@ -385,6 +388,9 @@ class TrainLoop:
             if initial:
                 self._metrics.write({"step": 0, **initial})
         return self._metrics
+
+    def _due(self, every: int, end: int) -> bool:
+        return self.step % every == 0 or self.step == end
 
     def _save(self, task: TrainTask, record: dict[str, Any]) -> None:
         self._check_finite_weights(task, "saving")

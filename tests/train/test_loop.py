@@ -99,6 +99,37 @@ def test_stop_and_resume_repeat_the_uninterrupted_run(tmp_path):
     assert rest.export_dir is not None
 
 
+class EvaluatedTask(LinearTask):
+    """LinearTask with held-out metrics: ``held`` is the step it was evaluated after."""
+
+    def __init__(self, profile, run_dir: Path) -> None:
+        super().__init__(profile, run_dir)
+        self.done = 0
+
+    def train_step(self, done: int) -> dict[str, Any]:
+        self.done = done + 1
+        return super().train_step(done)
+
+    def evaluate(self) -> dict[str, float]:
+        return {"held": self.done}
+
+
+@pytest.mark.parametrize(("eval_every", "records", "evaluated"), [
+    (3, [0, 2, 3, 4, 5], [0, 3, 5]),  # its own cadence (a record of its own at 3), the first and the last step
+    (0, [0, 2, 4, 5], [0, 2, 4, 5]),  # 0: in every record
+])
+def test_held_out_metrics_every_eval_every_steps(tmp_path, eval_every, records, evaluated):
+    profile = load_profile("tiny-cpu", [*SETS, f"output.eval_every={eval_every}"])
+    with CpuCudaBackend(BackendSettings()) as backend, Reporter(None) as rep:
+        loop = TrainLoop("toy", profile, tmp_path / "r", backend, resume=False, reporter=rep, trajectory=(*TRAJECTORY, "stage1"))
+        backend.seed_everything(0)
+        loop.run(EvaluatedTask(profile, loop.run_dir))
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == records
+    assert [r["held"] for r in rows if "held" in r] == evaluated
+    assert all(r["held"] == r["step"] for r in rows if "held" in r)  # evaluated after that step's update
+
+
 def test_metrics_after_the_resumed_checkpoint_are_dropped(tmp_path):
     """A run killed after logging step 3 but before its step-3 checkpoint completed resumes from step 2:
     metrics.jsonl keeps steps 1-2 and the resumed run writes 3-5 again, once."""

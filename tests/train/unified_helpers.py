@@ -21,7 +21,7 @@ TINY_OVERRIDES = [
     "stage1.steps=6", "stage1.global_batch_size=4", "stage1.micro_batch_size=2", "stage1.seq_len=112",
     "stage1.warmup_ratio=0.2", "stage1.lr=1e-3", "stage1.head_lr=1e-3",
     "stage2.steps=2", "stage2.global_batch_size=4", "stage2.micro_batch_size=2", "stage2.seq_len=112",
-    "checkpoint.every_steps=2", "checkpoint.keep=2", "output.log_every=1", "output.progress=false",
+    "checkpoint.every_steps=2", "checkpoint.keep=2", "output.log_every=1", "output.eval_every=0", "output.progress=false",
     "decoder_training.micro_batch_size=16",
 ]
 
