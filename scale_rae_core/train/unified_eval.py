@@ -86,8 +86,11 @@ class EvalBatches:
         model.eval()
         out: dict[str, float] = {}
         try:
+            # Every forward draws from its own generator: a batch without answer images still runs the head on
+            # one placeholder row (weight 0), and a draw from the global stream would move the training run.
             if self.understanding is not None:
-                out["eval_answer_ce"] = float(model(self.understanding, flow_weight=flow_weight).ce)
+                g = torch.Generator(device=self.device).manual_seed(EVAL_SEED)
+                out["eval_answer_ce"] = float(model(self.understanding, flow_weight=flow_weight, generator=g).ce)
             if self.generation is not None:
                 g = torch.Generator(device=self.device).manual_seed(EVAL_SEED)
                 loss = model(self.generation, flow_weight=flow_weight, generator=g)
