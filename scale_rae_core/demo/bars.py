@@ -53,10 +53,14 @@ def _understanding(minimum: float) -> Bar:
     return Bar("understanding: exact-match accuracy", "eval", "understanding", minimum)
 
 
-_GAIN = Bar("best-of-k by self-verification minus a single sample (colour + shape)", "eval", "gain_colour_shape", 0.05,
-            headroom_of="gen_colour_shape_mean")
+_GAIN_LABEL = "best-of-k by self-verification minus a single sample (colour + shape)"
+_GAIN = Bar(_GAIN_LABEL, "eval", "gain_colour_shape", 0.05, headroom_of="gen_colour_shape_mean")
+# One demo run is one training seed: its gain over 36 prompts swings by ±7 points (the 95% interval), so the run
+# asks what every seed must show — a selection never worse than a single sample —, and the 5-point mean over three
+# training seeds is the benchmark's (BENCHMARKS.md).
+_GAIN_PER_RUN = Bar(_GAIN_LABEL, "eval", "gain_colour_shape", 0.0)
 
-QUALITY_BARS: tuple[Bar, ...] = (_DECODER, _DIT, _generation(0.9), _POSITION, _understanding(0.97), _GAIN)
+QUALITY_BARS: tuple[Bar, ...] = (_DECODER, _DIT, _generation(0.9), _POSITION, _understanding(0.97), _GAIN_PER_RUN)
 # What `srae demo --retrain --install` must reach before its model replaces the bundled one (the default --model of
 # every command): stricter than the demo's, and only about the model that is installed (not the class DiT).
 INSTALL_BARS: tuple[Bar, ...] = (_DECODER, _generation(0.95), _POSITION, _understanding(0.99), _GAIN)

@@ -19,9 +19,9 @@ from scale_rae_core.errors import ConfigError, SraeError
 from scale_rae_core.events import Reporter
 
 # The recipe of the bundled model: profile overrides applied before the user's --set, plus the stage-2 stage
-# (DemoOptions.finetune): the demo's stage 1 three times longer, then stage 2 at the same flow weight (the profile's
-# words_weight in both). The demo's 1,000 steps reach colour+shape 90% per sample (BENCHMARKS.md, "The prompt's
-# words at the queries"); the bundled bar is 95%.
+# (DemoOptions.finetune): stage 1 for 3,000 steps (the demo: 1,500), then stage 2 at the same flow weight (the
+# profile's words_weight in both). The demo's 1,500 steps reach colour+shape 92–94% per sample at three training
+# seeds (BENCHMARKS.md); the bundled bar is 95%.
 BUNDLED_RECIPE: tuple[str, ...] = ("stage1.steps=3000", "stage2.steps=1000", "stage2.flow_weight=12")
 
 
