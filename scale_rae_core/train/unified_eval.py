@@ -86,21 +86,22 @@ class EvalBatches:
         model.eval()
         out: dict[str, float] = {}
         try:
-            # Every forward draws from its own generator: a batch without answer images still runs the head on
-            # one placeholder row (weight 0), and a draw from the global stream would move the training run.
             if self.understanding is not None:
-                g = torch.Generator(device=self.device).manual_seed(EVAL_SEED)
-                out["eval_answer_ce"] = float(model(self.understanding, flow_weight=flow_weight, generator=g).ce)
+                out["eval_answer_ce"] = float(self._loss(model, self.understanding, flow_weight).ce)
             if self.generation is not None:
-                g = torch.Generator(device=self.device).manual_seed(EVAL_SEED)
-                loss = model(self.generation, flow_weight=flow_weight, generator=g)
+                loss = self._loss(model, self.generation, flow_weight)
                 out["eval_flow"] = float(loss.flow)
                 out["eval_gen_ce"] = float(loss.ce)
                 if self.generation["image_features"].shape[0] > 1:
                     # every text-side tensor moves one sample on; the images (and the draws per row) stay
                     swapped = {k: v if k == "image_features" else v.roll(1, 0) for k, v in self.generation.items()}
-                    g = torch.Generator(device=self.device).manual_seed(EVAL_SEED)
-                    out["eval_flow_mismatched"] = float(model(swapped, flow_weight=flow_weight, generator=g).flow)
+                    out["eval_flow_mismatched"] = float(self._loss(model, swapped, flow_weight).flow)
         finally:
             model.train(was_training)
         return out
+
+    def _loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], flow_weight: float):
+        """The model's loss with the flow times and noise from a fresh generator seeded EVAL_SEED: the same draws at
+        every evaluation, and none from the global stream (a batch without answer images still runs the head on a
+        placeholder row, and a global draw would move the training run)."""
+        return model(batch, flow_weight=flow_weight, generator=torch.Generator(device=self.device).manual_seed(EVAL_SEED))
